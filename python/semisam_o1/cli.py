@@ -1,0 +1,82 @@
+"""The ``semisam-o1`` command line.
+
+Each subcommand lives in its own module, which defines
+
+* ``add_arguments(parser: argparse.ArgumentParser) -> None``
+* ``main(args: argparse.Namespace) -> int``
+
+and imports heavy dependencies (torch, onnxruntime) inside functions so that
+``semisam-o1 --help`` stays fast. A module that raises
+:class:`semisam_o1.errors.InputError` gets its message printed as one line and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import InputError
+
+# name -> (module, one-line help). Order is the order of the pipeline.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "encode": ("semisam_o1.encode", "run the SAM image encoder over a cohort into a feature store"),
+    "propagate": ("semisam_o1.propagate", "round-0 pseudo-labels from the template's class prototypes"),
+    "train": ("semisam_o1.train", "train a MONAI 3D UNet from scratch on pseudo-labels"),
+    "predict": ("semisam_o1.predict", "sliding-window prediction with voxel-wise softmax entropy"),
+    "refine": ("semisam_o1.refine", "relabel uncertain voxels by kNN vote in the encoder's feature space"),
+    "evaluate": ("semisam_o1.evaluate", "Dice, Jaccard, HD95 and ASD per class"),
+    "run": ("semisam_o1.run", "the whole SemiSAM-O1 loop: encode, propagate, rounds, evaluate, report"),
+}
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:  # a subcommand not built into this install
+        if exc.name == module_name:
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semisam-o1",
+        description=(
+            "Segment a medical image cohort from one annotated template "
+            "(SemiSAM-O1, arXiv 2604.24109). Run `semisam-o1 COMMAND --help` for each stage."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"semisam-o1 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = _load(module_name)
+        if module is None:
+            continue
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_module", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args._module.main(args) or 0)
+    except InputError as exc:
+        print(f"semisam-o1 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"semisam-o1 {args.command}: interrupted; finished outputs are kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
