@@ -1,0 +1,238 @@
+"""Run the whole SemiSAM-O1 loop: encode, propagate, R rounds of train / predict / refine, evaluate, report.
+
+Layout of the work folder (every stage writes its own sub-folder and is skipped on
+a re-run once its completion marker ``.done/<stage>.json`` exists, so a killed run
+resumes where it stopped; the stages themselves also skip finished cases)::
+
+    WORK/
+      features/                 encode: feature store of template + unlabeled pool
+      round0/pseudo/            propagate: round-0 pseudo-labels
+      round{r}/model/           train (from scratch) on round{r-1}/pseudo
+      round{r}/pred/            predict the unlabeled pool: labels + entropy maps
+      round{r}/pseudo/          refine: round-r pseudo-labels
+      round{r}/test/            predict the test cases with round r's model
+      round{r}/test_metrics.json  evaluate round r's test predictions
+      report.json, report_dice_by_round.png, report_montage.png
+
+The final model is the last round's; ``report.json`` gives per round the test-set
+Dice, Jaccard, HD95 and ASD per class, the voxels changed by refinement and the
+seconds per stage. As a diagnostic, and only in the report, it also scores each
+round's pseudo-labels on the unlabeled pool against the real labels where they
+exist; no stage ever reads those labels.
+
+Method: SemiSAM-O1 (Zhang et al., arXiv 2604.24109, 2026).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+# Presets of the whole loop. ``train`` gets the same preset name.
+# max_unlabeled / max_test limit the cohort (None: all), axes the encoder's axes.
+RUN_PRESETS = {
+    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, axes=None),
+    "demo": dict(rounds=2, max_unlabeled=30, max_test=20, axes=None),
+    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, axes=None),
+    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, axes=None),
+}
+# The UNet preset that each run preset trains with.
+TRAIN_PRESET = {"quick": "quick", "demo": "cpu", "cpu": "cpu", "paper": "paper"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", "--input", required=True, metavar="DATASET", help="MSD / nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json)")
+    p.add_argument("--split", required=True, metavar="FILE", help="split JSON with 'template', 'unlabeled' and 'test'")
+    p.add_argument("-o", "--output", required=True, metavar="WORK", help="work folder: every stage's output, report.json and pictures")
+    p.add_argument("--preset", default="cpu", choices=sorted(RUN_PRESETS),
+                   help="quick: tests (3 unlabeled, 2 test cases, 1 round); demo: 30 unlabeled, 20 test cases, 2 rounds; "
+                        "cpu: the whole split on this CPU; paper: GPU-sized training")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of train / predict / refine (default: the preset's)")
+    p.add_argument("--max-unlabeled", type=int, default=None, help="use only the first N cases of the unlabeled pool")
+    p.add_argument("--max-test", type=int, default=None, help="evaluate only the first N test cases")
+    p.add_argument("--ssl", default="none", choices=["none", "mt", "uamt"], help="semi-supervised consistency of the UNet")
+    p.add_argument("--refine-mode", default="voxel", choices=["voxel", "volume", "none"],
+                   help="refinement between rounds; none keeps the network's predictions as the next pseudo-labels")
+    p.add_argument("--k", type=int, default=5, help="neighbours in the refinement vote")
+    p.add_argument("--quantile", type=float, default=0.9, help="entropy quantile above which voxels are refined")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _case_lists(dataset, split_path, max_unlabeled, max_test):
+    from .io import load_split
+
+    sp = load_split(split_path)
+    for key in ("template", "unlabeled", "test"):
+        if key not in sp:
+            raise InputError(f"{split_path}: split has no {key!r}")
+    template = sp["template"]
+    unlabeled = [c for c in sp["unlabeled"] if c != template]
+    test = list(sp["test"])
+    if max_unlabeled is not None:
+        unlabeled = unlabeled[:max_unlabeled]
+    if max_test is not None:
+        test = test[:max_test]
+    dataset.select(cases=[template] + unlabeled + test)  # raises for unknown case ids
+    dataset.label_path(template)  # the one label the method needs
+    return template, unlabeled, test
+
+
+class _Stages:
+    """Runs stages through the CLI's own parsers, records time, skips finished ones."""
+
+    def __init__(self, work: Path, quiet: bool):
+        self.work = work
+        self.quiet = quiet
+        self.done_dir = work / ".done"
+        self.times: dict[str, float] = {}
+
+    def marker(self, name: str) -> Path:
+        return self.done_dir / f"{name}.json"
+
+    def run(self, name: str, command: str, argv: list[str]) -> bool:
+        """Run stage ``name`` (``semisam-o1 command argv``) unless its marker exists.
+
+        Returns True if it ran, False if it was skipped.
+        """
+        from .cli import build_parser
+        from .io import write_json
+
+        marker = self.marker(name)
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            self.times[name] = float(info.get("seconds", 0.0))
+            print(f"[run] {name}: done earlier ({info.get('seconds', 0):.0f} s), skipped", flush=True)
+            return False
+        full = [command] + argv + (["--quiet"] if self.quiet and command in {"encode", "train", "predict", "refine", "propagate"} else [])
+        print(f"[run] {name}: semisam-o1 {' '.join(full)}", flush=True)
+        args = build_parser().parse_args(full)
+        t0 = time.perf_counter()
+        rc = int(args._module.main(args) or 0)
+        seconds = time.perf_counter() - t0
+        if rc != 0:
+            raise InputError(f"stage {name} (semisam-o1 {command}) failed with exit code {rc}")
+        self.times[name] = seconds
+        write_json(marker, {"stage": name, "command": ["semisam-o1"] + full, "seconds": seconds})
+        print(f"[run] {name}: finished in {seconds:.0f} s", flush=True)
+        return True
+
+
+def run(
+    input: str | Path,
+    split: str | Path,
+    output: str | Path,
+    *,
+    preset: str = "cpu",
+    rounds: int | None = None,
+    max_unlabeled: int | None = None,
+    max_test: int | None = None,
+    ssl: str = "none",
+    refine_mode: str = "voxel",
+    k: int = 5,
+    quantile: float = 0.9,
+    device: str = "cpu",
+    threads: int | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict:
+    """Run the whole SemiSAM-O1 loop and write ``WORK/report.json`` and its pictures.
+
+    Parameters are those of ``semisam-o1 run`` (see ``--help``). Returns the report dict.
+
+    Raises
+    ------
+    InputError
+        Bad dataset / split, or a stage that failed (its own message is printed first).
+    """
+    from .io import Dataset
+
+    if preset not in RUN_PRESETS:
+        raise InputError(f"unknown preset {preset!r} (choose from {', '.join(RUN_PRESETS)})")
+    cfg = dict(RUN_PRESETS[preset])
+    if rounds is not None:
+        cfg["rounds"] = rounds
+    if max_unlabeled is not None:
+        cfg["max_unlabeled"] = max_unlabeled
+    if max_test is not None:
+        cfg["max_test"] = max_test
+    if cfg["rounds"] < 1:
+        raise InputError("--rounds must be at least 1")
+
+    dataset = Dataset(input)
+    template, unlabeled, test = _case_lists(dataset, split, cfg["max_unlabeled"], cfg["max_test"])
+    work = Path(output)
+    work.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(work, quiet)
+    common = ["--device", device] + (["--threads", str(threads)] if threads else [])
+    ds = str(input)
+    feats = str(work / "features")
+
+    stages.run("encode", "encode", ["-i", ds, "-o", feats, "--cases", template, *unlabeled, *common])
+    stages.run("propagate", "propagate", ["-i", ds, "-f", feats, "--template", template,
+                                          "-o", str(work / "round0" / "pseudo"), "--cases", *unlabeled, *common])
+    for r in range(1, cfg["rounds"] + 1):
+        rd = work / f"round{r}"
+        prev = work / f"round{r - 1}" / "pseudo"
+        stages.run(f"round{r}/train", "train", ["-i", ds, "-l", str(prev), "--template", template,
+                                                "--cases", template, *unlabeled, "-o", str(rd / "model"),
+                                                "--ssl", ssl, "--preset", TRAIN_PRESET[preset],
+                                                "--seed", str(seed + r), *common])
+        stages.run(f"round{r}/predict", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "pred"),
+                                                    "--cases", *unlabeled, *common])
+        if refine_mode == "none":
+            _copy_labels(rd / "pred", rd / "pseudo", unlabeled)
+        else:
+            stages.run(f"round{r}/refine", "refine", ["-i", ds, "-f", feats, "-p", str(rd / "pred"),
+                                                      "-o", str(rd / "pseudo"), "--template", template,
+                                                      "--cases", *unlabeled, "--mode", refine_mode,
+                                                      "--k", str(k), "--quantile", str(quantile),
+                                                      "--seed", str(seed), *common])
+        stages.run(f"round{r}/predict_test", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "test"),
+                                                         "--cases", *test, *common])
+        stages.run(f"round{r}/evaluate", "evaluate", ["-p", str(rd / "test"), "-g", ds, "--cases", *test,
+                                                      "-o", str(rd / "test_metrics.json")])
+
+    from .report import write_report
+
+    report = write_report(work, dataset, template=template, unlabeled=unlabeled, test=test,
+                          rounds=cfg["rounds"], times=stages.times,
+                          config=dict(cfg, preset=preset, ssl=ssl, refine_mode=refine_mode, k=k,
+                                      quantile=quantile, device=device, seed=seed))
+    print(f"[run] report: {work / 'report.json'}", flush=True)
+    return report
+
+
+def _copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
+    import shutil
+
+    from .io import atomic_path, find_case_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        f = find_case_file(src, case, what="prediction")
+        target = dst / f.name
+        if not target.exists():
+            with atomic_path(target) as tmp:
+                shutil.copyfile(f, tmp)
+
+
+def main(args: argparse.Namespace) -> int:
+    run(args.input, args.split, args.output, preset=args.preset, rounds=args.rounds,
+        max_unlabeled=args.max_unlabeled, max_test=args.max_test, ssl=args.ssl,
+        refine_mode=args.refine_mode, k=args.k, quantile=args.quantile, device=args.device,
+        threads=args.threads, seed=args.seed, quiet=args.quiet)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["run"] + sys.argv[1:]))
