@@ -1,0 +1,88 @@
+"""End to end: `semisam-o1 run --preset quick` on a few real Hippocampus cases,
+killed after propagate and resumed without re-encoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "semisam_o1", *args]
+
+
+@pytest.fixture(scope="module")
+def quick_split(tmp_path_factory, data_root, split) -> Path:
+    sp = {"template": split["template"], "unlabeled": split["unlabeled"][:3], "test": split["test"][:2]}
+    path = tmp_path_factory.mktemp("split") / "split.json"
+    path.write_text(json.dumps(sp))
+    return path
+
+
+def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_split):
+    work = tmp_path / "work"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    cmd = _cli("run", "-i", str(data_root), "--split", str(quick_split), "-o", str(work),
+               "--preset", "quick", "--threads", "2", "--quiet")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    marker = work / ".done" / "propagate.json"
+    deadline = time.monotonic() + 900
+    while not marker.exists():
+        assert proc.poll() is None, "run ended before propagate finished:\n" + proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "propagate did not finish in 15 minutes"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # killed halfway: during round 1's training
+    proc.wait()
+    assert not (work / "report.json").exists()
+
+    store_files = sorted(p for p in (work / "features").rglob("*") if p.is_file())
+    assert store_files
+    mtimes = {p: p.stat().st_mtime_ns for p in store_files}
+
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=1800)
+    log = out.stdout.decode()
+    assert out.returncode == 0, log
+    assert "encode: done earlier" in log and "propagate: done earlier" in log
+    assert {p: p.stat().st_mtime_ns for p in store_files} == mtimes  # nothing re-encoded
+
+    report = json.loads((work / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    r0 = report["rounds"][0]["pseudo_label_dice_unlabeled"]
+    assert r0["cases"] == 3
+    assert all(0.0 <= d <= 1.0 for d in r0["dice"].values())
+    # round-0 pseudo-labels from one template must carry real signal on real data
+    assert r0["mean_foreground_dice"] > 0.3
+    assert report["final_test_metrics"] is not None
+    for png in ("report_dice_by_round.png", "report_montage.png"):
+        data = (work / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+    # every output keeps its input's grid and is an integer label volume
+    import nibabel as nib
+
+    for case in json.loads(quick_split.read_text())["test"]:
+        pred = nib.load(str(work / "round1" / "test" / f"{case}.nii.gz"))
+        img = nib.load(str(data_root / "imagesTr" / f"{case}.nii.gz"))
+        assert pred.shape == img.shape
+        np.testing.assert_allclose(pred.affine, img.affine)
+        assert np.issubdtype(pred.get_data_dtype(), np.integer)
+
+
+def test_run_bad_split_is_one_line(tmp_path, data_root):
+    bad = tmp_path / "split.json"
+    bad.write_text(json.dumps({"template": "hippocampus_001", "unlabeled": ["no_such_case"], "test": []}))
+    out = subprocess.run(_cli("run", "-i", str(data_root), "--split", str(bad), "-o", str(tmp_path / "w")),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert out.returncode == 2
+    err = out.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and "no_such_case" in err[0]
+    assert not (tmp_path / "w").exists()
