@@ -1,0 +1,385 @@
+"""refine: voxel mode on a synthetic cohort with a known answer, volume mode against a
+NumPy reference, resume, and bad inputs (InputError, exit code 2, nothing written).
+
+The cohort is synthetic and tiny (8^3 voxels): each voxel's feature vector is its
+true class's centre plus noise, so the right answer of the kNN vote is known.
+The feature store is a small stand-in with the FeatureStore reading interface
+(``has``, ``load(case).voxel_shape``, ``on_voxel_grid()``), so these tests do not
+depend on the encoder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from semisam_o1 import cli
+from semisam_o1 import refine as refine_mod
+from semisam_o1.errors import InputError
+
+NAMES = ("background", "anterior", "posterior")
+
+
+# --------------------------------------------------------------------------- references
+
+
+def knn_vote_reference(queries, bank, bank_labels, k, *, threads=None, return_topk=False, device=None):
+    """NumPy reference of kernels.knn_vote: cosine similarity, top-k (ties: lower bank
+    index first), weights max(sim, 0) summed per label, highest total wins (ties: lowest
+    label); all weights 0 -> the nearest neighbour's label with share 0."""
+    q = np.asarray(queries, np.float64)
+    b = np.asarray(bank, np.float64)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    sim = q @ b.T
+    idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(sim, idx, axis=1)
+    lab = np.asarray(bank_labels)[idx]
+    n_lab = int(np.max(bank_labels)) + 1
+    w = np.maximum(top, 0)
+    tot = np.zeros((len(q), n_lab))
+    for j in range(k):
+        np.add.at(tot, (np.arange(len(q)), lab[:, j]), w[:, j])
+    labels = tot.argmax(axis=1).astype(np.int32)
+    s = w.sum(axis=1)
+    share = np.where(s > 0, tot.max(axis=1) / np.where(s > 0, s, 1), 0).astype(np.float32)
+    labels = np.where(s > 0, labels, lab[:, 0]).astype(np.int32)
+    if return_topk:
+        return labels, share, idx.astype(np.int64), top.astype(np.float32)
+    return labels, share
+
+
+class _CaseFeatures:
+    def __init__(self, path: Path):
+        self._path = path
+        self._arr = np.load(path, mmap_mode="r")
+
+    @property
+    def voxel_shape(self):
+        return tuple(self._arr.shape[1:])
+
+    def on_voxel_grid(self, axes=None):
+        return np.asarray(self._arr, dtype=np.float32)
+
+
+class TinyStore:
+    """Stand-in for semisam_o1.store.FeatureStore: ``<case>.npy`` (C, X, Y, Z) float32."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InputError(f"{root}: feature store not found")
+        self.axes = (0,)
+
+    def cases(self):
+        return sorted(p.stem for p in self.root.glob("*.npy"))
+
+    def has(self, case):
+        return (self.root / f"{case}.npy").is_file()
+
+    def load(self, case):
+        if not self.has(case):
+            raise InputError(f"{self.root}: no features for case {case}")
+        return _CaseFeatures(self.root / f"{case}.npy")
+
+
+@pytest.fixture(autouse=True)
+def tiny_store(monkeypatch):
+    """Route refine's FeatureStore to TinyStore; use the C++ kernel when it is built,
+    the NumPy reference otherwise."""
+    try:
+        store_mod = importlib.import_module("semisam_o1.store")
+    except ModuleNotFoundError:
+        store_mod = types.ModuleType("semisam_o1.store")
+        monkeypatch.setitem(sys.modules, "semisam_o1.store", store_mod)
+    monkeypatch.setattr(store_mod, "FeatureStore", TinyStore, raising=False)
+    try:
+        kernels = importlib.import_module("semisam_o1.kernels")
+        kernels.knn_vote(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), np.zeros(1, np.int32), 1)
+    except (ImportError, AttributeError):
+        kernels = types.ModuleType("semisam_o1.kernels")
+        kernels.knn_vote = knn_vote_reference
+        monkeypatch.setitem(sys.modules, "semisam_o1.kernels", kernels)
+        import semisam_o1
+
+        monkeypatch.setattr(semisam_o1, "kernels", kernels, raising=False)
+
+
+# --------------------------------------------------------------------------- synthetic cohort
+
+
+def _save(path: Path, arr, dtype):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(arr, dtype=dtype), np.eye(4)), str(path))
+
+
+def _truth(shape, shift=0):
+    """Three classes: background, a block of class 1, a block of class 2 beside it."""
+    t = np.zeros(shape, np.uint8)
+    t[2:5, 1 + shift:4 + shift, 2:6] = 1
+    t[2:5, 4 + shift:7 + shift, 2:6] = 2
+    return t
+
+
+def _write_dataset(root: Path, shapes: dict[str, tuple]):
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps({"labels": {str(i): n for i, n in enumerate(NAMES)},
+                                                   "file_ending": ".nii.gz"}))
+    rng = np.random.default_rng(1)
+    for case, shape in shapes.items():
+        _save(root / "imagesTr" / f"{case}.nii.gz", rng.random(shape), np.float32)
+
+
+def _features(truth, rng, c=8, noise=0.05):
+    centres = np.eye(c, dtype=np.float32)[:3] + 0.2  # three well-separated directions
+    f = centres[truth] + noise * rng.standard_normal(truth.shape + (c,)).astype(np.float32)
+    return np.ascontiguousarray(np.moveaxis(f, -1, 0))
+
+
+@pytest.fixture()
+def voxel_cohort(tmp_path):
+    """Template 'tpl' (real label saved), cases c0..c2 with predictions: correct except
+    that every class-2 voxel is predicted as class 1 with high entropy (so only the
+    template's real label carries class 2 into the bank), plus a few wrong class-1
+    voxels predicted as background with high entropy."""
+    rng = np.random.default_rng(0)
+    shape = (8, 8, 8)
+    cases = ["c0", "c1", "c2"]
+    ds, feats, pred = tmp_path / "ds", tmp_path / "feats", tmp_path / "pred"
+    _write_dataset(ds, {c: shape for c in ["tpl"] + cases})
+    feats.mkdir()
+    truth = {}
+    for i, case in enumerate(["tpl"] + cases):
+        t = _truth(shape, shift=i % 2)
+        truth[case] = t
+        np.save(feats / f"{case}.npy", _features(t, rng))
+    _save(ds / "labelsTr" / "tpl.nii.gz", truth["tpl"], np.uint8)
+    expected_changes = {}
+    for case in cases:
+        t = truth[case]
+        p = t.copy()
+        ent = rng.uniform(0.0, 0.1, size=shape)
+        wrong2 = t == 2
+        p[wrong2] = 1
+        ent[wrong2] = rng.uniform(0.8, 1.0, size=int(wrong2.sum()))
+        fg1 = np.argwhere(t == 1)[:3]
+        for x, y, z in fg1:
+            p[x, y, z] = 0
+            ent[x, y, z] = 0.9
+        # some correct but uncertain voxels: must keep their (right) label
+        bg = np.argwhere(t == 0)[::40]
+        for x, y, z in bg:
+            ent[x, y, z] = 0.95
+        _save(pred / f"{case}.nii.gz", p, np.uint8)
+        _save(pred / f"{case}_entropy.nii.gz", ent, np.float32)
+        expected_changes[case] = int((p != t).sum())
+    return dict(ds=ds, feats=feats, pred=pred, cases=cases, truth=truth, out=tmp_path / "out",
+                expected_changes=expected_changes)
+
+
+def _read(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+# --------------------------------------------------------------------------- voxel mode
+
+
+@pytest.mark.parametrize("project_dim", [0, 4])
+def test_voxel_mode_known_answer(voxel_cohort, project_dim):
+    v = voxel_cohort
+    # entropy quantile such that all high-entropy voxels (>= 0.8) are queries and no low ones
+    ents = np.concatenate([_read(v["pred"] / f"{c}_entropy.nii.gz").ravel() for c in v["cases"]])
+    q = 1.0 - (ents >= 0.8).mean() + 1e-9
+    info = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], template="tpl", cases=v["cases"],
+                             k=5, quantile=q, bank_size=300, project_dim=project_dim, threads=1, quiet=True)
+    assert info["threshold"] == pytest.approx(float(np.quantile(ents, q)))
+    assert info["threshold"] < 0.8 and info["queries_total"] == int((ents >= 0.8).sum())
+    for case in v["cases"]:
+        out = _read(v["out"] / f"{case}.nii.gz")
+        pred = _read(v["pred"] / f"{case}.nii.gz")
+        ent = _read(v["pred"] / f"{case}_entropy.nii.gz")
+        confident = ent < info["threshold"]
+        np.testing.assert_array_equal(out[confident], pred[confident])  # confident voxels never change
+        np.testing.assert_array_equal(out, v["truth"][case])  # every query took its true label
+        assert info["cases"][case]["changed"] == v["expected_changes"][case]
+        assert info["cases"][case]["queries"] == int((~confident).sum())
+    # class 2 comes only from the template's real label (all class-2 predictions were uncertain)
+    assert info["bank"]["per_class"]["posterior"] == int((v["truth"]["tpl"] == 2).sum())
+    assert info["bank"]["from_template"]["posterior"] == info["bank"]["per_class"]["posterior"]
+    assert info["bank"]["size"] == 300
+    assert sum(info["bank"]["per_class"].values()) == 300
+    total_changed = sum(v["expected_changes"].values())
+    assert info["voxels_changed_total"] == total_changed
+    assert info["voxels_changed_per_class"]["to"]["posterior"] == sum(int((v["truth"][c] == 2).sum())
+                                                                      for c in v["cases"])
+    assert info["bank"]["projection"]["dim"] == (4 if project_dim else 8)
+    # the output keeps the input affine
+    np.testing.assert_allclose(nib.load(str(v["out"] / "c0.nii.gz")).affine, np.eye(4))
+    saved = json.loads((v["out"] / "refine.json").read_text())
+    assert saved["complete"] and saved["voxels_changed_total"] == total_changed
+
+
+def test_voxel_mode_resume_and_signature(voxel_cohort):
+    v = voxel_cohort
+    kw = dict(template="tpl", cases=v["cases"], k=3, quantile=0.9, bank_size=200, project_dim=0, threads=1,
+              quiet=True)
+    first = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], **kw)
+    assert first["resumed_cases"] == 0
+    mtime = (v["out"] / "c1.nii.gz").stat().st_mtime_ns
+    again = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], **kw)
+    assert again["resumed_cases"] == 3 and again["signature"] == first["signature"]
+    assert again["cases"] == first["cases"]
+    assert (v["out"] / "c1.nii.gz").stat().st_mtime_ns == mtime
+    # a killed run: one case missing -> only that one is redone
+    (v["out"] / "c1.nii.gz").unlink()
+    part = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], **kw)
+    assert part["resumed_cases"] == 2 and (v["out"] / "c1.nii.gz").is_file()
+    drop = lambda d: {k: x for k, x in d.items() if k != "seconds"}  # noqa: E731
+    assert drop(part["cases"]["c1"]) == drop(first["cases"]["c1"])
+    # a changed parameter (or seed) changes the signature: everything is redone
+    other = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], **dict(kw, seed=1))
+    assert other["signature"] != first["signature"] and other["resumed_cases"] == 0
+
+
+def test_class_quotas():
+    assert refine_mod.class_quotas([1000, 1000, 1000], 300) == [100, 100, 100]
+    assert refine_mod.class_quotas([1000, 20, 1000], 300) == [140, 20, 140]
+    assert refine_mod.class_quotas([5, 3, 0], 300) == [5, 3, 0]
+    assert sum(refine_mod.class_quotas([1000, 1000, 1000], 301)) == 301
+    assert refine_mod.class_quotas([0, 0], 10) == [0, 0]
+
+
+def test_fit_projection_matches_numpy_pca():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((500, 12)) * np.linspace(3, 0.1, 12)).astype(np.float32)
+    mean, comps, explained = refine_mod.fit_projection(x, 3)
+    np.testing.assert_allclose(mean, x.mean(axis=0), atol=1e-5)
+    _, s, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+    # same subspace as the SVD's top 3 right singular vectors
+    np.testing.assert_allclose(np.abs(comps.T @ vt[:3].T), np.eye(3), atol=1e-4)
+    assert explained == pytest.approx(float((s[:3] ** 2).sum() / (s ** 2).sum()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- volume mode
+
+
+def test_resize_nearest_matches_torch_nearest_exact():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    lab = rng.integers(0, 3, size=(7, 9, 5)).astype(np.uint8)
+    for shape in [(7, 9, 5), (10, 6, 8), (3, 13, 5)]:
+        ref = torch.nn.functional.interpolate(torch.from_numpy(lab.astype(np.float32))[None, None], size=shape,
+                                              mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+        np.testing.assert_array_equal(refine_mod.resize_nearest(lab, shape), ref)
+
+
+def test_volume_mode_against_numpy_reference(tmp_path):
+    rng = np.random.default_rng(5)
+    shapes = {"tpl": (8, 8, 8), "v0": (8, 8, 8), "v1": (7, 9, 6), "v2": (9, 7, 8), "v3": (6, 8, 7),
+              "v4": (8, 6, 9), "v5": (7, 7, 7)}
+    cases = [c for c in shapes if c != "tpl"]
+    ds, feats, pred, out = tmp_path / "ds", tmp_path / "feats", tmp_path / "pred", tmp_path / "out"
+    _write_dataset(ds, shapes)
+    feats.mkdir()
+    labels, f, mean_ent = {}, {}, {}
+    for i, (case, shape) in enumerate(shapes.items()):
+        lab = rng.integers(0, 3, size=shape).astype(np.uint8)
+        labels[case] = lab
+        f[case] = (rng.standard_normal((6,) + shape) + rng.standard_normal((6, 1, 1, 1))).astype(np.float32)
+        np.save(feats / f"{case}.npy", f[case])
+        if case == "tpl":
+            _save(ds / "labelsTr" / "tpl.nii.gz", lab, np.uint8)
+            continue
+        ent = rng.uniform(0, 0.2 * i, size=shape).astype(np.float32)  # distinct means
+        mean_ent[case] = float(ent.astype(np.float64).mean())
+        _save(pred / f"{case}.nii.gz", lab, np.uint8)
+        _save(pred / f"{case}_entropy.nii.gz", ent, np.float32)
+
+    quantile, k = 0.6, 3
+    info = refine_mod.refine(ds, feats, pred, out, template="tpl", cases=cases, k=k, quantile=quantile,
+                             mode="volume", threads=1, quiet=True)
+
+    # NumPy reference of the official whole-volume rule
+    thr = float(np.quantile([mean_ent[c] for c in cases], quantile))
+    uncertain = [c for c in cases if mean_ent[c] >= thr]
+    confident = ["tpl"] + [c for c in cases if mean_ent[c] < thr]
+    assert info["threshold"] == pytest.approx(thr)
+    assert info["uncertain_cases"] == uncertain and info["confident_cases"] == confident
+    assert len(uncertain) == 3
+
+    def desc(c):
+        d = f[c].reshape(6, -1).astype(np.float64).mean(axis=1)
+        return d / np.linalg.norm(d)
+
+    for case in cases:
+        got = _read(out / f"{case}.nii.gz")
+        if case not in uncertain:
+            np.testing.assert_array_equal(got, labels[case])
+            continue
+        sims = np.array([desc(case) @ desc(c) for c in confident])
+        order = np.argsort(-sims, kind="stable")[:k]
+        assert [n["case"] for n in info["neighbours"][case]] == [confident[j] for j in order]
+        votes = np.zeros((3,) + labels[case].shape)
+        for j in order:
+            src = labels[confident[j]]
+            idx = [np.minimum(((np.arange(nd) + 0.5) * ns / nd).astype(int), ns - 1)
+                   for ns, nd in zip(src.shape, labels[case].shape)]
+            r = src[np.ix_(*idx)]
+            for c in range(3):
+                votes[c] += max(sims[j], 0.0) * (r == c)
+        expected = votes.argmax(axis=0) if max(sims[order].max(), 0) > 0 else labels[case]
+        np.testing.assert_array_equal(got, expected)
+        assert info["cases"][case]["changed"] == int((expected != labels[case]).sum())
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _cli(v, *extra):
+    return cli.main(["refine", "-i", str(v["ds"]), "-f", str(v["feats"]), "-p", str(v["pred"]),
+                     "-o", str(v["out"]), "--template", "tpl", "--cases", *v["cases"], "--quiet",
+                     "--bank-size", "100", *extra])
+
+
+@pytest.mark.parametrize("mode", ["voxel", "volume"])
+def test_missing_entropy_map(voxel_cohort, capsys, mode):
+    v = voxel_cohort
+    (v["pred"] / "c2_entropy.nii.gz").unlink()
+    with pytest.raises(InputError, match="c2"):
+        refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], template="tpl", cases=v["cases"], mode=mode,
+                          quiet=True)
+    assert _cli(v, "--mode", mode) == 2
+    err = capsys.readouterr().err
+    assert "entropy" in err and "c2" in err and len(err.strip().splitlines()) == 1
+    assert not v["out"].exists()
+
+
+@pytest.mark.parametrize("missing", ["c1", "tpl"])
+def test_missing_features(voxel_cohort, capsys, missing):
+    v = voxel_cohort
+    (v["feats"] / f"{missing}.npy").unlink()
+    with pytest.raises(InputError, match=f"features for case {missing}"):
+        refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], template="tpl", cases=v["cases"], quiet=True)
+    assert _cli(v) == 2
+    assert missing in capsys.readouterr().err
+    assert not v["out"].exists()
+
+
+def test_bad_grid_and_parameters(voxel_cohort, capsys):
+    v = voxel_cohort
+    np.save(v["feats"] / "c0.npy", np.zeros((8, 8, 8, 7), np.float32))  # wrong voxel grid
+    with pytest.raises(InputError, match="c0"):
+        refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], template="tpl", cases=v["cases"], quiet=True)
+    assert not v["out"].exists()
+    assert _cli(v, "--k", "0") == 2
+    assert _cli(v, "--quantile", "1.5") == 2
+    assert cli.main(["refine", "-i", str(v["ds"]), "-f", str(v["feats"]), "-p", str(v["pred"]),
+                     "-o", str(v["out"]), "--cases", "c0", "--quiet"]) == 2  # no template
+    assert not v["out"].exists()
