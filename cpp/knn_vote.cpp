@@ -1,0 +1,426 @@
+// Fused k-nearest-neighbour vote by cosine similarity.
+//
+// For each query q (Q, C) and a labelled bank (N, C): the k bank rows with the highest
+// cosine similarity (ties -> lowest bank index), then a weighted vote with weights
+// max(similarity, 0) (as in the SemiSAM-O1 authors' code), ties -> lowest label.
+//
+// Layout of the computation (per worker thread, no synchronisation between workers):
+//   work item = a chunk of up to kMaxItemQueries queries, normalised into a float32
+//   buffer (rows padded to a multiple of MR);
+//   for each bank super-block of kSuperRows rows: normalise + transpose it into panels
+//   of NR rows (panel[c][r]), then for sub-chunks of kSubQueries queries (L2 resident),
+//   for each panel (L1 resident), for each MR-query tile: an MR x NR register-blocked
+//   micro-kernel (AVX2/FMA: 12 ymm accumulators) over all C, and a streaming top-k
+//   update (vector compare against each query's current k-th best; a binary heap only
+//   when a candidate beats it).
+// Memory: O(Q*k) for the heaps and results + O(threads * block) buffers; the Q x N
+// similarity matrix is never formed.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <limits>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "kernels.hpp"
+
+namespace semisam {
+
+namespace {
+
+constexpr int MR = 6;                      // queries per micro-kernel tile
+constexpr int NR = 16;                     // bank rows per micro-kernel tile (2 x ymm)
+constexpr int64_t kSuperRows = 2048;       // bank rows packed at a time (multiple of NR)
+constexpr int64_t kSubQueries = 192;       // queries per L2-resident sub-chunk (multiple of MR)
+constexpr int64_t kMaxItemQueries = 4096;  // queries per work item
+
+// Aligned float buffer (32-byte alignment for the packed panels).
+struct FBuf {
+    float* p = nullptr;
+    size_t n = 0;
+    void resize(size_t m) {
+        if (m <= n) return;
+        std::free(p);
+        p = static_cast<float*>(std::aligned_alloc(64, ((m * sizeof(float) + 63) / 64) * 64));
+        if (!p) throw std::bad_alloc();
+        n = m;
+    }
+    ~FBuf() { std::free(p); }
+};
+
+// Per-query top-k: a binary min-heap whose root is the current worst kept neighbour
+// ("worse" = lower similarity, or equal similarity and higher index).
+struct TopK {
+    float* s;
+    int64_t* i;
+    int64_t k;
+    int64_t n = 0;
+    static bool worse(float sa, int64_t ia, float sb, int64_t ib) {
+        return sa < sb || (sa == sb && ia > ib);
+    }
+    // Candidates arrive in increasing bank index, so a candidate equal to the root is
+    // worse than it; callers only push when sim > threshold().
+    float threshold() const { return n < k ? -std::numeric_limits<float>::infinity() : s[0]; }
+    void push(float v, int64_t idx) {
+        if (n < k) {
+            int64_t c = n++;
+            while (c > 0) {
+                int64_t par = (c - 1) / 2;
+                if (!worse(v, idx, s[par], i[par])) break;
+                s[c] = s[par];
+                i[c] = i[par];
+                c = par;
+            }
+            s[c] = v;
+            i[c] = idx;
+            return;
+        }
+        // replace root, sift down
+        int64_t c = 0;
+        for (;;) {
+            int64_t l = 2 * c + 1;
+            if (l >= k) break;
+            int64_t r = l + 1;
+            int64_t m = (r < k && worse(s[r], i[r], s[l], i[l])) ? r : l;
+            if (!worse(s[m], i[m], v, idx)) break;
+            s[c] = s[m];
+            i[c] = i[m];
+            c = m;
+        }
+        s[c] = v;
+        i[c] = idx;
+    }
+    // Sorts in place into rank order (most similar first, ties lowest index).
+    void sort_desc() {
+        std::vector<std::pair<float, int64_t>> tmp(static_cast<size_t>(n));
+        for (int64_t a = 0; a < n; ++a) tmp[a] = {s[a], i[a]};
+        std::sort(tmp.begin(), tmp.end(), [](const auto& a, const auto& b) {
+            return a.first > b.first || (a.first == b.first && a.second < b.second);
+        });
+        for (int64_t a = 0; a < n; ++a) {
+            s[a] = tmp[a].first;
+            i[a] = tmp[a].second;
+        }
+    }
+};
+
+// ---- row normalisation into float32 -------------------------------------------------
+
+void normalise_rows_generic(const void* src, DType dt, int64_t C, int64_t r0, int64_t r1,
+                            float* dst, int64_t ld) {
+    const size_t esz = dt == DType::F16 ? 2 : 4;
+    for (int64_t r = r0; r < r1; ++r) {
+        const char* row = static_cast<const char*>(src) + static_cast<size_t>(r * C) * esz;
+        float* d = dst + (r - r0) * ld;
+        float ss = 0.f;
+        for (int64_t c = 0; c < C; ++c) {
+            d[c] = load_elem(row, dt, c);
+            ss += d[c] * d[c];
+        }
+        float inv = inv_norm_from_sumsq(ss, row, dt, C);
+        for (int64_t c = 0; c < C; ++c) d[c] *= inv;
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma,f16c"))) void normalise_rows_avx2(const void* src, DType dt,
+                                                                    int64_t C, int64_t r0,
+                                                                    int64_t r1, float* dst,
+                                                                    int64_t ld) {
+    const size_t esz = dt == DType::F16 ? 2 : 4;
+    const int64_t C8 = C & ~int64_t(7);
+    for (int64_t r = r0; r < r1; ++r) {
+        const char* row = static_cast<const char*>(src) + static_cast<size_t>(r * C) * esz;
+        float* d = dst + (r - r0) * ld;
+        __m256 acc = _mm256_setzero_ps();
+        if (dt == DType::F16) {
+            for (int64_t c = 0; c < C8; c += 8) {
+                __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(
+                    reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(row) + c)));
+                _mm256_storeu_ps(d + c, x);
+                acc = _mm256_fmadd_ps(x, x, acc);
+            }
+        } else {
+            for (int64_t c = 0; c < C8; c += 8) {
+                __m256 x = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + c);
+                _mm256_storeu_ps(d + c, x);
+                acc = _mm256_fmadd_ps(x, x, acc);
+            }
+        }
+        alignas(32) float t[8];
+        _mm256_store_ps(t, acc);
+        float ss = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+        for (int64_t c = C8; c < C; ++c) {
+            d[c] = load_elem(row, dt, c);
+            ss += d[c] * d[c];
+        }
+        const __m256 inv = _mm256_set1_ps(inv_norm_from_sumsq(ss, row, dt, C));
+        for (int64_t c = 0; c < C8; c += 8)
+            _mm256_storeu_ps(d + c, _mm256_mul_ps(_mm256_loadu_ps(d + c), inv));
+        for (int64_t c = C8; c < C; ++c) d[c] *= _mm256_cvtss_f32(inv);
+    }
+}
+#endif
+
+void normalise_rows(bool fast, const void* src, DType dt, int64_t C, int64_t r0, int64_t r1,
+                    float* dst, int64_t ld) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (fast) return normalise_rows_avx2(src, dt, C, r0, r1, dst, ld);
+#endif
+    normalise_rows_generic(src, dt, C, r0, r1, dst, ld);
+}
+
+// Transposes normalised rows tmp (rows x C, row-major) into NR-row panels:
+// panel p holds element (r, c) at [p * C * NR + c * NR + r]; missing rows are zero.
+void pack_panels(const float* tmp, int64_t rows, int64_t C, float* panels) {
+    const int64_t np = (rows + NR - 1) / NR;
+    for (int64_t p = 0; p < np; ++p) {
+        float* dst = panels + p * C * NR;
+        const int64_t nr = std::min<int64_t>(NR, rows - p * NR);
+        for (int64_t r = 0; r < nr; ++r) {
+            const float* s = tmp + (p * NR + r) * C;
+            for (int64_t c = 0; c < C; ++c) dst[c * NR + r] = s[c];
+        }
+        for (int64_t r = nr; r < NR; ++r)
+            for (int64_t c = 0; c < C; ++c) dst[c * NR + r] = 0.f;
+    }
+}
+
+// ---- micro-kernels: out[m][n] = sum_c q[m][c] * panel[c][n] ---------------------------
+
+void micro_generic(const float* q, int64_t ldq, const float* panel, int64_t C,
+                   float out[MR][NR]) {
+    for (int m = 0; m < MR; ++m)
+        for (int n = 0; n < NR; ++n) out[m][n] = 0.f;
+    for (int64_t c = 0; c < C; ++c) {
+        const float* b = panel + c * NR;
+        for (int m = 0; m < MR; ++m) {
+            const float a = q[m * ldq + c];
+            for (int n = 0; n < NR; ++n) out[m][n] += a * b[n];
+        }
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma,f16c"))) inline void micro_avx2(const float* q, int64_t ldq,
+                                                                  const float* panel, int64_t C,
+                                                                  float out[MR][NR]) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    const float* q0 = q;
+    const float* q1 = q + ldq;
+    const float* q2 = q + 2 * ldq;
+    const float* q3 = q + 3 * ldq;
+    const float* q4 = q + 4 * ldq;
+    const float* q5 = q + 5 * ldq;
+    for (int64_t c = 0; c < C; ++c) {
+        const __m256 b0 = _mm256_load_ps(panel + c * NR);
+        const __m256 b1 = _mm256_load_ps(panel + c * NR + 8);
+        __m256 a = _mm256_broadcast_ss(q0 + c);
+        c00 = _mm256_fmadd_ps(a, b0, c00);
+        c01 = _mm256_fmadd_ps(a, b1, c01);
+        a = _mm256_broadcast_ss(q1 + c);
+        c10 = _mm256_fmadd_ps(a, b0, c10);
+        c11 = _mm256_fmadd_ps(a, b1, c11);
+        a = _mm256_broadcast_ss(q2 + c);
+        c20 = _mm256_fmadd_ps(a, b0, c20);
+        c21 = _mm256_fmadd_ps(a, b1, c21);
+        a = _mm256_broadcast_ss(q3 + c);
+        c30 = _mm256_fmadd_ps(a, b0, c30);
+        c31 = _mm256_fmadd_ps(a, b1, c31);
+        a = _mm256_broadcast_ss(q4 + c);
+        c40 = _mm256_fmadd_ps(a, b0, c40);
+        c41 = _mm256_fmadd_ps(a, b1, c41);
+        a = _mm256_broadcast_ss(q5 + c);
+        c50 = _mm256_fmadd_ps(a, b0, c50);
+        c51 = _mm256_fmadd_ps(a, b1, c51);
+    }
+    _mm256_storeu_ps(out[0], c00);
+    _mm256_storeu_ps(out[0] + 8, c01);
+    _mm256_storeu_ps(out[1], c10);
+    _mm256_storeu_ps(out[1] + 8, c11);
+    _mm256_storeu_ps(out[2], c20);
+    _mm256_storeu_ps(out[2] + 8, c21);
+    _mm256_storeu_ps(out[3], c30);
+    _mm256_storeu_ps(out[3] + 8, c31);
+    _mm256_storeu_ps(out[4], c40);
+    _mm256_storeu_ps(out[4] + 8, c41);
+    _mm256_storeu_ps(out[5], c50);
+    _mm256_storeu_ps(out[5] + 8, c51);
+}
+#endif
+
+}  // namespace
+
+void vote_one(const float* sims, const int64_t* idx, int64_t k, const int32_t* bank_labels,
+              int32_t* label, float* share) {
+    // Total weight and the per-label sums, both accumulated in rank order.
+    float total = 0.f;
+    for (int64_t a = 0; a < k; ++a)
+        if (idx[a] >= 0) total += std::max(sims[a], 0.f);
+    bool have = false;
+    int32_t best_label = 0;
+    float best_w = 0.f;
+    auto consider = [&](int32_t L, float w) {
+        if (!have || w > best_w || (w == best_w && L < best_label)) {
+            have = true;
+            best_label = L;
+            best_w = w;
+        }
+    };
+    if (k <= 64) {
+        for (int64_t a = 0; a < k; ++a) {
+            if (idx[a] < 0) continue;
+            const int32_t L = bank_labels[idx[a]];
+            bool seen = false;
+            for (int64_t b = 0; b < a && !seen; ++b) seen = idx[b] >= 0 && bank_labels[idx[b]] == L;
+            if (seen) continue;
+            float w = 0.f;
+            for (int64_t b = a; b < k; ++b)
+                if (idx[b] >= 0 && bank_labels[idx[b]] == L) w += std::max(sims[b], 0.f);
+            consider(L, w);
+        }
+    } else {
+        thread_local std::vector<std::pair<int32_t, int64_t>> order;
+        order.clear();
+        for (int64_t a = 0; a < k; ++a)
+            if (idx[a] >= 0) order.emplace_back(bank_labels[idx[a]], a);
+        std::sort(order.begin(), order.end());  // by label, then rank
+        for (size_t a = 0; a < order.size();) {
+            size_t b = a;
+            float w = 0.f;
+            for (; b < order.size() && order[b].first == order[a].first; ++b)
+                w += std::max(sims[order[b].second], 0.f);
+            consider(order[a].first, w);
+            a = b;
+        }
+    }
+    if (total > 0.f) {
+        *label = best_label;
+        *share = std::min(best_w / total, 1.0f);
+    } else {
+        *label = (k > 0 && idx[0] >= 0) ? bank_labels[idx[0]] : -1;
+        *share = 0.f;
+    }
+}
+
+void knn_vote_cpu(const void* queries, DType qdt, int64_t Q, const void* bank, DType bdt,
+                  int64_t N, int64_t C, const int32_t* bank_labels, int64_t k,
+                  int32_t* out_labels, float* out_share, int64_t* topk_index, float* topk_sim,
+                  int threads) {
+    if (Q <= 0) return;
+    const int nt = resolve_threads(threads);
+    const bool fast = cpu_has_avx2_fma_f16c();
+    // Work items: at least one per thread, at most kMaxItemQueries queries each.
+    int64_t items = std::max<int64_t>(1, (Q + kMaxItemQueries - 1) / kMaxItemQueries);
+    items = ((items + nt - 1) / nt) * nt;
+    int64_t per_item = (Q + items - 1) / items;
+    per_item = std::max<int64_t>(MR, ((per_item + MR - 1) / MR) * MR);
+    items = (Q + per_item - 1) / per_item;
+
+    // Heap storage for every query: O(Q * k). When the caller wants the top-k we keep
+    // the heaps directly in its output arrays.
+    std::unique_ptr<float[]> own_s;
+    std::unique_ptr<int64_t[]> own_i;
+    float* hs = topk_sim;
+    int64_t* hi = topk_index;
+    if (!hs) {
+        own_s.reset(new float[static_cast<size_t>(Q * k)]);
+        hs = own_s.get();
+    }
+    if (!hi) {
+        own_i.reset(new int64_t[static_cast<size_t>(Q * k)]);
+        hi = own_i.get();
+    }
+
+    const int64_t workers = std::min<int64_t>(nt, items);
+    struct Scratch {
+        FBuf qbuf, tmp, panels;
+    };
+    std::vector<Scratch> scratch(static_cast<size_t>(workers));
+
+    parallel_items(items, nt, [&](int64_t item, int worker) {
+        Scratch& sc = scratch[static_cast<size_t>(worker)];
+        const int64_t q0 = item * per_item;
+        const int64_t q1 = std::min(Q, q0 + per_item);
+        const int64_t nq = q1 - q0;
+        const int64_t nq_pad = ((nq + MR - 1) / MR) * MR;
+        sc.qbuf.resize(static_cast<size_t>(nq_pad * C));
+        float* qb = sc.qbuf.p;
+        normalise_rows(fast, queries, qdt, C, q0, q1, qb, C);
+        std::fill(qb + nq * C, qb + nq_pad * C, 0.f);
+
+        std::vector<TopK> heaps;
+        heaps.reserve(static_cast<size_t>(nq));
+        for (int64_t a = 0; a < nq; ++a) heaps.push_back(TopK{hs + (q0 + a) * k, hi + (q0 + a) * k, k});
+        std::vector<float> thr(static_cast<size_t>(nq_pad), std::numeric_limits<float>::infinity());
+        for (int64_t a = 0; a < nq; ++a) thr[a] = heaps[a].threshold();
+
+        const int64_t super = std::min<int64_t>(kSuperRows, ((N + NR - 1) / NR) * NR);
+        sc.tmp.resize(static_cast<size_t>(super * C));
+        sc.panels.resize(static_cast<size_t>(super * C));
+        alignas(32) float tile[MR][NR];
+
+        for (int64_t b0 = 0; b0 < N; b0 += super) {
+            const int64_t nb = std::min(super, N - b0);
+            normalise_rows(fast, bank, bdt, C, b0, b0 + nb, sc.tmp.p, C);
+            pack_panels(sc.tmp.p, nb, C, sc.panels.p);
+            const int64_t npanels = (nb + NR - 1) / NR;
+            for (int64_t s0 = 0; s0 < nq_pad; s0 += kSubQueries) {
+                const int64_t s1 = std::min(nq_pad, s0 + kSubQueries);
+                for (int64_t p = 0; p < npanels; ++p) {
+                    const float* panel = sc.panels.p + p * C * NR;
+                    const int64_t j0 = b0 + p * NR;
+                    const int valid = static_cast<int>(std::min<int64_t>(NR, b0 + nb - j0));
+                    for (int64_t t = s0; t < s1; t += MR) {
+                        const float* qt = qb + t * C;
+#if defined(__x86_64__) || defined(__i386__)
+                        if (fast) {
+                            micro_avx2(qt, C, panel, C, tile);
+                        } else {
+                            micro_generic(qt, C, panel, C, tile);
+                        }
+#else
+                        micro_generic(qt, C, panel, C, tile);
+#endif
+                        for (int m = 0; m < MR; ++m) {
+                            const int64_t a = t + m;
+                            if (a >= nq) break;
+                            float th = thr[a];
+                            const float* row = tile[m];
+                            // cheap pre-check: anything above the current k-th best?
+                            float mx = row[0];
+                            for (int n = 1; n < valid; ++n) mx = row[n] > mx ? row[n] : mx;
+                            if (!(mx > th)) continue;
+                            TopK& h = heaps[a];
+                            for (int n = 0; n < valid; ++n) {
+                                if (row[n] > th) {
+                                    h.push(row[n], j0 + n);
+                                    th = h.threshold();
+                                }
+                            }
+                            thr[a] = th;
+                        }
+                    }
+                }
+            }
+        }
+        for (int64_t a = 0; a < nq; ++a) {
+            TopK& h = heaps[a];
+            for (int64_t e = h.n; e < k; ++e) {  // only if N < k (rejected at the boundary)
+                h.s[e] = 0.f;
+                h.i[e] = -1;
+            }
+            h.n = std::min(h.n, k);
+            h.sort_desc();
+            vote_one(h.s, h.i, k, bank_labels, out_labels + q0 + a, out_share + q0 + a);
+        }
+    });
+}
+
+}  // namespace semisam
