@@ -16,7 +16,10 @@ Rules (each holds for every subcommand because they all come through here):
   to consecutive class indices inside (``LabelMap``), written back with their
   original values as uint8 (uint16 if needed), slope 1, intercept 0.
 * **Naming** follows the MSD / nnU-Net conventions: ``.nii`` and ``.nii.gz``,
-  nnU-Net's ``_0000`` channel suffix, ``dataset.json`` ``file_ending``.
+  nnU-Net's ``_0000`` channel suffix (stripped to find the case id when the
+  folder uses it, see :func:`_index_folder`), ``dataset.json`` ``file_ending``.
+  A case under two endings or channels, or labels without an image, is one
+  error listing every offending path.
 * **Atomic writes**: every file goes through :func:`atomic_path` (temp file +
   rename), so a killed run never leaves a half-written output.
 
@@ -52,6 +55,8 @@ __all__ = [
     "find_case_file",
     "read_image",
     "read_label",
+    "read_label_values",
+    "check_same_grid",
     "write_label",
     "write_map",
     "write_json",
@@ -112,43 +117,109 @@ def case_id_from_path(path: str | os.PathLike, strip_channel: bool = True) -> st
     return stem
 
 
-def _index_folder(folder: Path, strip_channel: bool, endings: Sequence[str] = NIFTI_ENDINGS) -> dict[str, Path]:
-    """Map case id -> file for the NIfTI files of ``folder``.
+_MAX_LISTED = 20
 
-    Raises InputError when a case id appears under two endings or two channels.
+
+def _list_paths(paths: Sequence[Path | str], limit: int = _MAX_LISTED) -> str:
+    """``a, b, c and 7 more``: a one-line listing of paths."""
+    paths = [str(p) for p in paths]
+    text = ", ".join(paths[:limit])
+    if len(paths) > limit:
+        text += f" and {len(paths) - limit} more"
+    return text
+
+
+def _decide_strip_channel(stems: Sequence[str], label_ids: Iterable[str] | None) -> bool:
+    """Whether the image stems of one folder carry nnU-Net's ``_XXXX`` channel suffix.
+
+    MSD names (``hippocampus_001``) never end in ``_`` + 4 digits, nnU-Net names
+    always do (``case_0000``). A name such as ``img_0001`` is ambiguous, so:
+
+    * the suffix is stripped only when every stem has one;
+    * when label ids are known (``labelsTr``), the reading that matches more
+      labels wins (ties: strip, the nnU-Net reading);
+    * without labels, the suffixes must look like channels: every case has the
+      same channels ``0000 .. 000n`` (at most 16), e.g. all ``_0000``.
     """
-    found: dict[str, list[Path]] = {}
+    stems = list(stems)
+    if not stems or not all(_CHANNEL_SUFFIX.search(s) for s in stems):
+        return False
+    if label_ids is not None:
+        label_ids = set(label_ids)
+        if label_ids:
+            plain = sum(s in label_ids for s in stems)
+            stripped = len({_CHANNEL_SUFFIX.sub("", s) for s in stems} & label_ids)
+            return stripped >= plain
+    groups: dict[str, set[int]] = {}
+    for s in stems:
+        groups.setdefault(_CHANNEL_SUFFIX.sub("", s), set()).add(int(_CHANNEL_SUFFIX.search(s).group(1)))
+    channel_sets = {frozenset(v) for v in groups.values()}
+    if len(channel_sets) != 1:
+        return False
+    (channels,) = channel_sets
+    return len(channels) <= 16 and channels == frozenset(range(len(channels)))
+
+
+def _index_folder(
+    folder: Path,
+    strip_channel: bool | str,
+    endings: Sequence[str] = NIFTI_ENDINGS,
+    label_ids: Iterable[str] | None = None,
+) -> dict[str, Path]:
+    """Map case id -> file for the NIfTI files of ``folder`` (hidden files skipped).
+
+    ``strip_channel``: True / False, or ``"auto"`` to decide from the names (and
+    ``label_ids`` when given) whether the folder uses nnU-Net's ``_0000``
+    suffix (see :func:`_decide_strip_channel`).
+
+    Raises InputError, one message listing every offending path, when case ids
+    appear under two endings or two channels.
+    """
     if not folder.is_dir():
         return {}
+    files = []
     for p in sorted(folder.iterdir()):
-        if not p.is_file() or not any(p.name.endswith(e) for e in endings):
+        if not any(p.name.endswith(e) for e in endings) or not p.is_file():
             continue
-        cid = case_id_from_path(p, strip_channel=strip_channel)
-        if cid is None:
+        stem = case_id_from_path(p, strip_channel=False)
+        if stem is None:
             continue
+        files.append((stem, p))
+    if strip_channel == "auto":
+        strip_channel = _decide_strip_channel([s for s, _ in files], label_ids)
+    found: dict[str, list[Path]] = {}
+    for stem, p in files:
+        cid = _CHANNEL_SUFFIX.sub("", stem) if strip_channel else stem
         found.setdefault(cid, []).append(p)
-    out = {}
-    for cid, paths in found.items():
-        if len(paths) > 1:
-            raise InputError(
-                f"case {cid} has {len(paths)} files in {folder} ("
-                + ", ".join(p.name for p in paths)
-                + "): keep one (multi-channel images are not supported)"
-            )
-        out[cid] = paths[0]
-    return out
+    clashes = {cid: paths for cid, paths in found.items() if len(paths) > 1}
+    if clashes:
+        raise InputError(
+            f"{folder}: {len(clashes)} case(s) have several files (two endings or several channels; "
+            "keep one per case, multi-channel images are not supported): "
+            + "; ".join(f"{cid}: {_list_paths(paths)}" for cid, paths in list(clashes.items())[:_MAX_LISTED])
+            + (f"; and {len(clashes) - _MAX_LISTED} more cases" if len(clashes) > _MAX_LISTED else "")
+        )
+    return {cid: paths[0] for cid, paths in found.items()}
+
+
+def index_label_folder(folder: str | os.PathLike, endings: Sequence[str] = NIFTI_ENDINGS) -> dict[str, Path]:
+    """Case id -> label file for a plain folder of label NIfTI files (``case.nii.gz``),
+    e.g. predictions or pseudo-labels. Raises InputError for a case under two endings."""
+    return _index_folder(Path(folder), strip_channel=False, endings=endings)
 
 
 def find_case_file(folder: str | os.PathLike, case: str, what: str = "label") -> Path:
     """The NIfTI file of ``case`` in ``folder`` (``.nii.gz`` or ``.nii``, with or
     without ``_0000``). Raises InputError if none or several."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: {what} folder not found")
     hits = [folder / f"{case}{suffix}{ending}" for suffix in ("", "_0000") for ending in NIFTI_ENDINGS]
     hits = [h for h in hits if h.is_file()]
     if not hits:
         raise InputError(f"{folder}: no {what} file for case {case} ({case}.nii.gz or {case}.nii)")
     if len(hits) > 1:
-        raise InputError(f"{folder}: case {case} has several {what} files: " + ", ".join(h.name for h in hits))
+        raise InputError(f"{folder}: case {case} has several {what} files: " + ", ".join(str(h) for h in hits))
     return hits[0]
 
 
@@ -160,36 +231,81 @@ class LabelMap:
     """The declared classes: label values on disk <-> consecutive class indices.
 
     ``values[i]`` is the value written on disk for class index ``i``;
-    ``names[i]`` its name from ``dataset.json``. Index 0 is the lowest value
-    (background in every MSD / nnU-Net dataset).
+    ``names[i]`` its name from ``dataset.json``. Index 0 is value 0, background
+    (declared in every MSD / nnU-Net dataset). Values are 0 .. 65535 (they are
+    written as uint8 or uint16); class indices are uint8 (uint16 beyond 256
+    classes).
+
+    Example: BraTS ``{"0": "background", "1": "NCR", "2": "ED", "4": "ET"}``
+    gives ``values == (0, 1, 2, 4)``: a voxel of value 4 is class index 3
+    inside, and index 3 is written back as 4.
     """
 
     values: tuple[int, ...]
     names: tuple[str, ...]
 
+    def __post_init__(self):
+        values = tuple(int(v) for v in self.values)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+        if not values:
+            raise InputError("no label values declared")
+        if len(self.names) != len(values):
+            raise ValueError("LabelMap: values and names differ in length")
+        if list(values) != sorted(set(values)):
+            raise InputError(f"label values {list(values)} must be distinct (and are kept sorted)")
+        if values[0] != 0:
+            raise InputError(f"label values {list(values)}: background value 0 must be declared")
+        if values[-1] > 65535:
+            raise InputError(f"label value {values[-1]} is too large (at most 65535)")
+
     @classmethod
     def from_dataset_json(cls, labels: dict, source: str = "dataset.json") -> "LabelMap":
-        """Parse MSD (``{"0": "background"}``) or nnU-Net v2 (``{"background": 0}``) labels."""
+        """Parse MSD (``{"0": "background"}``) or nnU-Net v2 (``{"background": 0}``) labels.
+
+        Raises InputError for regions (nnU-Net v2 lists), non-integer values,
+        duplicates, a missing background 0 or values above 65535.
+        """
+        if not isinstance(labels, dict):
+            raise InputError(f"{source}: 'labels' must be an object")
         pairs = []
-        try:
-            for key, val in labels.items():
-                if isinstance(val, (int, float)) and not isinstance(val, bool):
-                    pairs.append((int(val), str(key)))  # nnU-Net v2: name -> value
-                elif isinstance(val, list):  # nnU-Net v2 region: not supported
-                    raise InputError(f"{source}: label {key!r} is a region ({val}); only plain label values are supported")
-                else:
-                    pairs.append((int(key), str(val)))  # MSD: "value" -> name
-        except ValueError as exc:
-            raise InputError(f"{source}: cannot read 'labels' ({exc})") from None
+        for key, val in labels.items():
+            if isinstance(val, list):  # nnU-Net v2 region: not supported
+                raise InputError(f"{source}: label {key!r} is a region ({val}); only plain label values are supported")
+            if isinstance(val, bool):
+                raise InputError(f"{source}: label {key!r}: {val!r} is not a label value")
+            if isinstance(val, (int, float)):  # nnU-Net v2: name -> value
+                value, name = val, key
+            else:  # MSD: "value" -> name
+                value, name = key, val
+            try:
+                fval = float(value)
+            except (TypeError, ValueError):
+                raise InputError(f"{source}: label {key!r}: {value!r} is not an integer label value") from None
+            if not np.isfinite(fval) or fval != int(fval):
+                raise InputError(f"{source}: label {key!r}: {value!r} is not an integer label value")
+            if fval < 0:
+                raise InputError(f"{source}: negative label value {int(fval)}")
+            pairs.append((int(fval), str(name)))
         if not pairs:
             raise InputError(f"{source}: 'labels' is empty")
         pairs.sort()
         values = tuple(v for v, _ in pairs)
         if len(set(values)) != len(values):
-            raise InputError(f"{source}: a label value is declared twice in 'labels'")
-        if values[0] < 0:
-            raise InputError(f"{source}: negative label value {values[0]}")
-        return cls(values=values, names=tuple(n for _, n in pairs))
+            dup = sorted({v for v in values if values.count(v) > 1})
+            raise InputError(f"{source}: label value {dup[0]} is declared twice in 'labels'")
+        try:
+            return cls(values=values, names=tuple(n for _, n in pairs))
+        except InputError as exc:
+            raise InputError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_values(cls, values: Iterable[int], names: Sequence[str] | None = None) -> "LabelMap":
+        """A label map from label values found in files (0 is always added);
+        names are the values as text unless given."""
+        values = sorted({0, *(int(v) for v in values)})
+        names = list(names) if names is not None else [("background" if v == 0 else str(v)) for v in values]
+        return cls(values=tuple(values), names=tuple(names))
 
     @property
     def num_classes(self) -> int:
@@ -200,27 +316,57 @@ class LabelMap:
         """Class indices other than 0 (background)."""
         return list(range(1, self.num_classes))
 
+    @property
+    def index_dtype(self):
+        """dtype of class-index arrays: uint8, or uint16 beyond 256 classes."""
+        return np.uint8 if self.num_classes <= 256 else np.uint16
+
+    @property
+    def value_dtype(self):
+        """dtype of label files written: uint8 when the largest value fits, else uint16."""
+        return np.uint8 if max(self.values) <= 255 else np.uint16
+
     def lut(self) -> np.ndarray:
-        """Lookup table value -> index (-1 for undeclared values), int16."""
-        lut = np.full(max(self.values) + 1, -1, dtype=np.int16)
-        lut[list(self.values)] = np.arange(self.num_classes, dtype=np.int16)
+        """Lookup table value -> index (-1 for undeclared values), int32."""
+        lut = np.full(max(self.values) + 1, -1, dtype=np.int32)
+        lut[list(self.values)] = np.arange(self.num_classes, dtype=np.int32)
         return lut
 
     def to_index(self, values: np.ndarray, source: str = "label") -> np.ndarray:
-        """Integer label values -> class indices (uint8). Undeclared value: InputError."""
+        """Integer label values -> class indices (:attr:`index_dtype`).
+
+        Raises InputError naming ``source`` and the undeclared values when a
+        value is not declared.
+        """
         values = np.asarray(values)
+        if values.size == 0:
+            return np.zeros(values.shape, dtype=self.index_dtype)
+        vmin, vmax = int(values.min()), int(values.max())
+        lut = self.lut()
+        if vmin >= 0 and vmax < lut.size:
+            idx = lut[values]
+            if idx.min() >= 0:
+                return idx.astype(self.index_dtype)
         uniq = np.unique(values)
-        bad = [int(u) for u in uniq if u < 0 or u > max(self.values) or int(u) not in self.values]
-        if bad:
-            raise InputError(
-                f"{source}: label value {bad[0]} is not declared in dataset.json labels {list(self.values)}"
-            )
-        return self.lut()[values].astype(np.uint8)
+        bad = [int(u) for u in uniq if u < 0 or u >= lut.size or lut[int(u)] < 0]
+        shown = ", ".join(str(b) for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise InputError(
+            f"{source}: label value{'s' if len(bad) > 1 else ''} {shown} not declared in dataset.json labels "
+            f"{list(self.values)}"
+        )
 
     def to_value(self, indices: np.ndarray) -> np.ndarray:
-        """Class indices -> label values, uint8 if the largest value fits, else uint16."""
-        dtype = np.uint8 if max(self.values) <= 255 else np.uint16
-        return np.asarray(self.values, dtype=dtype)[np.asarray(indices)]
+        """Class indices -> label values, uint8 if the largest value fits, else uint16.
+
+        Raises ValueError for an index outside ``0 .. num_classes - 1``.
+        """
+        indices = np.asarray(indices)
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self.num_classes):
+            raise ValueError(
+                f"class index {int(indices.max()) if int(indices.max()) >= self.num_classes else int(indices.min())}"
+                f" outside 0..{self.num_classes - 1}"
+            )
+        return np.asarray(self.values, dtype=self.value_dtype)[indices]
 
 
 # --------------------------------------------------------------------------- volumes
@@ -278,12 +424,19 @@ def _load_nifti(path: Path):
 
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    if not any(path.name.endswith(e) for e in NIFTI_ENDINGS):
+        raise InputError(f"{path}: not a NIfTI file name (.nii or .nii.gz expected)")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind == "c":
+        raise InputError(f"{path}: voxel type {dtype} (RGB or complex) is not supported; a scalar volume is needed")
     return img
 
 
@@ -301,15 +454,21 @@ def _to_canonical(img, path: Path, data: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _squeeze_3d(data_shape: tuple, path: Path) -> tuple[int, int, int]:
+    """The 3D shape of a file: trailing singleton dimensions (a 4D file with one
+    channel or time point) are dropped. Raises InputError for a real 4D file,
+    fewer than 3 dimensions or a zero-size dimension."""
     shape = tuple(int(s) for s in data_shape)
+    if len(shape) >= 3 and min(shape) < 1:
+        raise InputError(f"{path}: empty image (shape {shape})")
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) == 4:
-        raise InputError(f"{path}: a 4D image with {shape[3]} channels or time points; a 3D volume is needed")
+        raise InputError(
+            f"{path}: a 4D image with {shape[3]} channels or time points (shape {shape}); "
+            "a 3D volume is needed (split the channels and pass one)"
+        )
     if len(shape) != 3:
         raise InputError(f"{path}: a {len(shape)}D image of shape {shape}; a 3D volume is needed")
-    if min(shape) < 1:
-        raise InputError(f"{path}: empty image (shape {shape})")
     return shape
 
 
@@ -318,25 +477,88 @@ def _read_data(img, path: Path, dtype) -> np.ndarray:
     try:
         data = np.asarray(img.dataobj, dtype=dtype) if dtype is not None else np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated gzip, short file
-        raise InputError(f"{path}: cannot read the voxel data ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{path}: cannot read the voxel data, is the file truncated? ({type(exc).__name__}: {exc})") from None
+    if data.size != int(np.prod(shape)):
+        raise InputError(f"{path}: the voxel data has {data.size} values, the header says {shape}")
     return data.reshape(shape)
 
 
 def read_image(path: str | os.PathLike) -> Volume:
     """Read a 3D image as float32 real values in canonical (RAS+) orientation.
 
-    Raises InputError for a missing or unreadable file, a non-3D image, an
-    empty image, or NaN/Inf intensities.
+    nibabel applies ``scl_slope`` / ``scl_inter`` (stored value * slope + inter).
+    A 4D file whose 4th dimension is 1 is read as 3D.
+
+    Raises InputError, naming the file, for a missing, unreadable or truncated
+    file, a real 4D (several channels / time points) or non-3D image, a
+    zero-size image, or NaN/Inf intensities.
     """
     path = Path(path)
     img = _load_nifti(path)
     data = _read_data(img, path, np.float32)  # applies scl_slope / scl_inter
     if not np.all(np.isfinite(data)):
         n = int((~np.isfinite(data)).sum())
-        raise InputError(f"{path}: {n} voxels are NaN or Inf")
+        raise InputError(f"{path}: {n} voxels are NaN or Inf; an image must hold finite intensities")
     array, affine, ornt = _to_canonical(img, path, data)
     return Volume(array=array.astype(np.float32, copy=False), affine=affine, path=path,
                   native_affine=img.affine.copy(), header=img.header.copy(), ornt=ornt)
+
+
+def _integer_label_data(raw: np.ndarray, path: Path) -> np.ndarray:
+    """Label voxel values -> non-negative integers (smallest unsigned dtype).
+
+    Float values are rounded to the nearest integer when every value is within
+    ``FLOAT_LABEL_TOLERANCE`` (1e-3) of one, never truncated. Raises InputError
+    naming the file and the offending value otherwise, and for NaN/Inf or
+    negative values.
+    """
+    if np.issubdtype(raw.dtype, np.floating) or np.issubdtype(raw.dtype, np.complexfloating):
+        raw = np.asarray(raw.real if np.iscomplexobj(raw) else raw, dtype=np.float64)
+        finite = np.isfinite(raw)
+        if not finite.all():
+            raise InputError(f"{path}: label contains {int((~finite).sum())} NaN or Inf voxels")
+        rounded = np.rint(raw)
+        err = np.abs(raw - rounded)
+        if raw.size and err.max() > FLOAT_LABEL_TOLERANCE:
+            worst = int(np.argmax(err))
+            bad = raw.flat[worst]
+            n_bad = int((err > FLOAT_LABEL_TOLERANCE).sum())
+            raise InputError(
+                f"{path}: label value {bad:.6g} is not an integer (more than {FLOAT_LABEL_TOLERANCE:g} from one; "
+                f"{n_bad} such voxels); labels must hold integer class values"
+            )
+        raw = rounded
+    elif raw.dtype == np.bool_:
+        raw = raw.astype(np.uint8)
+    if raw.size == 0:
+        return raw.astype(np.uint8)
+    vmin, vmax = raw.min(), raw.max()
+    if vmin < 0:
+        raise InputError(f"{path}: negative label value {int(vmin)}")
+    if vmax > np.iinfo(np.uint32).max:
+        raise InputError(f"{path}: label value {int(vmax)} is too large")
+    dtype = np.uint8 if vmax <= 255 else np.uint16 if vmax <= 65535 else np.uint32
+    return raw.astype(dtype)
+
+
+def read_label_values(path: str | os.PathLike, reference: Volume | None = None) -> Volume:
+    """Read a label volume as its integer label values (not mapped to class
+    indices), in canonical orientation; ``array`` is uint8 / uint16 / uint32.
+
+    Float files are rounded as in :func:`read_label`. Use it to find which values
+    a file holds (e.g. to build a :meth:`LabelMap.from_values`). Raises
+    InputError as :func:`read_label` does, except for undeclared values.
+    """
+    path = Path(path)
+    img = _load_nifti(path)
+    raw = _read_data(img, path, None)  # scl_slope / scl_inter applied when set
+    values = _integer_label_data(raw, path)
+    array, affine, ornt = _to_canonical(img, path, values)
+    vol = Volume(array=array, affine=affine, path=path, native_affine=img.affine.copy(),
+                 header=img.header.copy(), ornt=ornt)
+    if reference is not None:
+        check_same_grid(vol, reference)
+    return vol
 
 
 def read_label(
@@ -348,48 +570,46 @@ def read_label(
     canonical orientation.
 
     Float files are rounded to the nearest integer when every value is within
-    1e-3 of one. With ``reference`` (the case's image), the label must have the
-    same canonical shape and affine (to 1e-3 mm).
+    1e-3 of one (0.99999 -> 1, 2.00001 -> 2); never truncated. A 4D file whose
+    4th dimension is 1 is read as 3D. With ``reference`` (the case's image), the
+    label must have the same canonical shape and affine (to 1e-3 mm).
 
-    Raises InputError for non-integral values, undeclared values, or a shape
-    or affine that differs from ``reference``.
+    Raises InputError, naming the file, for a non-integral value (e.g. 0.6),
+    NaN, a negative value, a value ``dataset.json`` does not declare, or a
+    shape or affine that differs from ``reference``.
     """
-    path = Path(path)
-    img = _load_nifti(path)
-    raw = _read_data(img, path, None)
-    if np.issubdtype(raw.dtype, np.floating):
-        raw = raw.astype(np.float64)
-        if not np.all(np.isfinite(raw)):
-            raise InputError(f"{path}: label contains NaN or Inf")
-        rounded = np.rint(raw)
-        err = np.abs(raw - rounded)
-        if err.max(initial=0.0) > FLOAT_LABEL_TOLERANCE:
-            bad = raw.flat[int(np.argmax(err))]
-            raise InputError(f"{path}: label value {bad:g} is not an integer (more than 1e-3 from one)")
-        raw = rounded.astype(np.int64)
-    else:
-        raw = raw.astype(np.int64)
-    indices = label_map.to_index(raw, source=str(path))
-    array, affine, ornt = _to_canonical(img, path, indices)
-    vol = Volume(array=array, affine=affine, path=path, native_affine=img.affine.copy(),
-                 header=img.header.copy(), ornt=ornt)
-    if reference is not None:
-        check_same_grid(vol, reference)
+    vol = read_label_values(path, reference=reference)
+    vol.array = label_map.to_index(vol.array, source=str(vol.path))
     return vol
 
 
-def check_same_grid(vol: Volume, reference: Volume, atol_mm: float = 1e-3) -> None:
-    """Raise InputError unless ``vol`` and ``reference`` share shape and affine (canonical)."""
+def check_same_grid(vol: Volume, reference: Volume, atol_mm: float = 1e-3, what: str = "image") -> None:
+    """Raise InputError unless ``vol`` and ``reference`` share shape and affine
+    (canonical; world positions to ``atol_mm``). The message names ``vol``'s file
+    and ``reference`` (called ``what``)."""
     if vol.shape != reference.shape:
-        raise InputError(f"{vol.path}: shape {vol.shape} differs from its image {reference.path.name} {reference.shape}")
+        raise InputError(f"{vol.path}: shape {vol.shape} differs from its {what} {reference.path} {reference.shape}")
     if not np.allclose(vol.affine, reference.affine, atol=atol_mm, rtol=0):
-        raise InputError(f"{vol.path}: affine differs from its image {reference.path.name}")
+        diff = float(np.abs(vol.affine - reference.affine).max())
+        raise InputError(
+            f"{vol.path}: affine differs from its {what} {reference.path} (by up to {diff:.4g} mm; "
+            f"spacing {_fmt_spacing(vol.spacing)} vs {_fmt_spacing(reference.spacing)})"
+        )
+
+
+def _fmt_spacing(spacing) -> str:
+    return "x".join(f"{s:.4g}" for s in spacing)
 
 
 def _output_header(reference: Volume, dtype):
+    """The reference's header for an output: same geometry and fields; dtype,
+    scaling (slope 1, intercept 0) and display range (cal_min / cal_max, which
+    belong to the input's intensities) reset."""
     header = reference.header.copy()
     header.set_data_dtype(dtype)
     header.set_slope_inter(1.0, 0.0)
+    header["cal_min"] = 0
+    header["cal_max"] = 0
     return header
 
 
@@ -470,21 +690,41 @@ class Dataset:
         endings = (ending,) if ending else NIFTI_ENDINGS
         if ending and ending not in NIFTI_ENDINGS:
             raise InputError(f"{meta_path}: file_ending {ending!r} is not supported (only .nii.gz and .nii)")
+        self.file_ending = ending
+        self.labels: dict[str, Path] = _index_folder(self.root / "labelsTr", strip_channel=False, endings=endings)
         self.images: dict[str, Path] = {}
         for sub in ("imagesTr", "imagesTs"):
-            for cid, p in _index_folder(self.root / sub, strip_channel=True, endings=endings).items():
+            label_ids = self.labels if sub == "imagesTr" else None
+            for cid, p in _index_folder(self.root / sub, strip_channel="auto", endings=endings,
+                                        label_ids=label_ids).items():
                 if cid in self.images:
-                    raise InputError(f"case {cid} is in both {self.images[cid]} and {p}")
+                    raise InputError(f"case {cid} has an image in two folders: {self.images[cid]} and {p}")
                 self.images[cid] = p
-        self.labels: dict[str, Path] = _index_folder(self.root / "labelsTr", strip_channel=False, endings=endings)
         if not self.images:
             raise InputError(f"{self.root}: no images found in imagesTr/ (ending {' or '.join(endings)})")
         orphans = sorted(set(self.labels) - set(self.images))
         if orphans:
             raise InputError(
-                "labels without an image: " + ", ".join(str(self.labels[c]) for c in orphans[:5])
-                + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+                f"{self.root}: {len(orphans)} label(s) without an image in imagesTr/: "
+                + _list_paths([self.labels[c] for c in orphans])
             )
+
+    def missing_labels(self, cases: Iterable[str]) -> list[str]:
+        """The case ids among ``cases`` that have no label in ``labelsTr/``."""
+        return [c for c in cases if c not in self.labels]
+
+    def require_labels(self, cases: Iterable[str], purpose: str = "") -> dict[str, Path]:
+        """case id -> label file for every case of ``cases``; raises one InputError
+        listing the image of every case without a label."""
+        cases = list(cases)
+        missing = self.missing_labels(cases)
+        if missing:
+            paths = [self.images.get(c, c) for c in missing]
+            raise InputError(
+                f"{self.root}: {len(missing)} case(s) have no label in labelsTr/"
+                + (f" ({purpose})" if purpose else "") + ": images " + _list_paths(paths)
+            )
+        return {c: self.labels[c] for c in cases}
 
     @property
     def cases(self) -> list[str]:
