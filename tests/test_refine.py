@@ -106,6 +106,7 @@ def tiny_store(monkeypatch):
     except (ImportError, AttributeError):
         kernels = types.ModuleType("semisam_o1.kernels")
         kernels.knn_vote = knn_vote_reference
+        kernels.cuda_available = lambda: False
         monkeypatch.setitem(sys.modules, "semisam_o1.kernels", kernels)
         import semisam_o1
 
@@ -380,6 +381,11 @@ def test_bad_grid_and_parameters(voxel_cohort, capsys):
     assert not v["out"].exists()
     assert _cli(v, "--k", "0") == 2
     assert _cli(v, "--quantile", "1.5") == 2
+    from semisam_o1 import kernels
+
+    if not kernels.cuda_available():
+        assert _cli(v, "--device", "cuda") == 2
+        assert "cuda" in capsys.readouterr().err.lower()
     assert cli.main(["refine", "-i", str(v["ds"]), "-f", str(v["feats"]), "-p", str(v["pred"]),
                      "-o", str(v["out"]), "--cases", "c0", "--quiet"]) == 2  # no template
     assert not v["out"].exists()

@@ -208,33 +208,57 @@ def _file_digest(path: Path) -> str:
 
 
 def _store_digest(store, case: str) -> str:
-    """A digest of the store's entry for ``case`` (its signature if the store exposes one)."""
-    for attr in ("signature", "case_signature"):
-        fn = getattr(store, attr, None)
-        if callable(fn):
-            try:
-                return hashlib.sha256(json.dumps(fn(case), sort_keys=True, default=str).encode()).hexdigest()[:16]
-            except Exception:  # noqa: BLE001 - fall back to file metadata
-                break
+    """A digest of the store's entry for ``case``: its meta.json (input file hash, grids,
+    store signature) when the store exposes ``read_meta``, else its files' sizes and times."""
+    read_meta = getattr(store, "read_meta", None)
+    if callable(read_meta):
+        meta = read_meta(case)
+        if meta is not None:
+            return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
     root = Path(getattr(store, "root", ""))
     h = hashlib.sha256()
-    for p in sorted(root.glob(f"{case}*")) if root.is_dir() else []:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if root.is_dir():
+        for p in sorted(list(root.glob(f"{case}*")) + list(root.glob(f"cases/{case}/*"))):
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
-def _knn(queries, bank, bank_labels, k, *, device, threads, return_topk=False):
-    """The C++ kNN-vote kernel (CUDA build on ``device='cuda'``)."""
-    from . import kernels
+class _KnnBank:
+    """A bank for :func:`semisam_o1.kernels.knn_vote`, on the host (``device='cpu'``) or
+    moved once to the GPU as torch CUDA tensors (``device='cuda'``, the CUDA kernel)."""
 
-    if device == "cuda":
-        try:
-            return kernels.knn_vote(queries, bank, bank_labels, k, threads=threads, return_topk=return_topk,
-                                    device="cuda")
-        except TypeError:
-            raise InputError("--device cuda: this build's knn_vote has no CUDA version") from None
-    return kernels.knn_vote(queries, bank, bank_labels, k, threads=threads, return_topk=return_topk)
+    def __init__(self, bank: np.ndarray, labels: np.ndarray, *, device: str, threads):
+        from . import kernels
+
+        self.kernels = kernels
+        self.device = device
+        self.threads = threads
+        self.n = int(bank.shape[0])
+        if device == "cuda":
+            if not kernels.cuda_available():
+                raise InputError("--device cuda: the CUDA kernels are not built or no CUDA device is usable")
+            import torch
+
+            self.bank = torch.from_numpy(np.ascontiguousarray(bank)).cuda()
+            self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int32)).cuda()
+        else:
+            self.bank = np.ascontiguousarray(bank)
+            self.labels = np.ascontiguousarray(labels, dtype=np.int32)
+
+    def vote(self, queries: np.ndarray, k: int, return_topk: bool = False):
+        """knn_vote of host ``queries`` against the bank; NumPy results."""
+        k = min(int(k), self.n)
+        if self.device == "cuda":
+            import torch
+
+            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).cuda()
+            out = self.kernels.knn_vote(q, self.bank, self.labels, k, return_topk=return_topk)
+            torch.cuda.synchronize()
+            return tuple(o.cpu().numpy() for o in out)
+        out = self.kernels.knn_vote(queries, self.bank, self.labels, k, threads=self.threads,
+                                    return_topk=return_topk)
+        return tuple(np.asarray(o) for o in out)
 
 
 def _progress(iterable, quiet: bool, desc: str, total: int | None = None):
@@ -550,6 +574,8 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
                                    "explained_variance": explained}
     else:
         bank_info["projection"] = {"kind": "none", "dim_in": dim_in, "dim": dim_in}
+    knn_bank = _KnnBank(bank, bank_labels, device=device, threads=threads)
+    del bank
     timings["projection_s"] = time.perf_counter() - t0
     k_eff = min(params["k"], n_bank)
 
@@ -569,7 +595,7 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
             del feats
             q = np.ascontiguousarray(_project(q, projection), dtype=np.float32)
             tk = time.perf_counter()
-            voted, share = _knn(q, bank, bank_labels, k_eff, device=device, threads=threads)
+            voted, share = knn_bank.vote(q, k_eff)
             knn_s += time.perf_counter() - tk
             voted = np.asarray(voted)
             keep = np.asarray(share) <= 0  # every neighbour dissimilar: no evidence, keep the label
@@ -637,8 +663,8 @@ def _refine_volume(inputs: _Inputs, params: dict, *, device: str, threads, quiet
         q = np.stack([desc[c] for c in uncertain])
         b = np.stack([desc[c] for c in confident])
         k_eff = min(params["k"], len(confident))
-        _, _, idx, sim = _knn(q, b, np.arange(len(confident), dtype=np.int32), k_eff, device=device,
-                              threads=threads, return_topk=True)
+        knn_bank = _KnnBank(b, np.arange(len(confident), dtype=np.int32), device=device, threads=threads)
+        _, _, idx, sim = knn_bank.vote(q, k_eff, return_topk=True)
         for qi, case in enumerate(uncertain):
             neighbours[case] = [(confident[int(j)], float(s)) for j, s in zip(idx[qi], sim[qi])]
     timings["neighbours_s"] = time.perf_counter() - t0
