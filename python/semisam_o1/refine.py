@@ -387,6 +387,11 @@ def refine(
         raise InputError(f"--project-dim {project_dim}: must be 0 (off) or positive")
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device {device!r}: choose cpu or cuda")
+    if device == "cuda":
+        from . import kernels
+
+        if not kernels.cuda_available():
+            raise InputError("--device cuda: the CUDA kernels are not built or no CUDA device is usable")
     inputs = _Inputs(dataset, features, pred, output, template, cases, split, subset)
     params = dict(mode=mode, k=int(k), quantile=float(quantile), template=inputs.template, seed=int(seed))
     if mode == "voxel":
