@@ -1,0 +1,183 @@
+// Per-thread work of the CUDA kernels, written as __host__ __device__ functions so the
+// very same code also runs on the CPU (semisam_o1._core_cuda._emulate_*), which is how
+// the kernel logic is tested on machines without a GPU.
+//
+// Deliberately simple (correctness over speed):
+//   prototype similarity: one thread per feature row;
+//   kNN vote: one thread per query, queries normalised and transposed (C, Q) so the
+//   threads of a warp read consecutive addresses, the bank read in blocks of 8 rows
+//   (the same rows for every thread of a warp: broadcast loads), a sorted top-k list
+//   per query kept in the output arrays, then the vote.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SS_HD __host__ __device__ inline
+#else
+#define SS_HD inline
+#endif
+
+namespace semisam_cuda {
+
+enum : int { kF32 = 0, kF16 = 1 };
+
+SS_HD float h2f(uint16_t h) {
+    uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu;
+    uint32_t mant = h & 0x3FFu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {
+            int e = -1;
+            do {
+                mant <<= 1;
+                ++e;
+            } while ((mant & 0x400u) == 0);
+            mant &= 0x3FFu;
+            bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | (mant << 13);
+        }
+    } else if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + (127 - 15)) << 23) | (mant << 13);
+    }
+    union {
+        uint32_t u;
+        float f;
+    } cvt;
+    cvt.u = bits;
+    return cvt.f;
+}
+
+SS_HD float ld(const void* base, int dt, int64_t i) {
+    return dt == kF32 ? static_cast<const float*>(base)[i]
+                      : h2f(static_cast<const uint16_t*>(base)[i]);
+}
+
+// 1/|row| with the CPU core's rule: float32 sum of squares, recomputed in double when it
+// overflowed or may have underflowed; norms that are 0, below FLT_MIN or not finite -> 0.
+SS_HD float inv_norm_row(const void* base, int dt, int64_t row, int64_t C) {
+    const float kFltMin = 1.17549435e-38f, kFltMax = 3.40282347e38f;
+    float ss = 0.f;
+    for (int64_t c = 0; c < C; ++c) {
+        float v = ld(base, dt, row * C + c);
+        ss += v * v;
+    }
+    double s = ss;
+    if (!(ss < kFltMax) || ss < 1e-30f) {
+        s = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+            double v = ld(base, dt, row * C + c);
+            s += v * v;
+        }
+    }
+    double n = sqrt(s);
+    if (!(n >= static_cast<double>(kFltMin)) || !(n < 1e300)) return 0.f;
+    return static_cast<float>(1.0 / n);
+}
+
+// dst[c * cstride + row * rstride] = src[row, c] / |src[row]| (float32).
+SS_HD void normalise_row(const void* src, int dt, int64_t row, int64_t C, float* dst,
+                         int64_t cstride, int64_t rstride) {
+    const float inv = inv_norm_row(src, dt, row, C);
+    for (int64_t c = 0; c < C; ++c) dst[c * cstride + row * rstride] = ld(src, dt, row * C + c) * inv;
+}
+
+// One feature row against K normalised prototypes Pn (K, C) row-major.
+SS_HD void proto_row(const void* feat, int fdt, int64_t r, int64_t C, const float* Pn, int64_t K,
+                     float* scores, int32_t* labels) {
+    const float inv = inv_norm_row(feat, fdt, r, C);
+    int32_t best = 0;
+    for (int64_t p = 0; p < K; ++p) {
+        float d = 0.f;
+        for (int64_t c = 0; c < C; ++c) d += ld(feat, fdt, r * C + c) * Pn[p * C + c];
+        const float s = d * inv;
+        scores[r * K + p] = s;
+        if (s > scores[r * K + best]) best = static_cast<int32_t>(p);
+    }
+    labels[r] = best;
+}
+
+// The vote over one query's k neighbours in rank order (same rule as the CPU core):
+// weights max(sim, 0) summed per label in rank order, highest sum wins, ties -> lowest
+// label; all weights 0 -> the most similar neighbour's label, share 0.
+SS_HD void vote_rank_order(const float* sims, const int64_t* idx, int64_t k,
+                           const int32_t* bank_labels, int32_t* label, float* share) {
+    float total = 0.f;
+    for (int64_t a = 0; a < k; ++a)
+        if (idx[a] >= 0) total += sims[a] > 0.f ? sims[a] : 0.f;
+    bool have = false;
+    int32_t best_label = 0;
+    float best_w = 0.f;
+    for (int64_t a = 0; a < k; ++a) {
+        if (idx[a] < 0) continue;
+        const int32_t L = bank_labels[idx[a]];
+        bool seen = false;
+        for (int64_t b = 0; b < a && !seen; ++b) seen = idx[b] >= 0 && bank_labels[idx[b]] == L;
+        if (seen) continue;
+        float w = 0.f;
+        for (int64_t b = a; b < k; ++b)
+            if (idx[b] >= 0 && bank_labels[idx[b]] == L) w += sims[b] > 0.f ? sims[b] : 0.f;
+        if (!have || w > best_w || (w == best_w && L < best_label)) {
+            have = true;
+            best_label = L;
+            best_w = w;
+        }
+    }
+    if (total > 0.f) {
+        *label = best_label;
+        const float s = best_w / total;
+        *share = s < 1.f ? s : 1.f;
+    } else {
+        *label = (k > 0 && idx[0] >= 0) ? bank_labels[idx[0]] : -1;
+        *share = 0.f;
+    }
+}
+
+// One query: qT (C, Q) normalised queries, bank (N, C) raw, binv (N,) inverse bank norms.
+// Keeps a sorted top-k list (similarity descending, ties lowest index) in ts/ti, then votes.
+SS_HD void knn_query(const float* qT, int64_t Q, int64_t q, const void* bank, int bdt,
+                     const float* binv, int64_t N, int64_t C, const int32_t* bank_labels,
+                     int64_t k, int64_t* ti, float* ts, int32_t* out_label, float* out_share) {
+    const int RB = 8;
+    float* s = ts + q * k;
+    int64_t* ix = ti + q * k;
+    int64_t n = 0;
+    for (int64_t j0 = 0; j0 < N; j0 += RB) {
+        int64_t rows[RB];
+        for (int r = 0; r < RB; ++r) rows[r] = (j0 + r < N ? j0 + r : N - 1) * C;
+        float acc[RB];
+        for (int r = 0; r < RB; ++r) acc[r] = 0.f;
+        for (int64_t c = 0; c < C; ++c) {
+            const float qv = qT[c * Q + q];
+            for (int r = 0; r < RB; ++r) acc[r] += qv * ld(bank, bdt, rows[r] + c);
+        }
+        for (int r = 0; r < RB && j0 + r < N; ++r) {
+            const int64_t j = j0 + r;
+            const float sim = acc[r] * binv[j];
+            if (n == k && !(sim > s[k - 1])) continue;
+            // insertion position: after every kept entry with similarity >= sim
+            int64_t pos = n < k ? n : k - 1;
+            while (pos > 0 && s[pos - 1] < sim) {
+                s[pos] = s[pos - 1];
+                ix[pos] = ix[pos - 1];
+                --pos;
+            }
+            s[pos] = sim;
+            ix[pos] = j;
+            if (n < k) ++n;
+        }
+    }
+    for (int64_t a = n; a < k; ++a) {  // only when N < k (rejected at the boundary)
+        s[a] = 0.f;
+        ix[a] = -1;
+    }
+    vote_rank_order(s, ix, k, bank_labels, out_label + q, out_share + q);
+}
+
+}  // namespace semisam_cuda
