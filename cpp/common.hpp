@@ -108,5 +108,7 @@ inline float inv_norm_from_sumsq(float sumsq, const void* row, DType dt, int64_t
 
 // CPU dispatch: true when AVX2 + FMA + F16C are usable (checked once).
 bool cpu_has_avx2_fma_f16c();
+// Testing aid: force the portable (non-AVX2) code paths.
+void force_generic_kernels(bool on);
 
 }  // namespace semisam

@@ -130,5 +130,7 @@ PYBIND11_MODULE(_core, m) {
           "int64, topk_sim (Q,k) float32])");
     m.def("has_avx2", &semisam::cpu_has_avx2_fma_f16c,
           "True when the AVX2/FMA/F16C kernels are used on this CPU");
+    m.def("_force_generic", &semisam::force_generic_kernels, py::arg("on"),
+          "Testing aid: use the portable scalar kernels even when AVX2 is available.");
     m.attr("__version__") = "0.1.0";
 }

@@ -9,7 +9,12 @@
 
 namespace semisam {
 
+static std::atomic<bool> g_force_generic{false};
+
+void force_generic_kernels(bool on) { g_force_generic.store(on); }
+
 bool cpu_has_avx2_fma_f16c() {
+    if (g_force_generic.load(std::memory_order_relaxed)) return false;
 #if defined(__x86_64__) || defined(__i386__)
     static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                            __builtin_cpu_supports("f16c");

@@ -200,16 +200,19 @@ def _cuda_call(fn: str, *args, return_topk: bool = False):
             "device arrays given but semisam_o1._core_cuda is not built (install with a "
             "CUDA compiler and SEMISAM_CUDA=ON), move the arrays to the host instead"
         )
+    args = tuple(_prepare_device(a) for a in args)
+    if fn == "prototype_similarity":
+        args = (args[0], _as_float32_if_float64(args[1]))
+    else:
+        args = (args[0], args[1], _as_int32_labels(args[2]), args[3])
     arrays = [a for a in args if not isinstance(a, (int, np.integer))]
-    kind = None
+    kind = "raw"
     for a in arrays:
         if _is_torch(a):
             kind = "torch"
             break
         if _is_cupy(a):
             kind = "cupy"
-    if kind is None:
-        kind = "raw"
     stream = _current_stream(kind, arrays)
     if fn == "prototype_similarity":
         features, prototypes = args
@@ -221,6 +224,35 @@ def _cuda_call(fn: str, *args, return_topk: bool = False):
         out = mod.knn_vote(queries, bank, bank_labels, int(k), return_topk=bool(return_topk),
                            stream=stream)
     return tuple(_wrap(o, kind, arrays) for o in out)
+
+
+def _prepare_device(a):
+    # torch tensors that require grad refuse __cuda_array_interface__
+    if _is_torch(a) and getattr(a, "requires_grad", False):
+        return a.detach()
+    return a
+
+
+def _as_float32_if_float64(a):
+    if _is_torch(a):
+        import torch
+
+        return a.to(torch.float32) if a.dtype == torch.float64 else a
+    if _is_cupy(a) and a.dtype == np.float64:
+        return a.astype(np.float32)
+    return a
+
+
+def _as_int32_labels(a):
+    if _is_torch(a):
+        import torch
+
+        if a.dtype in (torch.int64, torch.int16, torch.int8, torch.uint8):
+            return a.to(torch.int32)
+        return a
+    if _is_cupy(a) and a.dtype.kind in "iu" and a.dtype != np.int32:
+        return a.astype(np.int32)
+    return a
 
 
 def _is_torch(a) -> bool:

@@ -1,0 +1,353 @@
+"""Speed of the C++ core against the obvious alternatives, same thread count for all.
+
+kNN vote: Q queries against a bank of N rows, C channels, k neighbours (float16 inputs,
+as in the feature store), end to end from the float16 arrays to (label, share):
+  ours    semisam_o1.kernels.knn_vote (fused similarity + streaming top-k + vote)
+  faiss   faiss-cpu IndexFlatIP on float32-normalised rows + NumPy vote
+  numpy   float32-normalised rows, matmul per query block + argpartition + NumPy vote
+  torch   the same with torch.matmul + torch.topk per query block
+GFLOP/s = 2*Q*N*C / seconds; "GEMM ratio" = that over this machine's measured float32
+GEMM rate (NumPy matmul, inner dimension C, same threads).
+
+Prototype similarity: N rows x C channels (float16) against K prototypes: ours vs a
+NumPy implementation (blocked float32 normalise + matmul + argmax); GB/s = bytes of
+features read / seconds.
+
+Writes benchmarks/results/kernels.json (with the command that produced it) and the
+markdown table benchmarks/kernels.md.
+
+Usage: python benchmarks/bench_kernels.py [--threads 2] [--repeats 3] [--small]
+(--small: a quick scaled-down run for smoke testing; results go to work/ instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--Q", type=int, default=50_000)
+    ap.add_argument("--N", type=int, default=500_000)
+    ap.add_argument("--C", type=int, default=256)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--proto-N", type=int, default=2_000_000)
+    ap.add_argument("--proto-K", type=int, default=8)
+    ap.add_argument("--skip", default="", help="comma list of methods to skip: faiss,numpy,torch")
+    ap.add_argument("--small", action="store_true", help="quick scaled-down smoke run")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels.json)")
+    return ap.parse_args(argv)
+
+
+ARGS = parse_args()
+# BLAS/OpenMP thread counts must be fixed before numpy/torch/faiss load.
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+
+from semisam_o1 import kernels  # noqa: E402
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def timed(fn, repeats):
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), times, out
+
+
+def normalise32(x, block=65536):
+    out = np.empty(x.shape, np.float32)
+    for s in range(0, len(x), block):
+        b = x[s : s + block].astype(np.float32)
+        n = np.linalg.norm(b, axis=1, keepdims=True)
+        np.divide(b, n, out=b, where=n > 0)
+        b[(n == 0)[:, 0]] = 0
+        out[s : s + block] = b
+    return out
+
+
+def numpy_vote(sims, idx, bank_labels, label_values):
+    """Vote from (Q, k) neighbours: weights max(sim, 0), per-label sums, lowest label on ties."""
+    w = np.maximum(sims, 0)
+    lab = bank_labels[idx]
+    sums = np.stack([(w * (lab == v)).sum(axis=1) for v in label_values], axis=1)
+    win = np.argmax(sums, axis=1)
+    total = w.sum(axis=1)
+    share = np.where(total > 0, sums[np.arange(len(w)), win] / np.where(total > 0, total, 1), 0)
+    label = np.where(total > 0, label_values[win], lab[:, 0])
+    return label.astype(np.int32), share.astype(np.float32)
+
+
+def machine_info(threads):
+    info = {"python": platform.python_version(), "numpy": np.__version__, "threads": threads,
+            "cpus_available": kernels.default_threads()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache"):
+                info[key.strip()] = val.strip()
+        flags = next((ln for ln in out.splitlines() if ln.startswith("Flags")), "")
+        info["avx2"] = " avx2 " in flags + " "
+        info["avx512f"] = " avx512f " in flags + " "
+    except OSError:
+        pass
+    info["loadavg_start"] = os.getloadavg()
+    from semisam_o1 import _core
+
+    info["core_uses_avx2"] = bool(_core.has_avx2())
+    return info
+
+
+def bench_gemm(C, threads, repeats):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4096, C), dtype=np.float32)
+    b = rng.standard_normal((C, 32768), dtype=np.float32)
+    out = np.empty((4096, 32768), np.float32)
+    np.matmul(a, b, out=out)  # warm-up
+    med, times, _ = timed(lambda: np.matmul(a, b, out=out), max(repeats, 5))
+    return {"shape": [4096, C, 32768], "seconds": med, "times": times,
+            "gflops": 2 * 4096 * C * 32768 / med / 1e9}
+
+
+def bench_knn(a, threads, gemm_gflops):
+    rng = np.random.default_rng(1)
+    Q, N, C, k = a.Q, a.N, a.C, a.k
+    log(f"kNN data: Q={Q} N={N} C={C} k={k} float16")
+    queries = rng.standard_normal((Q, C), dtype=np.float32).astype(np.float16)
+    bank = rng.standard_normal((N, C), dtype=np.float32).astype(np.float16)
+    # give the bank some structure so the vote is not pure noise
+    bank_labels = rng.integers(0, 3, N).astype(np.int32)
+    label_values = np.unique(bank_labels)
+    flops = 2.0 * Q * N * C
+    skip = set(filter(None, a.skip.split(",")))
+    res = {"Q": Q, "N": N, "C": C, "k": k, "dtype": "float16", "flop": flops, "methods": {}}
+    outs = {}
+
+    def record(name, med, times, note=""):
+        g = flops / med / 1e9
+        res["methods"][name] = {"seconds": med, "times": times, "gflops": g,
+                                "gemm_ratio": g / gemm_gflops, "note": note}
+        log(f"  {name}: {med:.2f} s  {g:.1f} GFLOP/s  ({g / gemm_gflops:.0%} of GEMM)")
+
+    # ours
+    def ours():
+        return kernels.knn_vote(queries, bank, bank_labels, k, threads=threads, return_topk=True)
+
+    med, times, out = timed(ours, a.repeats)
+    outs["ours"] = out
+    record("ours", med, times, "semisam_o1.kernels.knn_vote, fused, float16 in")
+
+    if "faiss" not in skip:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+
+        def run_faiss():
+            index = faiss.IndexFlatIP(C)
+            index.add(normalise32(bank))
+            D, I = index.search(normalise32(queries), k)
+            lab, share = numpy_vote(D, I, bank_labels, label_values)
+            return lab, share, I, D
+
+        med, times, out = timed(run_faiss, a.repeats)
+        outs["faiss"] = out
+        record("faiss", med, times, f"faiss {faiss.__version__} IndexFlatIP + NumPy vote")
+
+    qblock = 256
+    if "numpy" not in skip:
+
+        def run_numpy():
+            bn = normalise32(bank)
+            qn = normalise32(queries)
+            I = np.empty((Q, k), np.int64)
+            D = np.empty((Q, k), np.float32)
+            S = np.empty((qblock, N), np.float32)
+            for s in range(0, Q, qblock):
+                e = min(Q, s + qblock)
+                Sb = S[: e - s]
+                np.matmul(qn[s:e], bn.T, out=Sb)
+                part = np.argpartition(-Sb, k - 1, axis=1)[:, :k]
+                ps = np.take_along_axis(Sb, part, axis=1)
+                order = np.argsort(-ps, axis=1, kind="stable")
+                I[s:e] = np.take_along_axis(part, order, axis=1)
+                D[s:e] = np.take_along_axis(ps, order, axis=1)
+            lab, share = numpy_vote(D, I, bank_labels, label_values)
+            return lab, share, I, D
+
+        med, times, out = timed(run_numpy, a.repeats)
+        outs["numpy"] = out
+        record("numpy", med, times, f"blocks of {qblock} queries: matmul + argpartition + NumPy vote")
+
+    if "torch" not in skip:
+        import torch
+
+        torch.set_num_threads(threads)
+
+        def run_torch():
+            bn = torch.from_numpy(normalise32(bank))
+            qn = torch.from_numpy(normalise32(queries))
+            I = torch.empty((Q, k), dtype=torch.int64)
+            D = torch.empty((Q, k), dtype=torch.float32)
+            with torch.inference_mode():
+                for s in range(0, Q, qblock):
+                    e = min(Q, s + qblock)
+                    v, i = torch.topk(qn[s:e] @ bn.T, k, dim=1)
+                    I[s:e] = i
+                    D[s:e] = v
+            lab, share = numpy_vote(D.numpy(), I.numpy(), bank_labels, label_values)
+            return lab, share, I.numpy(), D.numpy()
+
+        med, times, out = timed(run_torch, a.repeats)
+        outs["torch"] = out
+        record("torch", med, times, f"torch {torch.__version__}, blocks of {qblock}: matmul + topk + NumPy vote")
+
+    # agreement with ours (labels; top-k similarity values)
+    ref = outs["ours"]
+    for name, out in outs.items():
+        if name == "ours":
+            continue
+        res["methods"][name]["label_agreement_with_ours"] = float(np.mean(out[0] == ref[0]))
+        res["methods"][name]["max_abs_topk_sim_diff"] = float(np.abs(out[3] - ref[3]).max())
+    if "faiss" in res["methods"]:
+        res["speedup_vs_faiss"] = res["methods"]["faiss"]["seconds"] / res["methods"]["ours"]["seconds"]
+    return res
+
+
+def bench_prototype(a, threads):
+    rng = np.random.default_rng(2)
+    N, C, K = a.proto_N, a.C, a.proto_K
+    log(f"prototype data: N={N} C={C} K={K} float16")
+    feats = np.empty((N, C), np.float16)
+    for s in range(0, N, 262144):
+        e = min(N, s + 262144)
+        feats[s:e] = rng.standard_normal((e - s, C), dtype=np.float32)
+    protos = rng.standard_normal((K, C), dtype=np.float32)
+    nbytes = feats.nbytes
+
+    def ours():
+        return kernels.prototype_similarity(feats, protos, threads=threads)
+
+    def numpy_impl(block=131072):
+        pn = protos / np.linalg.norm(protos, axis=1, keepdims=True)
+        scores = np.empty((N, K), np.float32)
+        for s in range(0, N, block):
+            f = feats[s : s + block].astype(np.float32)
+            n = np.linalg.norm(f, axis=1, keepdims=True)
+            sc = f @ pn.T
+            np.divide(sc, n, out=sc, where=n > 0)
+            scores[s : s + block] = sc
+        return scores, np.argmax(scores, axis=1).astype(np.int32)
+
+    ours()  # warm-up (page in)
+    med_o, t_o, out_o = timed(ours, a.repeats)
+    med_n, t_n, out_n = timed(numpy_impl, a.repeats)
+    res = {"N": N, "C": C, "K": K, "dtype": "float16", "bytes_read": nbytes,
+           "ours": {"seconds": med_o, "times": t_o, "GBps": nbytes / med_o / 1e9},
+           "numpy": {"seconds": med_n, "times": t_n, "GBps": nbytes / med_n / 1e9,
+                     "note": "blocks of 131072 rows: astype(float32), norm, matmul, divide, argmax"},
+           "speedup_vs_numpy": med_n / med_o,
+           "max_abs_score_diff": float(np.abs(out_o[0] - out_n[0]).max()),
+           "label_agreement": float(np.mean(out_o[1] == out_n[1]))}
+    log(f"  ours {med_o:.3f} s ({nbytes / med_o / 1e9:.1f} GB/s), numpy {med_n:.3f} s "
+        f"({nbytes / med_n / 1e9:.2f} GB/s): {med_n / med_o:.1f}x")
+    return res
+
+
+def markdown(res):
+    g = res["gemm"]["gflops"]
+    kn = res["knn_vote"]
+    lines = [
+        f"Kernel benchmark ({res['machine'].get('Model name', '?')}, {res['machine']['threads']} threads "
+        f"for every method, median of {res['repeats']} runs; `{res['command']}`; "
+        f"raw numbers in `benchmarks/results/kernels.json`).",
+        "",
+        f"kNN vote, Q = {kn['Q']:,} queries, bank N = {kn['N']:,}, C = {kn['C']}, k = {kn['k']}, "
+        f"float16 in; float32 GEMM reference (NumPy matmul, inner dim {kn['C']}): {g:.0f} GFLOP/s.",
+        "",
+        "| method | seconds | GFLOP/s | % of GEMM | labels equal to ours |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {"ours": "semisam_o1 `knn_vote` (fused C++)", "faiss": "faiss-cpu IndexFlatIP + NumPy vote",
+             "numpy": "NumPy matmul + argpartition (blocks)", "torch": "torch matmul + topk (blocks)"}
+    for name, m in kn["methods"].items():
+        agree = m.get("label_agreement_with_ours")
+        lines.append(f"| {names.get(name, name)} | {m['seconds']:.1f} | {m['gflops']:.0f} | "
+                     f"{100 * m['gemm_ratio']:.0f}% | {'-' if agree is None else f'{100 * agree:.2f}%'} |")
+    p = res["prototype_similarity"]
+    lines += [
+        "",
+        f"Prototype similarity, N = {p['N']:,} rows, C = {p['C']}, K = {p['K']}, float16 "
+        f"({p['bytes_read'] / 1e9:.2f} GB read):",
+        "",
+        "| method | seconds | GB/s read |",
+        "|---|---:|---:|",
+        f"| semisam_o1 `prototype_similarity` (C++) | {p['ours']['seconds']:.3f} | {p['ours']['GBps']:.1f} |",
+        f"| NumPy (blocked float32 normalise + matmul + argmax) | {p['numpy']['seconds']:.3f} | "
+        f"{p['numpy']['GBps']:.2f} |",
+        "",
+        f"Speed-ups: kNN vote {kn.get('speedup_vs_faiss', float('nan')):.2f}x faiss-cpu; prototype "
+        f"similarity {p['speedup_vs_numpy']:.1f}x NumPy.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    a = ARGS
+    if a.small:
+        a.Q, a.N, a.proto_N = 2000, 20000, 100_000
+    command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] + sys.argv[1:])
+    res = {"command": command, "repeats": a.repeats, "machine": machine_info(a.threads),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    log(f"machine: {res['machine']}")
+    res["gemm"] = bench_gemm(a.C, a.threads, a.repeats)
+    log(f"GEMM float32 {res['gemm']['shape']}: {res['gemm']['gflops']:.1f} GFLOP/s")
+    res["prototype_similarity"] = bench_prototype(a, a.threads)
+    res["knn_vote"] = bench_knn(a, a.threads, res["gemm"]["gflops"])
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    targets = {
+        "knn_at_least_faiss": res["knn_vote"].get("speedup_vs_faiss", 0) >= 1.0,
+        "knn_at_least_half_gemm": res["knn_vote"]["methods"]["ours"]["gemm_ratio"] >= 0.5,
+        "prototype_at_least_3x_numpy": res["prototype_similarity"]["speedup_vs_numpy"] >= 3.0,
+    }
+    res["targets_met"] = targets
+    log(f"targets: {targets}")
+    if a.out:
+        out = Path(a.out)
+    elif a.small:
+        out = REPO / "work" / "bench_kernels_small.json"
+    else:
+        out = REPO / "benchmarks" / "results" / "kernels.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.replace(out)
+    md = markdown(res)
+    md_path = out.with_name("kernels.md") if a.small or a.out else REPO / "benchmarks" / "kernels.md"
+    md_path.write_text(md)
+    log(f"wrote {out} and {md_path}")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
