@@ -25,11 +25,11 @@ _COLOURS = [(0, 0, 0, 0), (0.95, 0.25, 0.2, 0.55), (0.2, 0.55, 1.0, 0.55), (0.3,
 
 
 def _class_summary(metrics: dict | None) -> dict | None:
-    """Pull {metric: {class_name: mean}} out of an evaluate() result."""
+    """Pull ``{metric: {class_name: mean}, "mean_foreground": {metric: mean}}`` out of an
+    :func:`semisam_o1.evaluate.evaluate` result."""
     if not metrics:
         return None
-    summary = metrics.get("summary") or metrics.get("mean") or {}
-    return summary
+    return dict(metrics.get("summary") or {}, mean_foreground=metrics.get("mean_foreground"))
 
 
 def _pseudo_dice(dataset: Dataset, folder: Path, cases: list[str]) -> dict | None:
