@@ -1,0 +1,106 @@
+"""Feature store: layout, memory mapping, cell -> voxel mapping and on_voxel_grid, against NumPy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from semisam_o1.encode import _write_case
+from semisam_o1.errors import InputError
+from semisam_o1.store import FeatureStore, config_signature, linear_weights, voxel_features
+
+
+def _make_store(root, grids, maps, voxel_shape, case="c1"):
+    config = {"format": 1, "axes": sorted(grids), "channels": next(iter(grids.values())).shape[0]}
+    config["signature"] = config_signature(config)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "store.json").write_text(json.dumps(config))
+    meta = {"case": case, "voxel_shape": list(voxel_shape), "affine": np.eye(4).tolist(),
+            "axes": sorted(grids), "store_signature": config["signature"], "input_sha256": "x"}
+    _write_case(root, case, grids, maps, meta)
+    return FeatureStore(root)
+
+
+def test_linear_weights_reproduce_linear_functions():
+    # voxel = offset + step * cell; a linear function of the voxel coordinate sampled on cells
+    # must come back exactly inside the grid, and clamp outside it
+    offset, step, n_cells, n_out = 0.3, 1.7, 12, 20
+    w = linear_weights(n_out, n_cells, offset, step)
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
+    cell_pos = offset + step * np.arange(n_cells)
+    f = 2.0 * cell_pos - 1.0
+    got = w @ f
+    vox = np.arange(n_out)
+    inside = (vox >= cell_pos[0]) & (vox <= cell_pos[-1])
+    np.testing.assert_allclose(got[inside], 2.0 * vox[inside] - 1.0, atol=1e-4)
+    assert got[0] == pytest.approx(f[0], abs=1e-5)
+
+
+def test_voxel_features_matches_scipy_map_coordinates():
+    from scipy.ndimage import map_coordinates
+
+    rng = np.random.default_rng(0)
+    grid = rng.normal(size=(3, 5, 7, 6)).astype(np.float16)
+    offset, step, shape = np.array([0.0, 0.4, 0.2]), np.array([1.0, 1.6, 1.9]), (5, 11, 10)
+    got = voxel_features(grid, offset, step, shape)
+    coords = np.meshgrid(*[(np.arange(n) - o) / s for n, o, s in zip(shape, offset, step)], indexing="ij")
+    coords = [np.clip(c, 0, g - 1) for c, g in zip(coords, grid.shape[1:])]
+    for c in range(3):
+        ref = map_coordinates(grid[c].astype(np.float64), coords, order=1, mode="nearest")
+        np.testing.assert_allclose(got[c], ref, atol=1e-4)
+
+
+def test_store_roundtrip_memmap_and_on_voxel_grid(tmp_path):
+    rng = np.random.default_rng(1)
+    shape = (6, 9, 8)
+    grids, maps = {}, {}
+    for axis, cells in ((0, (6, 5, 4)), (2, (4, 5, 8))):
+        grids[axis] = rng.normal(size=(4,) + cells).astype(np.float16)
+        off, st = [0.25, 0.4, 0.5], [2.0, 1.8, 2.0]
+        off[axis], st[axis] = 0.0, 1.0
+        maps[axis] = (off, st)
+    store = _make_store(tmp_path / "s", grids, maps, shape)
+    assert store.cases() == ["c1"] and store.has("c1") and not store.has("c2")
+    assert store.axes == (0, 2)
+    cf = store.load("c1")
+    assert cf.voxel_shape == shape
+    for axis in (0, 2):
+        g = cf.grid(axis)
+        assert isinstance(g, np.memmap) and g.dtype == np.float16
+        np.testing.assert_array_equal(np.asarray(g), grids[axis])
+        off, st = cf.cell_to_voxel(axis)
+        np.testing.assert_allclose(off, maps[axis][0])
+        np.testing.assert_allclose(st, maps[axis][1])
+    v = cf.on_voxel_grid()
+    assert v.shape == (8,) + shape and v.dtype == np.float32
+    # dot product of two voxels = mean of the per-axis cosine similarities
+    per_axis = [voxel_features(grids[a], *map(np.asarray, maps[a]), shape) for a in (0, 2)]
+    p, q = (1, 2, 3), (4, 7, 0)
+
+    def cos(f):
+        a, b = f[(slice(None),) + p], f[(slice(None),) + q]
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    expected = np.mean([cos(f) for f in per_axis])
+    assert float(v[(slice(None),) + p] @ v[(slice(None),) + q]) == pytest.approx(expected, abs=1e-5)
+    np.testing.assert_allclose((v * v).sum(0), 1.0, atol=1e-5)
+    assert cf.on_voxel_grid(axes=[2]).shape == (4,) + shape
+
+
+def test_store_errors(tmp_path):
+    with pytest.raises(InputError, match="not a feature store"):
+        FeatureStore(tmp_path)
+    grids = {0: np.zeros((2, 3, 2, 2), np.float16)}
+    store = _make_store(tmp_path / "s", grids, {0: ([0, 0, 0], [1, 1, 1])}, (3, 2, 2))
+    with pytest.raises(InputError, match="case nope"):
+        store.load("nope")
+    # a case written with another signature is not finished for this store
+    meta_path = store.case_dir("c1") / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["store_signature"] = "other"
+    meta_path.write_text(json.dumps(meta))
+    assert store.cases() == [] and not store.has("c1")
+    with pytest.raises(InputError, match="case c1.*signature"):
+        store.load("c1")
