@@ -6,7 +6,8 @@ Rules (each holds for every subcommand because they all come through here):
   canonical orientation (RAS+), so every stage works in one voxel order.
   :class:`Volume` remembers the file's own orientation; outputs written with
   :func:`write_label` / :func:`write_map` go back to the input's voxel order
-  with its exact affine and header.
+  with its exact affine, qform / sform codes and header (only the data type,
+  the scaling and the display range ``cal_min`` / ``cal_max`` are reset).
 * **Images** are read as real values (nibabel applies ``scl_slope`` /
   ``scl_inter``), float32. NaN/Inf, zero-size and non-3D images are errors.
   A 4D file whose 4th dimension is 1 is read as 3D.
@@ -53,6 +54,7 @@ __all__ = [
     "atomic_path",
     "case_id_from_path",
     "find_case_file",
+    "index_label_folder",
     "read_image",
     "read_label",
     "read_label_values",
@@ -388,7 +390,7 @@ class Volume:
     native_affine : np.ndarray
         The file's own affine (written back on every output).
     header : nibabel header
-        The file's header (kept on outputs; dtype and scaling are reset).
+        The file's header (kept on outputs; dtype, scaling and cal_min / cal_max are reset).
     ornt : np.ndarray
         nibabel orientation transform from the file's voxel order to canonical.
     """
