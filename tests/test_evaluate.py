@@ -217,6 +217,11 @@ def test_cli_writes_json_and_csv(tmp_path, capsys):
     assert float(mean_b["dice"]) == pytest.approx(0.75)
     printed = capsys.readouterr().out
     assert "Dice" in printed and "0.750" in printed
+    # without -o: PRED/metrics.json and PRED/metrics.csv; --quiet prints nothing
+    assert cli_main(["evaluate", "-p", str(tmp_path / "pred"), "-g", str(root), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    default = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert default["per_class"] == data["per_class"] and (tmp_path / "pred" / "metrics.csv").is_file()
 
 
 def test_cli_missing_prediction_is_exit_2_and_writes_nothing(tmp_path, capsys):

@@ -71,22 +71,24 @@ UNITS = {"dice": "", "jaccard": "", "hd95": "mm", "asd": "mm"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-p", "--pred", required=True, metavar="PRED", help="folder of predicted label files, one per case")
-    p.add_argument("-g", "--gt", required=True, metavar="GT",
+    # default=SUPPRESS: the defaults are told in the help text (the CLI's formatter would add "(default: None)")
+    p.add_argument("-p", "--pred", required=True, default=argparse.SUPPRESS, metavar="PRED", help="folder of predicted label files, one per case")
+    p.add_argument("-g", "--gt", required=True, default=argparse.SUPPRESS, metavar="GT",
                    help="ground truth: an MSD / nnU-Net dataset folder (labelsTr/ + dataset.json) or a plain folder of label files")
-    p.add_argument("--cases", nargs="+", default=None, metavar="ID",
+    p.add_argument("--cases", nargs="+", default=argparse.SUPPRESS, metavar="ID",
                    help="case ids to score (default: every prediction that has a ground truth)")
-    p.add_argument("--dataset", default=None, metavar="DATASET",
+    p.add_argument("--dataset", default=argparse.SUPPRESS, metavar="DATASET",
                    help="dataset folder or dataset.json whose 'labels' give the classes (default: GT's dataset.json; "
                         "for a plain GT folder without it, the union of the label values found)")
-    p.add_argument("-o", "--output", default=None, metavar="METRICS.json",
+    p.add_argument("-o", "--output", default=argparse.SUPPRESS, metavar="METRICS.json",
                    help="metrics JSON; a CSV is written beside it (default: PRED/metrics.json)")
     p.add_argument("--quiet", action="store_true", help="do not print the table")
 
 
 def main(args: argparse.Namespace) -> int:
-    out = args.output if args.output is not None else str(Path(args.pred) / "metrics.json")
-    evaluate(args.pred, args.gt, cases=args.cases, dataset=args.dataset, out=out, quiet=args.quiet)
+    out = getattr(args, "output", None) or str(Path(args.pred) / "metrics.json")
+    evaluate(args.pred, args.gt, cases=getattr(args, "cases", None), dataset=getattr(args, "dataset", None),
+             out=out, quiet=args.quiet)
     return 0
 
 
