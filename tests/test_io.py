@@ -551,3 +551,23 @@ def test_real_hippocampus_cases(data_root):
             lab.array, nib.orientations.apply_orientation(np.rint(raw), lab.ornt).astype(np.uint8))
         assert img.spacing == pytest.approx((1.0, 1.0, 1.0), abs=1e-3)
         assert np.isfinite(img.array).all() and img.array.std() > 0
+
+
+def test_nifti2_with_oblique_affine_round_trips(tmp_path):
+    """NIfTI-2 input, rotated 20 degrees about z with a flipped x axis: the output is
+    NIfTI-2 with the exact input affine and the same stored voxel order."""
+    data = _image_data(4)
+    th = np.deg2rad(20.0)
+    rot = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([-1.5, 1.0, 2.0])
+    affine[:3, 3] = [5.0, 6.0, 7.0]
+    p = tmp_path / "n2.nii"
+    nib.Nifti2Image(data, affine).to_filename(str(p))
+    v = read_image(p)
+    assert v.spacing == pytest.approx((1.5, 1.0, 2.0))
+    seg = (v.array > 100).astype(np.uint8)
+    out = nib.load(str(write_label(tmp_path / "o.nii", seg, v, LM3)))
+    assert isinstance(out, nib.Nifti2Image)
+    np.testing.assert_allclose(out.affine, nib.load(str(p)).affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), (data > 100).astype(np.uint8))
