@@ -1,0 +1,198 @@
+"""Quality of round-0 pseudo-labels (propagate, issue 6) on the Hippocampus unlabeled pool.
+
+For each alternative (prototypes, several prototypes by k-means, axes, kNN label transfer
+through the C++ kNN-vote kernel, the position term's weight and coordinates, query stride,
+largest connected component, and the trivial baseline of pasting the template's label at
+the centre of each case), every case of the pool that has features gets a pseudo-label from
+the template alone; the benchmark (only the benchmark) then reads the case's real label and
+records Dice per foreground class, their mean, and seconds per case.
+
+    python benchmarks/bench_propagate.py --features work/features --max-cases 20 \
+        --write benchmarks/results/quality.json --md benchmarks/propagate.md
+
+Writes the key "propagate" of ``quality.json`` (read-modify-write of that key only, atomic)
+with the command, the cases, and one row per alternative, and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+from semisam_o1 import propagate as P  # noqa: E402
+from semisam_o1.io import Dataset, atomic_path  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
+
+
+def paste_template(t_label: np.ndarray, shape) -> np.ndarray:
+    """The template's label pasted with its box centre on the case's box centre (cropped/padded)."""
+    out = np.zeros(shape, np.uint8)
+    src, dst = [], []
+    for n_t, n_c in zip(t_label.shape, shape):
+        shift = (n_c - n_t) // 2  # template index i -> case index i + shift
+        lo_t = max(0, -shift)
+        hi_t = min(n_t, n_c - shift)
+        src.append(slice(lo_t, hi_t))
+        dst.append(slice(lo_t + shift, hi_t + shift))
+    out[tuple(dst)] = t_label[tuple(src)]
+    return out
+
+
+def dice(pred: np.ndarray, ref: np.ndarray, c: int) -> float:
+    a, b = pred == c, ref == c
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 1.0
+
+
+#: name -> (method, params, axes or None for all). LCC is measured on and off for each.
+CONFIGS: dict[str, tuple[str, dict, list | None]] = {
+    "prototype 1/class, axis 0": ("prototype", dict(prototypes_per_class=1, background_prototypes=1), [0]),
+    "prototype 1/class, 3 axes": ("prototype", dict(prototypes_per_class=1, background_prototypes=1), None),
+    "prototype k-means bg 8 fg 3, 3 axes": ("prototype", dict(prototypes_per_class=3, background_prototypes=8), None),
+    "prototype k-means bg 16 fg 1, 3 axes": ("prototype", dict(prototypes_per_class=1, background_prototypes=16), None),
+    "knn k=5 w=0, axis 0": ("knn", dict(k=5, position_weight=0.0, query_stride=2), [0]),
+    "knn k=5 w=0": ("knn", dict(k=5, position_weight=0.0, query_stride=2), None),
+    "knn k=5 w=1": ("knn", dict(k=5, position_weight=1.0, query_stride=2), None),
+    "knn k=5 w=2": ("knn", dict(k=5, position_weight=2.0, query_stride=2), None),
+    "knn k=5 w=3": ("knn", dict(k=5, position_weight=3.0, query_stride=2), None),
+    "knn k=5 w=4": ("knn", dict(k=5, position_weight=4.0, query_stride=2), None),
+    "knn k=5 w=2 coords mm": ("knn", dict(k=5, position_weight=2.0, coords="mm", query_stride=2), None),
+    "knn k=5 w=2 stride 1": ("knn", dict(k=5, position_weight=2.0, query_stride=1), None),
+    "knn k=10 w=2": ("knn", dict(k=10, position_weight=2.0, query_stride=2), None),
+}
+
+
+def run(ds: Dataset, store, template: str, cases: list[str], configs: dict, threads: int | None,
+        log=print) -> list[dict]:
+    t_img = ds.read_image(template)
+    t_lab = ds.read_label(template, reference=t_img).array
+    K = ds.label_map.num_classes
+    fg = list(range(1, K))
+    refs = {c: ds.read_label(c, reference=ds.read_image(c)).array for c in cases}  # benchmark only
+    spacing = {c: ds.read_image(c).spacing for c in cases}
+    rows = []
+
+    def add(name, per_case, secs, extra=None):
+        d = np.asarray(per_case)  # (cases, K-1)
+        row = dict(name=name, dice_per_class={ds.label_map.names[c]: round(float(d[:, i].mean()), 4)
+                                              for i, c in enumerate(fg)},
+                   mean_dice=round(float(d.mean()), 4), std_case_mean=round(float(d.mean(1).std()), 4),
+                   seconds_per_case=round(float(np.mean(secs)), 3), cases=len(per_case))
+        row.update(extra or {})
+        rows.append(row)
+        log(f"{name:48s} " + " ".join(f"{v:.3f}" for v in row["dice_per_class"].values())
+            + f"  mean {row['mean_dice']:.3f}  {row['seconds_per_case']:.2f} s/case")
+
+    per, secs = [], []
+    for c in cases:
+        t0 = time.perf_counter()
+        pred = paste_template(t_lab, refs[c].shape)
+        secs.append(time.perf_counter() - t0)
+        per.append([dice(pred, refs[c], k) for k in fg])
+    add("paste template label at the centre", per, secs, dict(method="paste"))
+
+    for name, (method, params, axes) in configs.items():
+        axes_ = tuple(axes) if axes is not None else tuple(store.axes)
+        t0 = time.perf_counter()
+        model = P.build_template_model(store.load(template), t_lab, K, method=method, axes=axes_,
+                                       spacing=t_img.spacing, **{**params, "largest_component": False})
+        build_s = time.perf_counter() - t0
+        per_raw, per_lcc, s_raw, s_lcc = [], [], [], []
+        for c in cases:
+            t0 = time.perf_counter()
+            scores = P.score_case(model, store.load(c), spacing=spacing[c], threads=threads)
+            lab = np.argmax(scores, 0).astype(np.uint8)
+            t1 = time.perf_counter()
+            lab_lcc = P.largest_component(lab, K)
+            t2 = time.perf_counter()
+            s_raw.append(t1 - t0)
+            s_lcc.append(t2 - t0)
+            per_raw.append([dice(lab, refs[c], k) for k in fg])
+            per_lcc.append([dice(lab_lcc, refs[c], k) for k in fg])
+        info = dict(method=method, params={**params}, axes=list(axes_), template_seconds=round(build_s, 2))
+        add(name, per_raw, s_raw, {**info, "largest_component": False})
+        add(name + " + largest component", per_lcc, s_lcc, {**info, "largest_component": True})
+    return rows
+
+
+def write_results(path: Path, entry: dict) -> None:
+    """Read-modify-write of the key "propagate" only, atomically."""
+    data = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    data["propagate"] = entry
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def markdown(entry: dict) -> str:
+    rows = entry["rows"]
+    names = list(rows[0]["dice_per_class"])
+    out = [f"Round-0 pseudo-label quality on {entry['n_cases']} cases of the Hippocampus `unlabeled` pool "
+           f"(template {entry['template']}; features: {entry['features']}). Dice per class against the real "
+           f"labels (read by the benchmark only), mean of the foreground classes, seconds per case "
+           f"({entry['threads']} threads, shared 2-core machine).", "",
+           "| alternative | " + " | ".join(names) + " | mean Dice | s/case |",
+           "|---|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        star = " **(default)**" if r.get("default") else ""
+        out.append(f"| {r['name']}{star} | " + " | ".join(f"{r['dice_per_class'][n]:.3f}" for n in names)
+                   + f" | {r['mean_dice']:.3f} | {r['seconds_per_case']:.2f} |")
+    out += ["", f"Command: `{entry['command']}`", ""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--features", required=True, help="feature store (semisam-o1 encode)")
+    ap.add_argument("--split", default=None, help="default: DATA/splits.json")
+    ap.add_argument("--max-cases", type=int, default=20, help="first N unlabeled cases that have features")
+    ap.add_argument("--configs", nargs="*", default=None, help="names from CONFIGS (default: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", default=None, help="quality.json to update (key 'propagate')")
+    ap.add_argument("--md", default=None, help="Markdown table to write")
+    args = ap.parse_args(argv)
+    from semisam_o1.store import FeatureStore
+
+    ds = Dataset(args.data)
+    split = json.loads(Path(args.split or Path(args.data) / "splits.json").read_text())
+    store = FeatureStore(args.features)
+    cases = [c for c in split["unlabeled"] if store.has(c)][: args.max_cases]
+    configs = CONFIGS if not args.configs else {k: CONFIGS[k] for k in args.configs}
+    print(f"{len(cases)} cases with features", flush=True)
+    rows = run(ds, store, split["template"], cases, configs, args.threads, log=lambda s: print(s, flush=True))
+    defaults = P.DEFAULTS
+    for r in rows:
+        r["default"] = (r.get("method") == defaults["method"] and r.get("largest_component") == defaults["largest_component"]
+                        and all(r["params"].get(k, defaults[k]) == defaults[k] for k in ("k", "position_weight", "coords"))
+                        and r["params"].get("query_stride", 1) == defaults["query_stride"]
+                        and r.get("axes") == list(store.axes))
+    entry = dict(command="python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:])),
+                 template=split["template"], n_cases=len(cases), cases=cases, features=str(args.features),
+                 store_config={k: v for k, v in store.config.items() if k not in ("notes",)},
+                 threads=args.threads, defaults=dict(P.DEFAULTS), rows=rows,
+                 created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if args.write:
+        write_results(Path(args.write), entry)
+    if args.md:
+        with atomic_path(args.md) as tmp:
+            tmp.write_text("# propagate: round-0 pseudo-label quality\n\n" + markdown(entry))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
