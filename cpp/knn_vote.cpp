@@ -189,8 +189,9 @@ void pack_panels(const float* tmp, int64_t rows, int64_t C, float* panels) {
 
 // ---- micro-kernels: out[m][n] = sum_c q[m][c] * panel[c][n] ---------------------------
 
-void micro_generic(const float* q, int64_t ldq, const float* panel, int64_t C,
-                   float out[MR][NR]) {
+// Both return a bit mask of the tile rows m with some out[m][n] > thr[m].
+inline unsigned micro_generic(const float* q, int64_t ldq, const float* panel, int64_t C,
+                              const float* thr, float out[MR][NR]) {
     for (int m = 0; m < MR; ++m)
         for (int n = 0; n < NR; ++n) out[m][n] = 0.f;
     for (int64_t c = 0; c < C; ++c) {
@@ -200,12 +201,24 @@ void micro_generic(const float* q, int64_t ldq, const float* panel, int64_t C,
             for (int n = 0; n < NR; ++n) out[m][n] += a * b[n];
         }
     }
+    unsigned mask = 0;
+    for (int m = 0; m < MR; ++m)
+        for (int n = 0; n < NR; ++n)
+            if (out[m][n] > thr[m]) mask |= 1u << m;
+    return mask;
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-__attribute__((target("avx2,fma,f16c"))) inline void micro_avx2(const float* q, int64_t ldq,
-                                                                  const float* panel, int64_t C,
-                                                                  float out[MR][NR]) {
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline bool gt(__m256 x0, __m256 x1,
+                                                                      float t) {
+    const __m256 tv = _mm256_set1_ps(t);
+    return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(x0, tv, _CMP_GT_OQ),
+                                           _mm256_cmp_ps(x1, tv, _CMP_GT_OQ))) != 0;
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline unsigned micro_avx2(
+    const float* q, int64_t ldq, const float* panel, int64_t C, const float* thr,
+    float out[MR][NR]) {
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
     __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
     __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -252,7 +265,69 @@ __attribute__((target("avx2,fma,f16c"))) inline void micro_avx2(const float* q, 
     _mm256_storeu_ps(out[4] + 8, c41);
     _mm256_storeu_ps(out[5], c50);
     _mm256_storeu_ps(out[5] + 8, c51);
+    unsigned mask = 0;
+    mask |= gt(c00, c01, thr[0]) ? 1u : 0u;
+    mask |= gt(c10, c11, thr[1]) ? 2u : 0u;
+    mask |= gt(c20, c21, thr[2]) ? 4u : 0u;
+    mask |= gt(c30, c31, thr[3]) ? 8u : 0u;
+    mask |= gt(c40, c41, thr[4]) ? 16u : 0u;
+    mask |= gt(c50, c51, thr[5]) ? 32u : 0u;
+    return mask;
 }
+#endif
+
+
+// Streams one packed bank super-block past the work item's queries, updating the heaps.
+struct Scan {
+    const float* qb;  // normalised queries (nq_pad, C)
+    int64_t nq, nq_pad, C;
+    const float* panels;
+    int64_t b0, nb;  // super-block rows [b0, b0 + nb)
+    float* thr;      // per query: current k-th best similarity (+inf for padding rows)
+    TopK* heaps;
+};
+
+template <bool AVX>
+__attribute__((always_inline)) inline void scan_impl(const Scan& a) {
+    alignas(32) float tile[MR][NR];
+    const int64_t C = a.C;
+    const int64_t npanels = (a.nb + NR - 1) / NR;
+    for (int64_t s0 = 0; s0 < a.nq_pad; s0 += kSubQueries) {
+        const int64_t s1 = std::min(a.nq_pad, s0 + kSubQueries);
+        for (int64_t p = 0; p < npanels; ++p) {
+            const float* panel = a.panels + p * C * NR;
+            const int64_t j0 = a.b0 + p * NR;
+            const int valid = static_cast<int>(std::min<int64_t>(NR, a.b0 + a.nb - j0));
+            for (int64_t t = s0; t < s1; t += MR) {
+                unsigned rows;
+#if defined(__x86_64__) || defined(__i386__)
+                if constexpr (AVX)
+                    rows = micro_avx2(a.qb + t * C, C, panel, C, a.thr + t, tile);
+                else
+#endif
+                    rows = micro_generic(a.qb + t * C, C, panel, C, a.thr + t, tile);
+                while (rows) {
+                    const int m = __builtin_ctz(rows);
+                    rows &= rows - 1;
+                    const int64_t q = t + m;
+                    float th = a.thr[q];
+                    TopK& h = a.heaps[q];
+                    for (int n = 0; n < valid; ++n) {
+                        if (tile[m][n] > th) {
+                            h.push(tile[m][n], j0 + n);
+                            th = h.threshold();
+                        }
+                    }
+                    a.thr[q] = th;
+                }
+            }
+        }
+    }
+}
+
+void scan_generic(const Scan& a) { scan_impl<false>(a); }
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma,f16c"))) void scan_avx2(const Scan& a) { scan_impl<true>(a); }
 #endif
 
 }  // namespace
@@ -364,51 +439,18 @@ void knn_vote_cpu(const void* queries, DType qdt, int64_t Q, const void* bank, D
         const int64_t super = std::min<int64_t>(kSuperRows, ((N + NR - 1) / NR) * NR);
         sc.tmp.resize(static_cast<size_t>(super * C));
         sc.panels.resize(static_cast<size_t>(super * C));
-        alignas(32) float tile[MR][NR];
-
         for (int64_t b0 = 0; b0 < N; b0 += super) {
             const int64_t nb = std::min(super, N - b0);
             normalise_rows(fast, bank, bdt, C, b0, b0 + nb, sc.tmp.p, C);
             pack_panels(sc.tmp.p, nb, C, sc.panels.p);
-            const int64_t npanels = (nb + NR - 1) / NR;
-            for (int64_t s0 = 0; s0 < nq_pad; s0 += kSubQueries) {
-                const int64_t s1 = std::min(nq_pad, s0 + kSubQueries);
-                for (int64_t p = 0; p < npanels; ++p) {
-                    const float* panel = sc.panels.p + p * C * NR;
-                    const int64_t j0 = b0 + p * NR;
-                    const int valid = static_cast<int>(std::min<int64_t>(NR, b0 + nb - j0));
-                    for (int64_t t = s0; t < s1; t += MR) {
-                        const float* qt = qb + t * C;
+            const Scan sc_args{qb, nq, nq_pad, C, sc.panels.p, b0, nb, thr.data(), heaps.data()};
 #if defined(__x86_64__) || defined(__i386__)
-                        if (fast) {
-                            micro_avx2(qt, C, panel, C, tile);
-                        } else {
-                            micro_generic(qt, C, panel, C, tile);
-                        }
-#else
-                        micro_generic(qt, C, panel, C, tile);
-#endif
-                        for (int m = 0; m < MR; ++m) {
-                            const int64_t a = t + m;
-                            if (a >= nq) break;
-                            float th = thr[a];
-                            const float* row = tile[m];
-                            // cheap pre-check: anything above the current k-th best?
-                            float mx = row[0];
-                            for (int n = 1; n < valid; ++n) mx = row[n] > mx ? row[n] : mx;
-                            if (!(mx > th)) continue;
-                            TopK& h = heaps[a];
-                            for (int n = 0; n < valid; ++n) {
-                                if (row[n] > th) {
-                                    h.push(row[n], j0 + n);
-                                    th = h.threshold();
-                                }
-                            }
-                            thr[a] = th;
-                        }
-                    }
-                }
+            if (fast) {
+                scan_avx2(sc_args);
+                continue;
             }
+#endif
+            scan_generic(sc_args);
         }
         for (int64_t a = 0; a < nq; ++a) {
             TopK& h = heaps[a];
