@@ -24,7 +24,8 @@ Two modes:
        The features of the drawn voxels are read case by case
        (``FeatureStore.load(case).on_voxel_grid()``), never all cases at once.
        Optionally (``project_dim`` > 0) a PCA projection is fitted once on the
-       bank (centred, top ``project_dim`` eigenvectors of its covariance) and
+       bank (at most 65,536 of its rows, seeded; centred, top ``project_dim``
+       eigenvectors of its covariance) and
        applied to bank and queries: the kNN cost is Q x N x C, and the store's
        concatenated dimension (256 per encoder axis) is large.
     3. *Vote.* Case by case, the queries' features go through the C++ kernel
@@ -74,6 +75,7 @@ __all__ = ["refine", "add_arguments", "main", "resize_nearest", "class_quotas", 
 
 DEFAULT_BANK_SIZE = 200_000
 DEFAULT_PROJECT_DIM = 64
+PCA_FIT_ROWS = 65_536
 SCHEMA = 1
 
 
@@ -569,14 +571,17 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
     projection = None
     dim_in = int(bank.shape[1])
     if params["project_dim"] and params["project_dim"] < dim_in:
-        mean, comps, explained = fit_projection(bank, params["project_dim"])
+        fit_rows = np.arange(n_bank)
+        if n_bank > PCA_FIT_ROWS:  # the covariance of 192-768 dims is settled long before 65,536 rows
+            fit_rows = np.sort(np.random.default_rng(params["seed"] + 1).choice(n_bank, PCA_FIT_ROWS, replace=False))
+        mean, comps, explained = fit_projection(bank[fit_rows], params["project_dim"])
         projection = (mean, comps)
         bank_k = np.empty((n_bank, comps.shape[1]), np.float32)
         for s in range(0, n_bank, 65536):
             bank_k[s:s + 65536] = _project(bank[s:s + 65536], projection)
         bank = bank_k
         bank_info["projection"] = {"kind": "pca", "dim_in": dim_in, "dim": int(comps.shape[1]),
-                                   "explained_variance": explained}
+                                   "explained_variance": explained, "fit_rows": int(len(fit_rows))}
     else:
         bank_info["projection"] = {"kind": "none", "dim_in": dim_in, "dim": dim_in}
     knn_bank = _KnnBank(bank, bank_labels, device=device, threads=threads)

@@ -1,0 +1,354 @@
+"""Refinement latency on real features: the C++ kNN-vote kernel vs faiss-cpu + a NumPy vote.
+
+Issue 7, point 5. On the Hippocampus feature store written by ``semisam-o1 encode``:
+
+* **bank**: ``--bank`` (200,000) confident voxels drawn from the cohort, class-balanced
+  per case (each case gives up to ceil(quota_c / n_cases) confident voxels of class c,
+  then the bank is cut to exactly ``--bank`` at random), labels = the case's current
+  labels;
+* **queries**: the 10% most uncertain voxels of each of ``--volumes`` (20) volumes
+  (about 120,000);
+* **uncertainty and current labels**: the voxel-wise softmax entropy and labels of a
+  ``predict`` folder when ``--pred`` is given; otherwise a stand-in (reported in the
+  JSON): round-0 labels from class prototypes (the template's per-class mean feature,
+  with its real label) and uncertainty = minus the margin between the best and the
+  second-best prototype cosine score;
+* **methods**, same thread count (``--threads``, 2): ``kernel`` =
+  ``semisam_o1.kernels.knn_vote`` (fused cosine similarity, streaming top-k and
+  weighted vote, float32 in); ``faiss`` = ``faiss.IndexFlatIP`` on L2-normalised
+  float32 vectors (normalisation + add + search timed) followed by the same weighted
+  vote in NumPy (weights max(sim, 0), highest total wins, ties -> lowest label);
+* **dimension**: ``refine`` projects the store's concatenated features (256 x number
+  of encoder axes) with a PCA fitted on the bank (``--project-dim``, default 64), so
+  the headline and the scaling series run in that dimension; the full dimension is
+  timed on the first ``--full-dim-queries`` queries, and the agreement of the
+  projected vote with the full-dimension vote (and, as a diagnostic only, the accuracy
+  of both against the real labels of the query voxels) is recorded for a few
+  projection dimensions.
+
+Series: headline (bank ``--bank``, ``--volumes`` volumes); bank size (``--bank-sizes``)
+at ``--volumes`` volumes; number of volumes (``--volume-counts``) at bank ``--bank``,
+with the seconds to read those volumes' features from the store.
+
+Usage (writes benchmarks/results/refine.json)::
+
+    python benchmarks/bench_refine.py --features work/features --data ../shared/data/hippocampus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--features", default=str(REPO / "work" / "features"))
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
+    p.add_argument("--pred", default=None, help="predict folder with <case>.nii.gz and <case>_entropy.nii.gz")
+    p.add_argument("--bank", type=int, default=200_000)
+    p.add_argument("--volumes", type=int, default=20)
+    p.add_argument("--query-fraction", type=float, default=0.10)
+    p.add_argument("--bank-sizes", default="50000,100000,200000")
+    p.add_argument("--volume-counts", default="5,10,20")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--project-dim", type=int, default=64)
+    p.add_argument("--agreement-dims", default="32,64,128")
+    p.add_argument("--full-dim-queries", type=int, default=5_000)
+    p.add_argument("--max-cases", type=int, default=0, help="bank cohort: at most this many cases (0: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "refine.json"))
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def numpy_vote(idx, sim, bank_labels, n_cls):
+    """Weighted vote of (Q, k) neighbours: weights max(sim, 0); ties -> lowest label;
+    all weights 0 -> the nearest neighbour's label."""
+    lab = bank_labels[idx]
+    w = np.maximum(sim, 0).astype(np.float32)
+    tot = np.zeros((len(idx), n_cls), np.float32)
+    rows = np.arange(len(idx))
+    for j in range(idx.shape[1]):
+        tot[rows, lab[:, j]] += w[:, j]
+    out = tot.argmax(axis=1).astype(np.int32)
+    none = w.sum(axis=1) <= 0
+    out[none] = lab[none, 0]
+    return out
+
+
+def run_kernel(q, b, bl, k, threads):
+    from semisam_o1 import kernels
+
+    t = time.perf_counter()
+    labels, _ = kernels.knn_vote(q, b, bl, k, threads=threads)
+    return np.asarray(labels), time.perf_counter() - t, {}
+
+
+def run_faiss(q, b, bl, k, threads, n_cls):
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    t0 = time.perf_counter()
+    bn = np.array(b, dtype=np.float32, copy=True)
+    qn = np.array(q, dtype=np.float32, copy=True)
+    faiss.normalize_L2(bn)
+    faiss.normalize_L2(qn)
+    index = faiss.IndexFlatIP(bn.shape[1])
+    index.add(bn)
+    t1 = time.perf_counter()
+    sim, idx = index.search(qn, k)
+    t2 = time.perf_counter()
+    labels = numpy_vote(idx, sim, bl, n_cls)
+    t3 = time.perf_counter()
+    return labels, t3 - t0, {"normalise_add_s": t1 - t0, "search_s": t2 - t1, "vote_s": t3 - t2}
+
+
+def compare(q, b, bl, k, threads, n_cls, repeats, truth=None, keep_labels=None):
+    """Time both methods (interleaved, best of ``repeats``); agreement of their labels;
+    with ``truth``, the kernel vote's accuracy against it (diagnostic); with
+    ``keep_labels`` (a dict), the kernel's labels are stored in it under "labels"."""
+    best = {"kernel": math.inf, "faiss": math.inf}
+    parts = {}
+    labels = {}
+    for _ in range(repeats):
+        lk, sk, _ = run_kernel(q, b, bl, k, threads)
+        lf, sf, pf = run_faiss(q, b, bl, k, threads, n_cls)
+        if sk < best["kernel"]:
+            best["kernel"], labels["kernel"] = sk, lk
+        if sf < best["faiss"]:
+            best["faiss"], labels["faiss"], parts = sf, lf, pf
+    if keep_labels is not None:
+        keep_labels["labels"] = labels["kernel"]
+    extra = {}
+    if truth is not None:
+        extra["vote_accuracy_vs_real_labels_diagnostic"] = round(float((labels["kernel"] == truth).mean()), 4)
+    return {
+        **extra,
+        "queries": int(len(q)), "bank": int(len(b)), "dim": int(q.shape[1]),
+        "kernel_s": round(best["kernel"], 3), "faiss_s": round(best["faiss"], 3),
+        "faiss_over_kernel": round(best["faiss"] / best["kernel"], 2),
+        "faiss_parts_s": {k_: round(v, 3) for k_, v in parts.items()},
+        "label_agreement": float((labels["kernel"] == labels["faiss"]).mean()),
+        "kernel_queries_per_s": round(len(q) / best["kernel"]),
+    }
+
+
+# --------------------------------------------------------------------------- data
+
+
+def stand_in(feats, prototypes):
+    """Labels (argmax of prototype cosine) and uncertainty (minus the top-2 margin)."""
+    c = feats.shape[0]
+    f = feats.reshape(c, -1).T
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    s = f @ prototypes.T
+    top2 = np.sort(s, axis=1)[:, -2:]
+    return s.argmax(axis=1).astype(np.int32), -(top2[:, 1] - top2[:, 0])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from semisam_o1.io import Dataset, find_case_file, read_image, read_label
+    from semisam_o1.refine import class_quotas, fit_projection
+    from semisam_o1.store import FeatureStore
+
+    t_all = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    ds = Dataset(args.data)
+    split = json.loads((Path(args.data) / "splits.json").read_text())
+    template = split["template"]
+    store = FeatureStore(args.features)
+    stored = set(store.cases())
+    if template not in stored:
+        raise SystemExit(f"{args.features}: the template {template} is not encoded yet")
+    cohort = [c for c in split["unlabeled"] if c in stored]
+    if args.max_cases:
+        cohort = cohort[: args.max_cases]
+    if not cohort:
+        raise SystemExit(f"{args.features}: no unlabeled case is encoded yet")
+    qcases = cohort[: args.volumes]  # fewer when the store has not filled yet (recorded)
+    n_cls = ds.label_map.num_classes
+    print(f"cohort: {len(cohort)} encoded unlabeled cases of {len(split['unlabeled'])}; "
+          f"queries from {len(qcases)}", flush=True)
+
+    # template prototypes (stand-in labels / uncertainty)
+    prototypes = None
+    if args.pred is None:
+        t_img = ds.read_image(template)
+        t_lab = ds.read_label(template, reference=t_img).array.ravel()
+        tf = store.load(template).on_voxel_grid()
+        f = tf.reshape(tf.shape[0], -1).T
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        prototypes = np.stack([f[t_lab == c].mean(axis=0) for c in range(n_cls)])
+        prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
+        del tf, f
+
+    # per case and class, up to ceil(bank / n_cases) confident voxels; class-balanced cut afterwards
+    per_case = [math.ceil(args.bank / len(cohort))] * n_cls
+    bank_parts, bank_lab_parts = [], []
+    queries, query_truth, query_stand_in, query_case = [], [], [], []
+    load_s = {}
+    t0 = time.perf_counter()
+    for i, case in enumerate(cohort):
+        tc = time.perf_counter()
+        feats = store.load(case).on_voxel_grid()
+        load_s[case] = time.perf_counter() - tc
+        c_dim = feats.shape[0]
+        flat = feats.reshape(c_dim, -1)
+        if args.pred is None:
+            labels, unc = stand_in(feats, prototypes)
+        else:
+            labels = read_label(find_case_file(args.pred, case), ds.label_map).array.ravel().astype(np.int32)
+            unc = read_image(find_case_file(args.pred, f"{case}_entropy")).array.ravel()
+        n_q = int(round(args.query_fraction * unc.size))
+        order = np.argsort(-unc, kind="stable")
+        qidx, conf_idx = order[:n_q], order[n_q:]  # the 10% most uncertain; the rest are confident
+        for c in range(n_cls):
+            cand = conf_idx[labels[conf_idx] == c]
+            take = rng.choice(cand, size=min(per_case[c], len(cand)), replace=False)
+            bank_parts.append(flat[:, take].T.astype(np.float32))
+            bank_lab_parts.append(np.full(len(take), c, np.int32))
+        if case in qcases:
+            queries.append(flat[:, qidx].T.astype(np.float32))
+            query_stand_in.append(labels[qidx])
+            truth = ds.read_label(case).array.ravel()  # diagnostic only: accuracy of the vote
+            query_truth.append(truth[qidx].astype(np.int32))
+            query_case.append(np.full(n_q, qcases.index(case), np.int32))
+        del feats, flat
+        if (i + 1) % 20 == 0:
+            print(f"  read {i + 1}/{len(cohort)} cases ({time.perf_counter() - t0:.0f} s)", flush=True)
+    read_s = time.perf_counter() - t0
+    bank = np.concatenate(bank_parts)
+    bank_labels = np.concatenate(bank_lab_parts)
+    del bank_parts, bank_lab_parts
+    quotas = class_quotas(np.bincount(bank_labels, minlength=n_cls), args.bank)
+    keep = np.concatenate([rng.choice(np.flatnonzero(bank_labels == c), size=quotas[c], replace=False)
+                           for c in range(n_cls)])
+    perm = keep[rng.permutation(len(keep))]  # shuffled, so a prefix is a random subset
+    bank, bank_labels = np.ascontiguousarray(bank[perm]), bank_labels[perm]
+    q_full = np.concatenate(queries)
+    q_truth = np.concatenate(query_truth)
+    q_stand = np.concatenate(query_stand_in)
+    q_case = np.concatenate(query_case)
+    del queries
+    print(f"bank {bank.shape}, queries {q_full.shape}, read {read_s:.0f} s", flush=True)
+
+    result = {
+        "command": "python benchmarks/bench_refine.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
+                    "load_average_at_start": list(os.getloadavg())},
+        "data": {
+            "features": str(args.features), "encoder_axes": list(getattr(store, "axes", ())),
+            "feature_dim": int(q_full.shape[1]), "cohort_cases": len(cohort),
+            "unlabeled_pool": len(split["unlabeled"]), "query_volumes": len(qcases),
+            "uncertainty": ("predict entropy maps (" + str(args.pred) + ")") if args.pred else
+            "stand-in: minus the margin between the two best template-prototype cosine scores; "
+            "current labels = prototype argmax (no predictions were available)",
+            "bank_per_class": {ds.label_map.names[c]: int((bank_labels == c).sum()) for c in range(n_cls)},
+            "queries": int(len(q_full)), "k": args.k,
+            "read_features_s_per_case": round(float(np.mean(list(load_s.values()))), 3),
+        },
+    }
+
+    # projection fitted once on the bank
+    t0 = time.perf_counter()
+    mean, comps, explained = fit_projection(bank, args.project_dim)
+    bank_p = np.ascontiguousarray((bank - mean) @ comps)
+    q_p = np.ascontiguousarray((q_full - mean) @ comps)
+    result["projection"] = {"dim": args.project_dim, "explained_variance": round(explained, 4),
+                            "fit_and_project_s": round(time.perf_counter() - t0, 3)}
+    print(f"PCA {args.project_dim}: explained {explained:.3f}", flush=True)
+
+    # headline
+    print("headline ...", flush=True)
+    result["headline"] = compare(q_p, bank_p, bank_labels, args.k, args.threads, n_cls, args.repeats,
+                                 truth=q_truth)
+    print(result["headline"], flush=True)
+
+    # bank-size series (subsets of the same shuffled bank)
+    result["bank_size_series"] = []
+    for n in [int(x) for x in args.bank_sizes.split(",") if x]:
+        if n == len(bank_p):
+            row = dict(result["headline"])
+        else:
+            row = compare(q_p, bank_p[:n], bank_labels[:n], args.k, args.threads, n_cls, args.repeats,
+                          truth=q_truth)
+        result["bank_size_series"].append(row)
+        print("bank", n, row, flush=True)
+
+    # volume-count series
+    result["volume_series"] = []
+    for v in [int(x) for x in args.volume_counts.split(",") if x]:
+        sel = q_case < v
+        if v == len(qcases):
+            row = dict(result["headline"])
+        else:
+            row = compare(q_p[sel], bank_p, bank_labels, args.k, args.threads, n_cls, args.repeats,
+                          truth=q_truth[sel])
+        row["volumes"] = v
+        row["read_features_s"] = round(sum(load_s[c] for c in qcases[:v]), 3)
+        result["volume_series"].append(row)
+        print("volumes", v, row, flush=True)
+
+    # full dimension on a slice, and what the projection costs in agreement
+    nf = min(args.full_dim_queries, len(q_full)) if args.full_dim_queries else len(q_full)
+    sl = np.random.default_rng(args.seed + 1).permutation(len(q_full))[:nf]
+    print(f"full dimension ({q_full.shape[1]}) on {nf} queries ...", flush=True)
+    bank16 = bank.astype(np.float16)
+    kept = {}
+    full = compare(q_full[sl], bank, bank_labels, args.k, args.threads, n_cls, args.repeats,
+                   truth=q_truth[sl], keep_labels=kept)
+    lab_full = kept["labels"]
+    from semisam_o1 import kernels
+
+    t = time.perf_counter()
+    lab_full16, _ = kernels.knn_vote(q_full[sl].astype(np.float16), bank16, bank_labels, args.k,
+                                     threads=args.threads)
+    full["kernel_float16_s"] = round(time.perf_counter() - t, 3)
+    full["float16_vs_float32_agreement"] = float((np.asarray(lab_full16) == lab_full).mean())
+    result["full_dimension"] = full
+    truth = q_truth[sl]
+    agreement = {"queries": int(nf), "accuracy_vs_real_labels_diagnostic": {
+        "current_labels": float((q_stand[sl] == truth).mean()),
+        f"vote_dim{q_full.shape[1]}": float((lab_full == truth).mean())}}
+    for d in [int(x) for x in args.agreement_dims.split(",") if x]:
+        if d >= q_full.shape[1]:
+            continue
+        m_, c_, ex = fit_projection(bank, d)
+        t = time.perf_counter()
+        lab_d, _ = kernels.knn_vote(np.ascontiguousarray((q_full[sl] - m_) @ c_),
+                                    np.ascontiguousarray((bank - m_) @ c_), bank_labels, args.k,
+                                    threads=args.threads)
+        lab_d = np.asarray(lab_d)
+        agreement[f"dim{d}"] = {"agreement_with_full_dim": float((lab_d == lab_full).mean()),
+                                "explained_variance": round(ex, 4),
+                                "kernel_s": round(time.perf_counter() - t, 3)}
+        agreement["accuracy_vs_real_labels_diagnostic"][f"vote_dim{d}"] = float((lab_d == truth).mean())
+        print(f"dim {d}: {agreement[f'dim{d}']}", flush=True)
+    result["projection_agreement"] = agreement
+    result["total_s"] = round(time.perf_counter() - t_all, 1)
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
