@@ -464,3 +464,19 @@ def test_cuda_device_matches_cpu():
     out = kernels.knn_vote(torch.from_numpy(q).cuda(), torch.from_numpy(b).cuda(),
                            torch.from_numpy(bl).cuda(), 5, return_topk=True)
     check_knn(tuple(o.cpu().numpy() for o in out), q, b, bl, 5)
+
+
+def test_memory_mapped_float16_store(tmp_path):
+    """The feature store is memory-mapped read-only: the kernels read it without copies."""
+    rng = np.random.default_rng(30)
+    f = rand(rng, (1000, 32), np.float16)
+    np.save(tmp_path / "f.npy", f)
+    fm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    assert not fm.flags.writeable
+    p = rand(rng, (3, 32))
+    s, lab = kernels.prototype_similarity(fm, p, threads=2)
+    np.testing.assert_allclose(s, ref_prototype(f, p)[0], atol=2e-6)
+    bl = rng.integers(0, 2, 1000).astype(np.int32)
+    out = kernels.knn_vote(fm[:50], fm, bl, 3, threads=2, return_topk=True)
+    check_knn(out, f[:50], f, bl, 3)
+    np.testing.assert_array_equal(out[2][:, 0], np.arange(50))  # each query finds itself
