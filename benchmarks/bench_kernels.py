@@ -115,6 +115,7 @@ def machine_info(threads):
     from semisam_o1 import _core
 
     info["core_uses_avx2"] = bool(_core.has_avx2())
+    info["core_module"] = os.path.relpath(_core.__file__, REPO)
     return info
 
 
