@@ -1,0 +1,154 @@
+"""Full-supervision reference: the upper bound one-label runs are compared with.
+
+Trains ``semisam-o1 train`` (preset ``cpu`` by default) on the *real* labels of
+the split's template + the whole unlabeled pool (199 + 1 Hippocampus cases),
+predicts the split's 60 ``test`` cases and scores them with
+``semisam_o1.evaluate`` (Dice, Jaccard, HD95, ASD per class, mm).
+
+    PYTHONPATH=python python benchmarks/bench_full_supervision.py \
+        --write benchmarks/results/quality.json
+
+Writes the key "full_supervision" of ``quality.json`` (read-modify-write of that
+key only, atomic): the command, the preset and its parameters, training and
+prediction times (wall and CPU seconds, iterations per second, the load average
+of the shared machine), and the test-set metrics per class. Re-running resumes:
+a finished model and finished predictions are reused (``--overwrite`` to redo).
+This reference reads labels the one-label protocol never reads -- that is its
+point; it is never used for model selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+from semisam_o1.io import atomic_path  # noqa: E402
+
+KEY = "full_supervision"
+
+
+def write_results(path: Path, entry: dict) -> None:
+    """Read-modify-write of the key "full_supervision" only, atomically."""
+    path = Path(path)
+    data = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    data[KEY] = entry
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _clean(obj):
+    """JSON-safe copy: NaN / inf as strings."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
+    ap.add_argument("--split", default=None, help="default: DATA/splits.json")
+    ap.add_argument("--work", default=str(REPO / "work" / "full_supervision"), help="model, predictions, metrics")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--iterations", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--write", default=None, help="quality.json to update (key 'full_supervision')")
+    args = ap.parse_args()
+
+    from semisam_o1.evaluate import evaluate
+    from semisam_o1.predict import predict
+    from semisam_o1.train import train
+
+    data = Path(args.data)
+    split_path = Path(args.split or data / "splits.json")
+    split = json.loads(split_path.read_text())
+    work = Path(args.work)
+    command = "PYTHONPATH=python python " + " ".join(shlex.quote(a) for a in sys.argv)
+    load_start = os.getloadavg()
+    t0 = time.time()
+
+    summary = train(data, data / "labelsTr", split["template"], work / "model", split=split_path,
+                    preset=args.preset, iterations=args.iterations, device=args.device, seed=args.seed,
+                    threads=args.threads, overwrite=args.overwrite, quiet=True,
+                    command=command + "  # stage: train on labelsTr (real labels)")
+    t1 = time.time()
+    load_after_train = os.getloadavg()
+    test = list(split["test"])
+    pred = predict(data, work / "model", work / "test_pred", cases=test, device=args.device, threads=args.threads,
+                   overwrite=args.overwrite, quiet=True, command=command + "  # stage: predict test")
+    t2 = time.time()
+    metrics = evaluate(work / "test_pred", data, cases=test, out=work / "test_metrics.json", quiet=True)
+    t3 = time.time()
+
+    per_class = {}
+    for name, info in metrics["per_class"].items():
+        per_class[name] = {m: {"mean": info[m]["mean"], "std": info[m]["std"]} for m in ("dice", "jaccard", "hd95", "asd")}
+        per_class[name]["n_empty_pred"] = info["n_empty_pred"]
+    entry = {
+        "command": command,
+        "what": "train with the REAL labels of template + the whole unlabeled pool (upper bound), predict and score the test cases",
+        "preset": summary["preset"],
+        "preset_params": summary["preset_params"],
+        "net": summary["net"],
+        "iterations": summary["iterations"],
+        "ssl": summary["ssl"],
+        "seed": summary["seed"],
+        "model_selection": summary["model_selection"],
+        "n_training_cases": summary["num_training_cases"],
+        "n_test_cases": len(test),
+        "device": summary.get("device"),
+        "threads": summary.get("threads"),
+        "train_seconds": summary.get("train_seconds"),
+        "train_cpu_seconds": summary.get("train_cpu_seconds_this_run"),
+        "train_load_seconds": summary.get("load_seconds"),
+        "iterations_per_second": summary.get("iterations_per_second"),
+        "train_reused": bool(summary.get("skipped")),
+        "train_stage_wall_seconds": round(t1 - t0, 1),
+        "predict_seconds": pred["seconds"],
+        "predict_seconds_per_case": round(pred["seconds"] / max(1, pred["predicted"]), 3) if pred["predicted"] else None,
+        "predict_reused_cases": pred["skipped"],
+        "evaluate_seconds": round(t3 - t2, 1),
+        "wall_seconds": round(t3 - t0, 1),
+        "load_average_1_5_15_at_start": [round(x, 2) for x in load_start],
+        "load_average_after_train": [round(x, 2) for x in load_after_train],
+        "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other jobs",
+        "final_training_loss": summary.get("final_loss"),
+        "test_mean_entropy_nats": round(sum(pred["entropy"].values()) / max(1, len(pred["entropy"])), 5),
+        "test": {"per_class": per_class, "mean_foreground": metrics["mean_foreground"],
+                 "metrics_file": str(work / "test_metrics.json")},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    entry = _clean(entry)
+    print(json.dumps(entry["test"], indent=1))
+    print(f"train {entry['train_seconds']} s ({entry['iterations_per_second']} it/s), predict {entry['predict_seconds']} s, "
+          f"wall {entry['wall_seconds']} s")
+    if args.write:
+        write_results(Path(args.write), entry)
+        print(f"wrote key {KEY!r} of {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
