@@ -1,0 +1,219 @@
+"""train / predict on a few real Hippocampus cases with the ``quick`` preset.
+
+Asserts: a loadable model with its config and log; predictions with the input's
+affine, shape and integer dtype; entropy maps equal to a NumPy entropy of the
+saved probabilities and within [0, ln K]; resume / skip behaviour; bad input
+(missing label, wrong grid, undeclared value) as one line naming the case with
+nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("monai")
+nib = pytest.importorskip("nibabel")
+
+from semisam_o1 import cli, nets  # noqa: E402
+from semisam_o1.errors import InputError  # noqa: E402
+from semisam_o1.predict import entropy_map, predict  # noqa: E402
+from semisam_o1.train import train  # noqa: E402
+
+THREADS = 2
+ITERS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, data_root, split):
+    """Pseudo-label folder with the real labels of two pool cases, and a quick model."""
+    torch.set_num_threads(THREADS)
+    root = tmp_path_factory.mktemp("tp")
+    template = split["template"]
+    others = list(split["unlabeled"][:2])
+    labels = root / "labels"
+    labels.mkdir()
+    for c in others:
+        shutil.copy(data_root / "labelsTr" / f"{c}.nii.gz", labels / f"{c}.nii.gz")
+    model = root / "model"
+    summary = train(data_root, labels, template, model, cases=others, preset="quick", iterations=ITERS,
+                    device="cpu", seed=0, threads=THREADS, quiet=True)
+    return {"root": root, "labels": labels, "model": model, "template": template, "others": others,
+            "summary": summary}
+
+
+def test_train_writes_loadable_model(setup, data_root):
+    model, summary = setup["model"], setup["summary"]
+    assert summary["skipped"] is False
+    for name in ("model.pt", "config.json", "train_log.csv"):
+        assert (model / name).is_file()
+    assert not (model / "checkpoint.pt").exists()
+    config = json.loads((model / "config.json").read_text())
+    assert config["training_cases"] == [setup["template"], *setup["others"]]
+    assert config["preset"] == "quick" and config["iterations"] == ITERS
+    assert config["label_map"]["values"] == [0, 1, 2]
+    assert config["normalisation"] == nets.NORMALISATION
+    assert "last checkpoint" in config["model_selection"]
+    rows = (model / "train_log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("iteration,loss")
+    assert len(rows) == 1 + ITERS and all(np.isfinite(float(r.split(",")[1])) for r in rows[1:])
+    net, cfg = nets.load_model(model, "cpu")
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, *cfg["patch"]))
+    assert tuple(out.shape) == (1, 3, *cfg["patch"])
+
+
+def test_train_skips_finished_model(setup, data_root):
+    model = setup["model"]
+    before = (model / "model.pt").stat().st_mtime_ns
+    again = train(data_root, setup["labels"], setup["template"], model, cases=setup["others"], preset="quick",
+                  iterations=ITERS, device="cpu", threads=THREADS, quiet=True)
+    assert again["skipped"] is True
+    assert (model / "model.pt").stat().st_mtime_ns == before
+
+
+def test_predict_outputs(setup, data_root):
+    out = setup["root"] / "pred"
+    cases = [setup["template"], "hippocampus_004"]
+    res = predict(data_root, setup["model"], out, cases=cases, device="cpu", threads=THREADS,
+                  probabilities=True, quiet=True)
+    assert res["predicted"] == 2 and res["skipped"] == 0
+    ent_json = json.loads((out / "entropy.json").read_text())
+    log_k = math.log(3)
+    for case in cases:
+        image = nib.load(str(data_root / "imagesTr" / f"{case}.nii.gz"))
+        lab = nib.load(str(out / f"{case}.nii.gz"))
+        ent = nib.load(str(out / f"{case}_entropy.nii.gz"))
+        probs = nib.load(str(out / f"{case}_probs.nii.gz"))
+        for img in (lab, ent, probs):
+            np.testing.assert_allclose(img.affine, image.affine, atol=1e-5)
+            assert img.shape[:3] == image.shape[:3]
+        assert np.issubdtype(lab.get_data_dtype(), np.integer)
+        lab_a = np.asarray(lab.dataobj)
+        assert set(np.unique(lab_a)) <= {0, 1, 2}
+        e = np.asarray(ent.dataobj, dtype=np.float64)
+        assert ent.get_data_dtype() == np.float32
+        assert e.min() >= 0.0 and e.max() <= log_k + 1e-6
+        p = np.asarray(probs.dataobj, dtype=np.float64)  # (X, Y, Z, K)
+        np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-4)
+        # NumPy reference: entropy in nats and argmax of the saved probabilities
+        ref = -(p * np.log(np.clip(p, 1e-30, None))).sum(-1)
+        np.testing.assert_allclose(e, ref, atol=1e-4)
+        margin = np.sort(p, -1)[..., -1] - np.sort(p, -1)[..., -2]
+        clear = margin > 1e-4
+        np.testing.assert_array_equal(lab_a[clear], np.argmax(p, -1)[clear])
+        assert ent_json[case] == pytest.approx(e.mean(), rel=1e-5)
+        assert res["entropy"][case] == pytest.approx(e.mean(), rel=1e-5)
+    meta = json.loads((out / "predict.json").read_text())
+    assert meta["model_sha256"] == nets.file_sha256(setup["model"] / "model.pt")
+
+    # resume: nothing is predicted again, files untouched
+    stamp = (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns
+    again = predict(data_root, setup["model"], out, cases=cases, device="cpu", threads=THREADS,
+                    probabilities=True, quiet=True)
+    assert again["predicted"] == 0 and again["skipped"] == 2
+    assert (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns == stamp
+    assert again["entropy"] == pytest.approx(res["entropy"])
+
+
+def test_entropy_map_reference():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([0.3, 0.3, 0.3], size=(4, 5, 6)).transpose(3, 0, 1, 2)  # (K, X, Y, Z)
+    p[:, 0, 0, 0] = [1.0, 0.0, 0.0]  # certain voxel: entropy 0
+    p[:, 1, 0, 0] = 1.0 / 3.0  # uniform voxel: entropy ln 3
+    h = entropy_map(p)
+    assert h.dtype == np.float32 and h.shape == (4, 5, 6)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = -np.nansum(p * np.log(p), axis=0)
+    np.testing.assert_allclose(h, ref, atol=1e-6)
+    assert h[0, 0, 0] == 0.0
+    assert h[1, 0, 0] == pytest.approx(math.log(3), abs=1e-6)
+
+
+def test_normalise_reference():
+    rng = np.random.default_rng(1)
+    a = rng.gamma(2.0, 1000.0, size=(10, 12, 14)).astype(np.float32)
+    a[0, 0, 0] = 1e7  # outlier, clipped
+    out = nets.normalise(a)
+    lo, hi = np.percentile(a.astype(np.float64), [0.5, 99.5])
+    c = np.clip(a.astype(np.float64), lo, hi)
+    np.testing.assert_allclose(out, (c - c.mean()) / c.std(), rtol=1e-5, atol=1e-5)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(nets.normalise(np.full((3, 3, 3), 7.0)), 0.0)
+
+
+def _cli_train(data_root, labels, template, cases, out):
+    return cli.main(["train", "-i", str(data_root), "-l", str(labels), "--template", template,
+                     "--cases", *cases, "-o", str(out), "--preset", "quick", "--iterations", "1",
+                     "--device", "cpu", "--threads", str(THREADS), "--quiet"])
+
+
+def _assert_one_line_error(rc, capsys, case, out: Path):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and case in err and "error" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_label_is_clear_error(setup, data_root, capsys):
+    out = setup["root"] / "model_missing"
+    case = "hippocampus_004"  # no file in the labels folder
+    rc = _cli_train(data_root, setup["labels"], setup["template"], [setup["others"][0], case], out)
+    _assert_one_line_error(rc, capsys, case, out)
+
+
+def test_label_on_other_grid_is_clear_error(setup, data_root, capsys):
+    case = setup["others"][0]
+    labels = setup["root"] / "labels_bad_shape"
+    labels.mkdir()
+    src = nib.load(str(data_root / "labelsTr" / f"{case}.nii.gz"))
+    arr = np.asarray(src.dataobj)[:-2]
+    nib.save(nib.Nifti1Image(arr, src.affine), str(labels / f"{case}.nii.gz"))
+    out = setup["root"] / "model_bad_shape"
+    rc = _cli_train(data_root, labels, setup["template"], [case], out)
+    _assert_one_line_error(rc, capsys, case, out)
+
+    labels2 = setup["root"] / "labels_bad_affine"
+    labels2.mkdir()
+    aff = src.affine.copy()
+    aff[:3, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj), aff), str(labels2 / f"{case}.nii.gz"))
+    with pytest.raises(InputError, match=case):
+        train(data_root, labels2, setup["template"], out, cases=[case], preset="quick", iterations=1,
+              device="cpu", threads=THREADS, quiet=True)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_undeclared_label_value_is_clear_error(setup, data_root, capsys):
+    case = setup["others"][1]
+    labels = setup["root"] / "labels_bad_value"
+    labels.mkdir()
+    src = nib.load(str(data_root / "labelsTr" / f"{case}.nii.gz"))
+    arr = np.asarray(src.dataobj).astype(np.uint8)
+    arr[0, 0, 0] = 5
+    nib.save(nib.Nifti1Image(arr, src.affine), str(labels / f"{case}.nii.gz"))
+    out = setup["root"] / "model_bad_value"
+    rc = _cli_train(data_root, labels, setup["template"], [case], out)
+    _assert_one_line_error(rc, capsys, case, out)
+
+
+def test_predict_rejects_unfinished_model(setup, data_root, tmp_path):
+    with pytest.raises(InputError, match="not a finished model"):
+        predict(data_root, tmp_path, tmp_path / "pred", cases=[setup["template"]], device="cpu", quiet=True)
+
+
+@pytest.mark.parametrize("ssl", ["mt", "uamt"])
+def test_mean_teacher_variants_train(setup, data_root, ssl):
+    out = setup["root"] / f"model_{ssl}"
+    s = train(data_root, setup["labels"], setup["template"], out, cases=setup["others"][:1], preset="quick",
+              iterations=2, ssl=ssl, device="cpu", threads=THREADS, quiet=True)
+    assert s["ssl"] == ssl and nets.is_finished(out)
+    rows = [r.split(",") for r in (out / "train_log.csv").read_text().strip().splitlines()[1:]]
+    assert len(rows) == 2
+    assert all(float(r[3]) >= 0.0 and float(r[4]) > 0.0 for r in rows)  # consistency term and its weight
