@@ -217,3 +217,44 @@ def test_mean_teacher_variants_train(setup, data_root, ssl):
     rows = [r.split(",") for r in (out / "train_log.csv").read_text().strip().splitlines()[1:]]
     assert len(rows) == 2
     assert all(float(r[3]) >= 0.0 and float(r[4]) > 0.0 for r in rows)  # consistency term and its weight
+
+
+def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkeypatch):
+    """A run killed after a checkpoint resumes from it and ends with the weights of an uninterrupted run."""
+    quick = dict(nets.PRESETS["quick"], checkpoint_every=2)
+    monkeypatch.setitem(nets.PRESETS, "quick", quick)
+    kw = dict(cases=setup["others"][:1], preset="quick", iterations=4, device="cpu", seed=3, threads=THREADS, quiet=True)
+    full = setup["root"] / "model_full"
+    train(data_root, setup["labels"], setup["template"], full, **kw)
+
+    real_build = nets.build_net
+    calls = {"n": 0}
+
+    def build_interrupting(params):
+        net = real_build(params)
+        forward = net.forward
+
+        def counted(x):
+            calls["n"] += 1
+            if calls["n"] == 4:  # iteration 4, after the checkpoint of iteration 2
+                raise KeyboardInterrupt
+            return forward(x)
+
+        net.forward = counted
+        return net
+
+    part = setup["root"] / "model_resumed"
+    monkeypatch.setattr(nets, "build_net", build_interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_root, setup["labels"], setup["template"], part, **kw)
+    monkeypatch.setattr(nets, "build_net", real_build)
+    assert (part / "checkpoint.pt").is_file() and not nets.is_finished(part)
+    train(data_root, setup["labels"], setup["template"], part, **kw)
+    assert nets.is_finished(part) and not (part / "checkpoint.pt").exists()
+    a = torch.load(full / "model.pt", weights_only=True)
+    b = torch.load(part / "model.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    log_a = (full / "train_log.csv").read_text().splitlines()
+    log_b = (part / "train_log.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in log_a] == [r.split(",")[:2] for r in log_b]

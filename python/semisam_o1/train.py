@@ -331,6 +331,7 @@ def train(
     from monai.losses import DiceCELoss
 
     set_track_meta(False)
+    torch.manual_seed(int(seed))  # the initial weights depend on the seed only
     net = nets.build_net(config["net"]).to(dev)
     optim = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     teacher = None
