@@ -99,7 +99,14 @@ def tiny_store(monkeypatch):
     except ModuleNotFoundError:
         store_mod = types.ModuleType("semisam_o1.store")
         monkeypatch.setitem(sys.modules, "semisam_o1.store", store_mod)
-    monkeypatch.setattr(store_mod, "FeatureStore", TinyStore, raising=False)
+    real_store = getattr(store_mod, "FeatureStore", None)
+
+    def open_store(root):  # a real store folder (store.json) is opened by the real class
+        if real_store is not None and (Path(root) / "store.json").is_file():
+            return real_store(root)
+        return TinyStore(root)
+
+    monkeypatch.setattr(store_mod, "FeatureStore", open_store, raising=False)
     try:
         kernels = importlib.import_module("semisam_o1.kernels")
         kernels.knn_vote(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), np.zeros(1, np.int32), 1)
@@ -225,6 +232,40 @@ def test_voxel_mode_known_answer(voxel_cohort, project_dim):
     np.testing.assert_allclose(nib.load(str(v["out"] / "c0.nii.gz")).affine, np.eye(4))
     saved = json.loads((v["out"] / "refine.json").read_text())
     assert saved["complete"] and saved["voxels_changed_total"] == total_changed
+
+
+def test_voxel_mode_on_a_real_format_store(voxel_cohort, tmp_path):
+    """The same known answer through the real FeatureStore (float16 grids, memory-mapped,
+    on_voxel_grid's per-axis normalisation), written in encode's layout."""
+    encode = pytest.importorskip("semisam_o1.encode")
+    from semisam_o1.store import config_signature
+
+    v = voxel_cohort
+    root = tmp_path / "store"
+    root.mkdir()
+    config = {"format": 1, "axes": [0], "channels": 8}
+    config["signature"] = config_signature(config)
+    (root / "store.json").write_text(json.dumps(config))
+    for case in ["tpl"] + v["cases"]:
+        f = np.load(v["feats"] / f"{case}.npy").astype(np.float16)
+        meta = {"case": case, "voxel_shape": list(f.shape[1:]), "affine": np.eye(4).tolist(), "axes": [0],
+                "store_signature": config["signature"], "input_sha256": "x"}
+        encode._write_case(root, case, {0: f}, {0: ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])}, meta)
+    ents = np.concatenate([_read(v["pred"] / f"{c}_entropy.nii.gz").ravel() for c in v["cases"]])
+    q = 1.0 - (ents >= 0.8).mean() + 1e-9
+    info = refine_mod.refine(v["ds"], root, v["pred"], v["out"], template="tpl", cases=v["cases"], k=5,
+                             quantile=q, bank_size=300, project_dim=0, threads=2, quiet=True)
+    for case in v["cases"]:
+        np.testing.assert_array_equal(_read(v["out"] / f"{case}.nii.gz"), v["truth"][case])
+    assert info["voxels_changed_total"] == sum(v["expected_changes"].values())
+    # a changed store entry (re-encoded case) changes the signature: nothing is skipped
+    meta_path = root / "cases" / "c0" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["input_sha256"] = "y"
+    meta_path.write_text(json.dumps(meta))
+    again = refine_mod.refine(v["ds"], root, v["pred"], v["out"], template="tpl", cases=v["cases"], k=5,
+                              quantile=q, bank_size=300, project_dim=0, threads=2, quiet=True)
+    assert again["resumed_cases"] == 0 and again["signature"] != info["signature"]
 
 
 def test_voxel_mode_resume_and_signature(voxel_cohort):
