@@ -149,6 +149,16 @@ def compare(q, b, bl, k, threads, n_cls, repeats, truth=None, keep_labels=None):
     }
 
 
+def pca(bank, dim, seed):
+    """refine's projection: PCA fitted on at most PCA_FIT_ROWS bank rows (seeded)."""
+    from semisam_o1.refine import PCA_FIT_ROWS, fit_projection
+
+    rows = np.arange(len(bank))
+    if len(bank) > PCA_FIT_ROWS:
+        rows = np.sort(np.random.default_rng(seed + 1).choice(len(bank), PCA_FIT_ROWS, replace=False))
+    return fit_projection(bank[rows], dim)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -165,7 +175,7 @@ def stand_in(feats, prototypes):
 def main(argv=None):
     args = parse_args(argv)
     from semisam_o1.io import Dataset, find_case_file, read_image, read_label
-    from semisam_o1.refine import class_quotas, fit_projection
+    from semisam_o1.refine import class_quotas
     from semisam_o1.store import FeatureStore
 
     t_all = time.perf_counter()
@@ -201,7 +211,7 @@ def main(argv=None):
 
     # per case and class, up to ceil(bank / n_cases) confident voxels; class-balanced cut afterwards
     per_case = [math.ceil(args.bank / len(cohort))] * n_cls
-    bank_parts, bank_lab_parts = [], []
+    bank_parts, bank_lab_parts, bank_truth_parts = [], [], []
     queries, query_truth, query_stand_in, query_case = [], [], [], []
     load_s = {}
     t0 = time.perf_counter()
@@ -219,16 +229,17 @@ def main(argv=None):
         n_q = int(round(args.query_fraction * unc.size))
         order = np.argsort(-unc, kind="stable")
         qidx, conf_idx = order[:n_q], order[n_q:]  # the 10% most uncertain; the rest are confident
+        truth = ds.read_label(case).array.ravel().astype(np.int32)  # diagnostics only (accuracy, oracle bank)
         for c in range(n_cls):
             cand = conf_idx[labels[conf_idx] == c]
             take = rng.choice(cand, size=min(per_case[c], len(cand)), replace=False)
             bank_parts.append(flat[:, take].T.astype(np.float32))
             bank_lab_parts.append(np.full(len(take), c, np.int32))
+            bank_truth_parts.append(truth[take])
         if case in qcases:
             queries.append(flat[:, qidx].T.astype(np.float32))
             query_stand_in.append(labels[qidx])
-            truth = ds.read_label(case).array.ravel()  # diagnostic only: accuracy of the vote
-            query_truth.append(truth[qidx].astype(np.int32))
+            query_truth.append(truth[qidx])
             query_case.append(np.full(n_q, qcases.index(case), np.int32))
         del feats, flat
         if (i + 1) % 20 == 0:
@@ -236,12 +247,13 @@ def main(argv=None):
     read_s = time.perf_counter() - t0
     bank = np.concatenate(bank_parts)
     bank_labels = np.concatenate(bank_lab_parts)
-    del bank_parts, bank_lab_parts
+    bank_truth = np.concatenate(bank_truth_parts)
+    del bank_parts, bank_lab_parts, bank_truth_parts
     quotas = class_quotas(np.bincount(bank_labels, minlength=n_cls), args.bank)
     keep = np.concatenate([rng.choice(np.flatnonzero(bank_labels == c), size=quotas[c], replace=False)
                            for c in range(n_cls)])
     perm = keep[rng.permutation(len(keep))]  # shuffled, so a prefix is a random subset
-    bank, bank_labels = np.ascontiguousarray(bank[perm]), bank_labels[perm]
+    bank, bank_labels, bank_truth = np.ascontiguousarray(bank[perm]), bank_labels[perm], bank_truth[perm]
     q_full = np.concatenate(queries)
     q_truth = np.concatenate(query_truth)
     q_stand = np.concatenate(query_stand_in)
@@ -268,7 +280,7 @@ def main(argv=None):
 
     # projection fitted once on the bank
     t0 = time.perf_counter()
-    mean, comps, explained = fit_projection(bank, args.project_dim)
+    mean, comps, explained = pca(bank, args.project_dim, args.seed)
     bank_p = np.ascontiguousarray((bank - mean) @ comps)
     q_p = np.ascontiguousarray((q_full - mean) @ comps)
     result["projection"] = {"dim": args.project_dim, "explained_variance": round(explained, 4),
@@ -324,24 +336,45 @@ def main(argv=None):
     full["float16_vs_float32_agreement"] = float((np.asarray(lab_full16) == lab_full).mean())
     result["full_dimension"] = full
     truth = q_truth[sl]
-    agreement = {"queries": int(nf), "accuracy_vs_real_labels_diagnostic": {
-        "current_labels": float((q_stand[sl] == truth).mean()),
-        f"vote_dim{q_full.shape[1]}": float((lab_full == truth).mean())}}
-    for d in [int(x) for x in args.agreement_dims.split(",") if x]:
-        if d >= q_full.shape[1]:
-            continue
-        m_, c_, ex = fit_projection(bank, d)
-        t = time.perf_counter()
-        lab_d, _ = kernels.knn_vote(np.ascontiguousarray((q_full[sl] - m_) @ c_),
-                                    np.ascontiguousarray((bank - m_) @ c_), bank_labels, args.k,
-                                    threads=args.threads)
-        lab_d = np.asarray(lab_d)
-        agreement[f"dim{d}"] = {"agreement_with_full_dim": float((lab_d == lab_full).mean()),
-                                "explained_variance": round(ex, 4),
-                                "kernel_s": round(time.perf_counter() - t, 3)}
-        agreement["accuracy_vs_real_labels_diagnostic"][f"vote_dim{d}"] = float((lab_d == truth).mean())
-        print(f"dim {d}: {agreement[f'dim{d}']}", flush=True)
-    result["projection_agreement"] = agreement
+
+    # what the projection (and the bank size, and k) cost: one top-k search per (dim, bank size) on the
+    # slice, then the vote in NumPy with the current labels and, as a diagnostic, with the bank voxels'
+    # real labels (an oracle bank: how far the features alone carry the right label)
+    dims = [q_full.shape[1]] + [int(x) for x in args.agreement_dims.split(",") if x and int(x) < q_full.shape[1]]
+    sizes = [int(x) for x in args.bank_sizes.split(",") if x]
+    ks = sorted({args.k, 2 * args.k})
+    grid = []
+    for d in dims:
+        if d == q_full.shape[1]:
+            qd, bd, ex = q_full[sl], bank, 1.0
+        else:
+            m_, c_, ex = pca(bank, d, args.seed)
+            qd, bd = np.ascontiguousarray((q_full[sl] - m_) @ c_), np.ascontiguousarray((bank - m_) @ c_)
+        for n in sizes:
+            t = time.perf_counter()
+            _, _, idx, sim = kernels.knn_vote(qd, bd[:n], bank_labels[:n], max(ks), threads=args.threads,
+                                              return_topk=True)
+            secs = time.perf_counter() - t
+            for k in ks:
+                cur = numpy_vote(idx[:, :k], sim[:, :k], bank_labels[:n], n_cls)
+                ora = numpy_vote(idx[:, :k], sim[:, :k], bank_truth[:n], n_cls)
+                grid.append({"dim": d, "explained_variance": round(ex, 4), "bank": n, "k": k,
+                             "search_s": round(secs, 3), "labels": cur,
+                             "accuracy_current_bank_labels": round(float((cur == truth).mean()), 4),
+                             "accuracy_oracle_bank_labels": round(float((ora == truth).mean()), 4)})
+            print(f"dim {d} bank {n}: {[{k_: v for k_, v in g.items() if k_ != 'labels'} for g in grid[-len(ks):]]}",
+                  flush=True)
+    ref = next(g["labels"] for g in grid if g["dim"] == q_full.shape[1] and g["bank"] == max(sizes) and g["k"] == args.k)
+    for g in grid:
+        g["agreement_with_full_dim_largest_bank"] = round(float((g.pop("labels") == ref).mean()), 4)
+    result["projection_agreement"] = {
+        "queries": int(nf),
+        "reference": f"full dimension {q_full.shape[1]}, bank {max(sizes)}, k {args.k}",
+        "current_labels_accuracy": round(float((q_stand[sl] == truth).mean()), 4),
+        "note": "accuracy_* are diagnostics against the real labels of the query voxels (never used by refine); "
+                "oracle = the bank voxels carry their real labels",
+        "grid": grid,
+    }
     result["total_s"] = round(time.perf_counter() - t_all, 1)
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     out = Path(args.out)
