@@ -58,26 +58,27 @@ def probs_file(output, case: str) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-i", "--dataset", required=True, help="MSD / nnU-Net dataset folder")
-    parser.add_argument("-m", "--model", required=True, help="model folder written by `semisam-o1 train`")
-    parser.add_argument("-o", "--output", required=True, help="prediction folder to write")
+    parser.add_argument("-i", "--dataset", required=True, default=argparse.SUPPRESS, help="MSD / nnU-Net dataset folder")
+    parser.add_argument("-m", "--model", required=True, default=argparse.SUPPRESS, help="model folder written by `semisam-o1 train`")
+    parser.add_argument("-o", "--output", required=True, default=argparse.SUPPRESS, help="prediction folder to write")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--cases", nargs="+", default=None, metavar="ID", help="case ids (default: all, or the split's subsets)")
-    group.add_argument("--split", default=None, help="split JSON; predicts the cases of --subset")
-    parser.add_argument("--subset", default=None, help="comma-separated subsets of --split (default: all of them)")
+    group.add_argument("--cases", nargs="+", default=argparse.SUPPRESS, metavar="ID", help="case ids (default: all, or the split's subsets)")
+    group.add_argument("--split", default=argparse.SUPPRESS, help="split JSON; predicts the cases of --subset")
+    parser.add_argument("--subset", default=argparse.SUPPRESS, help="comma-separated subsets of --split (default: all of them)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch CPU threads (default: torch's)")
     parser.add_argument("--probabilities", action="store_true", help="also write <case>_probs.nii.gz (X, Y, Z, K)")
     parser.add_argument("--overwrite", action="store_true", help="re-predict cases already in PRED")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.subset and not args.split:
+    opt = lambda name: getattr(args, name, None)  # noqa: E731 (argparse.SUPPRESS leaves unset options out)
+    if opt("subset") and not opt("split"):
         raise InputError("--subset needs --split")
     command = "semisam-o1 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    predict(args.dataset, args.model, args.output, cases=args.cases, split=args.split, subset=args.subset,
-            device=args.device, threads=args.threads, probabilities=args.probabilities,
+    predict(args.dataset, args.model, args.output, cases=opt("cases"), split=opt("split"), subset=opt("subset"),
+            device=args.device, threads=opt("threads"), probabilities=args.probabilities,
             overwrite=args.overwrite, quiet=args.quiet, command=command)
     return 0
 

@@ -86,30 +86,31 @@ LOG_FIELDS = ["iteration", "loss", "supervised", "consistency", "consistency_wei
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-i", "--dataset", required=True, help="MSD / nnU-Net dataset folder (dataset.json, imagesTr/, labelsTr/)")
-    parser.add_argument("-l", "--labels", required=True,
+    parser.add_argument("-i", "--dataset", required=True, default=argparse.SUPPRESS, help="MSD / nnU-Net dataset folder (dataset.json, imagesTr/, labelsTr/)")
+    parser.add_argument("-l", "--labels", required=True, default=argparse.SUPPRESS,
                         help="folder of (pseudo-)labels, one NIfTI per training case (the template's is taken from the dataset)")
-    parser.add_argument("--template", default=None, help="the annotated template case id (default: the split's 'template')")
+    parser.add_argument("--template", default=argparse.SUPPRESS, help="the annotated template case id (default: the split's 'template')")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--cases", nargs="+", default=None, metavar="ID", help="training case ids (template added)")
-    group.add_argument("--split", default=None, help="split JSON: train on its 'template' + 'unlabeled' cases")
-    parser.add_argument("-o", "--output", required=True, help="model folder to write")
+    group.add_argument("--cases", nargs="+", default=argparse.SUPPRESS, metavar="ID", help="training case ids (template added)")
+    group.add_argument("--split", default=argparse.SUPPRESS, help="split JSON: train on its 'template' + 'unlabeled' cases")
+    parser.add_argument("-o", "--output", required=True, default=argparse.SUPPRESS, help="model folder to write")
     parser.add_argument("--ssl", choices=SSL_MODES, default="none", help="semi-supervised consistency: mean teacher or uncertainty-aware MT")
     parser.add_argument("--preset", choices=list(nets.PRESETS), default="cpu", help="network / schedule size")
-    parser.add_argument("--iterations", type=int, default=None, help="optimiser steps (default: the preset's)")
+    parser.add_argument("--iterations", type=int, default=argparse.SUPPRESS, help="optimiser steps of the preset's batch (default: the preset's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights, sampling and augmentation")
+    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--overwrite", action="store_true", help="retrain even if MODEL is a finished model")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
     command = "semisam-o1 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    opt = lambda name: getattr(args, name, None)  # noqa: E731 (argparse.SUPPRESS leaves unset options out)
     train(
-        args.dataset, args.labels, args.template, args.output,
-        cases=args.cases, split=args.split, ssl=args.ssl, preset=args.preset,
-        iterations=args.iterations, device=args.device, seed=args.seed, threads=args.threads,
+        args.dataset, args.labels, opt("template"), args.output,
+        cases=opt("cases"), split=opt("split"), ssl=args.ssl, preset=args.preset,
+        iterations=opt("iterations"), device=args.device, seed=args.seed, threads=opt("threads"),
         overwrite=args.overwrite, quiet=args.quiet, command=command,
     )
     return 0
