@@ -274,8 +274,19 @@ def train(
                    f"cases={cases!r}, split={None if split is None else str(split)!r}, ssl={ssl!r}, "
                    f"preset={preset!r}, iterations={iterations!r}, device={device!r}, seed={seed!r})")
     if nets.is_finished(output) and not overwrite:
-        config = json.loads((output / nets.CONFIG_NAME).read_text())
-        if not quiet:
+        try:
+            config = json.loads((output / nets.CONFIG_NAME).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{output / nets.CONFIG_NAME}: cannot read ({exc}); use --overwrite to retrain") from None
+        asked = {"preset": preset, "ssl": ssl, "seed": int(seed), "labels": str(Path(labels).resolve())}
+        if iterations is not None:
+            asked["iterations"] = int(iterations)
+        differ = [k for k, v in asked.items() if config.get(k) != v]
+        if differ:
+            print(f"train: warning: {output} is a finished model trained with other settings "
+                  f"({', '.join(f'{k}={config.get(k)!r}' for k in differ)}); kept as is, --overwrite to retrain",
+                  file=sys.stderr)
+        elif not quiet:
             print(f"train: {output} is a finished model, skipped (--overwrite to retrain)", file=sys.stderr)
         return {**config, "skipped": True}
     if ssl not in SSL_MODES:
