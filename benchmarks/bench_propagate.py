@@ -54,8 +54,8 @@ def dice(pred: np.ndarray, ref: np.ndarray, c: int) -> float:
     return float(2 * (a & b).sum() / s) if s else 1.0
 
 
-#: name -> (method, params, axes or None for all). LCC is measured on and off for each.
-CONFIGS: dict[str, tuple[str, dict, list | None]] = {
+#: name -> (method, params, axes or None for all[, max cases]). LCC is measured on and off for each.
+CONFIGS: dict[str, tuple] = {
     "prototype 1/class, axis 0": ("prototype", dict(prototypes_per_class=1, background_prototypes=1), [0]),
     "prototype 1/class, 3 axes": ("prototype", dict(prototypes_per_class=1, background_prototypes=1), None),
     "prototype k-means bg 8 fg 3, 3 axes": ("prototype", dict(prototypes_per_class=3, background_prototypes=8), None),
@@ -63,17 +63,28 @@ CONFIGS: dict[str, tuple[str, dict, list | None]] = {
     "knn k=5 w=0, axis 0": ("knn", dict(k=5, position_weight=0.0, query_stride=2), [0]),
     "knn k=5 w=0": ("knn", dict(k=5, position_weight=0.0, query_stride=2), None),
     "knn k=5 w=1": ("knn", dict(k=5, position_weight=1.0, query_stride=2), None),
+    "knn k=5 w=1.5": ("knn", dict(k=5, position_weight=1.5, query_stride=2), None),
     "knn k=5 w=2": ("knn", dict(k=5, position_weight=2.0, query_stride=2), None),
     "knn k=5 w=3": ("knn", dict(k=5, position_weight=3.0, query_stride=2), None),
     "knn k=5 w=4": ("knn", dict(k=5, position_weight=4.0, query_stride=2), None),
     "knn k=5 w=2 coords mm": ("knn", dict(k=5, position_weight=2.0, coords="mm", query_stride=2), None),
-    "knn k=5 w=2 stride 1": ("knn", dict(k=5, position_weight=2.0, query_stride=1), None),
+    "knn k=10 w=1.5": ("knn", dict(k=10, position_weight=1.5, query_stride=2), None),
     "knn k=10 w=2": ("knn", dict(k=10, position_weight=2.0, query_stride=2), None),
+    "knn k=20 w=2": ("knn", dict(k=20, position_weight=2.0, query_stride=2), None),
+    "knn k=10 w=2 bank bg 5000": ("knn", dict(k=10, position_weight=2.0, query_stride=2, bank_background=5000), None),
+    "knn k=10 w=2 stride 1": ("knn", dict(k=10, position_weight=2.0, query_stride=1), None, 6),
+    "knn k=10 w=2 stride 3": ("knn", dict(k=10, position_weight=2.0, query_stride=3), None),
 }
 
 
 def run(ds: Dataset, store, template: str, cases: list[str], configs: dict, threads: int | None,
-        log=print) -> list[dict]:
+        log=print, cache_path: Path | None = None) -> list[dict]:
+    """One row per alternative (and post-processing), averaged over ``cases``. Per-case results
+    are cached in ``cache_path`` (JSON keyed by store signature, template, method, parameters,
+    axes and case), so a re-run as the store fills computes only the new cases."""
+    cache = {}
+    if cache_path is not None and Path(cache_path).is_file():
+        cache = json.loads(Path(cache_path).read_text())
     t_img = ds.read_image(template)
     t_lab = ds.read_label(template, reference=t_img).array
     K = ds.label_map.num_classes
@@ -101,27 +112,48 @@ def run(ds: Dataset, store, template: str, cases: list[str], configs: dict, thre
         per.append([dice(pred, refs[c], k) for k in fg])
     add("paste template label at the centre", per, secs, dict(method="paste"))
 
-    for name, (method, params, axes) in configs.items():
+    for name, spec in configs.items():
+        method, params, axes = spec[:3]
+        cases_all, cases = cases, cases[: spec[3]] if len(spec) > 3 else cases
         axes_ = tuple(axes) if axes is not None else tuple(store.axes)
-        t0 = time.perf_counter()
-        model = P.build_template_model(store.load(template), t_lab, K, method=method, axes=axes_,
-                                       spacing=t_img.spacing, **{**params, "largest_component": False})
-        build_s = time.perf_counter() - t0
-        per_raw, per_lcc, s_raw, s_lcc = [], [], [], []
+        resolved = {k: v for k, v in {**P.DEFAULTS, **params}.items() if k not in ("largest_component", "smooth", "method")}
+        key = json.dumps([getattr(store, "signature", ""), template, method, resolved, list(axes_)], sort_keys=True)
+        done = cache.setdefault(key, {})
+        model, build_s = None, done.get("_template_seconds", 0.0)
         for c in cases:
+            if c in done:
+                continue
+            if model is None:
+                t0 = time.perf_counter()
+                model = P.build_template_model(store.load(template), t_lab, K, method=method, axes=axes_,
+                                               spacing=t_img.spacing, **{**params, "largest_component": False})
+                build_s = done["_template_seconds"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             scores = P.score_case(model, store.load(c), spacing=spacing[c], threads=threads)
             lab = np.argmax(scores, 0).astype(np.uint8)
             t1 = time.perf_counter()
             lab_lcc = P.largest_component(lab, K)
             t2 = time.perf_counter()
-            s_raw.append(t1 - t0)
-            s_lcc.append(t2 - t0)
-            per_raw.append([dice(lab, refs[c], k) for k in fg])
-            per_lcc.append([dice(lab_lcc, refs[c], k) for k in fg])
+            r = dict(raw=[dice(lab, refs[c], k) for k in fg], lcc=[dice(lab_lcc, refs[c], k) for k in fg],
+                     s_raw=t1 - t0, s_lcc=t2 - t0)
+            if method == "knn":
+                t3 = time.perf_counter()
+                lab_sm = P.largest_component(np.argmax(P.smooth_scores(scores, 1.0), 0).astype(np.uint8), K)
+                r["s_sm"] = (t1 - t0) + time.perf_counter() - t3
+                r["sm"] = [dice(lab_sm, refs[c], k) for k in fg]
+            done[c] = r
+        if cache_path is not None:
+            with atomic_path(cache_path) as tmp:
+                tmp.write_text(json.dumps(cache))
+        res = [done[c] for c in cases]
         info = dict(method=method, params={**params}, axes=list(axes_), template_seconds=round(build_s, 2))
-        add(name, per_raw, s_raw, {**info, "largest_component": False})
-        add(name + " + largest component", per_lcc, s_lcc, {**info, "largest_component": True})
+        add(name, [r["raw"] for r in res], [r["s_raw"] for r in res], {**info, "largest_component": False})
+        add(name + " + largest component", [r["lcc"] for r in res], [r["s_lcc"] for r in res],
+            {**info, "largest_component": True})
+        if method == "knn":
+            add(name + " + smooth 1 + largest component", [r["sm"] for r in res], [r["s_sm"] for r in res],
+                {**info, "largest_component": True, "params": {**params, "smooth": 1.0}})
+        cases = cases_all
     return rows
 
 
@@ -165,6 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", default=None, help="quality.json to update (key 'propagate')")
     ap.add_argument("--md", default=None, help="Markdown table to write")
+    ap.add_argument("--cache", default=str(REPO / "work" / "bench_propagate_cache.json"),
+                    help="per-case result cache ('' for none)")
     args = ap.parse_args(argv)
     from semisam_o1.store import FeatureStore
 
@@ -174,11 +208,13 @@ def main(argv=None) -> int:
     cases = [c for c in split["unlabeled"] if store.has(c)][: args.max_cases]
     configs = CONFIGS if not args.configs else {k: CONFIGS[k] for k in args.configs}
     print(f"{len(cases)} cases with features", flush=True)
-    rows = run(ds, store, split["template"], cases, configs, args.threads, log=lambda s: print(s, flush=True))
+    rows = run(ds, store, split["template"], cases, configs, args.threads, log=lambda s: print(s, flush=True),
+               cache_path=Path(args.cache) if args.cache else None)
     defaults = P.DEFAULTS
     for r in rows:
         r["default"] = (r.get("method") == defaults["method"] and r.get("largest_component") == defaults["largest_component"]
-                        and all(r["params"].get(k, defaults[k]) == defaults[k] for k in ("k", "position_weight", "coords"))
+                        and all(r["params"].get(k, defaults[k]) == defaults[k]
+                                for k in ("k", "position_weight", "coords", "smooth", "bank_background"))
                         and r["params"].get("query_stride", 1) == defaults["query_stride"]
                         and r.get("axes") == list(store.axes))
     entry = dict(command="python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:])),

@@ -45,7 +45,8 @@ used). ``--coords mm`` instead centres each volume and scales millimetres by
 the template's half-extent, so it keeps physical size but still assumes a
 common centre.
 
-Post-processing: ``--largest-component`` keeps the largest 26-connected
+Post-processing: ``--smooth SIGMA`` smooths each class's score map with a Gaussian
+before the argmax; ``--largest-component`` keeps the largest 26-connected
 component of every foreground class (other voxels of the class become
 background).
 
@@ -101,6 +102,7 @@ DEFAULTS = dict(
     prototypes_per_class=1,
     background_prototypes=8,
     largest_component=True,
+    smooth=0.0,
     seed=0,
 )
 
@@ -531,8 +533,26 @@ def score_case(model: TemplateModel, cf, *, spacing: Sequence[float] = (1.0, 1.0
     return _interp_to_grid(share, sub, shape)
 
 
+def smooth_scores(scores: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing (``sigma`` voxels, scipy.ndimage.gaussian_filter, borders reflected)
+    of each class's score map (K, X, Y, Z); -inf (a class without prototype) is kept."""
+    if not sigma or sigma <= 0:
+        return scores
+    from scipy import ndimage
+
+    out = np.empty_like(scores)
+    for c in range(scores.shape[0]):
+        if np.isfinite(scores[c]).all():
+            out[c] = ndimage.gaussian_filter(scores[c], float(sigma), mode="nearest")
+        else:
+            out[c] = scores[c]
+    return out
+
+
 def labels_from_scores(scores: np.ndarray, model: TemplateModel) -> np.ndarray:
-    """Argmax over classes (ties: lowest class), then optional largest component."""
+    """Optional Gaussian smoothing of the scores (``smooth``), argmax over classes (ties:
+    lowest class), then optional largest component per class."""
+    scores = smooth_scores(scores, float(model.params.get("smooth") or 0.0))
     lab = np.argmax(scores, axis=0).astype(np.uint8)
     if model.params.get("largest_component"):
         lab = largest_component(lab, model.num_classes)
@@ -570,7 +590,7 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
               k: int | None = None, position_weight: float | None = None, coords: str | None = None,
               bank_background: int | None = None, query_stride: int | None = None,
               prototypes_per_class: int | None = None, background_prototypes: int | None = None,
-              largest_component: bool | None = None, axes: Sequence[int] | None = None,
+              largest_component: bool | None = None, smooth: float | None = None, axes: Sequence[int] | None = None,
               save_scores: bool = False, device: str = "cpu", threads: int | None = None,
               overwrite: bool = False, seed: int | None = None, quiet: bool = False) -> dict:
     """Write round-0 pseudo-labels for ``cases`` (or the ``subset`` of ``split``, or every
@@ -626,7 +646,8 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
     out = Path(output)
     params = dict(k=k, position_weight=position_weight, coords=coords, bank_background=bank_background,
                   query_stride=query_stride, prototypes_per_class=prototypes_per_class,
-                  background_prototypes=background_prototypes, largest_component=largest_component, seed=seed)
+                  background_prototypes=background_prototypes, largest_component=largest_component,
+                  smooth=smooth, seed=seed)
     axes = tuple(axes) if axes is not None else tuple(store.axes)
     model = build_template_model(t_cf, t_lab.array, ds.label_map.num_classes, method=method, axes=axes,
                                  spacing=t_img.spacing, class_names=ds.label_map.names, **params)
@@ -700,6 +721,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lcc.add_argument("--largest-component", dest="largest_component", action="store_true",
                      default=DEFAULTS["largest_component"], help="keep the largest component per class")
     lcc.add_argument("--no-largest-component", dest="largest_component", action="store_false")
+    m.add_argument("--smooth", type=float, default=DEFAULTS["smooth"],
+                   help="Gaussian smoothing (sigma, voxels) of the class scores before the argmax; 0: none")
     m.add_argument("--axes", type=int, nargs="+", help="encoding axes to use (default: all in the store)")
     m.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--save-scores", action="store_true", help="also write per-class score maps to OUTPUT/scores/")
@@ -714,6 +737,6 @@ def main(args: argparse.Namespace) -> int:
               subset=args.subset, method=args.method, k=args.k, position_weight=args.position_weight,
               coords=args.coords, bank_background=args.bank_background, query_stride=args.query_stride,
               prototypes_per_class=args.prototypes_per_class, background_prototypes=args.background_prototypes,
-              largest_component=args.largest_component, axes=args.axes, save_scores=args.save_scores,
+              largest_component=args.largest_component, smooth=args.smooth, axes=args.axes, save_scores=args.save_scores,
               device=args.device, threads=args.threads, overwrite=args.overwrite, seed=args.seed, quiet=args.quiet)
     return 0
