@@ -67,10 +67,12 @@ def cuda_available() -> bool:
 
 
 def _is_device_array(x: Any) -> bool:
-    if hasattr(x, "__cuda_array_interface__"):
-        return True
-    is_cuda = getattr(x, "is_cuda", None)
-    return bool(is_cuda) if isinstance(is_cuda, bool) else False
+    if _is_torch(x):  # (a CUDA tensor that requires grad raises on __cuda_array_interface__)
+        return bool(getattr(x, "is_cuda", False))
+    try:
+        return hasattr(x, "__cuda_array_interface__")
+    except Exception:
+        return False
 
 
 def _threads(threads: int | None) -> int:
