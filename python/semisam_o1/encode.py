@@ -52,7 +52,7 @@ from .store import CASES_DIR, CONFIG_FILE, REDUCTION_FILE, FeatureStore, config_
 
 DEFAULT_AXES = (0, 1, 2)
 DEFAULT_CHANNELS = 64
-DEFAULT_BATCH = 4
+DEFAULT_BATCH = 1
 PERCENTILES = (0.5, 99.5)
 
 
@@ -127,6 +127,7 @@ def _create_exclusive(path: Path, write) -> bool:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)
         try:
             os.link(tmp, path)
             return True
@@ -280,6 +281,7 @@ def _write_case(store_root: Path, case: str, grids: dict, maps: dict, meta: dict
                                         "offset": [float(x) for x in maps[axis][0]],
                                         "step": [float(x) for x in maps[axis][1]]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        os.chmod(tmp, 0o755)
         final = cases_dir / case
         old = None
         if final.exists():
@@ -297,12 +299,15 @@ def _write_case(store_root: Path, case: str, grids: dict, maps: dict, meta: dict
 
 
 def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subset="template,unlabeled",
-           encoder: str = "litemedsam", checkpoint=None, layers: Sequence[str] | None = None,
+           encoder="litemedsam", checkpoint=None, layers: Sequence[str] | None = None,
            axes: Sequence[int] = DEFAULT_AXES, channels: int = DEFAULT_CHANNELS, reduction_case: str | None = None,
            tile_size: int = 0, window=None, batch_size: int = DEFAULT_BATCH, device: str = "cpu",
            threads: int | None = None, cache_dir=None, input_size: int | None = None, num_parts: int = 1,
            part_id: int = 0, overwrite: bool = False, quiet: bool = False, raise_on_failure: bool = True) -> dict:
     """Encode the chosen cases of ``dataset`` into the feature store ``output`` (see the module docstring).
+
+    ``encoder`` is an encoder name (see :mod:`semisam_o1.encoders`) or an already loaded
+    :class:`semisam_o1.encoders.Encoder` (then ``checkpoint``, ``layers``, ``device``, ``cache_dir`` are unused).
 
     Returns a summary dict: ``encoded``, ``skipped``, ``failed`` ({case: message}), ``slices``,
     ``seconds``, ``slices_per_s``, ``store_bytes``. A case whose input file or store signature changed is
@@ -336,10 +341,13 @@ def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subs
         import torch
 
         torch.set_num_threads(int(threads))
-    from .encoders import load_encoder
+    from .encoders import Encoder, load_encoder
 
-    enc = load_encoder(encoder, checkpoint, layers, device=device, threads=threads, cache_dir=cache_dir,
-                       input_size=input_size, log=log)
+    if isinstance(encoder, Encoder):  # an encoder already loaded (tests, notebooks)
+        enc = encoder
+    else:
+        enc = load_encoder(encoder, checkpoint, layers, device=device, threads=threads, cache_dir=cache_dir,
+                           input_size=input_size, log=log)
 
     existing = None
     if (root / CONFIG_FILE).is_file():
@@ -361,8 +369,14 @@ def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subs
     elif existing:
         tile = int(existing["packing"]["tile"])
     else:
-        first = ds.read_image(red_case if channels else chosen[0])
-        side = max(first.shape)
+        side = None
+        for c in ([red_case] if channels else []) + list(chosen):
+            try:
+                side = max(ds.read_image(c).shape)
+                break
+            except InputError:
+                continue
+        side = side or enc.input_size
         tile = enc.input_size // 2 if side <= enc.input_size // 2 else enc.input_size
     if tile < enc.cell or enc.input_size % tile or tile % enc.cell:
         raise InputError(f"--tile-size {tile}: must divide the encoder input {enc.input_size} and be a "

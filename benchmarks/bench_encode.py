@@ -1,0 +1,182 @@
+"""Encoder speed on this machine: torch eager vs ONNX Runtime, batch 1 and 8, and 2x2 slice packing.
+
+Measures slices per second of the default encoder (LiteMedSAM TinyViT, stages 1-3) on real
+Hippocampus slices, all runs in one process with the same thread count:
+
+* torch eager, unpacked (one slice per 256x256 canvas), batch 1 and batch 8
+* ONNX Runtime (graph optimisation ALL), unpacked, batch 1 and batch 8
+* ONNX Runtime, packed (4 slices per canvas, 128 px tiles), batch 1 and batch 8 canvases
+* cosine similarity of packed vs unpacked features of the same slices (the unpacked 64x64 cells
+  average-pooled 2x2 to the packed cell size, which covers the same voxels), per cell, mean and 5th
+  percentile
+* seconds per Hippocampus volume (all three axes; slices per volume from the cohort's shapes)
+
+Writes ``benchmarks/results/encode.json`` (with the command) and prints a Markdown table
+(``benchmarks/encode.md``). Usage::
+
+    python benchmarks/bench_encode.py --threads 2 [--slices 16] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+DATA = Path(os.environ.get("SEMISAM_DATA", REPO.parent / "shared" / "data" / "hippocampus"))
+
+
+def slices_of(case: str, axis: int):
+    from semisam_o1.encoders import intensity_range, scale_volume
+    from semisam_o1.io import read_image
+
+    vol = read_image(DATA / "imagesTr" / f"{case}.nii.gz")
+    img = scale_volume(vol.array, *intensity_range(vol.array))
+    return np.moveaxis(img, axis, 0)
+
+
+def canvases(sl: np.ndarray, tile: int, size: int = 256):
+    from semisam_o1.encoders import SlicePlan, resize_slices
+
+    plan = SlicePlan(sl.shape[1], sl.shape[2], tile, 4)
+    res = resize_slices(sl, plan)
+    per_side = size // tile
+    per = per_side ** 2
+    n_can = -(-len(sl) // per)
+    out = np.zeros((n_can, 3, size, size), np.float32)
+    for t in range(len(sl)):
+        c, pos = divmod(t, per)
+        ty, tx = divmod(pos, per_side)
+        out[c, :, ty * tile: ty * tile + plan.ru, tx * tile: tx * tile + plan.rv] = res[t]
+    return out, plan
+
+
+def timed(fn, batches, repeats=1):
+    fn(batches[0][:1])  # warm-up
+    best = float("inf")
+    outs = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = [fn(b) for b in batches]
+        best = min(best, time.perf_counter() - t0)
+    return best, outs
+
+
+def split(x, bs):
+    return [x[i:i + bs] for i in range(0, len(x), bs)]
+
+
+def cohort_slices_per_volume() -> float:
+    import nibabel as nib
+
+    sp = json.loads((DATA / "splits.json").read_text())
+    cases = [sp["template"]] + list(sp["unlabeled"])
+    return float(np.mean([sum(nib.load(str(DATA / "imagesTr" / f"{c}.nii.gz")).shape[:3]) for c in cases]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--slices", type=int, default=16, help="slices per configuration (multiple of 8)")
+    ap.add_argument("--case", default="hippocampus_003")
+    ap.add_argument("--axis", type=int, default=0)
+    ap.add_argument("--cache-dir", default=str(REPO / "work" / "onnx_cache"))
+    ap.add_argument("--write", action="store_true", help="write benchmarks/results/encode.json")
+    args = ap.parse_args(argv)
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import onnxruntime as ort
+    import torch
+
+    from semisam_o1.encoders import load_encoder, torch_model
+
+    torch.set_num_threads(args.threads)
+    enc = load_encoder("litemedsam", cache_dir=args.cache_dir, threads=args.threads)
+    model, _ = torch_model("litemedsam", None, enc.layers)
+
+    def run_torch(x):
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    sl = slices_of(args.case, args.axis)
+    reps = -(-args.slices // len(sl))
+    sl = np.concatenate([sl] * reps)[: args.slices]
+    n = len(sl)
+    full, plan_full = canvases(sl, 256)
+    packed, plan_packed = canvases(np.concatenate([sl] * 4), 128)  # 4n slices -> n canvases
+    res = {}
+    for name, fn, x, per in (("torch eager, unpacked", run_torch, full, 1),
+                             ("ONNX Runtime, unpacked", enc.run, full, 1),
+                             ("ONNX Runtime, packed 2x2", enc.run, packed, 4)):
+        for bs in (1, 8):
+            secs, outs = timed(fn, split(x, bs))
+            key = f"{name}, batch {bs}"
+            res[key] = {"slices": len(x) * per, "seconds": round(secs, 3),
+                        "slices_per_s": round(len(x) * per / secs, 3)}
+            print(f"{key}: {res[key]['slices_per_s']} slices/s", flush=True)
+            if name == "ONNX Runtime, unpacked" and bs == 8:
+                f_full = np.concatenate(outs)
+            if name == "ONNX Runtime, packed 2x2" and bs == 8:
+                f_packed = np.concatenate(outs)
+
+    # packed vs unpacked features of the same slices
+    cos_all = []
+    nu, nv = plan_packed.nu, plan_packed.nv
+    for t in range(n):
+        c, pos = divmod(t, 4)
+        ty, tx = divmod(pos, 2)
+        p = f_packed[c, :, ty * 32: ty * 32 + nu, tx * 32: tx * 32 + nv]
+        u = f_full[t, :, : 2 * nu, : 2 * nv]
+        u = u.reshape(u.shape[0], nu, 2, nv, 2).mean((2, 4))
+        num = (p * u).sum(0)
+        den = np.linalg.norm(p, axis=0) * np.linalg.norm(u, axis=0) + 1e-12
+        cos_all.append((num / den).ravel())
+    cos_all = np.concatenate(cos_all)
+    spv = cohort_slices_per_volume()
+    t_b = res["torch eager, unpacked, batch 1"]["slices_per_s"]
+    o_b = max(res["ONNX Runtime, unpacked, batch 1"]["slices_per_s"], res["ONNX Runtime, unpacked, batch 8"]["slices_per_s"])
+    p_b = max(res["ONNX Runtime, packed 2x2, batch 1"]["slices_per_s"], res["ONNX Runtime, packed 2x2, batch 8"]["slices_per_s"])
+    result = {
+        "command": "python benchmarks/bench_encode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "processor": platform.processor() or platform.machine(),
+                    "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
+                    "torch": torch.__version__, "onnxruntime": ort.__version__},
+        "encoder": {"name": "litemedsam", "layers": list(enc.layers), "channels": enc.channels},
+        "slices": {"case": args.case, "axis": args.axis, "shape": list(sl.shape[1:]),
+                   "unpacked_cells": [plan_full.nu, plan_full.nv], "packed_cells": [nu, nv]},
+        "runs": res,
+        "ort_vs_torch_speedup": round(o_b / t_b, 2),
+        "packing_speedup_vs_ort_unpacked": round(p_b / o_b, 2),
+        "cosine_packed_vs_unpacked": {"mean": round(float(cos_all.mean()), 4),
+                                      "p05": round(float(np.percentile(cos_all, 5)), 4)},
+        "hippocampus_slices_per_volume_3_axes": round(spv, 1),
+        "seconds_per_volume_3_axes": {"torch eager unpacked": round(spv / t_b, 1), "ONNX Runtime unpacked": round(spv / o_b, 1),
+                                      "ONNX Runtime packed 2x2 (default)": round(spv / p_b, 1)},
+    }
+    print(json.dumps(result, indent=1))
+    table = ["| configuration | batch | slices/s |", "| --- | --- | --- |"]
+    for k, v in res.items():
+        name, bs = k.rsplit(", batch ", 1)
+        table.append(f"| {name} | {bs} | {v['slices_per_s']} |")
+    print("\n".join(table))
+    if args.write:
+        out = REPO / "benchmarks" / "results" / "encode.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""encode: ONNX export (dynamic batch, torch agreement), packing and the cell -> voxel mapping, PCA
+reduction, resume / signatures / overwrite, sharding, bad inputs, CUDA failure, SAM ViT-B path.
+
+Real Hippocampus cases throughout. The LiteMedSAM ONNX export (the slow part) happens once per session
+into a temporary cache; store mechanics use a tiny ONNX "encoder" (4x4 average pooling of the canvas,
+so its features are the image itself and the mapping can be checked against the voxels).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from semisam_o1.encode import encode
+from semisam_o1.encoders import (SlicePlan, intensity_range, load_encoder, make_session, resize_slices,
+                                 scale_volume, torch_model)
+from semisam_o1.errors import InputError
+from semisam_o1.io import read_image
+from semisam_o1.store import FeatureStore, voxel_features
+
+CASES = ("hippocampus_001", "hippocampus_003", "hippocampus_006")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx_cache")
+
+
+@pytest.fixture(scope="session")
+def lite(cache_dir):
+    """The default LiteMedSAM encoder (stages 1-3), exported once for the session."""
+    return load_encoder("litemedsam", cache_dir=cache_dir, threads=2)
+
+
+def _make_dataset(root: Path, data_root: Path, cases=CASES) -> Path:
+    (root / "imagesTr").mkdir(parents=True)
+    meta = json.loads((data_root / "dataset.json").read_text())
+    meta.pop("training", None)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for c in cases:
+        shutil.copy(data_root / "imagesTr" / f"{c}.nii.gz", root / "imagesTr" / f"{c}.nii.gz")
+    return root
+
+
+@pytest.fixture()
+def dataset(tmp_path, data_root):
+    return _make_dataset(tmp_path / "data", data_root)
+
+
+@pytest.fixture(scope="session")
+def pool_onnx(tmp_path_factory):
+    """A tiny ONNX encoder: (B,3,256,256) -> (B,3,64,64) 4x4 average pooling (features = the image)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("AveragePool", ["image"], ["features"], kernel_shape=[4, 4], strides=[4, 4])
+    graph = helper.make_graph(
+        [node], "pool",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 256, 256])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 3, 64, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("pool") / "pool.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _packed_canvas(data_root, case="hippocampus_003", axis=2, n=4):
+    """A real 2x2 packed canvas (1, 3, 256, 256) of the first n slices of ``axis``, and the plan."""
+    vol = read_image(data_root / "imagesTr" / f"{case}.nii.gz")
+    img = scale_volume(vol.array, *intensity_range(vol.array))
+    sl = np.moveaxis(img, axis, 0)
+    plan = SlicePlan(sl.shape[1], sl.shape[2], 128, 4)
+    res = resize_slices(sl[:n], plan)
+    canvas = np.zeros((1, 3, 256, 256), np.float32)
+    for t in range(n):
+        ty, tx = divmod(t, 2)
+        canvas[0, :, ty * 128: ty * 128 + plan.ru, tx * 128: tx * 128 + plan.rv] = res[t]
+    return canvas, plan
+
+
+# --------------------------------------------------------------------------- ONNX export
+
+
+def test_onnx_matches_torch_and_batch_axis_is_dynamic(lite, data_root):
+    import onnx
+    import torch
+
+    assert lite.channels == 160 + 320 + 320 and lite.cell == 4 and lite.input_size == 256
+    dim0 = onnx.load(str(lite.onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value  # symbolic batch
+    canvases = np.concatenate([_packed_canvas(data_root, c, axis=a)[0]
+                               for c, a in (("hippocampus_003", 2), ("hippocampus_006", 0), ("hippocampus_001", 1),
+                                            ("hippocampus_003", 0), ("hippocampus_006", 2))])
+    ort5 = lite.run(canvases)
+    assert ort5.shape == (5, 800, 64, 64)
+    for i in (0, 4):  # batch 1 and batch 5 agree (first and last item)
+        np.testing.assert_allclose(ort5[i:i + 1], lite.run(canvases[i:i + 1]), atol=1e-5, rtol=0)
+    model, size = torch_model("litemedsam", None, lite.layers)
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(canvases[:1])).numpy()
+    diff = np.abs(ort5[:1] - ref).max()
+    a, b = ort5[:1].ravel().astype(np.float64), ref.ravel().astype(np.float64)
+    cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    assert diff < 1e-3, diff
+    assert cos > 0.99999, cos
+    # each stage is L2-normalised per cell and scaled by 1/sqrt(3)
+    norms = np.sqrt((ref[0, :160] ** 2).sum(0))
+    np.testing.assert_allclose(norms, 1 / np.sqrt(3), rtol=1e-4)
+
+
+def test_export_is_cached(lite, cache_dir):
+    again = load_encoder("litemedsam", cache_dir=cache_dir, threads=1)
+    assert again.onnx_path == lite.onnx_path
+    assert len(list(Path(cache_dir).glob("*.onnx"))) == 1
+
+
+def test_cuda_without_provider_fails_clearly(pool_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA provider available here")
+    with pytest.raises(InputError, match="--device cuda: ONNX Runtime did not get the CUDA execution provider"):
+        make_session(pool_onnx, device="cuda")
+
+
+# --------------------------------------------------------------------------- real features
+
+
+def test_litemedsam_store_on_real_case(lite, cache_dir, dataset, tmp_path, data_root):
+    out = tmp_path / "f"
+    s = encode(dataset, out, cases=["hippocampus_003"], encoder=lite, axes=[2], threads=2, quiet=True)
+    assert s["encoded"] == 1 and not s["failed"]
+    store = FeatureStore(out)
+    cfg = store.config
+    assert cfg["channels"] == 64 and cfg["packing"] == {"tile": 128, "per_canvas": 4}
+    assert cfg["reduction"]["case"] == "hippocampus_003"
+    basis = store.reduction()
+    assert basis.shape == (800, 64)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(64), atol=1e-4)  # orthonormal
+    assert 0.5 < cfg["notes"]["reduction_energy_kept"] <= 1.0
+    cf = store.load("hippocampus_003")
+    vol = read_image(dataset / "imagesTr" / "hippocampus_003.nii.gz")
+    assert cf.voxel_shape == vol.shape
+    g = cf.grid(2)
+    X, Y, Z = vol.shape
+    plan = SlicePlan(X, Y, 128, 4)
+    assert g.shape == (64, plan.nu, plan.nv, Z) and g.dtype == np.float16
+    assert np.isfinite(np.asarray(g, np.float32)).all()
+    off, step = cf.cell_to_voxel(2)
+    np.testing.assert_allclose(step, [4 * X / plan.ru, 4 * Y / plan.rv, 1.0])
+    # the stored cells are the projection of the encoder's own output for those slices
+    canvas, _ = _packed_canvas(data_root, "hippocampus_003", axis=2, n=4)
+    raw = lite.run(canvas)[0]
+    for t in range(4):
+        ty, tx = divmod(t, 2)
+        cells = raw[:, ty * 32: ty * 32 + plan.nu, tx * 32: tx * 32 + plan.nv]
+        proj = np.tensordot(basis, cells, axes=([0], [0]))
+        np.testing.assert_allclose(np.asarray(g[:, :, :, t], np.float32), proj, atol=2e-3 + 2e-3 * np.abs(proj).max())
+    v = cf.on_voxel_grid()
+    assert v.shape == (64,) + vol.shape
+
+
+# --------------------------------------------------------------------------- geometry with the pooling encoder
+
+
+def test_packing_and_mapping_reproduce_the_image(pool_onnx, dataset, tmp_path):
+    out = tmp_path / "f"
+    encode(dataset, out, cases=list(CASES[:2]), encoder="onnx", checkpoint=pool_onnx, channels=0,
+           quiet=True, threads=2, batch_size=3)
+    store = FeatureStore(out)
+    assert store.cases() == sorted(CASES[:2]) and store.axes == (0, 1, 2)
+    assert store.config["packing"]["tile"] == 128
+    for case in CASES[:2]:
+        cf = store.load(case)
+        vol = read_image(dataset / "imagesTr" / f"{case}.nii.gz")
+        img = scale_volume(vol.array, *intensity_range(vol.array))
+        for axis in (0, 1, 2):
+            g = cf.grid(axis)
+            assert g.shape[1 + axis] == vol.shape[axis]
+            off, step = cf.cell_to_voxel(axis)
+            rec = voxel_features(g[:1], off, step, vol.shape)[0]
+            # features are the image averaged over a cell: brought back with the recorded mapping they
+            # must match the voxels closely, and clearly better than with a mapping shifted by one cell
+            corr = np.corrcoef(rec.ravel(), img.ravel())[0, 1]
+            shifted = off.copy()
+            d = [x for x in range(3) if x != axis][0]
+            shifted[d] += step[d]
+            corr_shift = np.corrcoef(voxel_features(g[:1], shifted, step, vol.shape)[0].ravel(), img.ravel())[0, 1]
+            assert corr > 0.9, (case, axis, corr)
+            assert corr > corr_shift + 0.05, (case, axis, corr, corr_shift)
+            assert abs(rec.mean() - img.mean()) < 0.05 * img.mean() + 1.0
+
+
+def test_resume_signature_overwrite_and_sharding(pool_onnx, dataset, tmp_path):
+    out = tmp_path / "f"
+    kw = dict(encoder="onnx", checkpoint=pool_onnx, channels=2, quiet=True, threads=2)
+    a = encode(dataset, out, cases=list(CASES), num_parts=2, part_id=0, **kw)
+    b = encode(dataset, out, cases=list(CASES), num_parts=2, part_id=1, **kw)
+    assert a["encoded"] == 2 and b["encoded"] == 1  # every 2nd case: 001, 006 | 003
+    assert FeatureStore(out).cases() == sorted(CASES)
+    assert FeatureStore(out).config["reduction"]["case"] == CASES[0]
+    meta = out / "cases" / CASES[1] / "meta.json"
+    mtime = meta.stat().st_mtime_ns
+    again = encode(dataset, out, cases=list(CASES), **kw)
+    assert again["skipped"] == 3 and again["encoded"] == 0
+    assert meta.stat().st_mtime_ns == mtime
+    # changed configuration: refused, then rebuilt with --overwrite
+    with pytest.raises(InputError, match="another configuration.*preprocessing.window"):
+        encode(dataset, out, cases=list(CASES), window=(0, 500), **kw)
+    # changed input file: refused, then re-encoded
+    shutil.copy(dataset / "imagesTr" / f"{CASES[2]}.nii.gz", dataset / "imagesTr" / f"{CASES[1]}.nii.gz")
+    with pytest.raises(InputError, match=f"case {CASES[1]}: .*another input file.*--overwrite"):
+        encode(dataset, out, cases=list(CASES), **kw)
+    s = encode(dataset, out, cases=list(CASES), overwrite=True, **kw)
+    assert s["encoded"] == 1 and s["skipped"] == 2
+    assert FeatureStore(out).load(CASES[1]).voxel_shape == FeatureStore(out).load(CASES[2]).voxel_shape
+    assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_files(folder: Path, good: Path):
+    img = nib.load(str(good))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    raw = good.read_bytes()
+    (folder / "bad_truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), img.affine), str(folder / "bad_4d.nii.gz"))
+    nib.save(nib.Nifti1Image(data[:, :, 0], img.affine), str(folder / "bad_2d.nii.gz"))
+    nan = data.copy()
+    nan[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, img.affine), str(folder / "bad_nan.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((0, 4, 4), np.float32), img.affine), str(folder / "bad_empty.nii.gz"))
+    (folder / "bad_garbage.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 10))
+
+
+def test_bad_inputs_one_line_each_nothing_written(pool_onnx, dataset, tmp_path, capsys):
+    from semisam_o1.cli import main
+
+    _bad_files(dataset / "imagesTr", dataset / "imagesTr" / f"{CASES[0]}.nii.gz")
+    out = tmp_path / "f"
+    bad = ["bad_truncated", "bad_4d", "bad_2d", "bad_nan", "bad_empty", "bad_garbage"]
+    rc = main(["encode", "-i", str(dataset), "-o", str(out), "--cases", CASES[0], *bad, CASES[1],
+               "--encoder", "onnx", "--checkpoint", str(pool_onnx), "--channels", "0", "--quiet", "--threads", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [l for l in err.splitlines() if "error" in l]
+    for name, what in zip(bad, ["cannot read", "4D", "2D", "NaN", "empty", "not a readable NIfTI"]):
+        hit = [l for l in lines if name in l]
+        assert len(hit) == 1 and what in hit[0], (name, hit)
+    store = FeatureStore(out)
+    assert store.cases() == sorted([CASES[0], CASES[1]])  # good cases before and after are intact
+    assert not any((out / "cases" / n).exists() for n in bad)
+    assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
+    # an unknown case id
+    rc = main(["encode", "-i", str(dataset), "-o", str(out), "--cases", "hippocampus_999", "--quiet"])
+    assert rc == 2 and "hippocampus_999" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- SAM ViT-B
+
+
+def test_sam_vit_b_random_weights_tiny_input(tmp_path, cache_dir, dataset):
+    import torch
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT
+
+    torch.manual_seed(0)
+    vit = ImageEncoderViT(depth=12, embed_dim=768, img_size=64, mlp_ratio=4,
+                          norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=12, patch_size=16,
+                          qkv_bias=True, use_rel_pos=True, global_attn_indexes=(2, 5, 8, 11), window_size=14,
+                          out_chans=256)
+    ckpt = tmp_path / "sam_vit_b_random.pth"
+    torch.save({f"image_encoder.{k}": v for k, v in vit.state_dict().items()}, ckpt)
+    enc = load_encoder("sam-vit-b", ckpt, cache_dir=cache_dir, threads=2)
+    assert (enc.input_size, enc.cell, enc.channels) == (64, 16, 256)
+    x = (np.random.default_rng(0).random((2, 3, 64, 64)) * 255).astype(np.float32)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = vit((torch.from_numpy(x) - mean) / std).numpy()
+    got = enc.run(x)
+    assert np.abs(got - ref).max() < 1e-3
+    np.testing.assert_allclose(enc.run(x[1:]), got[1:], atol=1e-5)
+    out = tmp_path / "f"
+    s = encode(dataset, out, cases=[CASES[1]], encoder=enc, axes=[2], channels=0, threads=2, quiet=True)
+    assert s["encoded"] == 1
+    cf = FeatureStore(out).load(CASES[1])
+    g = cf.grid(2)
+    assert g.shape[0] == 256 and g.shape[3] == cf.voxel_shape[2] and np.isfinite(np.asarray(g, np.float32)).all()
+    with pytest.raises(InputError, match="needs --checkpoint"):
+        load_encoder("sam-vit-b", None, cache_dir=cache_dir)
