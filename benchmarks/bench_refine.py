@@ -57,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--features", default=str(REPO / "work" / "features"))
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
     p.add_argument("--pred", default=None, help="predict folder with <case>.nii.gz and <case>_entropy.nii.gz")
+    p.add_argument("--stand-in", choices=["propagate", "prototype"], default="propagate",
+                   help="without --pred: current labels and uncertainty from `propagate` (round-0 pseudo-labels, "
+                        "entropy of its kNN vote shares) or from template class prototypes (minus the top-2 margin)")
+    p.add_argument("--scratch", default=str(REPO / "work" / "bench_refine_propagate"),
+                   help="where the propagate stand-in writes its round-0 labels and scores (reused)")
     p.add_argument("--bank", type=int, default=200_000)
     p.add_argument("--volumes", type=int, default=20)
     p.add_argument("--query-fraction", type=float, default=0.10)
@@ -71,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "refine.json"))
+    p.add_argument("--markdown", default=str(REPO / "benchmarks" / "refine.md"), help="table for the README ('' to skip)")
+    p.add_argument("--from-json", default=None, help="only rewrite --markdown from an existing result JSON")
     return p.parse_args(argv)
 
 
@@ -159,6 +166,56 @@ def pca(bank, dim, seed):
     return fit_projection(bank[rows], dim)
 
 
+def to_markdown(r: dict) -> str:
+    """The README table of a result dict."""
+    d = r["data"]
+    h = r["headline"]
+    lines = [
+        "### Refinement latency (kNN vote): C++ kernel vs faiss-cpu + NumPy vote",
+        "",
+        f"Real LiteMedSAM features of Hippocampus ({d['cohort_cases']} encoded unlabeled cases of "
+        f"{d['unlabeled_pool']}; store dimension {d['feature_dim']} = 64 channels x {len(d['encoder_axes'])} axes, "
+        f"PCA to {r['projection']['dim']} as `refine` does, {r['projection']['explained_variance']:.0%} of the "
+        f"variance); bank = {h['bank']:,} confident voxels (class-balanced), queries = the "
+        f"{r.get('args', {}).get('query_fraction', 0.1):.0%} most uncertain voxels of {d['query_volumes']} volumes "
+        f"({h['queries']:,}); k = {d['k']}; {r['machine']['threads']} threads each, one machine with "
+        f"{r['machine']['cpus']} cores shared with other jobs (load average {r['machine']['load_average_at_start'][0]:.1f} "
+        f"at start). Uncertainty: {d['uncertainty']}.",
+        "",
+        "| bank | volumes | queries | dim | kernel s | faiss + vote s | faiss / kernel | same labels |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [(row, row.get("volumes", d["query_volumes"])) for row in r["bank_size_series"]]
+    rows += [(row, row["volumes"]) for row in r["volume_series"] if row["queries"] != h["queries"]]
+    full = r["full_dimension"]
+    rows.append((full, "slice"))
+    for row, vols in rows:
+        lines.append(f"| {row['bank']:,} | {vols} | {row['queries']:,} | {row['dim']} | {row['kernel_s']:.2f} | "
+                     f"{row['faiss_s']:.2f} | {row['faiss_over_kernel']:.1f}x | {row['label_agreement']:.2%} |")
+    lines += [
+        "",
+        f"Full dimension in float16 (the store's dtype): {full['kernel_float16_s']:.2f} s on the same slice "
+        f"({full['float16_vs_float32_agreement']:.2%} of labels equal to float32).",
+        "",
+        "What the PCA projection and the bank size cost, on a slice of "
+        f"{r['projection_agreement']['queries']:,} queries (agreement with the full dimension and the largest bank; "
+        "accuracy against the real labels of the query voxels is a diagnostic only, never read by `refine`; "
+        "*oracle*: the bank voxels carry their real labels, i.e. how far the features alone carry the label; "
+        f"the current labels of these voxels are right {r['projection_agreement']['current_labels_accuracy']:.1%} "
+        "of the time):",
+        "",
+        "| dim | variance kept | bank | k | search s | agreement (current labels) | agreement (oracle) "
+        "| accuracy (current bank labels) | accuracy (oracle bank) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g in r["projection_agreement"]["grid"]:
+        lines.append(f"| {g['dim']} | {g['explained_variance']:.0%} | {g['bank']:,} | {g['k']} | {g['search_s']:.2f} | "
+                     f"{g['agreement_with_full_dim_largest_bank']:.1%} | {g.get('agreement_oracle_labels', float('nan')):.1%} | "
+                     f"{g['accuracy_current_bank_labels']:.1%} | {g['accuracy_oracle_bank_labels']:.1%} |")
+    lines += ["", f"Command: `{r['command']}` (results: `benchmarks/results/refine.json`).", ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -174,6 +231,9 @@ def stand_in(feats, prototypes):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_json:
+        Path(args.markdown).write_text(to_markdown(json.loads(Path(args.from_json).read_text())))
+        return
     from semisam_o1.io import Dataset, find_case_file, read_image, read_label
     from semisam_o1.refine import class_quotas
     from semisam_o1.store import FeatureStore
@@ -197,9 +257,16 @@ def main(argv=None):
     print(f"cohort: {len(cohort)} encoded unlabeled cases of {len(split['unlabeled'])}; "
           f"queries from {len(qcases)}", flush=True)
 
-    # template prototypes (stand-in labels / uncertainty)
+    # stand-in labels / uncertainty when there are no predictions
     prototypes = None
-    if args.pred is None:
+    if args.pred is None and args.stand_in == "propagate":
+        from semisam_o1.propagate import propagate
+
+        t0 = time.perf_counter()
+        propagate(args.data, args.features, template, args.scratch, cases=cohort, save_scores=True,
+                  threads=args.threads, quiet=True)
+        print(f"propagate stand-in: {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.pred is None and args.stand_in == "prototype":
         t_img = ds.read_image(template)
         t_lab = ds.read_label(template, reference=t_img).array.ravel()
         tf = store.load(template).on_voxel_grid()
@@ -221,8 +288,17 @@ def main(argv=None):
         load_s[case] = time.perf_counter() - tc
         c_dim = feats.shape[0]
         flat = feats.reshape(c_dim, -1)
-        if args.pred is None:
+        if args.pred is None and args.stand_in == "prototype":
             labels, unc = stand_in(feats, prototypes)
+        elif args.pred is None:
+            labels = read_label(find_case_file(args.scratch, case), ds.label_map).array.ravel().astype(np.int32)
+            import nibabel as nib
+
+            sc_img = nib.as_closest_canonical(nib.load(str(find_case_file(Path(args.scratch) / "scores", case))))
+            sc = np.clip(np.asarray(sc_img.dataobj, dtype=np.float32), 0, None)  # (X, Y, Z, K) vote shares
+            sc = sc.reshape(-1, sc.shape[-1]) if sc.ndim == 4 else sc.reshape(-1, 1)
+            p_ = sc / np.maximum(sc.sum(axis=1, keepdims=True), 1e-12)
+            unc = -(p_ * np.log(np.maximum(p_, 1e-12))).sum(axis=1)
         else:
             labels = read_label(find_case_file(args.pred, case), ds.label_map).array.ravel().astype(np.int32)
             unc = read_image(find_case_file(args.pred, f"{case}_entropy")).array.ravel()
@@ -263,6 +339,7 @@ def main(argv=None):
 
     result = {
         "command": "python benchmarks/bench_refine.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
                     "load_average_at_start": list(os.getloadavg())},
         "data": {
@@ -270,8 +347,11 @@ def main(argv=None):
             "feature_dim": int(q_full.shape[1]), "cohort_cases": len(cohort),
             "unlabeled_pool": len(split["unlabeled"]), "query_volumes": len(qcases),
             "uncertainty": ("predict entropy maps (" + str(args.pred) + ")") if args.pred else
-            "stand-in: minus the margin between the two best template-prototype cosine scores; "
-            "current labels = prototype argmax (no predictions were available)",
+            ("stand-in (no predictions were available): current labels = `propagate` round-0 pseudo-labels "
+             "(default kNN label transfer from the template), uncertainty = entropy of its per-class vote shares"
+             if args.stand_in == "propagate" else
+             "stand-in (no predictions were available): minus the margin between the two best "
+             "template-prototype cosine scores; current labels = prototype argmax"),
             "bank_per_class": {ds.label_map.names[c]: int((bank_labels == c).sum()) for c in range(n_cls)},
             "queries": int(len(q_full)), "k": args.k,
             "read_features_s_per_case": round(float(np.mean(list(load_s.values()))), 3),
@@ -359,14 +439,16 @@ def main(argv=None):
                 cur = numpy_vote(idx[:, :k], sim[:, :k], bank_labels[:n], n_cls)
                 ora = numpy_vote(idx[:, :k], sim[:, :k], bank_truth[:n], n_cls)
                 grid.append({"dim": d, "explained_variance": round(ex, 4), "bank": n, "k": k,
-                             "search_s": round(secs, 3), "labels": cur,
+                             "search_s": round(secs, 3), "labels": cur, "oracle": ora,
                              "accuracy_current_bank_labels": round(float((cur == truth).mean()), 4),
                              "accuracy_oracle_bank_labels": round(float((ora == truth).mean()), 4)})
-            print(f"dim {d} bank {n}: {[{k_: v for k_, v in g.items() if k_ != 'labels'} for g in grid[-len(ks):]]}",
+            print(f"dim {d} bank {n}: {[{k_: v for k_, v in g.items() if k_ not in ('labels', 'oracle')} for g in grid[-len(ks):]]}",
                   flush=True)
-    ref = next(g["labels"] for g in grid if g["dim"] == q_full.shape[1] and g["bank"] == max(sizes) and g["k"] == args.k)
+    ref = next(g for g in grid if g["dim"] == q_full.shape[1] and g["bank"] == max(sizes) and g["k"] == args.k)
+    ref_cur, ref_ora = ref["labels"], ref["oracle"]
     for g in grid:
-        g["agreement_with_full_dim_largest_bank"] = round(float((g.pop("labels") == ref).mean()), 4)
+        g["agreement_with_full_dim_largest_bank"] = round(float((g.pop("labels") == ref_cur).mean()), 4)
+        g["agreement_oracle_labels"] = round(float((g.pop("oracle") == ref_ora).mean()), 4)
     result["projection_agreement"] = {
         "queries": int(nf),
         "reference": f"full dimension {q_full.shape[1]}, bank {max(sizes)}, k {args.k}",
@@ -381,6 +463,9 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}", flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text(to_markdown(result))
+        print(f"wrote {args.markdown}", flush=True)
 
 
 if __name__ == "__main__":
