@@ -149,7 +149,7 @@ def _dice(a, b, c):
 
 
 @pytest.mark.parametrize("method,extra", [
-    ("knn", dict(position_weight=0.0)),
+    ("knn", dict(position_weight=0.0, query_stride=1)),
     ("knn", dict(position_weight=2.0, query_stride=1)),
     ("prototype", dict(prototypes_per_class=1, background_prototypes=1)),
     ("prototype", dict(prototypes_per_class=2, background_prototypes=4)),
@@ -158,7 +158,7 @@ def test_synthetic_onehot_features_reproduce_labels(tmp_path, data_root, real, o
     ds, labels = real
     out = tmp_path / "pseudo"
     summary = P.propagate(data_root, onehot_store, TEMPLATE, out, cases=CASES, method=method,
-                          largest_component=False, bank_background=2000, quiet=True, threads=2, **extra)
+                          largest_component=False, smooth=0.0, bank_background=2000, quiet=True, threads=2, **extra)
     assert summary["written"] == 2
     for case in CASES:
         pred = read_label(out / f"{case}.nii.gz", ds.label_map, reference=ds.read_image(case)).array
@@ -178,11 +178,11 @@ def test_outputs_keep_input_grid_affine_header_and_integer_type(tmp_path, data_r
         assert set(np.unique(np.asarray(got.dataobj))) <= {0, 1, 2}
         sc = nib.load(str(out / "scores" / f"{case}.nii.gz"))
         assert sc.shape == (*src.shape, 3) and sc.get_data_dtype() == np.float32
-        # the argmax of the saved scores is the label before post-processing; with one-hot features
-        # and the largest component on, Dice against the real label stays high
+        # with the defaults (query stride 2, smoothing, largest component) thin parts blur a little,
+        # but with one-hot features Dice against the real label stays high
         pred = read_label(out / f"{case}.nii.gz", ds.label_map).array
         for c in (1, 2):
-            assert _dice(pred, labels[case], c) > 0.9
+            assert _dice(pred, labels[case], c) > 0.85
 
 
 def test_resume_skips_finished_cases(tmp_path, data_root, onehot_store):

@@ -19,9 +19,14 @@ below). The position term is folded into the kernel's inner product by
 appending coordinates and bias terms to each vector (see
 :func:`augment_with_position`), so no special kernel is needed. The template
 bank holds every foreground voxel plus a random sample of background voxels
-(``--bank-background``); queries run on a grid of stride ``--query-stride``
-and the per-class vote shares are brought back to the voxel grid by
-trilinear interpolation before the argmax.
+(``--bank-background``; optionally every background voxel near the
+foreground, ``--bank-ring``, and inverse-sampling-rate vote weights,
+``--bank-reweight``); queries run on a grid of stride ``--query-stride`` and
+the per-class vote shares are brought back to the voxel grid by trilinear
+interpolation, smoothed (``--smooth``) and arg-maxed. Defaults (k = 10,
+w = 1.5, stride 2, 20,000 background voxels, smoothing sigma 1, largest
+component) are the best of benchmarks/bench_propagate.py on the Hippocampus
+unlabeled pool (benchmarks/propagate.md).
 
 ``prototype``: class prototypes (the method's description in the paper). On
 each encoding axis's own feature-cell grid the template label is brought to
@@ -94,15 +99,18 @@ __all__ = [
 #: Defaults chosen by benchmarks/bench_propagate.py (see benchmarks/propagate.md).
 DEFAULTS = dict(
     method="knn",
-    k=5,
-    position_weight=2.0,
+    k=10,
+    position_weight=1.5,
     coords="extent",
     bank_background=20000,
-    query_stride=1,
-    prototypes_per_class=1,
+    bank_ring=0,
+    bank_reweight=False,
+    recentre=0,
+    query_stride=2,
+    prototypes_per_class=3,
     background_prototypes=8,
     largest_component=True,
-    smooth=0.0,
+    smooth=1.0,
     seed=0,
 )
 
@@ -396,6 +404,8 @@ class TemplateModel:
     owner: dict = field(default_factory=dict)  # axis -> (P,) int32
     bank: np.ndarray | None = None  # (N, C') float32, position-augmented
     bank_labels: np.ndarray | None = None  # (N,) int32
+    bank_weights: np.ndarray | None = None  # (N,) float32 vote weight of each bank row
+    fg_centroid: np.ndarray | None = None  # (3,) normalised position of the template's foreground centroid
     bank_norm: float | None = None
     coord_scale_mm: tuple[float, float, float] | None = None
 
@@ -448,11 +458,25 @@ def build_template_model(cf, label: np.ndarray, num_classes: int, *, method: str
     rng = np.random.default_rng(int(p["seed"]))
     flat = label.reshape(-1)
     fg = np.flatnonzero(flat > 0)
-    bg = np.flatnonzero(flat == 0)
+    ring_r = int(p["bank_ring"])
+    if ring_r > 0:
+        from scipy import ndimage
+
+        near = ndimage.binary_dilation(label > 0, iterations=ring_r).reshape(-1) & (flat == 0)
+    else:
+        near = np.zeros(flat.shape, bool)
+    ring = np.flatnonzero(near)
+    far = np.flatnonzero((flat == 0) & ~near)
     nbg = int(p["bank_background"])
-    if 0 <= nbg < len(bg):
-        bg = np.sort(rng.choice(bg, size=nbg, replace=False))
-    idx = np.concatenate([fg, bg])
+    far_weight = 1.0
+    if 0 <= nbg < len(far):
+        far_weight = len(far) / max(nbg, 1)
+        far = np.sort(rng.choice(far, size=nbg, replace=False))
+    idx = np.concatenate([fg, ring, far])
+    # importance weights: a sampled voxel stands for far_weight voxels of its region, so the vote
+    # estimates the full template's vote (Horvitz-Thompson); fg and ring voxels are all kept
+    model.bank_weights = np.concatenate([np.ones(len(fg) + len(ring), np.float32),
+                                         np.full(len(far), far_weight if p["bank_reweight"] else 1.0, np.float32)])
     if len(idx) < int(p["k"]):
         raise InputError(f"--k {p['k']} is larger than the template bank ({len(idx)} voxels)")
     f = feats.reshape(C, -1)[:, idx].T
@@ -462,6 +486,7 @@ def build_template_model(cf, label: np.ndarray, num_classes: int, *, method: str
     ii, jj, kk = np.unravel_index(idx, shape)
     pos = np.stack([cx[ii], cy[jj], cz[kk]], 1)
     model.bank = augment_with_position(f, pos, float(p["position_weight"]), "bank")
+    model.fg_centroid = pos[: len(fg)].mean(0) if len(fg) else np.zeros(3, np.float32)
     model.bank_norm = float(np.sqrt((model.bank.astype(np.float64) ** 2).sum(1).max()))
     model.bank_labels = flat[idx].astype(np.int32)
     return model
@@ -514,19 +539,36 @@ def score_case(model: TemplateModel, cf, *, spacing: Sequence[float] = (1.0, 1.0
     cx, cy, cz = normalised_coords(shape, p["coords"], spacing, model.coord_scale_mm)
     gx, gy, gz = np.meshgrid(cx[sub[0]], cy[sub[1]], cz[sub[2]], indexing="ij")
     pos = np.stack([gx.ravel(), gy.ravel(), gz.ravel()], 1)
-    qa = augment_with_position(q, pos, float(p["position_weight"]), "query")
     k = int(p["k"])
-    _, _, idx, sim = kern.knn_vote(dev.put(qa), dev.put(model.bank), dev.put(model.bank_labels), k,
-                                   threads=threads, return_topk=True)
-    idx, sim = dev.get(idx), dev.get(sim)
-    w = np.maximum(sim, 0).astype(np.float32)
-    lab = model.bank_labels[idx]
-    votes = np.zeros((len(q), K), dtype=np.float32)
-    for c in range(K):
-        votes[:, c] = (w * (lab == c)).sum(1)
-    tot = votes.sum(1, keepdims=True)
-    share = np.where(tot > 0, votes / np.maximum(tot, 1e-30), 0.0)
-    share[tot[:, 0] <= 0, 0] = 1.0  # no positive neighbour: background
+    w_pos = float(p["position_weight"])
+
+    def vote(positions):
+        qa = augment_with_position(q, positions, w_pos, "query")
+        _, _, idx, sim = kern.knn_vote(dev.put(qa), dev.put(model.bank), dev.put(model.bank_labels), k,
+                                       threads=threads, return_topk=True)
+        idx, sim = dev.get(idx), dev.get(sim)
+        w = np.maximum(sim, 0).astype(np.float32)
+        if model.bank_weights is not None:
+            w = w * model.bank_weights[idx]
+        lab = model.bank_labels[idx]
+        votes = np.zeros((len(q), K), dtype=np.float32)
+        for c in range(K):
+            votes[:, c] = (w * (lab == c)).sum(1)
+        tot = votes.sum(1, keepdims=True)
+        share = np.where(tot > 0, votes / np.maximum(tot, 1e-30), 0.0)
+        share[tot[:, 0] <= 0, 0] = 1.0  # no positive neighbour: background
+        return share
+
+    share = vote(pos)
+    for _ in range(int(p.get("recentre") or 0) if w_pos > 0 else 0):
+        # translate the case's coordinates so that its predicted foreground centroid lands on the
+        # template's foreground centroid, and vote again
+        fgq = np.argmax(share, 1) > 0
+        if not fgq.any():
+            break
+        shift = model.fg_centroid - pos[fgq].mean(0)
+        pos = pos + shift[None].astype(np.float32)
+        share = vote(pos)
     share = share.T.reshape(K, len(sub[0]), len(sub[1]), len(sub[2]))
     if stride == 1:
         return np.ascontiguousarray(share, dtype=np.float32)
@@ -588,7 +630,8 @@ def _open_store(features):
 def propagate(input, features, template: str, output, *, cases: Sequence[str] | None = None,
               split=None, subset: str | None = "unlabeled", method: str = DEFAULTS["method"],
               k: int | None = None, position_weight: float | None = None, coords: str | None = None,
-              bank_background: int | None = None, query_stride: int | None = None,
+              bank_background: int | None = None, bank_ring: int | None = None,
+              bank_reweight: bool | None = None, recentre: int | None = None, query_stride: int | None = None,
               prototypes_per_class: int | None = None, background_prototypes: int | None = None,
               largest_component: bool | None = None, smooth: float | None = None, axes: Sequence[int] | None = None,
               save_scores: bool = False, device: str = "cpu", threads: int | None = None,
@@ -645,6 +688,7 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
                              f"its image is {shape}: re-encode it")
     out = Path(output)
     params = dict(k=k, position_weight=position_weight, coords=coords, bank_background=bank_background,
+                  bank_ring=bank_ring, bank_reweight=bank_reweight, recentre=recentre,
                   query_stride=query_stride, prototypes_per_class=prototypes_per_class,
                   background_prototypes=background_prototypes, largest_component=largest_component,
                   smooth=smooth, seed=seed)
@@ -711,6 +755,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "scaled by the template's half-extent (mm)")
     m.add_argument("--bank-background", type=int, default=DEFAULTS["bank_background"],
                    help="knn: background template voxels sampled into the bank (-1: all)")
+    m.add_argument("--bank-ring", type=int, default=DEFAULTS["bank_ring"],
+                   help="knn: keep every background voxel within this many voxels of the foreground in the bank")
+    m.add_argument("--bank-reweight", action="store_true", default=DEFAULTS["bank_reweight"],
+                   help="knn: weight sampled background voxels by the inverse sampling rate in the vote")
+    m.add_argument("--recentre", type=int, default=DEFAULTS["recentre"],
+                   help="knn: passes that shift the case's coordinates so its predicted foreground centroid "
+                        "meets the template's, then vote again")
     m.add_argument("--query-stride", type=int, default=DEFAULTS["query_stride"],
                    help="knn: query every n-th voxel per axis, interpolate the vote shares")
     m.add_argument("--prototypes-per-class", type=int, default=DEFAULTS["prototypes_per_class"],
@@ -735,7 +786,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     propagate(args.input, args.features, args.template, args.output, cases=args.cases, split=args.split,
               subset=args.subset, method=args.method, k=args.k, position_weight=args.position_weight,
-              coords=args.coords, bank_background=args.bank_background, query_stride=args.query_stride,
+              coords=args.coords, bank_background=args.bank_background, bank_ring=args.bank_ring,
+              bank_reweight=args.bank_reweight, recentre=args.recentre, query_stride=args.query_stride,
               prototypes_per_class=args.prototypes_per_class, background_prototypes=args.background_prototypes,
               largest_component=args.largest_component, smooth=args.smooth, axes=args.axes, save_scores=args.save_scores,
               device=args.device, threads=args.threads, overwrite=args.overwrite, seed=args.seed, quiet=args.quiet)
