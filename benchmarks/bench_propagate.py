@@ -70,9 +70,9 @@ CONFIGS: dict[str, tuple] = {
     "knn k=5 w=2 coords mm": ("knn", dict(k=5, position_weight=2.0, coords="mm", query_stride=2), None),
     "knn k=10 w=1.5": ("knn", dict(k=10, position_weight=1.5, query_stride=2), None),
     "knn k=10 w=2": ("knn", dict(k=10, position_weight=2.0, query_stride=2), None),
-    "knn k=20 w=2": ("knn", dict(k=20, position_weight=2.0, query_stride=2), None),
+    "knn k=20 w=2": ("knn", dict(k=20, position_weight=2.0, query_stride=2), None, 8),
     "knn k=10 w=2 bank bg 5000": ("knn", dict(k=10, position_weight=2.0, query_stride=2, bank_background=5000), None),
-    "knn k=10 w=1.5 bank bg all": ("knn", dict(k=10, position_weight=1.5, query_stride=2, bank_background=-1), None),
+    "knn k=10 w=1.5 bank bg all": ("knn", dict(k=10, position_weight=1.5, query_stride=2, bank_background=-1), None, 8),
     "knn k=10 w=1.5 bank bg 5000 reweighted": ("knn", dict(k=10, position_weight=1.5, query_stride=2,
                                                             bank_background=5000, bank_reweight=True), None),
     "knn k=10 w=1.5 bank ring 3 + bg 5000": ("knn", dict(k=10, position_weight=1.5, query_stride=2,
@@ -80,9 +80,9 @@ CONFIGS: dict[str, tuple] = {
     "knn k=10 w=1.5 bank ring 3 + bg 5000 reweighted": ("knn", dict(k=10, position_weight=1.5, query_stride=2,
                                                                      bank_background=5000, bank_ring=3,
                                                                      bank_reweight=True), None),
-    "knn k=10 w=1.5 recentre 1": ("knn", dict(k=10, position_weight=1.5, query_stride=2, recentre=1), None),
-    "knn k=10 w=2 recentre 1": ("knn", dict(k=10, position_weight=2.0, query_stride=2, recentre=1), None),
-    "knn k=10 w=3 recentre 1": ("knn", dict(k=10, position_weight=3.0, query_stride=2, recentre=1), None),
+    "knn k=10 w=1.5 recentre 1": ("knn", dict(k=10, position_weight=1.5, query_stride=2, recentre=1), None, 12),
+    "knn k=10 w=2 recentre 1": ("knn", dict(k=10, position_weight=2.0, query_stride=2, recentre=1), None, 8),
+    "knn k=10 w=3 recentre 1": ("knn", dict(k=10, position_weight=3.0, query_stride=2, recentre=1), None, 8),
     "knn k=10 w=2 stride 1": ("knn", dict(k=10, position_weight=2.0, query_stride=1), None, 6),
     "knn k=10 w=2 stride 3": ("knn", dict(k=10, position_weight=2.0, query_stride=3), None),
 }
@@ -158,9 +158,10 @@ def run(ds: Dataset, store, template: str, cases: list[str], configs: dict, thre
                 tmp.write_text(json.dumps(cache))
         res = [done[c] for c in cases]
         info = dict(method=method, params={**params}, axes=list(axes_), template_seconds=round(build_s, 2))
-        add(name, [r["raw"] for r in res], [r["s_raw"] for r in res], {**info, "largest_component": False})
+        info0 = {**info, "params": {**params, "smooth": 0.0}}
+        add(name, [r["raw"] for r in res], [r["s_raw"] for r in res], {**info0, "largest_component": False})
         add(name + " + largest component", [r["lcc"] for r in res], [r["s_lcc"] for r in res],
-            {**info, "largest_component": True})
+            {**info0, "largest_component": True})
         if method == "knn":
             add(name + " + smooth 1 + largest component", [r["sm"] for r in res], [r["s_sm"] for r in res],
                 {**info, "largest_component": True, "params": {**params, "smooth": 1.0}})
@@ -225,7 +226,8 @@ def main(argv=None) -> int:
     for r in rows:
         r["default"] = (r.get("method") == defaults["method"] and r.get("largest_component") == defaults["largest_component"]
                         and all(r["params"].get(k, defaults[k]) == defaults[k]
-                                for k in ("k", "position_weight", "coords", "smooth", "bank_background"))
+                                for k in ("k", "position_weight", "coords", "smooth", "bank_background", "bank_ring",
+                                          "bank_reweight", "recentre"))
                         and r["params"].get("query_stride", 1) == defaults["query_stride"]
                         and r.get("axes") == list(store.axes))
     entry = dict(command="python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:])),

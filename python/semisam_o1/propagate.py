@@ -370,6 +370,9 @@ class _Device:
                 raise InputError("--device cuda: torch is not installed") from None
             if not torch.cuda.is_available():
                 raise InputError("--device cuda: no CUDA device is available (use --device cpu)")
+            if not _kernels().cuda_available():
+                raise InputError("--device cuda: the CUDA kernels (semisam_o1._core_cuda) are not built "
+                                 "in this install (use --device cpu)")
         elif name != "cpu":
             raise InputError(f"--device must be 'cpu' or 'cuda', not {name!r}")
 
