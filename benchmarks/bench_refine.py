@@ -70,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--project-dim", type=int, default=64)
     p.add_argument("--agreement-dims", default="32,64,128")
+    p.add_argument("--centred-dims", default="64", help="also these dimensions with ordinary (centred) PCA")
     p.add_argument("--full-dim-queries", type=int, default=5_000)
     p.add_argument("--max-cases", type=int, default=0, help="bank cohort: at most this many cases (0: all)")
     p.add_argument("--threads", type=int, default=2)
@@ -156,14 +157,15 @@ def compare(q, b, bl, k, threads, n_cls, repeats, truth=None, keep_labels=None):
     }
 
 
-def pca(bank, dim, seed):
-    """refine's projection: PCA fitted on at most PCA_FIT_ROWS bank rows (seeded)."""
+def pca(bank, dim, seed, centred=False):
+    """refine's projection: uncentred PCA fitted on at most PCA_FIT_ROWS bank rows (seeded);
+    ``centred=True`` for ordinary PCA (compared in the grid)."""
     from semisam_o1.refine import PCA_FIT_ROWS, fit_projection
 
     rows = np.arange(len(bank))
     if len(bank) > PCA_FIT_ROWS:
         rows = np.sort(np.random.default_rng(seed + 1).choice(len(bank), PCA_FIT_ROWS, replace=False))
-    return fit_projection(bank[rows], dim)
+    return fit_projection(bank[rows], dim, centred=centred)
 
 
 def to_markdown(r: dict) -> str:
@@ -175,8 +177,8 @@ def to_markdown(r: dict) -> str:
         "",
         f"Real LiteMedSAM features of Hippocampus ({d['cohort_cases']} encoded unlabeled cases of "
         f"{d['unlabeled_pool']}; store dimension {d['feature_dim']} = 64 channels x {len(d['encoder_axes'])} axes, "
-        f"PCA to {r['projection']['dim']} as `refine` does, {r['projection']['explained_variance']:.0%} of the "
-        f"variance); bank = {h['bank']:,} confident voxels (class-balanced), queries = the "
+        f"projected to {r['projection']['dim']} by uncentred PCA as `refine` does, keeping "
+        f"{r['projection'].get('energy_kept', r['projection'].get('explained_variance', 0)):.0%} of the energy); bank = {h['bank']:,} confident voxels (class-balanced), queries = the "
         f"{r.get('args', {}).get('query_fraction', 0.1):.0%} most uncertain voxels of {d['query_volumes']} volumes "
         f"({h['queries']:,}); k = {d['k']}; {r['machine']['threads']} threads each, one machine with "
         f"{r['machine']['cpus']} cores shared with other jobs (load average {r['machine']['load_average_at_start'][0]:.1f} "
@@ -204,12 +206,13 @@ def to_markdown(r: dict) -> str:
         f"the current labels of these voxels are right {r['projection_agreement']['current_labels_accuracy']:.1%} "
         "of the time):",
         "",
-        "| dim | variance kept | bank | k | search s | agreement (current labels) | agreement (oracle) "
+        "| dim | projection | kept | bank | k | search s | agreement (current labels) | agreement (oracle) "
         "| accuracy (current bank labels) | accuracy (oracle bank) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for g in r["projection_agreement"]["grid"]:
-        lines.append(f"| {g['dim']} | {g['explained_variance']:.0%} | {g['bank']:,} | {g['k']} | {g['search_s']:.2f} | "
+        kept = g.get("kept", g.get("explained_variance", 0))
+        lines.append(f"| {g['dim']} | {g.get('projection', '')} | {kept:.0%} | {g['bank']:,} | {g['k']} | {g['search_s']:.2f} | "
                      f"{g['agreement_with_full_dim_largest_bank']:.1%} | {g.get('agreement_oracle_labels', float('nan')):.1%} | "
                      f"{g['accuracy_current_bank_labels']:.1%} | {g['accuracy_oracle_bank_labels']:.1%} |")
     lines += ["", f"Command: `{r['command']}` (results: `benchmarks/results/refine.json`).", ""]
@@ -363,7 +366,8 @@ def main(argv=None):
     mean, comps, explained = pca(bank, args.project_dim, args.seed)
     bank_p = np.ascontiguousarray((bank - mean) @ comps)
     q_p = np.ascontiguousarray((q_full - mean) @ comps)
-    result["projection"] = {"dim": args.project_dim, "explained_variance": round(explained, 4),
+    result["projection"] = {"kind": "uncentred PCA (as refine)", "dim": args.project_dim,
+                            "energy_kept": round(explained, 4),
                             "fit_and_project_s": round(time.perf_counter() - t0, 3)}
     print(f"PCA {args.project_dim}: explained {explained:.3f}", flush=True)
 
@@ -420,15 +424,17 @@ def main(argv=None):
     # what the projection (and the bank size, and k) cost: one top-k search per (dim, bank size) on the
     # slice, then the vote in NumPy with the current labels and, as a diagnostic, with the bank voxels'
     # real labels (an oracle bank: how far the features alone carry the right label)
-    dims = [q_full.shape[1]] + [int(x) for x in args.agreement_dims.split(",") if x and int(x) < q_full.shape[1]]
+    dims = [(q_full.shape[1], False)] + [(int(x), False) for x in args.agreement_dims.split(",")
+                                         if x and int(x) < q_full.shape[1]]
+    dims += [(int(x), True) for x in args.centred_dims.split(",") if x and int(x) < q_full.shape[1]]
     sizes = [int(x) for x in args.bank_sizes.split(",") if x]
     ks = sorted({args.k, 2 * args.k})
     grid = []
-    for d in dims:
+    for d, centred in dims:
         if d == q_full.shape[1]:
             qd, bd, ex = q_full[sl], bank, 1.0
         else:
-            m_, c_, ex = pca(bank, d, args.seed)
+            m_, c_, ex = pca(bank, d, args.seed, centred=centred)
             qd, bd = np.ascontiguousarray((q_full[sl] - m_) @ c_), np.ascontiguousarray((bank - m_) @ c_)
         for n in sizes:
             t = time.perf_counter()
@@ -438,13 +444,15 @@ def main(argv=None):
             for k in ks:
                 cur = numpy_vote(idx[:, :k], sim[:, :k], bank_labels[:n], n_cls)
                 ora = numpy_vote(idx[:, :k], sim[:, :k], bank_truth[:n], n_cls)
-                grid.append({"dim": d, "explained_variance": round(ex, 4), "bank": n, "k": k,
+                grid.append({"dim": d, "projection": "centred PCA" if centred else
+                             ("none" if d == q_full.shape[1] else "uncentred PCA"), "kept": round(ex, 4),
+                             "bank": n, "k": k,
                              "search_s": round(secs, 3), "labels": cur, "oracle": ora,
                              "accuracy_current_bank_labels": round(float((cur == truth).mean()), 4),
                              "accuracy_oracle_bank_labels": round(float((ora == truth).mean()), 4)})
             print(f"dim {d} bank {n}: {[{k_: v for k_, v in g.items() if k_ not in ('labels', 'oracle')} for g in grid[-len(ks):]]}",
                   flush=True)
-    ref = next(g for g in grid if g["dim"] == q_full.shape[1] and g["bank"] == max(sizes) and g["k"] == args.k)
+    ref = next(g for g in grid if g["projection"] == "none" and g["bank"] == max(sizes) and g["k"] == args.k)
     ref_cur, ref_ora = ref["labels"], ref["oracle"]
     for g in grid:
         g["agreement_with_full_dim_largest_bank"] = round(float((g.pop("labels") == ref_cur).mean()), 4)

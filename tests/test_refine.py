@@ -298,15 +298,21 @@ def test_class_quotas():
     assert refine_mod.class_quotas([0, 0], 10) == [0, 0]
 
 
-def test_fit_projection_matches_numpy_pca():
+def test_fit_projection_matches_numpy_svd():
     rng = np.random.default_rng(3)
-    x = (rng.standard_normal((500, 12)) * np.linspace(3, 0.1, 12)).astype(np.float32)
-    mean, comps, explained = refine_mod.fit_projection(x, 3)
+    x = (rng.standard_normal((500, 12)) * np.linspace(3, 0.1, 12) + 0.5).astype(np.float32)
+    # default: uncentred (top right singular vectors of x itself)
+    mean, comps, kept = refine_mod.fit_projection(x, 3)
+    np.testing.assert_array_equal(mean, 0)
+    _, s, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    np.testing.assert_allclose(np.abs(comps.T @ vt[:3].T), np.eye(3), atol=1e-4)
+    assert kept == pytest.approx(float((s[:3] ** 2).sum() / (s ** 2).sum()), rel=1e-5)
+    # centred: ordinary PCA
+    mean, comps, kept = refine_mod.fit_projection(x, 3, centred=True)
     np.testing.assert_allclose(mean, x.mean(axis=0), atol=1e-5)
     _, s, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
-    # same subspace as the SVD's top 3 right singular vectors
     np.testing.assert_allclose(np.abs(comps.T @ vt[:3].T), np.eye(3), atol=1e-4)
-    assert explained == pytest.approx(float((s[:3] ** 2).sum() / (s ** 2).sum()), rel=1e-5)
+    assert kept == pytest.approx(float((s[:3] ** 2).sum() / (s ** 2).sum()), rel=1e-5)
 
 
 # --------------------------------------------------------------------------- volume mode

@@ -23,11 +23,14 @@ Two modes:
        candidates across the cohort (``numpy.random.default_rng(seed)``).
        The features of the drawn voxels are read case by case
        (``FeatureStore.load(case).on_voxel_grid()``), never all cases at once.
-       Optionally (``project_dim`` > 0) a PCA projection is fitted once on the
-       bank (at most 65,536 of its rows, seeded; centred, top ``project_dim``
-       eigenvectors of its covariance) and
-       applied to bank and queries: the kNN cost is Q x N x C, and the store's
-       concatenated dimension (256 per encoder axis) is large.
+       Optionally (``project_dim`` > 0) a projection is fitted once on the
+       bank (at most 65,536 of its rows, seeded): uncentred PCA, the top
+       ``project_dim`` eigenvectors of the bank's second-moment matrix, which
+       best preserves the dot products the cosine vote uses; it is applied to
+       bank and queries. The kNN cost is Q x N x C and the store's concatenated
+       dimension is C_store x number of encoder axes (192 for the default
+       LiteMedSAM store); 64 dimensions cut the vote time about threefold (see
+       benchmarks/refine.md for what it costs in agreement).
     3. *Vote.* Case by case, the queries' features go through the C++ kernel
        :func:`semisam_o1.kernels.knn_vote`: cosine similarity to every bank
        entry, the k most similar, and the label with the largest sum of
@@ -102,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bank-size", type=int, default=DEFAULT_BANK_SIZE,
                    help="voxel mode: most bank entries (class-balanced sample of confident voxels + template)")
     p.add_argument("--project-dim", type=int, default=DEFAULT_PROJECT_DIM,
-                   help="voxel mode: PCA dimension fitted on the bank (0: use the store's full dimension)")
+                   help="voxel mode: uncentred-PCA dimension fitted on the bank (0: the store's full dimension)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the kNN kernel runs")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bank sampling")
@@ -167,31 +170,38 @@ def class_quotas(available: Sequence[int], total: int) -> list[int]:
     return quota
 
 
-def fit_projection(bank: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """PCA of ``bank`` (N, C): ``(mean (C,) float32, components (C, dim) float32, explained)``.
+def fit_projection(bank: np.ndarray, dim: int, centred: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """Projection of ``bank`` (N, C) rows to ``dim`` dimensions:
+    ``(mean (C,) float32, components (C, dim) float32, kept)``; project with
+    ``(x - mean) @ components``.
 
-    ``components`` are the top-``dim`` eigenvectors of the bank's covariance
-    (float64 accumulation over chunks); ``explained`` is the fraction of the
-    total variance they keep. Project with ``(x - mean) @ components``.
+    Default (``centred=False``): *uncentred* PCA, the top-``dim`` eigenvectors of
+    the second-moment matrix ``X^T X / N`` (``mean`` is 0), the rank-``dim``
+    subspace that best preserves the rows' dot products, which is what the
+    cosine vote uses; ``kept`` is the fraction of ``sum |x|^2`` it keeps.
+    ``centred=True``: ordinary PCA (covariance eigenvectors, ``kept`` = fraction
+    of the variance); centring changes the cosine geometry and cost more Dice in
+    our measurements (benchmarks/refine.md). float64 accumulation over chunks.
     """
     n, c = bank.shape
     mean = np.zeros(c, np.float64)
-    for s in range(0, n, 65536):
-        mean += bank[s:s + 65536].astype(np.float64).sum(axis=0)
-    mean /= max(n, 1)
-    cov = np.zeros((c, c), np.float64)
+    if centred:
+        for s in range(0, n, 65536):
+            mean += bank[s:s + 65536].astype(np.float64).sum(axis=0)
+        mean /= max(n, 1)
+    m2 = np.zeros((c, c), np.float64)
     for s in range(0, n, 65536):
         x = bank[s:s + 65536].astype(np.float64) - mean
-        cov += x.T @ x
-    cov /= max(n - 1, 1)
-    evals, evecs = np.linalg.eigh(cov)
+        m2 += x.T @ x
+    m2 /= max(n, 1)
+    evals, evecs = np.linalg.eigh(m2)
     order = np.argsort(evals)[::-1][:dim]
-    explained = float(evals[order].sum() / max(evals.sum(), 1e-30))
+    kept = float(evals[order].sum() / max(evals.sum(), 1e-30))
     comps = evecs[:, order]
     # fix the sign so the projection is reproducible across LAPACK builds
     signs = np.sign(comps[np.argmax(np.abs(comps), axis=0), np.arange(comps.shape[1])])
     comps = comps * np.where(signs == 0, 1.0, signs)
-    return mean.astype(np.float32), comps.astype(np.float32), explained
+    return mean.astype(np.float32), comps.astype(np.float32), kept
 
 
 def _project(x: np.ndarray, projection) -> np.ndarray:
@@ -580,8 +590,8 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
         for s in range(0, n_bank, 65536):
             bank_k[s:s + 65536] = _project(bank[s:s + 65536], projection)
         bank = bank_k
-        bank_info["projection"] = {"kind": "pca", "dim_in": dim_in, "dim": int(comps.shape[1]),
-                                   "explained_variance": explained, "fit_rows": int(len(fit_rows))}
+        bank_info["projection"] = {"kind": "uncentred-pca", "dim_in": dim_in, "dim": int(comps.shape[1]),
+                                   "energy_kept": explained, "fit_rows": int(len(fit_rows))}
     else:
         bank_info["projection"] = {"kind": "none", "dim_in": dim_in, "dim": dim_in}
     knn_bank = _KnnBank(bank, bank_labels, device=device, threads=threads)
