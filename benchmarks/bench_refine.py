@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--full-dim-queries", type=int, default=5_000)
     p.add_argument("--max-cases", type=int, default=0, help="bank cohort: at most this many cases (0: all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-quality", dest="quality", action="store_false",
+                   help="skip the quality diagnostic (refine on the propagate stand-in of the query volumes, Dice)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "refine.json"))
@@ -215,8 +217,84 @@ def to_markdown(r: dict) -> str:
         lines.append(f"| {g['dim']} | {g.get('projection', '')} | {kept:.0%} | {g['bank']:,} | {g['k']} | {g['search_s']:.2f} | "
                      f"{g['agreement_with_full_dim_largest_bank']:.1%} | {g.get('agreement_oracle_labels', float('nan')):.1%} | "
                      f"{g['accuracy_current_bank_labels']:.1%} | {g['accuracy_oracle_bank_labels']:.1%} |")
+    q = r.get("quality_diagnostic")
+    if q:
+        lines += [
+            "",
+            f"`refine` itself on the {q['cases']} query volumes, with `propagate`'s round-0 pseudo-labels as the "
+            "predictions and the entropy of its vote shares as the entropy maps (Dice against the real labels: "
+            "a diagnostic of this benchmark; the real loop refines the UNet's predictions):",
+            "",
+            "| configuration | " + " | ".join(f"Dice {n}" for n in next(iter(q["dice_per_class"].values())))
+            + " | mean | voxels changed | s |",
+            "|---|" + "---:|" * (len(next(iter(q["dice_per_class"].values()))) + 3),
+        ]
+        for name, per in q["dice_per_class"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in per.values())
+                         + f" | {q['dice_mean'][name]:.4f} | {q['voxels_changed'].get(name, 0):,} | "
+                         + (f"{q['seconds'][name]:.0f}" if name in q["seconds"] else "") + " |")
     lines += ["", f"Command: `{r['command']}` (results: `benchmarks/results/refine.json`).", ""]
     return "\n".join(lines)
+
+
+def quality_diagnostic(args, ds, template, cases):
+    """`refine` itself on the propagate stand-in predictions of ``cases`` (labels = round-0
+    pseudo-labels, entropy maps = entropy of propagate's vote shares): Dice per class against
+    the real labels before and after, per configuration. A diagnostic of this benchmark only."""
+    import nibabel as nib
+
+    from semisam_o1.io import find_case_file, read_label, write_json, write_map
+    from semisam_o1.refine import refine
+
+    scratch = Path(args.scratch)
+    pred = scratch / "as_pred"
+    pred.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        if (pred / f"{case}_entropy.nii.gz").is_file():
+            continue
+        img = ds.read_image(case)
+        sc = nib.as_closest_canonical(nib.load(str(find_case_file(scratch / "scores", case))))
+        sc = np.clip(np.asarray(sc.dataobj, dtype=np.float32), 0, None)
+        p_ = sc / np.maximum(sc.sum(axis=-1, keepdims=True), 1e-12)
+        write_map(pred / f"{case}_entropy.nii.gz", -(p_ * np.log(np.maximum(p_, 1e-12))).sum(axis=-1), img)
+        lab = read_label(find_case_file(scratch, case), ds.label_map, reference=img).array
+        from semisam_o1.io import write_label
+
+        write_label(pred / f"{case}.nii.gz", lab, img, ds.label_map)
+    truth = {c: ds.read_label(c).array for c in cases}
+    n_cls = ds.label_map.num_classes
+
+    def dice(folder):
+        per = []
+        for c in cases:
+            p_ = read_label(find_case_file(folder, c), ds.label_map).array
+            t_ = truth[c]
+            per.append([2 * float(((p_ == k) & (t_ == k)).sum()) / max(float((p_ == k).sum() + (t_ == k).sum()), 1.0)
+                        for k in range(1, n_cls)])
+        return np.mean(per, axis=0)
+
+    configs = {
+        "round-0 labels (no refinement)": None,
+        "voxel, uncentred PCA 64 (default)": dict(mode="voxel", project_dim=64),
+        "voxel, full dimension": dict(mode="voxel", project_dim=0),
+        "voxel, k 10, PCA 64": dict(mode="voxel", project_dim=64, k=10),
+        "volume (official code)": dict(mode="volume"),
+    }
+    out = {"cases": len(cases), "dice_per_class": {}, "dice_mean": {}, "seconds": {}, "voxels_changed": {}}
+    for name, cfg in configs.items():
+        folder = pred
+        if cfg is not None:
+            folder = scratch / ("refined_" + "_".join(f"{k}{v}" for k, v in cfg.items()))
+            t = time.perf_counter()
+            info = refine(args.data, args.features, pred, folder, template=template, cases=cases,
+                          threads=args.threads, quiet=True, **cfg)
+            out["seconds"][name] = round(time.perf_counter() - t, 1)
+            out["voxels_changed"][name] = info["voxels_changed_total"]
+        d = dice(folder)
+        out["dice_per_class"][name] = {ds.label_map.names[k + 1]: round(float(x), 4) for k, x in enumerate(d)}
+        out["dice_mean"][name] = round(float(d.mean()), 4)
+    write_json(scratch / "quality_diagnostic.json", out)
+    return out
 
 
 # --------------------------------------------------------------------------- data
@@ -465,6 +543,10 @@ def main(argv=None):
                 "oracle = the bank voxels carry their real labels",
         "grid": grid,
     }
+    if args.quality and args.pred is None and args.stand_in == "propagate":
+        print("quality diagnostic ...", flush=True)
+        result["quality_diagnostic"] = quality_diagnostic(args, ds, template, qcases)
+        print(result["quality_diagnostic"]["dice_mean"], flush=True)
     result["total_s"] = round(time.perf_counter() - t_all, 1)
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     out = Path(args.out)
