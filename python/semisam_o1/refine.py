@@ -93,8 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predictions folder: <case>.nii.gz labels and <case>_entropy.nii.gz entropy maps")
     p.add_argument("-o", "--output", required=True, help="folder for the refined labels and refine.json")
     p.add_argument("--template", default=None,
-                   help="the annotated template case (its real label joins the bank); default: the split's template")
-    p.add_argument("--cases", nargs="+", default=None, help="cases to refine (default: --split/--subset)")
+                   help="the annotated template case (its real label joins the bank); None: the split's template")
+    p.add_argument("--cases", nargs="+", default=None, help="cases to refine; None: the --subset of --split")
     p.add_argument("--split", default=None, help="split file (splits.json)")
     p.add_argument("--subset", default="unlabeled", help="subset(s) of --split to refine, comma separated")
     p.add_argument("--k", type=int, default=5, help="neighbours in the vote")
@@ -107,7 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--project-dim", type=int, default=DEFAULT_PROJECT_DIM,
                    help="voxel mode: uncentred-PCA dimension fitted on the bank (0: the store's full dimension)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the kNN kernel runs")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads; None: all cores")
     p.add_argument("--seed", type=int, default=0, help="seed of the bank sampling")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
