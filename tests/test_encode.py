@@ -134,20 +134,22 @@ def test_cuda_without_provider_fails_clearly(pool_onnx):
 # --------------------------------------------------------------------------- real features
 
 
-def test_litemedsam_store_on_real_case(lite, cache_dir, dataset, tmp_path, data_root):
+def test_litemedsam_store_on_real_case(lite, tmp_path, data_root):
+    case = "hippocampus_243"  # 24 slices along axis 2: 6 packed canvases
+    dataset = _make_dataset(tmp_path / "data", data_root, [case])
     out = tmp_path / "f"
-    s = encode(dataset, out, cases=["hippocampus_003"], encoder=lite, axes=[2], threads=2, quiet=True)
+    s = encode(dataset, out, cases=[case], encoder=lite, axes=[2], threads=2, quiet=True)
     assert s["encoded"] == 1 and not s["failed"]
     store = FeatureStore(out)
     cfg = store.config
     assert cfg["channels"] == 64 and cfg["packing"] == {"tile": 128, "per_canvas": 4}
-    assert cfg["reduction"]["case"] == "hippocampus_003"
+    assert cfg["reduction"]["case"] == case
     basis = store.reduction()
     assert basis.shape == (800, 64)
     np.testing.assert_allclose(basis.T @ basis, np.eye(64), atol=1e-4)  # orthonormal
     assert 0.5 < cfg["notes"]["reduction_energy_kept"] <= 1.0
-    cf = store.load("hippocampus_003")
-    vol = read_image(dataset / "imagesTr" / "hippocampus_003.nii.gz")
+    cf = store.load(case)
+    vol = read_image(dataset / "imagesTr" / f"{case}.nii.gz")
     assert cf.voxel_shape == vol.shape
     g = cf.grid(2)
     X, Y, Z = vol.shape
@@ -157,7 +159,7 @@ def test_litemedsam_store_on_real_case(lite, cache_dir, dataset, tmp_path, data_
     off, step = cf.cell_to_voxel(2)
     np.testing.assert_allclose(step, [4 * X / plan.ru, 4 * Y / plan.rv, 1.0])
     # the stored cells are the projection of the encoder's own output for those slices
-    canvas, _ = _packed_canvas(data_root, "hippocampus_003", axis=2, n=4)
+    canvas, _ = _packed_canvas(data_root, case, axis=2, n=4)
     raw = lite.run(canvas)[0]
     for t in range(4):
         ty, tx = divmod(t, 2)
@@ -274,13 +276,27 @@ def test_sam_vit_b_random_weights_tiny_input(tmp_path, cache_dir, dataset):
 
     from segment_anything.modeling import ImageEncoderViT
 
-    torch.manual_seed(0)
-    vit = ImageEncoderViT(depth=12, embed_dim=768, img_size=64, mlp_ratio=4,
-                          norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=12, patch_size=16,
-                          qkv_bias=True, use_rel_pos=True, global_attn_indexes=(2, 5, 8, 11), window_size=14,
-                          out_chans=256)
+    # a randomly initialised ViT-B with a 64 px input (4x4 tokens): built on the meta device and filled
+    # with random normal weights (norm weights 1, biases 0), which is much faster than module init
+    with torch.device("meta"):
+        vit = ImageEncoderViT(depth=12, embed_dim=768, img_size=64, mlp_ratio=4,
+                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=12, patch_size=16,
+                              qkv_bias=True, use_rel_pos=True, global_attn_indexes=(2, 5, 8, 11), window_size=14,
+                              out_chans=256)
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for k, v in vit.state_dict().items():
+        if k.endswith("bias"):
+            state[k] = torch.zeros(v.shape)
+        elif "norm" in k:
+            state[k] = torch.ones(v.shape)
+        else:
+            state[k] = torch.randn(v.shape, generator=gen) * 0.02
+    vit = vit.to_empty(device="cpu")
+    vit.load_state_dict(state)
+    vit.eval()
     ckpt = tmp_path / "sam_vit_b_random.pth"
-    torch.save({f"image_encoder.{k}": v for k, v in vit.state_dict().items()}, ckpt)
+    torch.save({f"image_encoder.{k}": v for k, v in state.items()}, ckpt)
     enc = load_encoder("sam-vit-b", ckpt, cache_dir=cache_dir, threads=2)
     assert (enc.input_size, enc.cell, enc.channels) == (64, 16, 256)
     x = (np.random.default_rng(0).random((2, 3, 64, 64)) * 255).astype(np.float32)

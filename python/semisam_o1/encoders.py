@@ -237,11 +237,18 @@ def build_sam(name: str, checkpoint: Path, layers: Sequence[str]):
         raise InputError(f"{checkpoint}: embedding width {int(state['pos_embed'].shape[-1])} does not match "
                          f"{name} ({cfg['embed_dim']})")
     size = grid * 16
-    enc = ImageEncoderViT(depth=cfg["depth"], embed_dim=cfg["embed_dim"], img_size=size, mlp_ratio=4,
-                          norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg["num_heads"],
-                          patch_size=16, qkv_bias=True, use_rel_pos=True,
-                          global_attn_indexes=cfg["global_attn_indexes"], window_size=14, out_chans=256)
-    res = enc.load_state_dict(state, strict=False)
+    with torch.device("meta"):  # no random init of ~90-630M parameters: every one comes from the checkpoint
+        enc = ImageEncoderViT(depth=cfg["depth"], embed_dim=cfg["embed_dim"], img_size=size, mlp_ratio=4,
+                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg["num_heads"],
+                              patch_size=16, qkv_bias=True, use_rel_pos=True,
+                              global_attn_indexes=cfg["global_attn_indexes"], window_size=14, out_chans=256)
+    try:
+        res = enc.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise InputError(f"{checkpoint}: not a {name} checkpoint ({str(exc).splitlines()[0]})") from None
+    left = [n for n, t in list(enc.named_parameters()) + list(enc.named_buffers()) if t.is_meta]
+    if left:
+        raise InputError(f"{checkpoint}: not a {name} checkpoint (missing {left[0]})")
     if res.missing_keys:
         raise InputError(f"{checkpoint}: not a {name} checkpoint (missing {res.missing_keys[0]})")
     valid = {"neck"} | {f"block{i}" for i in range(cfg["depth"])}
