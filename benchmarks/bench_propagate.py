@@ -182,6 +182,31 @@ def write_results(path: Path, entry: dict) -> None:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
+NOTES = """
+How to read it. Every row gives pseudo-labels from the template alone (its label is the only
+one propagate reads); the benchmark alone reads each case's real label to score them. Rows come
+in threes: raw argmax, with the largest connected component of each class, and (kNN rows) with a
+Gaussian smoothing (sigma 1 voxel) of the class vote shares before the argmax and the largest
+component. "k-means bg N fg M": N background and M prototypes per foreground class by weighted
+spherical k-means on the template's features. "w": the position term's weight in
+s = cos - (w^2/2)||p_q - p_b||^2, p = voxel centre mapped onto [-1, 1] along each axis of the
+volume's own box ("extent"); "coords mm": centred millimetres divided by the template's
+half-extent. "stride n": queries on every n-th voxel per axis, vote shares interpolated
+(trilinear). "bank bg N": background template voxels sampled into the kNN bank (all foreground
+voxels are always in); "ring 3": every background voxel within 3 voxels of the foreground kept;
+"reweighted": sampled background votes weighted by the inverse sampling rate; "recentre 1": a
+second pass after translating the case's coordinates so its predicted foreground centroid meets
+the template's. Seconds per case are wall-clock on a 2-core machine shared with the encoder and
+other jobs (so they are upper bounds), and exclude reading the feature store's files from disk
+cache only in part.
+
+The position term's assumption: the cohort shares a consistent field of view (the anatomy sits
+at about the same place relative to each volume's box), true of MSD Hippocampus, whose volumes
+are crops around the hippocampus. For cohorts without that property use --position-weight 0
+(the "w=0" rows show what is lost here).
+"""
+
+
 def markdown(entry: dict) -> str:
     rows = entry["rows"]
     names = list(rows[0]["dice_per_class"])
@@ -195,7 +220,7 @@ def markdown(entry: dict) -> str:
         star = " **(default)**" if r.get("default") else ""
         out.append(f"| {r['name']}{star} | " + " | ".join(f"{r['dice_per_class'][n]:.3f}" for n in names)
                    + f" | {r['mean_dice']:.3f} | {r['seconds_per_case']:.2f} |")
-    out += ["", f"Command: `{entry['command']}`", ""]
+    out += ["", f"Command: `{entry['command']}`", "", NOTES.strip(), ""]
     return "\n".join(out)
 
 

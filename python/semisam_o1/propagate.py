@@ -427,8 +427,12 @@ def build_template_model(cf, label: np.ndarray, num_classes: int, *, method: str
 
     Parameters (``params``, defaults in :data:`DEFAULTS`): prototype method:
     ``prototypes_per_class``, ``background_prototypes``, ``seed``; knn method: ``k``,
-    ``position_weight``, ``coords``, ``bank_background``, ``query_stride``, ``seed``.
-    Both: ``largest_component``.
+    ``position_weight``, ``coords``, ``bank_background``, ``bank_ring``, ``bank_reweight``,
+    ``recentre``, ``query_stride``, ``seed``. Both: ``smooth``, ``largest_component`` (applied by
+    :func:`labels_from_scores`).
+
+    Raises InputError for an unknown method, k < 1 or k larger than the bank; warns
+    (UserWarning, naming the class) when a class has no voxel on the template's grid.
     """
     p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
     p["method"] = method
