@@ -70,7 +70,6 @@ from its image, an empty template label, bad options.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -651,7 +650,7 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
     Only the template's label is read. The template itself, if listed, gets its own label.
     Returns a summary dict (cases written / skipped, seconds). Raises InputError.
     """
-    from .io import Dataset, check_same_grid
+    from .io import Dataset
 
     t_start = time.perf_counter()
     ds = input if isinstance(input, Dataset) else Dataset(input)
