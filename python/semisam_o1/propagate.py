@@ -58,7 +58,8 @@ background).
 Outputs: ``OUTPUT/<case>.nii.gz``, integer labels with the input image's
 voxel order, affine and header (``io.write_label``), and with
 ``--save-scores`` ``OUTPUT/scores/<case>.nii.gz``, float32 per-class scores
-(X, Y, Z, K). Cases are processed one at a time (memory does not grow with
+(X, Y, Z, K) whose argmax is the label before the largest-component step (knn: vote
+shares in [0, 1]; prototype: cosine scores). Cases are processed one at a time (memory does not grow with
 the cohort); a finished case is skipped on a re-run, so an interrupted run
 resumes. All inputs are checked before anything is written.
 
@@ -597,10 +598,12 @@ def smooth_scores(scores: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def labels_from_scores(scores: np.ndarray, model: TemplateModel) -> np.ndarray:
-    """Optional Gaussian smoothing of the scores (``smooth``), argmax over classes (ties:
-    lowest class), then optional largest component per class."""
-    scores = smooth_scores(scores, float(model.params.get("smooth") or 0.0))
+def labels_from_scores(scores: np.ndarray, model: TemplateModel, smooth: bool = True) -> np.ndarray:
+    """Optional Gaussian smoothing of the scores (``smooth`` parameter of the model, skipped
+    with ``smooth=False``), argmax over classes (ties: lowest class), then optional largest
+    component per class. (K, X, Y, Z) -> (X, Y, Z) uint8."""
+    if smooth:
+        scores = smooth_scores(scores, float(model.params.get("smooth") or 0.0))
     lab = np.argmax(scores, axis=0).astype(np.uint8)
     if model.params.get("largest_component"):
         lab = largest_component(lab, model.num_classes)
@@ -650,7 +653,7 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
     Only the template's label is read. The template itself, if listed, gets its own label.
     Returns a summary dict (cases written / skipped, seconds). Raises InputError.
     """
-    from .io import Dataset
+    from .io import Dataset, write_label, write_map
 
     t_start = time.perf_counter()
     ds = input if isinstance(input, Dataset) else Dataset(input)
@@ -711,8 +714,6 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
         t0 = time.perf_counter()
         img = ds.read_image(case)
         if case == template:
-            from .io import write_label
-
             write_label(out / f"{case}.nii.gz", t_lab.array, img, ds.label_map)
             continue
         cf = store.load(case)
@@ -720,9 +721,8 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
             raise InputError(f"{features}: features of {case} are on grid {tuple(cf.voxel_shape)}, "
                              f"its image is {img.shape}: re-encode it")
         scores = score_case(model, cf, spacing=img.spacing, device=dev, threads=threads)
-        lab = labels_from_scores(scores, model)
-        from .io import write_label, write_map
-
+        scores = smooth_scores(scores, float(model.params.get("smooth") or 0.0))
+        lab = labels_from_scores(scores, model, smooth=False)
         if save_scores:
             write_map(out / "scores" / f"{case}.nii.gz", np.moveaxis(np.where(np.isfinite(scores), scores, -1.0), 0, -1), img)
         write_label(out / f"{case}.nii.gz", lab, img, ds.label_map)
