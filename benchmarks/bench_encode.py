@@ -115,19 +115,22 @@ def main(argv=None) -> int:
     full, plan_full = canvases(sl, 256)
     packed, plan_packed = canvases(np.concatenate([sl] * 4), 128)  # 4n slices -> n canvases
     res = {}
-    for name, fn, x, per in (("torch eager, unpacked", run_torch, full, 1),
-                             ("ONNX Runtime, unpacked", enc.run, full, 1),
-                             ("ONNX Runtime, packed 2x2", enc.run, packed, 4)):
-        for bs in (1, 8):
+    # interleaved (torch, ORT, packed at batch 1, then at batch 8) so that load from other processes on a
+    # shared machine falls on every configuration alike
+    configs = (("torch eager, unpacked", run_torch, full, 1), ("ONNX Runtime, unpacked", enc.run, full, 1),
+               ("ONNX Runtime, packed 2x2", enc.run, packed, 4))
+    for bs in (1, 8):
+        for name, fn, x, per in configs:
             secs, outs = timed(fn, split(x, bs))
             key = f"{name}, batch {bs}"
             res[key] = {"slices": len(x) * per, "seconds": round(secs, 3),
                         "slices_per_s": round(len(x) * per / secs, 3)}
-            print(f"{key}: {res[key]['slices_per_s']} slices/s", flush=True)
+            print(f"{key}: {res[key]['slices_per_s']} slices/s (load {os.getloadavg()[0]:.1f})", flush=True)
             if name == "ONNX Runtime, unpacked" and bs == 8:
                 f_full = np.concatenate(outs)
             if name == "ONNX Runtime, packed 2x2" and bs == 8:
                 f_packed = np.concatenate(outs)
+    res = {k: res[k] for k in sorted(res, key=lambda k: ([c[0] for c in configs].index(k.rsplit(", batch", 1)[0]), k))}
 
     # packed vs unpacked features of the same slices
     cos_all = []

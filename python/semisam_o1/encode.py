@@ -1,5 +1,6 @@
-"""Run a Segment Anything image encoder over a cohort, slice by slice along each axis, into a
-resumable feature store (see :mod:`semisam_o1.store`).
+"""Run a SAM image encoder over a cohort, slice by slice along each axis, into a resumable feature store.
+
+The store's layout and reading API are in :mod:`semisam_o1.store`.
 
 Preprocessing (MedSAM / LiteMedSAM's, per volume then per slice):
 
@@ -335,7 +336,6 @@ def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subs
     chosen = ds.select(cases=cases, split=split_dict, subset=subset)
     mine = chosen[part_id::num_parts]
     root = Path(output)
-    root.mkdir(parents=True, exist_ok=True)
 
     if threads:
         import torch
@@ -349,6 +349,7 @@ def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subs
         enc = load_encoder(encoder, checkpoint, layers, device=device, threads=threads, cache_dir=cache_dir,
                            input_size=input_size, log=log)
 
+    root.mkdir(parents=True, exist_ok=True)
     existing = None
     if (root / CONFIG_FILE).is_file():
         existing = FeatureStore(root).config
@@ -460,14 +461,16 @@ def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subs
             t0 = time.perf_counter()
             vol = ds.read_image(red_case)
             raw, maps, n = job.encode_case(vol.array, None)
-            t_enc += time.perf_counter() - t0
+            t_fit = time.perf_counter() - t0
             b, kept = fit_reduction(raw, config["channels"])
             _create_exclusive(root / REDUCTION_FILE, lambda p: _save_npy(p, b))
             basis = np.load(root / REDUCTION_FILE)
             config["reduction"]["basis_sha256"] = _sha256(root / REDUCTION_FILE)
             config["notes"] = {"reduction_energy_kept": kept}
             if red_case in todo:
-                red_done = (vol, raw, maps, n)
+                red_done = (vol, raw, maps, n, t_fit)
+            else:
+                t_enc += t_fit
         config["signature"] = config_signature(config)
         config["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         _create_exclusive(root / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=1) + "\n"))
@@ -484,7 +487,8 @@ def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subs
         try:
             t0 = time.perf_counter()
             if red_done is not None and case == red_case:
-                vol, raw, maps, n = red_done
+                vol, raw, maps, n, t_fit = red_done
+                t0 -= t_fit  # the encoder ran for this case while fitting the reduction
                 grids = {a: np.ascontiguousarray(np.tensordot(basis, g.astype(np.float32), axes=([0], [0]))
                                                  .astype(np.float16)) for a, g in raw.items()}
                 red_done = None

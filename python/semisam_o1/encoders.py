@@ -388,7 +388,9 @@ def make_session(onnx_path: Path, device: str = "cpu", threads: int | None = Non
     else:
         raise InputError(f"--device {device}: choose cpu or cuda")
     try:
-        sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+        with warnings.catch_warnings():  # ORT warns when a provider is missing; the check below says it in one line
+            warnings.simplefilter("ignore")
+            sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
     except Exception as exc:
         raise InputError(f"{onnx_path}: ONNX Runtime cannot load the model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
