@@ -63,6 +63,10 @@ def _clean(obj):
     return obj
 
 
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
@@ -124,6 +128,9 @@ def main() -> int:
         "train_cpu_seconds": summary.get("train_cpu_seconds_this_run"),
         "train_load_seconds": summary.get("load_seconds"),
         "iterations_per_second": summary.get("iterations_per_second"),
+        "train_cpu_seconds_per_iteration": _ratio(summary.get("train_cpu_seconds_this_run"), summary.get("iterations_this_run")),
+        # what the same work takes with the machine to itself, if both threads scale perfectly (a lower bound)
+        "train_seconds_unshared_estimate": _ratio(summary.get("train_cpu_seconds_this_run"), summary.get("threads")),
         "train_reused": bool(summary.get("skipped")),
         "train_stage_wall_seconds": round(t1 - t0, 1),
         "predict_seconds": pred["seconds"],
@@ -134,6 +141,8 @@ def main() -> int:
         "load_average_1_5_15_at_start": [round(x, 2) for x in load_start],
         "load_average_after_train": [round(x, 2) for x in load_after_train],
         "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other jobs",
+        "note": "wall times were measured while other jobs shared the cores (see the load averages); "
+                "CPU seconds are closer to what the work costs alone",
         "final_training_loss": summary.get("final_loss"),
         "test_mean_entropy_nats": round(sum(pred["entropy"].values()) / max(1, len(pred["entropy"])), 5),
         "test": {"per_class": per_class, "mean_foreground": metrics["mean_foreground"],
