@@ -268,6 +268,25 @@ def test_voxel_mode_on_a_real_format_store(voxel_cohort, tmp_path):
     assert again["resumed_cases"] == 0 and again["signature"] != info["signature"]
 
 
+def test_voxel_mode_zero_threshold_keeps_zero_entropy_voxels_confident(voxel_cohort):
+    """Most voxels at exactly zero entropy: the quantile is 0, the queries are the voxels
+    above 0 and the zero-entropy voxels of the cohort still fill the bank."""
+    v = voxel_cohort
+    for case in v["cases"]:
+        path = v["pred"] / f"{case}_entropy.nii.gz"
+        ent = _read(path)
+        ent[ent < 0.8] = 0.0
+        _save(path, ent, np.float32)
+    info = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], template="tpl", cases=v["cases"], k=5,
+                             quantile=0.5, bank_size=300, project_dim=0, threads=1, quiet=True)
+    assert info["threshold"] == 0.0
+    n_zero = sum(int((_read(v["pred"] / f"{c}_entropy.nii.gz") == 0).sum()) for c in v["cases"])
+    assert info["queries_total"] == 3 * 512 - n_zero
+    assert info["bank"]["candidates"]["background"] > int((v["truth"]["tpl"] == 0).sum())  # cohort voxels too
+    for case in v["cases"]:
+        np.testing.assert_array_equal(_read(v["out"] / f"{case}.nii.gz"), v["truth"][case])
+
+
 def test_voxel_mode_resume_and_signature(voxel_cohort):
     v = voxel_cohort
     kw = dict(template="tpl", cases=v["cases"], k=3, quantile=0.9, bank_size=200, project_dim=0, threads=1,

@@ -12,8 +12,9 @@ Two modes:
     1. *Threshold.* The entropy maps of all refined cases are read one by one;
        the threshold is the cohort-wide ``quantile`` of all their voxels'
        entropies (``numpy.quantile``, linear interpolation). Voxels with
-       entropy at or above it (and above 0) are *queries*; the others are
-       *confident*.
+       entropy at or above it (and above 0) are *queries*; all the others are
+       *confident* (so a zero threshold still leaves the zero-entropy voxels
+       confident).
     2. *Bank.* Candidates are the confident voxels of every case with their
        current (predicted) label, plus every voxel of the template with its
        real label (the one label a one-label run may read). The bank is
@@ -125,6 +126,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def query_mask(entropy: np.ndarray, threshold: float) -> np.ndarray:
+    """Voxels to relabel: entropy at or above ``threshold`` and above 0. Every other voxel
+    is *confident* (a voxel of zero entropy always is, even when the quantile is 0, as
+    happens when most voxels have exactly zero entropy)."""
+    return (entropy >= threshold) & (entropy > 0)
 
 
 def resize_nearest(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -492,9 +500,9 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
     query_counts = {}
     for i, case in enumerate(_progress(cases, quiet, "refine: bank plan"), start=1):
         _, lab, ent = inputs.read_case(case)
-        conf = ent < threshold
+        conf = ~query_mask(ent, threshold)
         counts[i] = np.bincount(lab[conf].ravel(), minlength=n_cls)[:n_cls]
-        query_counts[case] = int(((ent >= threshold) & (ent > 0)).sum())
+        query_counts[case] = int((~conf).sum())
     available = counts.sum(axis=0)
     quotas = class_quotas(available, params["bank_size"])
     rng = np.random.default_rng(params["seed"])
@@ -555,7 +563,7 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
             lab, conf, shape = t_label, np.ones(t_label.shape, bool), t_label.shape
         else:
             _, lab, ent = inputs.read_case(case)
-            conf, shape = ent < threshold, lab.shape
+            conf, shape = ~query_mask(ent, threshold), lab.shape
         n_here = sum(len(p) for p in picks[i])
         if n_here == 0:
             inputs.case_entry(case, shape)  # still validate the entry before writing anything
@@ -582,7 +590,7 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
     dim_in = int(bank.shape[1])
     if params["project_dim"] and params["project_dim"] < dim_in:
         fit_rows = np.arange(n_bank)
-        if n_bank > PCA_FIT_ROWS:  # the covariance of 192-768 dims is settled long before 65,536 rows
+        if n_bank > PCA_FIT_ROWS:  # the second moments of 192-768 dims are settled long before 65,536 rows
             fit_rows = np.sort(np.random.default_rng(params["seed"] + 1).choice(n_bank, PCA_FIT_ROWS, replace=False))
         mean, comps, explained = fit_projection(bank[fit_rows], params["project_dim"])
         projection = (mean, comps)
@@ -606,7 +614,7 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
     for case in _progress(todo, quiet, "refine: vote"):
         tc = time.perf_counter()
         image, lab, ent = inputs.read_case(case)
-        qmask = (ent >= threshold) & (ent > 0)
+        qmask = query_mask(ent, threshold)
         new = lab.copy()
         n_q = int(qmask.sum())
         if n_q:
