@@ -268,6 +268,23 @@ def test_voxel_mode_on_a_real_format_store(voxel_cohort, tmp_path):
     assert again["resumed_cases"] == 0 and again["signature"] != info["signature"]
 
 
+def test_voxel_mode_with_position_term(voxel_cohort):
+    """A small position weight keeps the known answer (features dominate) and is recorded;
+    0 switches it off and gives another signature."""
+    v = voxel_cohort
+    ents = np.concatenate([_read(v["pred"] / f"{c}_entropy.nii.gz").ravel() for c in v["cases"]])
+    q = 1.0 - (ents >= 0.8).mean() + 1e-9
+    kw = dict(template="tpl", cases=v["cases"], k=5, quantile=q, bank_size=300, project_dim=0, threads=1, quiet=True)
+    info = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], position_weight=0.3, **kw)
+    assert info["bank"]["position_weight"] == 0.3 and info["params"]["position_weight"] == 0.3
+    for case in v["cases"]:
+        np.testing.assert_array_equal(_read(v["out"] / f"{case}.nii.gz"), v["truth"][case])
+    off = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], position_weight=0.0, **kw)
+    assert "position_weight" not in off["bank"] and off["signature"] != info["signature"]
+    with pytest.raises(InputError, match="position-weight"):
+        refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], position_weight=-1.0, **kw)
+
+
 def test_voxel_mode_zero_threshold_keeps_zero_entropy_voxels_confident(voxel_cohort):
     """Most voxels at exactly zero entropy: the quantile is 0, the queries are the voxels
     above 0 and the zero-entropy voxels of the cohort still fill the bank."""
