@@ -184,7 +184,8 @@ def plot_montage(work: Path, dataset: Dataset, template: str, unlabeled: list[st
             except Exception:
                 labels.append((title, None))
         real = dataset.read_label(case, reference=img).array if case in dataset.labels else None
-        ref = labels[-1][1] if labels[-1][1] is not None else real
+        # the slice with the most foreground: of the real label where there is one, else round 0's
+        ref = real if real is not None else labels[0][1]
         z = int(np.argmax((ref > 0).sum(axis=(0, 1)))) if ref is not None else img.shape[2] // 2
         _overlay(axes[row, 0], img.array[:, :, z], None, case)
         for j, (title, lab) in enumerate(labels, start=1):
