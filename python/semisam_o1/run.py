@@ -36,10 +36,10 @@ from .errors import InputError
 # Presets of the whole loop. ``train`` gets the same preset name.
 # max_unlabeled / max_test limit the cohort (None: all), axes the encoder's axes.
 RUN_PRESETS = {
-    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, axes=None),
-    "demo": dict(rounds=2, max_unlabeled=30, max_test=20, axes=None),
-    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, axes=None),
-    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, axes=None),
+    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, iterations=None),
+    "demo": dict(rounds=2, max_unlabeled=20, max_test=20, iterations=500),
+    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None),
+    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None),
 }
 # The UNet preset that each run preset trains with.
 TRAIN_PRESET = {"quick": "quick", "demo": "cpu", "cpu": "cpu", "paper": "paper"}
@@ -50,8 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, metavar="FILE", help="split JSON with 'template', 'unlabeled' and 'test'")
     p.add_argument("-o", "--output", required=True, metavar="WORK", help="work folder: every stage's output, report.json and pictures")
     p.add_argument("--preset", default="cpu", choices=sorted(RUN_PRESETS),
-                   help="quick: tests (3 unlabeled, 2 test cases, 1 round); demo: 30 unlabeled, 20 test cases, 2 rounds; "
-                        "cpu: the whole split on this CPU; paper: GPU-sized training")
+                   help="quick: tests (3 unlabeled, 2 test cases, 1 round, seconds of training); "
+                        "demo: 20 unlabeled, 20 test cases, 2 rounds of 500 UNet iterations (under 30 minutes on 2 cores); "
+                        "cpu: the whole split, 3 rounds, UNet sized for a CPU; paper: the whole split, GPU-sized UNet")
     p.add_argument("--rounds", type=int, default=None, help="rounds of train / predict / refine (default: the preset's)")
     p.add_argument("--max-unlabeled", type=int, default=None, help="use only the first N cases of the unlabeled pool")
     p.add_argument("--max-test", type=int, default=None, help="evaluate only the first N test cases")
@@ -184,7 +185,8 @@ def run(
         stages.run(f"round{r}/train", "train", ["-i", ds, "-l", str(prev), "--template", template,
                                                 "--cases", template, *unlabeled, "-o", str(rd / "model"),
                                                 "--ssl", ssl, "--preset", TRAIN_PRESET[preset],
-                                                "--seed", str(seed + r), *common])
+                                                "--seed", str(seed + r), *common,
+                                                *(["--iterations", str(cfg["iterations"])] if cfg["iterations"] else [])])
         stages.run(f"round{r}/predict", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "pred"),
                                                     "--cases", *unlabeled, *common])
         if refine_mode == "none":
