@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "refine.json"))
     p.add_argument("--markdown", default=str(REPO / "benchmarks" / "refine.md"), help="table for the README ('' to skip)")
     p.add_argument("--from-json", default=None, help="only rewrite --markdown from an existing result JSON")
+    p.add_argument("--quality-only", action="store_true",
+                   help="rerun only the quality diagnostic on the query cases recorded in --out, update --out and --markdown")
     return p.parse_args(argv)
 
 
@@ -221,7 +223,7 @@ def to_markdown(r: dict) -> str:
     if q:
         lines += [
             "",
-            f"`refine` itself on the {q['cases']} query volumes, with `propagate`'s round-0 pseudo-labels as the "
+            f"`refine` itself on the {q['cases']} query volumes (bank: these volumes and the template), with `propagate`'s round-0 pseudo-labels as the "
             "predictions and the entropy of its vote shares as the entropy maps (Dice against the real labels: "
             "a diagnostic of this benchmark; the real loop refines the UNet's predictions):",
             "",
@@ -233,6 +235,8 @@ def to_markdown(r: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in per.values())
                          + f" | {q['dice_mean'][name]:.4f} | {q['voxels_changed'].get(name, 0):,} | "
                          + (f"{q['seconds'][name]:.0f}" if name in q["seconds"] else "") + " |")
+    if q and q.get("command"):
+        lines += ["", f"Quality diagnostic rerun with `{q['command']}`."]
     lines += ["", f"Command: `{r['command']}` (results: `benchmarks/results/refine.json`).", ""]
     return "\n".join(lines)
 
@@ -275,9 +279,10 @@ def quality_diagnostic(args, ds, template, cases):
 
     configs = {
         "round-0 labels (no refinement)": None,
-        "voxel, uncentred PCA 64 (default)": dict(mode="voxel", project_dim=64),
-        "voxel, full dimension": dict(mode="voxel", project_dim=0),
-        "voxel, k 10, PCA 64": dict(mode="voxel", project_dim=64, k=10),
+        "voxel, PCA 64, position 1.5 (default)": dict(mode="voxel", project_dim=64, position_weight=1.5),
+        "voxel, PCA 64, features only (position 0)": dict(mode="voxel", project_dim=64, position_weight=0.0),
+        "voxel, full dimension 192, position 1.5": dict(mode="voxel", project_dim=0, position_weight=1.5),
+        "voxel, full dimension 192, features only": dict(mode="voxel", project_dim=0, position_weight=0.0),
         "volume (official code)": dict(mode="volume"),
     }
     out = {"cases": len(cases), "dice_per_class": {}, "dice_mean": {}, "seconds": {}, "voxels_changed": {}}
@@ -314,6 +319,21 @@ def main(argv=None):
     args = parse_args(argv)
     if args.from_json:
         Path(args.markdown).write_text(to_markdown(json.loads(Path(args.from_json).read_text())))
+        return
+    if args.quality_only:
+        from semisam_o1.io import Dataset
+
+        result = json.loads(Path(args.out).read_text())
+        ds = Dataset(args.data)
+        split = json.loads((Path(args.data) / "splits.json").read_text())
+        qcases = result["data"]["query_cases"]
+        q = quality_diagnostic(args, ds, split["template"], qcases)
+        q["command"] = "python benchmarks/bench_refine.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        result["quality_diagnostic"] = q
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        if args.markdown:
+            Path(args.markdown).write_text(to_markdown(result))
+        print(q["dice_mean"], flush=True)
         return
     from semisam_o1.io import Dataset, find_case_file, read_image, read_label
     from semisam_o1.refine import class_quotas
@@ -434,7 +454,7 @@ def main(argv=None):
              "stand-in (no predictions were available): minus the margin between the two best "
              "template-prototype cosine scores; current labels = prototype argmax"),
             "bank_per_class": {ds.label_map.names[c]: int((bank_labels == c).sum()) for c in range(n_cls)},
-            "queries": int(len(q_full)), "k": args.k,
+            "queries": int(len(q_full)), "k": args.k, "query_cases": qcases,
             "read_features_s_per_case": round(float(np.mean(list(load_s.values()))), 3),
         },
     }
