@@ -48,6 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
+from .io import file_sha256
 
 ENCODERS = ("litemedsam", "sam-vit-b", "sam-vit-l", "sam-vit-h", "onnx")
 DEFAULT_ENCODER = "litemedsam"
@@ -75,17 +76,6 @@ def default_cache_dir() -> Path:
     """``$SEMISAM_CACHE`` or ``~/.cache/semisam-o1``: where exported ONNX files live."""
     env = os.environ.get("SEMISAM_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "semisam-o1"
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def litemedsam_checkpoint() -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .io import file_sha256  # noqa: F401  (re-exported: nets.file_sha256)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.pt"
@@ -39,28 +40,33 @@ NORMALISATION = {"method": "percentile_clip_zscore", "lower_percentile": 0.5, "u
 # ``batch_size`` patches. ``flip_axes`` are canonical axes flipped at random:
 # only the left-right axis (0) by default, because anterior/posterior classes
 # are defined by position along the A-P axis and a flip along it would swap them.
+# Settings every preset shares; each preset below lists what it changes.
+_COMMON: dict = {
+    "weight_decay": 1e-05,
+    "pos_neg": [2.0, 1.0],
+    "flip_axes": [0],
+    "flip_prob": 0.5,
+    "intensity_scale": 0.1,
+    "intensity_shift": 0.1,
+    "intensity_prob": 0.5,
+    "ema_decay": 0.99,
+    "consistency": 0.1,
+    "consistency_rampup": 0.4,
+}
+
 PRESETS: dict[str, dict] = {
     # seconds on 2 CPU cores; for tests only
     "quick": {
+        **_COMMON,
         "channels": [4, 8, 16],
         "strides": [2, 2],
         "num_res_units": 0,
         "patch": [16, 16, 16],
         "batch_size": 2,
         "iterations": 4,
-        "lr": 3e-3,
-        "weight_decay": 1e-5,
-        "pos_neg": [2.0, 1.0],
-        "flip_axes": [0],
-        "flip_prob": 0.5,
-        "intensity_scale": 0.1,
-        "intensity_shift": 0.1,
-        "intensity_prob": 0.5,
+        "lr": 0.003,
         "sw_overlap": 0.25,
         "sw_batch_size": 4,
-        "ema_decay": 0.99,
-        "consistency": 0.1,
-        "consistency_rampup": 0.4,
         "uamt_passes": 2,
         "log_every": 1,
         "checkpoint_every": 0,
@@ -68,50 +74,32 @@ PRESETS: dict[str, dict] = {
     # one round on ~200 Hippocampus volumes (train + predict) in under
     # 20 minutes on 2 CPU cores: see benchmarks/results/quality.json
     "cpu": {
+        **_COMMON,
         "channels": [16, 32, 64, 128],
         "strides": [2, 2, 2],
         "num_res_units": 1,
         "patch": [32, 48, 32],
         "batch_size": 2,
         "iterations": 1200,
-        "lr": 3e-3,
-        "weight_decay": 1e-5,
-        "pos_neg": [2.0, 1.0],
-        "flip_axes": [0],
-        "flip_prob": 0.5,
-        "intensity_scale": 0.1,
-        "intensity_shift": 0.1,
-        "intensity_prob": 0.5,
+        "lr": 0.003,
         "sw_overlap": 0.25,
         "sw_batch_size": 4,
-        "ema_decay": 0.99,
-        "consistency": 0.1,
-        "consistency_rampup": 0.4,
         "uamt_passes": 4,
         "log_every": 10,
         "checkpoint_every": 250,
     },
     # GPU-sized, as the paper's backbones train (UA-MT / nnU-Net-like budgets)
     "paper": {
+        **_COMMON,
         "channels": [32, 64, 128, 256],
         "strides": [2, 2, 2],
         "num_res_units": 2,
         "patch": [40, 56, 40],
         "batch_size": 4,
         "iterations": 6000,
-        "lr": 1e-3,
-        "weight_decay": 1e-5,
-        "pos_neg": [2.0, 1.0],
-        "flip_axes": [0],
-        "flip_prob": 0.5,
-        "intensity_scale": 0.1,
-        "intensity_shift": 0.1,
-        "intensity_prob": 0.5,
+        "lr": 0.001,
         "sw_overlap": 0.5,
         "sw_batch_size": 8,
-        "ema_decay": 0.99,
-        "consistency": 0.1,
-        "consistency_rampup": 0.4,
         "uamt_passes": 8,
         "log_every": 20,
         "checkpoint_every": 500,
@@ -248,15 +236,3 @@ def load_model(model_dir: str | Path, device=None):
     return net, config
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
