@@ -56,6 +56,7 @@ __all__ = [
     "find_case_file",
     "index_label_folder",
     "read_image",
+    "canonical_shape",
     "read_label",
     "read_label_values",
     "check_same_grid",
@@ -497,6 +498,18 @@ def _read_data(img, path: Path, dtype) -> np.ndarray:
     if data.size != int(np.prod(shape)):
         raise InputError(f"{path}: the voxel data has {data.size} values, the header says {shape}")
     return data.reshape(shape)
+
+
+def canonical_shape(path: str | os.PathLike) -> tuple[int, int, int]:
+    """The canonical (RAS) voxel shape (X, Y, Z) of a 3D NIfTI image from its header
+    alone (no voxel data read). Raises InputError like :func:`read_image`."""
+    import nibabel as nib
+
+    path = Path(path)
+    img = _load_nifti(path)
+    shape = _squeeze_3d(img.shape, path)
+    ornt = nib.orientations.io_orientation(img.affine)
+    return tuple(int(shape[int(d)]) for d in np.argsort(ornt[:, 0]))
 
 
 def read_image(path: str | os.PathLike) -> Volume:

@@ -111,9 +111,9 @@ def predict_volume(net, image: np.ndarray, config: dict, device) -> np.ndarray:
 
 
 def _mean_entropy_from_file(path: Path) -> float:
-    import nibabel as nib
+    from .io import read_image
 
-    return float(np.asarray(nib.load(str(path)).dataobj, dtype=np.float64).mean())
+    return float(read_image(path).array.mean(dtype=np.float64))
 
 
 def predict(

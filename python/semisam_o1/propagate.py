@@ -613,19 +613,6 @@ def labels_from_scores(scores: np.ndarray, model: TemplateModel, smooth: bool = 
 # --------------------------------------------------------------------------- the stage
 
 
-def _canonical_shape(path) -> tuple[int, int, int]:
-    """The canonical (RAS) voxel shape of a NIfTI image from its header alone."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
-    shape = tuple(int(s) for s in img.shape[:3])
-    ornt = nib.orientations.io_orientation(img.affine)
-    return tuple(shape[int(d)] for d in np.argsort(ornt[:, 0]))
-
-
 def _open_store(features):
     if hasattr(features, "load") and hasattr(features, "has"):
         return features
@@ -653,7 +640,7 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
     Only the template's label is read. The template itself, if listed, gets its own label.
     Returns a summary dict (cases written / skipped, seconds). Raises InputError.
     """
-    from .io import Dataset, write_label, write_map
+    from .io import Dataset, canonical_shape, write_label, write_map
 
     t_start = time.perf_counter()
     ds = input if isinstance(input, Dataset) else Dataset(input)
@@ -690,7 +677,7 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
     for case in chosen:
         if case == template:
             continue
-        shape = _canonical_shape(ds.image_path(case))
+        shape = canonical_shape(ds.image_path(case))
         cf_shape = tuple(int(s) for s in store.load(case).voxel_shape)
         if cf_shape != shape:
             raise InputError(f"{features}: features of {case} are on grid {cf_shape}, "
