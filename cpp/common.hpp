@@ -13,6 +13,8 @@
 #include <thread>
 #include <vector>
 
+#include "half.hpp"
+
 namespace semisam {
 
 // Number of worker threads to use: `requested` <= 0 means all hardware threads.
@@ -54,32 +56,7 @@ void parallel_items(int64_t n_items, int threads, F&& fn) {
 }
 
 // IEEE 754 binary16 -> binary32 (exact; handles subnormals, inf and NaN).
-inline float half_to_float(uint16_t h) {
-    uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1Fu;
-    uint32_t mant = h & 0x3FFu;
-    uint32_t bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else {  // subnormal: normalise
-            int e = -1;
-            do {
-                mant <<= 1;
-                ++e;
-            } while ((mant & 0x400u) == 0);
-            mant &= 0x3FFu;
-            bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | (mant << 13);
-        }
-    } else if (exp == 0x1F) {
-        bits = sign | 0x7F800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + (127 - 15)) << 23) | (mant << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
+inline float half_to_float(uint16_t h) { return half_bits_to_float(h); }
 
 enum class DType { F32 = 0, F16 = 1 };
 

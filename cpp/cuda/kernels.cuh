@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "half.hpp"
+
 #if defined(__CUDACC__)
 #define SS_HD __host__ __device__ inline
 #else
@@ -24,35 +26,7 @@ namespace semisam_cuda {
 
 enum : int { kF32 = 0, kF16 = 1 };
 
-SS_HD float h2f(uint16_t h) {
-    uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1Fu;
-    uint32_t mant = h & 0x3FFu;
-    uint32_t bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else {
-            int e = -1;
-            do {
-                mant <<= 1;
-                ++e;
-            } while ((mant & 0x400u) == 0);
-            mant &= 0x3FFu;
-            bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | (mant << 13);
-        }
-    } else if (exp == 0x1F) {
-        bits = sign | 0x7F800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + (127 - 15)) << 23) | (mant << 13);
-    }
-    union {
-        uint32_t u;
-        float f;
-    } cvt;
-    cvt.u = bits;
-    return cvt.f;
-}
+SS_HD float h2f(uint16_t h) { return semisam::half_bits_to_float(h); }
 
 SS_HD float ld(const void* base, int dt, int64_t i) {
     return dt == kF32 ? static_cast<const float*>(base)[i]
