@@ -31,23 +31,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
-from semisam_o1.io import atomic_path  # noqa: E402
+from semisam_o1.io import write_json_key  # noqa: E402
 
 KEY = "full_supervision"
 
 
 def write_results(path: Path, entry: dict) -> None:
     """Read-modify-write of the key "full_supervision" only, atomically."""
-    path = Path(path)
-    data = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = {}
-    data[KEY] = entry
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    write_json_key(path, KEY, entry)
 
 
 def _clean(obj):

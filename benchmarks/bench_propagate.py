@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
 from semisam_o1 import propagate as P  # noqa: E402
-from semisam_o1.io import Dataset, atomic_path  # noqa: E402
+from semisam_o1.io import Dataset, atomic_path, write_json_key  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 
@@ -171,15 +171,7 @@ def run(ds: Dataset, store, template: str, cases: list[str], configs: dict, thre
 
 def write_results(path: Path, entry: dict) -> None:
     """Read-modify-write of the key "propagate" only, atomically."""
-    data = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = {}
-    data["propagate"] = entry
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    write_json_key(path, "propagate", entry)
 
 
 NOTES = """

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
-from semisam_o1.io import write_json  # noqa: E402
+from semisam_o1.io import write_json_key  # noqa: E402
 
 
 def main() -> int:
@@ -69,8 +69,7 @@ def main() -> int:
         full_same = sum(vals) / len(vals)
         entry["full_supervision_dice_same_test_cases"] = full_same
         entry["fraction_of_full_supervision_dice"] = final_dice / full_same
-    results[key] = entry
-    write_json(args.results, results)
+    write_json_key(args.results, key, entry)
     print(f"wrote key {key!r} of {args.results}: final mean foreground test Dice {final_dice}")
     return 0
 

@@ -113,6 +113,21 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
+def write_json_key(path: str | os.PathLike, key: str, value) -> None:
+    """Read-modify-write of one top-level ``key`` of a JSON object file, atomically
+    (benchmark results files that several benchmarks share). A missing or unparsable
+    file starts from an empty object."""
+    path = Path(path)
+    data = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    data[key] = value
+    write_json(path, data)
+
+
 def strip_nifti_ending(name: str) -> str | None:
     for ending in NIFTI_ENDINGS:
         if name.endswith(ending):
