@@ -199,14 +199,22 @@ def _read(path):
 # --------------------------------------------------------------------------- voxel mode
 
 
-@pytest.mark.parametrize("project_dim", [0, 4])
-def test_voxel_mode_known_answer(voxel_cohort, project_dim):
+@pytest.mark.parametrize("project_dim,class_weights", [(0, "prior"), (4, "prior"), (0, "balanced")])
+def test_voxel_mode_known_answer(voxel_cohort, project_dim, class_weights):
     v = voxel_cohort
     # entropy quantile such that all high-entropy voxels (>= 0.8) are queries and no low ones
     ents = np.concatenate([_read(v["pred"] / f"{c}_entropy.nii.gz").ravel() for c in v["cases"]])
     q = 1.0 - (ents >= 0.8).mean() + 1e-9
     info = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], template="tpl", cases=v["cases"],
-                             k=5, quantile=q, bank_size=300, project_dim=project_dim, threads=1, quiet=True)
+                             k=5, quantile=q, bank_size=300, project_dim=project_dim, class_weights=class_weights,
+                             threads=1, quiet=True)
+    if class_weights == "prior":  # n_c / m_c, scaled so the smallest is 1
+        ratio = {c: info["bank"]["candidates"][c] / info["bank"]["per_class"][c] for c in NAMES}
+        expect = {c: r / min(ratio.values()) for c, r in ratio.items()}
+        assert info["bank"]["vote_weight_per_class"] == pytest.approx(expect, rel=1e-6)
+        assert expect["background"] > 1.5  # the sample really was re-weighted
+    else:
+        assert "vote_weight_per_class" not in info["bank"]
     assert info["threshold"] == pytest.approx(float(np.quantile(ents, q)))
     assert info["threshold"] < 0.8 and info["queries_total"] == int((ents >= 0.8).sum())
     for case in v["cases"]:
@@ -324,6 +332,36 @@ def test_voxel_mode_resume_and_signature(voxel_cohort):
     # a changed parameter (or seed) changes the signature: everything is redone
     other = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], **dict(kw, seed=1))
     assert other["signature"] != first["signature"] and other["resumed_cases"] == 0
+
+
+def test_weighted_vote_matches_loop_reference():
+    rng = np.random.default_rng(3)
+    q, k, n, n_cls = 200, 7, 50, 4
+    top_i = rng.integers(n, size=(q, k))
+    top_s = rng.uniform(-0.3, 1.0, size=(q, k)).astype(np.float32)
+    top_s[:5] = -0.1  # all weights 0: nearest neighbour's label, share 0
+    labels = rng.integers(n_cls, size=n).astype(np.int32)
+    weight = np.array([3.0, 1.0, 0.5, 2.0], np.float32)
+    got_l, got_s = refine_mod.weighted_vote(top_i, top_s, labels, weight)
+    for r in range(q):
+        sums = np.zeros(n_cls)
+        for j in range(k):
+            sums[labels[top_i[r, j]]] += max(float(top_s[r, j]), 0.0) * weight[labels[top_i[r, j]]]
+        if sums.sum() == 0:
+            assert got_l[r] == labels[top_i[r, 0]] and got_s[r] == 0
+        else:
+            assert got_l[r] == int(np.argmax(sums))  # argmax: ties go to the lowest label
+            assert got_s[r] == pytest.approx(sums.max() / sums.sum(), rel=1e-5)
+    # equal class weights: exactly the kernel's vote (same top-k, same rule)
+    feats = rng.standard_normal((300, 6)).astype(np.float32)
+    bank = rng.standard_normal((80, 6)).astype(np.float32)
+    bank_l = rng.integers(3, size=80).astype(np.int32)
+    from semisam_o1 import kernels
+
+    lab, share, ti, ts = kernels.knn_vote(feats, bank, bank_l, 5, threads=1, return_topk=True)
+    w_l, w_s = refine_mod.weighted_vote(ti, ts, bank_l, np.ones(3, np.float32))
+    np.testing.assert_array_equal(w_l, lab)
+    np.testing.assert_allclose(w_s, share, rtol=1e-5, atol=1e-6)
 
 
 def test_class_quotas():
