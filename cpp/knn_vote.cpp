@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "kernels.hpp"
+#include "vote.hpp"
 
 namespace semisam {
 
@@ -334,52 +335,38 @@ __attribute__((target("avx2,fma,f16c"))) void scan_avx2(const Scan& a) { scan_im
 
 void vote_one(const float* sims, const int64_t* idx, int64_t k, const int32_t* bank_labels,
               int32_t* label, float* share) {
-    // Total weight and the per-label sums, both accumulated in rank order.
+    if (k <= 64) {  // the rule shared with the CUDA kernels, O(k^2) without memory
+        semisam::vote_rank_order(sims, idx, k, bank_labels, label, share);
+        return;
+    }
+    // Large k: the same rule through a sort by (label, rank); sums still in rank order.
     float total = 0.f;
     for (int64_t a = 0; a < k; ++a)
         if (idx[a] >= 0) total += std::max(sims[a], 0.f);
     bool have = false;
     int32_t best_label = 0;
     float best_w = 0.f;
-    auto consider = [&](int32_t L, float w) {
-        if (!have || w > best_w || (w == best_w && L < best_label)) {
+    thread_local std::vector<std::pair<int32_t, int64_t>> order;
+    order.clear();
+    for (int64_t a = 0; a < k; ++a)
+        if (idx[a] >= 0) order.emplace_back(bank_labels[idx[a]], a);
+    std::sort(order.begin(), order.end());  // by label, then rank
+    for (size_t a = 0; a < order.size();) {
+        size_t b = a;
+        float w = 0.f;
+        for (; b < order.size() && order[b].first == order[a].first; ++b) w += std::max(sims[order[b].second], 0.f);
+        if (!have || w > best_w || (w == best_w && order[a].first < best_label)) {
             have = true;
-            best_label = L;
+            best_label = order[a].first;
             best_w = w;
         }
-    };
-    if (k <= 64) {
-        for (int64_t a = 0; a < k; ++a) {
-            if (idx[a] < 0) continue;
-            const int32_t L = bank_labels[idx[a]];
-            bool seen = false;
-            for (int64_t b = 0; b < a && !seen; ++b) seen = idx[b] >= 0 && bank_labels[idx[b]] == L;
-            if (seen) continue;
-            float w = 0.f;
-            for (int64_t b = a; b < k; ++b)
-                if (idx[b] >= 0 && bank_labels[idx[b]] == L) w += std::max(sims[b], 0.f);
-            consider(L, w);
-        }
-    } else {
-        thread_local std::vector<std::pair<int32_t, int64_t>> order;
-        order.clear();
-        for (int64_t a = 0; a < k; ++a)
-            if (idx[a] >= 0) order.emplace_back(bank_labels[idx[a]], a);
-        std::sort(order.begin(), order.end());  // by label, then rank
-        for (size_t a = 0; a < order.size();) {
-            size_t b = a;
-            float w = 0.f;
-            for (; b < order.size() && order[b].first == order[a].first; ++b)
-                w += std::max(sims[order[b].second], 0.f);
-            consider(order[a].first, w);
-            a = b;
-        }
+        a = b;
     }
     if (total > 0.f) {
         *label = best_label;
         *share = std::min(best_w / total, 1.0f);
     } else {
-        *label = (k > 0 && idx[0] >= 0) ? bank_labels[idx[0]] : -1;
+        *label = idx[0] >= 0 ? bank_labels[idx[0]] : -1;
         *share = 0.f;
     }
 }

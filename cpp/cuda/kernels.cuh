@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "half.hpp"
+#include "vote.hpp"
 
 #if defined(__CUDACC__)
 #define SS_HD __host__ __device__ inline
@@ -77,41 +78,9 @@ SS_HD void proto_row(const void* feat, int fdt, int64_t r, int64_t C, const floa
     labels[r] = best;
 }
 
-// The vote over one query's k neighbours in rank order (same rule as the CPU core):
-// weights max(sim, 0) summed per label in rank order, highest sum wins, ties -> lowest
-// label; all weights 0 -> the most similar neighbour's label, share 0.
-SS_HD void vote_rank_order(const float* sims, const int64_t* idx, int64_t k,
-                           const int32_t* bank_labels, int32_t* label, float* share) {
-    float total = 0.f;
-    for (int64_t a = 0; a < k; ++a)
-        if (idx[a] >= 0) total += sims[a] > 0.f ? sims[a] : 0.f;
-    bool have = false;
-    int32_t best_label = 0;
-    float best_w = 0.f;
-    for (int64_t a = 0; a < k; ++a) {
-        if (idx[a] < 0) continue;
-        const int32_t L = bank_labels[idx[a]];
-        bool seen = false;
-        for (int64_t b = 0; b < a && !seen; ++b) seen = idx[b] >= 0 && bank_labels[idx[b]] == L;
-        if (seen) continue;
-        float w = 0.f;
-        for (int64_t b = a; b < k; ++b)
-            if (idx[b] >= 0 && bank_labels[idx[b]] == L) w += sims[b] > 0.f ? sims[b] : 0.f;
-        if (!have || w > best_w || (w == best_w && L < best_label)) {
-            have = true;
-            best_label = L;
-            best_w = w;
-        }
-    }
-    if (total > 0.f) {
-        *label = best_label;
-        const float s = best_w / total;
-        *share = s < 1.f ? s : 1.f;
-    } else {
-        *label = (k > 0 && idx[0] >= 0) ? bank_labels[idx[0]] : -1;
-        *share = 0.f;
-    }
-}
+// The vote over one query's k neighbours: semisam::vote_rank_order (vote.hpp), the
+// CPU core's rule.
+using semisam::vote_rank_order;
 
 // One query: qT (C, Q) normalised queries, bank (N, C) raw, binv (N,) inverse bank norms.
 // Keeps a sorted top-k list (similarity descending, ties lowest index) in ts/ti, then votes.
