@@ -47,6 +47,7 @@ def main() -> int:
             {
                 "round": r["round"],
                 "pseudo_label_dice_unlabeled": r.get("pseudo_label_dice_unlabeled"),
+                "prediction_dice_unlabeled": r.get("prediction_dice_unlabeled"),
                 "test_metrics": r.get("test_metrics"),
                 "voxels_changed_by_refinement": (r.get("refinement") or {}).get("voxels_changed_total"),
                 "seconds": r.get("seconds"),

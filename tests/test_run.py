@@ -62,6 +62,8 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     # round-0 pseudo-labels from one template must carry real signal on real data
     assert r0["mean_foreground_dice"] > 0.3
     assert report["final_test_metrics"] is not None
+    pred1 = report["rounds"][1]["prediction_dice_unlabeled"]  # the UNet's pool predictions, before refinement
+    assert pred1["cases"] == 3 and all(0.0 <= d <= 1.0 for d in pred1["dice"].values())
     for png in ("report_dice_by_round.png", "report_montage.png"):
         data = (work / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -3,7 +3,8 @@
 * ``report.json``: per round the test-set Dice, Jaccard, HD95 and ASD per class
   (from ``evaluate``), voxels changed by refinement, and the seconds per stage;
   as a diagnostic, each round's pseudo-label Dice on the unlabeled pool against
-  the real labels where they exist (read here only, never by a stage).
+  the real labels where they exist, and (rounds >= 1) the Dice of the UNet's
+  predictions on the pool before refinement (read here only, never by a stage).
 * ``report_dice_by_round.png``: Dice per class by round (pseudo-labels on the
   unlabeled pool, UNet predictions on the test set).
 * ``report_montage.png``: for a few unlabeled cases one slice of the image, the
@@ -72,6 +73,9 @@ def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list
         entry: dict = {"round": r}
         entry["pseudo_label_dice_unlabeled"] = _pseudo_dice(dataset, rd / "pseudo", unlabeled)
         if r > 0:
+            # the UNet's own predictions on the pool, before refinement: with the line
+            # above, what refinement changed in quality
+            entry["prediction_dice_unlabeled"] = _pseudo_dice(dataset, rd / "pred", unlabeled)
             entry["test_metrics"] = _class_summary(_read_json(rd / "test_metrics.json"))
             refine_info = _read_json(rd / "pseudo" / "refine.json")
             if refine_info is not None:
@@ -90,7 +94,8 @@ def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list
         "rounds": per_round,
         "final_test_metrics": per_round[-1].get("test_metrics"),
         "seconds_total": float(sum(times.values())),
-        "note": "pseudo_label_dice_unlabeled is a diagnostic computed by the report only; no stage reads those labels.",
+        "note": "pseudo_label_dice_unlabeled and prediction_dice_unlabeled are diagnostics computed by the report "
+                "only; no stage reads those labels.",
     }
     write_json(work / "report.json", report)
     try:
