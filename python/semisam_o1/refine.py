@@ -298,10 +298,10 @@ class _KnnBank:
             import torch
 
             self.bank = torch.from_numpy(np.ascontiguousarray(bank)).cuda()
-            self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int32)).cuda()
+            self.labels = torch.from_numpy(self.labels_host).cuda()
         else:
             self.bank = np.ascontiguousarray(bank)
-            self.labels = np.ascontiguousarray(labels, dtype=np.int32)
+            self.labels = self.labels_host
 
     def vote(self, queries: np.ndarray, k: int, return_topk: bool = False):
         """knn_vote of host ``queries`` against the bank; NumPy results."""
