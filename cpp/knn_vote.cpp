@@ -334,15 +334,15 @@ __attribute__((target("avx2,fma,f16c"))) void scan_avx2(const Scan& a) { scan_im
 }  // namespace
 
 void vote_one(const float* sims, const int64_t* idx, int64_t k, const int32_t* bank_labels,
-              int32_t* label, float* share) {
+              const LabelWeights& lw, int32_t* label, float* share) {
     if (k <= 64) {  // the rule shared with the CUDA kernels, O(k^2) without memory
-        semisam::vote_rank_order(sims, idx, k, bank_labels, label, share);
+        semisam::vote_rank_order(sims, idx, k, bank_labels, lw, label, share);
         return;
     }
     // Large k: the same rule through a sort by (label, rank); sums still in rank order.
     float total = 0.f;
     for (int64_t a = 0; a < k; ++a)
-        if (idx[a] >= 0) total += std::max(sims[a], 0.f);
+        if (idx[a] >= 0) total += vote_weight(sims[a], bank_labels[idx[a]], lw);
     bool have = false;
     int32_t best_label = 0;
     float best_w = 0.f;
@@ -354,7 +354,8 @@ void vote_one(const float* sims, const int64_t* idx, int64_t k, const int32_t* b
     for (size_t a = 0; a < order.size();) {
         size_t b = a;
         float w = 0.f;
-        for (; b < order.size() && order[b].first == order[a].first; ++b) w += std::max(sims[order[b].second], 0.f);
+        for (; b < order.size() && order[b].first == order[a].first; ++b)
+            w += vote_weight(sims[order[b].second], order[b].first, lw);
         if (!have || w > best_w || (w == best_w && order[a].first < best_label)) {
             have = true;
             best_label = order[a].first;
@@ -372,9 +373,9 @@ void vote_one(const float* sims, const int64_t* idx, int64_t k, const int32_t* b
 }
 
 void knn_vote_cpu(const void* queries, DType qdt, int64_t Q, const void* bank, DType bdt,
-                  int64_t N, int64_t C, const int32_t* bank_labels, int64_t k,
-                  int32_t* out_labels, float* out_share, int64_t* topk_index, float* topk_sim,
-                  int threads) {
+                  int64_t N, int64_t C, const int32_t* bank_labels, const LabelWeights& lw,
+                  int64_t k, int32_t* out_labels, float* out_share, int64_t* topk_index,
+                  float* topk_sim, int threads) {
     if (Q <= 0) return;
     const int nt = resolve_threads(threads);
     const bool fast = cpu_has_avx2_fma_f16c();
@@ -447,7 +448,7 @@ void knn_vote_cpu(const void* queries, DType qdt, int64_t Q, const void* bank, D
             }
             h.n = std::min(h.n, k);
             h.sort_desc();
-            vote_one(h.s, h.i, k, bank_labels, out_labels + q0 + a, out_share + q0 + a);
+            vote_one(h.s, h.i, k, bank_labels, lw, out_labels + q0 + a, out_share + q0 + a);
         }
     });
 }

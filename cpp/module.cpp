@@ -6,6 +6,7 @@
 #include <string>
 
 #include "kernels.hpp"
+#include "label_weights.hpp"
 
 namespace py = pybind11;
 using semisam::DType;
@@ -63,7 +64,7 @@ py::tuple prototype_similarity(py::array features, py::array prototypes, int thr
 }
 
 py::tuple knn_vote(py::array queries, py::array bank, py::array bank_labels, int64_t k,
-                   int threads, bool return_topk) {
+                   int threads, bool return_topk, py::object label_weights) {
     check_2d_contiguous(queries, "queries");
     check_2d_contiguous(bank, "bank");
     const DType qdt = float_dtype(queries, "queries");
@@ -86,6 +87,20 @@ py::tuple knn_vote(py::array queries, py::array bank, py::array bank_labels, int
     if (k > N)
         fail("k: must be <= the bank size N=" + std::to_string(N) + ", got " + std::to_string(k));
     if (threads < 0) fail("threads: must be >= 1 (or 0 for all cores)");
+    const int32_t* bl = static_cast<const int32_t*>(bank_labels.data());
+    semisam::LabelWeights lw;
+    py::array_t<float, py::array::c_style | py::array::forcecast> w;
+    if (!label_weights.is_none()) {
+        w = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(label_weights);
+        if (!w || w.ndim() != 1)
+            fail("label_weights: expected a 1-D float array with one weight per label");
+        const float* wp = w.data();
+        const int64_t n = w.shape(0);
+        const std::string err = semisam::label_weights_error(wp, n, bl, N);
+        if (!err.empty()) fail(err);
+        lw.w = wp;
+        lw.n = static_cast<int32_t>(n);
+    }
 
     py::array_t<int32_t> labels({Q});
     py::array_t<float> share({Q});
@@ -101,12 +116,11 @@ py::tuple knn_vote(py::array queries, py::array bank, py::array bank_labels, int
     }
     const void* q = queries.data();
     const void* b = bank.data();
-    const int32_t* bl = static_cast<const int32_t*>(bank_labels.data());
     int32_t* lo = labels.mutable_data();
     float* so = share.mutable_data();
     {
         py::gil_scoped_release release;
-        semisam::knn_vote_cpu(q, qdt, Q, b, bdt, N, C, bl, k, lo, so, ti, ts, threads);
+        semisam::knn_vote_cpu(q, qdt, Q, b, bdt, N, C, bl, lw, k, lo, so, ti, ts, threads);
     }
     if (return_topk) return py::make_tuple(labels, share, tidx, tsim);
     return py::make_tuple(labels, share);
@@ -125,9 +139,10 @@ PYBIND11_MODULE(_core, m) {
           "-> (scores (N,K) float32 cosine, labels (N,) int32 argmax, lowest index on ties)");
     m.def("knn_vote", &knn_vote, py::arg("queries"), py::arg("bank"), py::arg("bank_labels"),
           py::arg("k"), py::arg("threads") = 0, py::arg("return_topk") = false,
+          py::arg("label_weights") = py::none(),
           "knn_vote(queries (Q,C), bank (N,C), bank_labels (N,) int32, k, threads=0, "
-          "return_topk=False) -> (labels (Q,) int32, share (Q,) float32[, topk_index (Q,k) "
-          "int64, topk_sim (Q,k) float32])");
+          "return_topk=False, label_weights=None (L,) float32) -> (labels (Q,) int32, share "
+          "(Q,) float32[, topk_index (Q,k) int64, topk_sim (Q,k) float32])");
     m.def("has_avx2", &semisam::cpu_has_avx2_fma_f16c,
           "True when the AVX2/FMA/F16C kernels are used on this CPU");
     m.def("_force_generic", &semisam::force_generic_kernels, py::arg("on"),

@@ -48,10 +48,12 @@ def ref_cos(queries, bank):
     return _normalise(queries) @ _normalise(bank).T
 
 
-def ref_vote(sims_ranked, idx_ranked, bank_labels):
-    """Vote of one query from its neighbours in rank order."""
-    w = np.maximum(sims_ranked, 0.0)
+def ref_vote(sims_ranked, idx_ranked, bank_labels, label_weights=None):
+    """Vote of one query from its neighbours in rank order (optional per-label weights)."""
     labs = bank_labels[idx_ranked]
+    w = np.maximum(sims_ranked, 0.0)
+    if label_weights is not None:
+        w = w * np.asarray(label_weights, np.float64)[labs]
     total = w.sum()
     if total <= 0:
         return int(labs[0]), 0.0
@@ -63,11 +65,11 @@ def ref_vote(sims_ranked, idx_ranked, bank_labels):
     return winner, best / total
 
 
-def ref_knn(queries, bank, bank_labels, k):
+def ref_knn(queries, bank, bank_labels, k, label_weights=None):
     S = ref_cos(queries, bank)
     order = np.argsort(-S, axis=1, kind="stable")[:, :k]
     sims = np.take_along_axis(S, order, axis=1)
-    labels, share = zip(*(ref_vote(sims[i], order[i], bank_labels) for i in range(len(S))))
+    labels, share = zip(*(ref_vote(sims[i], order[i], bank_labels, label_weights) for i in range(len(S))))
     return np.array(labels), np.array(share), order, sims, S
 
 
@@ -195,9 +197,9 @@ def test_prototype_empty_features():
 # ---- kNN vote -------------------------------------------------------------------------------
 
 
-def check_knn(out, q, b, bl, k):
+def check_knn(out, q, b, bl, k, label_weights=None):
     labels, share, idx, sims = out
-    rl, rs, ridx, rsims, S = ref_knn(q, b, bl, k)
+    rl, rs, ridx, rsims, S = ref_knn(q, b, bl, k, label_weights)
     Q = len(q)
     assert labels.shape == (Q,) and labels.dtype == np.int32
     assert share.shape == (Q,) and share.dtype == np.float32
@@ -211,7 +213,7 @@ def check_knn(out, q, b, bl, k):
         assert len(set(idx[i].tolist())) == k
     # the vote, recomputed from the kernel's own neighbours, matches exactly the rule
     for i in range(Q):
-        lab, sh = ref_vote(sims[i].astype(np.float64), idx[i], bl)
+        lab, sh = ref_vote(sims[i].astype(np.float64), idx[i], bl, label_weights)
         assert labels[i] == lab
         assert abs(share[i] - sh) < 1e-5
     # and agrees with the float64 reference wherever neighbours are unambiguous
@@ -263,6 +265,35 @@ def test_knn_large_k_and_k_equals_n():
     out = kernels.knn_vote(q, b, bl, 150, threads=2, return_topk=True)
     check_knn(out, q, b, bl, 150)
     np.testing.assert_array_equal(np.sort(out[2], axis=1), np.tile(np.arange(150), (30, 1)))
+
+
+@pytest.mark.parametrize("k", [5, 100])  # k <= 64: vote.hpp's rank-order rule; k > 64: the sort path
+def test_knn_label_weights(k):
+    """Per-label vote weights against the float64 reference; weights of 1 = no weights."""
+    rng = np.random.default_rng(13)
+    q = rand(rng, (80, 24), np.float16)
+    b = rand(rng, (900, 24))
+    bl = rng.integers(0, 4, 900).astype(np.int32)
+    w = np.array([3.0, 1.0, 0.25, 2.0], np.float32)
+    out = kernels.knn_vote(q, b, bl, k, threads=2, return_topk=True, label_weights=w)
+    check_knn(out, q, b, bl, k, label_weights=w)
+    plain = kernels.knn_vote(q, b, bl, k, threads=2, return_topk=True)
+    assert (out[0] != plain[0]).sum() > 5  # the weights really change winners here
+    ones = kernels.knn_vote(q, b, bl, k, threads=1, label_weights=[1, 1, 1, 1])
+    np.testing.assert_array_equal(ones[0], plain[0])
+    np.testing.assert_allclose(ones[1], plain[1], atol=1e-6)
+    # a zero weight removes a label from the vote (and from the share's denominator)
+    w0 = np.array([1, 0, 1, 1], np.float32)
+    lab0, share0 = kernels.knn_vote(q, b, bl, k, threads=2, label_weights=w0)
+    assert not np.any((lab0 == 1) & (share0 > 0))
+    with pytest.raises(ValueError, match="bank_labels: label 3 .* has no weight"):
+        kernels.knn_vote(q, b, bl, k, label_weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="label_weights: weights must be finite and >= 0"):
+        kernels.knn_vote(q, b, bl, k, label_weights=[1, -1, 1, 1])
+    with pytest.raises(ValueError, match="label_weights: weights must be finite"):
+        kernels.knn_vote(q, b, bl, k, label_weights=[1, np.nan, 1, 1])
+    with pytest.raises(ValueError, match="label_weights: expected a 1-D"):
+        kernels.knn_vote(q, b, bl, k, label_weights=np.ones((2, 2)))
 
 
 def test_knn_ties_duplicates_zero_vectors():
@@ -398,6 +429,12 @@ def test_cuda_logic_emulated_on_host(dt):
     bl = rng.integers(0, 4, 301).astype(np.int32)
     out = _core_cuda._emulate_knn_vote(q, b, bl, 6)
     check_knn(out, q, b, bl, 6)
+    w = np.array([0.5, 2.0, 1.0, 4.0], np.float32)
+    out_w = _core_cuda._emulate_knn_vote(q, b, bl, 6, label_weights=w)
+    check_knn(out_w, q, b, bl, 6, label_weights=w)
+    cpu_w = kernels.knn_vote(q, b, bl, 6, threads=1, label_weights=w)
+    same = (out_w[2] == out[2]).all(axis=1)
+    np.testing.assert_array_equal(out_w[0][same], cpu_w[0][same])
     # same ties rule as the CPU core
     e = np.eye(8, dtype=dt)
     bt = np.stack([e[0], e[1], e[0], e[0], e[2]])
@@ -464,6 +501,10 @@ def test_cuda_device_matches_cpu():
     out = kernels.knn_vote(torch.from_numpy(q).cuda(), torch.from_numpy(b).cuda(),
                            torch.from_numpy(bl).cuda(), 5, return_topk=True)
     check_knn(tuple(o.cpu().numpy() for o in out), q, b, bl, 5)
+    w = np.array([0.5, 3.0, 1.0], np.float32)
+    out = kernels.knn_vote(torch.from_numpy(q).cuda(), torch.from_numpy(b).cuda(),
+                           torch.from_numpy(bl).cuda(), 5, return_topk=True, label_weights=w)
+    check_knn(tuple(o.cpu().numpy() for o in out), q, b, bl, 5, label_weights=w)
 
 
 def test_memory_mapped_float16_store(tmp_path):

@@ -30,10 +30,12 @@ NAMES = ("background", "anterior", "posterior")
 # --------------------------------------------------------------------------- references
 
 
-def knn_vote_reference(queries, bank, bank_labels, k, *, threads=None, return_topk=False, device=None):
+def knn_vote_reference(queries, bank, bank_labels, k, *, threads=None, return_topk=False, device=None,
+                       label_weights=None):
     """NumPy reference of kernels.knn_vote: cosine similarity, top-k (ties: lower bank
-    index first), weights max(sim, 0) summed per label, highest total wins (ties: lowest
-    label); all weights 0 -> the nearest neighbour's label with share 0."""
+    index first), weights max(sim, 0) (times label_weights[label] when given) summed per
+    label, highest total wins (ties: lowest label); all weights 0 -> the nearest
+    neighbour's label with share 0."""
     q = np.asarray(queries, np.float64)
     b = np.asarray(bank, np.float64)
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
@@ -44,6 +46,9 @@ def knn_vote_reference(queries, bank, bank_labels, k, *, threads=None, return_to
     lab = np.asarray(bank_labels)[idx]
     n_lab = int(np.max(bank_labels)) + 1
     w = np.maximum(top, 0)
+    if label_weights is not None:
+        n_lab = max(n_lab, len(label_weights))
+        w = w * np.asarray(label_weights, np.float64)[lab]
     tot = np.zeros((len(q), n_lab))
     for j in range(k):
         np.add.at(tot, (np.arange(len(q)), lab[:, j]), w[:, j])
@@ -332,36 +337,6 @@ def test_voxel_mode_resume_and_signature(voxel_cohort):
     # a changed parameter (or seed) changes the signature: everything is redone
     other = refine_mod.refine(v["ds"], v["feats"], v["pred"], v["out"], **dict(kw, seed=1))
     assert other["signature"] != first["signature"] and other["resumed_cases"] == 0
-
-
-def test_weighted_vote_matches_loop_reference():
-    rng = np.random.default_rng(3)
-    q, k, n, n_cls = 200, 7, 50, 4
-    top_i = rng.integers(n, size=(q, k))
-    top_s = rng.uniform(-0.3, 1.0, size=(q, k)).astype(np.float32)
-    top_s[:5] = -0.1  # all weights 0: nearest neighbour's label, share 0
-    labels = rng.integers(n_cls, size=n).astype(np.int32)
-    weight = np.array([3.0, 1.0, 0.5, 2.0], np.float32)
-    got_l, got_s = refine_mod.weighted_vote(top_i, top_s, labels, weight)
-    for r in range(q):
-        sums = np.zeros(n_cls)
-        for j in range(k):
-            sums[labels[top_i[r, j]]] += max(float(top_s[r, j]), 0.0) * weight[labels[top_i[r, j]]]
-        if sums.sum() == 0:
-            assert got_l[r] == labels[top_i[r, 0]] and got_s[r] == 0
-        else:
-            assert got_l[r] == int(np.argmax(sums))  # argmax: ties go to the lowest label
-            assert got_s[r] == pytest.approx(sums.max() / sums.sum(), rel=1e-5)
-    # equal class weights: exactly the kernel's vote (same top-k, same rule)
-    feats = rng.standard_normal((300, 6)).astype(np.float32)
-    bank = rng.standard_normal((80, 6)).astype(np.float32)
-    bank_l = rng.integers(3, size=80).astype(np.int32)
-    from semisam_o1 import kernels
-
-    lab, share, ti, ts = kernels.knn_vote(feats, bank, bank_l, 5, threads=1, return_topk=True)
-    w_l, w_s = refine_mod.weighted_vote(ti, ts, bank_l, np.ones(3, np.float32))
-    np.testing.assert_array_equal(w_l, lab)
-    np.testing.assert_allclose(w_s, share, rtol=1e-5, atol=1e-6)
 
 
 def test_class_quotas():

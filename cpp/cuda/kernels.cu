@@ -33,10 +33,11 @@ __global__ void k_proto(const void* feat, int fdt, int64_t N, int64_t C, const f
 }
 
 __global__ void k_knn(const float* qT, int64_t Q, const void* bank, int bdt, const float* binv,
-                      int64_t N, int64_t C, const int32_t* bank_labels, int64_t k, int64_t* ti,
-                      float* ts, int32_t* out_label, float* out_share) {
+                      int64_t N, int64_t C, const int32_t* bank_labels, LabelWeights lw, int64_t k,
+                      int64_t* ti, float* ts, int32_t* out_label, float* out_share) {
     const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (q < Q) knn_query(qT, Q, q, bank, bdt, binv, N, C, bank_labels, k, ti, ts, out_label, out_share);
+    if (q < Q)
+        knn_query(qT, Q, q, bank, bdt, binv, N, C, bank_labels, lw, k, ti, ts, out_label, out_share);
 }
 
 }  // namespace
@@ -52,14 +53,17 @@ cudaError_t launch_prototype(const void* feat, int fdt, int64_t N, int64_t C, co
 }
 
 cudaError_t launch_knn(const void* queries, int qdt, int64_t Q, const void* bank, int bdt,
-                       int64_t N, int64_t C, const int32_t* bank_labels, int64_t k, float* qT_tmp,
-                       float* binv_tmp, int64_t* ti, float* ts, int32_t* out_label,
-                       float* out_share, cudaStream_t stream) {
+                       int64_t N, int64_t C, const int32_t* bank_labels, const float* label_w,
+                       int32_t n_label_w, int64_t k, float* qT_tmp, float* binv_tmp, int64_t* ti,
+                       float* ts, int32_t* out_label, float* out_share, cudaStream_t stream) {
     if (Q <= 0) return cudaSuccess;
     k_normalise_rows<<<blocks_for(Q), kThreads, 0, stream>>>(queries, qdt, Q, C, qT_tmp, Q, 1);
     k_inv_norms<<<blocks_for(N), kThreads, 0, stream>>>(bank, bdt, N, C, binv_tmp);
+    LabelWeights lw;
+    lw.w = label_w;
+    lw.n = n_label_w;
     k_knn<<<blocks_for(Q), kThreads, 0, stream>>>(qT_tmp, Q, bank, bdt, binv_tmp, N, C,
-                                                  bank_labels, k, ti, ts, out_label, out_share);
+                                                  bank_labels, lw, k, ti, ts, out_label, out_share);
     return cudaGetLastError();
 }
 

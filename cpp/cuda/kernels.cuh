@@ -79,14 +79,16 @@ SS_HD void proto_row(const void* feat, int fdt, int64_t r, int64_t C, const floa
 }
 
 // The vote over one query's k neighbours: semisam::vote_rank_order (vote.hpp), the
-// CPU core's rule.
+// CPU core's rule (with the same optional per-label weights).
+using semisam::LabelWeights;
 using semisam::vote_rank_order;
 
 // One query: qT (C, Q) normalised queries, bank (N, C) raw, binv (N,) inverse bank norms.
 // Keeps a sorted top-k list (similarity descending, ties lowest index) in ts/ti, then votes.
 SS_HD void knn_query(const float* qT, int64_t Q, int64_t q, const void* bank, int bdt,
                      const float* binv, int64_t N, int64_t C, const int32_t* bank_labels,
-                     int64_t k, int64_t* ti, float* ts, int32_t* out_label, float* out_share) {
+                     LabelWeights lw, int64_t k, int64_t* ti, float* ts, int32_t* out_label,
+                     float* out_share) {
     const int RB = 8;
     float* s = ts + q * k;
     int64_t* ix = ti + q * k;
@@ -120,7 +122,7 @@ SS_HD void knn_query(const float* qT, int64_t Q, int64_t q, const void* bank, in
         s[a] = 0.f;
         ix[a] = -1;
     }
-    vote_rank_order(s, ix, k, bank_labels, out_label + q, out_share + q);
+    vote_rank_order(s, ix, k, bank_labels, lw, out_label + q, out_share + q);
 }
 
 }  // namespace semisam_cuda

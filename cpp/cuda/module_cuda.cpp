@@ -19,6 +19,7 @@
 
 #include "cuda/kernels.cuh"
 #include "cuda/launch.hpp"
+#include "label_weights.hpp"
 
 namespace py = pybind11;
 
@@ -189,8 +190,25 @@ py::tuple prototype_similarity(py::object features, py::object prototypes, py::o
     return py::make_tuple(scores, labels);
 }
 
+// Per-label vote weights from a host array-like (None: unweighted). Every bank label
+// must have a weight; labels_host holds the N bank labels on the host.
+std::vector<float> host_label_weights(py::object label_weights, const int32_t* labels_host,
+                                      int64_t N) {
+    std::vector<float> out;
+    if (label_weights.is_none()) return out;
+    auto w = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(label_weights);
+    if (!w || w.ndim() != 1)
+        fail("label_weights: expected a 1-D float array with one weight per label");
+    out.assign(w.data(), w.data() + w.shape(0));
+    const std::string err =
+        semisam::label_weights_error(out.data(), static_cast<int64_t>(out.size()), labels_host, N);
+    if (!err.empty()) fail(err);
+    return out;
+}
+
 py::tuple knn_vote(py::object queries, py::object bank, py::object bank_labels, int64_t k,
-                   py::object threads, bool return_topk, uintptr_t stream) {
+                   py::object threads, bool return_topk, uintptr_t stream,
+                   py::object label_weights) {
     (void)threads;
     DevArr q = parse_cai(queries, "queries");
     DevArr b = parse_cai(bank, "bank");
@@ -209,6 +227,14 @@ py::tuple knn_vote(py::object queries, py::object bank, py::object bank_labels, 
         fail("k: must be <= the bank size N=" + std::to_string(N) + ", got " + std::to_string(k));
     const int dev = common_device({{&q, "queries"}, {&b, "bank"}, {&l, "bank_labels"}});
     check_cuda(cudaSetDevice(dev), "cudaSetDevice");
+    std::vector<float> lw;
+    if (!label_weights.is_none()) {  // validate the labels against the weights on the host
+        std::vector<int32_t> lh(static_cast<size_t>(N));
+        check_cuda(cudaMemcpy(lh.data(), l.ptr, static_cast<size_t>(N) * sizeof(int32_t),
+                              cudaMemcpyDeviceToHost),
+                   "bank_labels copy");
+        lw = host_label_weights(label_weights, lh.data(), N);
+    }
     auto lab = std::make_shared<DeviceBuffer>(std::vector<int64_t>{Q}, "<i4", 4, dev);
     auto share = std::make_shared<DeviceBuffer>(std::vector<int64_t>{Q}, "<f4", 4, dev);
     auto ti = std::make_shared<DeviceBuffer>(std::vector<int64_t>{Q, k}, "<i8", 8, dev);
@@ -217,9 +243,16 @@ py::tuple knn_vote(py::object queries, py::object bank, py::object bank_labels, 
         py::gil_scoped_release release;
         TempDev qT(static_cast<size_t>(Q * C) * sizeof(float));
         TempDev binv(static_cast<size_t>(N) * sizeof(float));
+        TempDev wdev(lw.size() * sizeof(float));
+        if (!lw.empty())
+            check_cuda(cudaMemcpy(wdev.p, lw.data(), lw.size() * sizeof(float),
+                                  cudaMemcpyHostToDevice),
+                       "label_weights copy");
         auto s = reinterpret_cast<cudaStream_t>(stream);
         check_cuda(semisam_cuda::launch_knn(
-                       q.ptr, qdt, Q, b.ptr, bdt, N, C, static_cast<const int32_t*>(l.ptr), k,
+                       q.ptr, qdt, Q, b.ptr, bdt, N, C, static_cast<const int32_t*>(l.ptr),
+                       lw.empty() ? nullptr : static_cast<const float*>(wdev.p),
+                       static_cast<int32_t>(lw.size()), k,
                        static_cast<float*>(qT.p), static_cast<float*>(binv.p),
                        static_cast<int64_t*>(ti->ptr), static_cast<float*>(ts->ptr),
                        static_cast<int32_t*>(lab->ptr), static_cast<float*>(share->ptr), s),
@@ -257,13 +290,17 @@ py::tuple emulate_prototype(py::array features, py::array prototypes) {
 }
 
 py::tuple emulate_knn(py::array queries, py::array bank, py::array_t<int32_t> bank_labels,
-                      int64_t k) {
+                      int64_t k, py::object label_weights) {
     const int qdt = host_float_code(queries, "queries");
     const int bdt = host_float_code(bank, "bank");
     const int64_t Q = queries.shape(0), C = queries.shape(1), N = bank.shape(0);
     if (bank.shape(1) != C || bank_labels.ndim() != 1 || bank_labels.shape(0) != N)
         fail("bank: bad shape");
     if (k < 1 || k > N) fail("k: must be in [1, N]");
+    const std::vector<float> w = host_label_weights(label_weights, bank_labels.data(), N);
+    semisam_cuda::LabelWeights lw;
+    lw.w = w.empty() ? nullptr : w.data();
+    lw.n = static_cast<int32_t>(w.size());
     std::vector<float> qT(static_cast<size_t>(Q * C)), binv(static_cast<size_t>(N));
     for (int64_t r = 0; r < Q; ++r)
         semisam_cuda::normalise_row(queries.data(), qdt, r, C, qT.data(), Q, 1);
@@ -274,7 +311,7 @@ py::tuple emulate_knn(py::array queries, py::array bank, py::array_t<int32_t> ba
     py::array_t<float> ts({Q, k});
     for (int64_t q = 0; q < Q; ++q)
         semisam_cuda::knn_query(qT.data(), Q, q, bank.data(), bdt, binv.data(), N, C,
-                                bank_labels.data(), k, ti.mutable_data(), ts.mutable_data(),
+                                bank_labels.data(), lw, k, ti.mutable_data(), ts.mutable_data(),
                                 lab.mutable_data(), share.mutable_data());
     return py::make_tuple(lab, share, ti, ts);
 }
@@ -306,10 +343,11 @@ PYBIND11_MODULE(_core_cuda, m) {
           "Device version of semisam_o1._core.prototype_similarity.");
     m.def("knn_vote", &knn_vote, py::arg("queries"), py::arg("bank"), py::arg("bank_labels"),
           py::arg("k"), py::arg("threads") = py::none(), py::arg("return_topk") = false,
-          py::arg("stream") = 0, "Device version of semisam_o1._core.knn_vote.");
+          py::arg("stream") = 0, py::arg("label_weights") = py::none(),
+          "Device version of semisam_o1._core.knn_vote (label_weights: host (L,) float32).");
     m.def("device_count", &device_count, "Number of usable CUDA devices (0 without a driver).");
     m.def("_emulate_prototype_similarity", &emulate_prototype, py::arg("features"),
           py::arg("prototypes"));
     m.def("_emulate_knn_vote", &emulate_knn, py::arg("queries"), py::arg("bank"),
-          py::arg("bank_labels"), py::arg("k"));
+          py::arg("bank_labels"), py::arg("k"), py::arg("label_weights") = py::none());
 }

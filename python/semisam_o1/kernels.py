@@ -153,7 +153,8 @@ def prototype_similarity(features, prototypes, *, threads: int | None = None):
     return _core().prototype_similarity(f, p, _threads(threads))
 
 
-def knn_vote(queries, bank, bank_labels, k, *, threads: int | None = None, return_topk=False):
+def knn_vote(queries, bank, bank_labels, k, *, threads: int | None = None, return_topk=False,
+             label_weights=None):
     """Weighted vote of the k most cosine-similar bank vectors, fused and streaming.
 
     For each query: the k bank rows with the highest cosine similarity (ties: lowest
@@ -164,6 +165,10 @@ def knn_vote(queries, bank, bank_labels, k, *, threads: int | None = None, retur
     similar neighbour wins and share is 0. The Q x N similarity matrix is never formed
     (memory O(Q*k) plus fixed per-thread blocks).
 
+    With ``label_weights`` w, a neighbour of label L counts ``w[L] * max(similarity, 0)``
+    (in the winner's sum and in the share's denominator): e.g. w[c] = n_c / m_c undoes a
+    class-balanced sampling of the bank (n_c voxels of class c stood for by m_c entries).
+
     Args:
         queries: (Q, C) float16 or float32 (host, or device for the CUDA path).
         bank: (N, C) float16 or float32, same side as queries.
@@ -172,6 +177,8 @@ def knn_vote(queries, bank, bank_labels, k, *, threads: int | None = None, retur
         k: number of neighbours, 1 <= k <= N.
         threads: CPU threads (default: all CPUs this process may use); ignored on GPU.
         return_topk: also return the neighbours.
+        label_weights: optional (L,) non-negative finite float weights, one per label
+            value 0..L-1; every bank label must be below L. Host array on both paths.
 
     Returns:
         (labels, share) or, with ``return_topk``, (labels, share, topk_index, topk_sim):
@@ -181,21 +188,39 @@ def knn_vote(queries, bank, bank_labels, k, *, threads: int | None = None, retur
     Raises:
         ValueError: naming the argument, for a wrong dtype/ndim/shape, a channel
             mismatch, bank_labels of the wrong length or type, k < 1 or k > N,
-            threads < 1.
+            threads < 1, a negative or non-finite label weight, or a bank label
+            without a weight.
     """
     if _is_device_array(queries) or _is_device_array(bank) or _is_device_array(bank_labels):
-        return _cuda_call("knn_vote", queries, bank, bank_labels, k, return_topk=return_topk)
+        return _cuda_call("knn_vote", queries, bank, bank_labels, k, return_topk=return_topk,
+                          label_weights=_label_weights(label_weights))
     q = _host_float(queries, "queries")
     b = _host_float(bank, "bank")
     lab = _host_labels(bank_labels, b.shape[0])
     kk = _check_k(k, b.shape[0])
-    return _core().knn_vote(q, b, lab, kk, _threads(threads), bool(return_topk))
+    return _core().knn_vote(q, b, lab, kk, _threads(threads), bool(return_topk),
+                            _label_weights(label_weights))
+
+
+def _label_weights(w):
+    """None, or a C-contiguous (L,) float32 host copy of ``w``; ValueError otherwise."""
+    if w is None:
+        return None
+    if hasattr(w, "get") and _is_cupy(w):
+        w = w.get()
+    elif _is_torch(w):
+        w = w.detach().cpu().numpy()
+    arr = np.asarray(w)
+    if arr.ndim != 1 or arr.size < 1 or arr.dtype.kind not in "fiu":
+        raise ValueError(f"label_weights: expected a 1-D numeric array with one weight per label, "
+                         f"got shape {arr.shape} dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 # ---- device (CUDA) path ---------------------------------------------------------------
 
 
-def _cuda_call(fn: str, *args, return_topk: bool = False):
+def _cuda_call(fn: str, *args, return_topk: bool = False, label_weights=None):
     mod = _core_cuda()
     if mod is None:
         raise RuntimeError(
@@ -224,7 +249,7 @@ def _cuda_call(fn: str, *args, return_topk: bool = False):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise ValueError(f"k: must be an integer, got {k!r}")
         out = mod.knn_vote(queries, bank, bank_labels, int(k), return_topk=bool(return_topk),
-                           stream=stream)
+                           stream=stream, label_weights=label_weights)
     return tuple(_wrap(o, kind, arrays) for o in out)
 
 

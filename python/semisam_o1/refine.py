@@ -38,7 +38,7 @@ Two modes:
        weights ``max(similarity, 0)``. With ``class_weights="prior"``
        (default) a neighbour of class c also counts ``n_c / m_c`` times
        (``n_c`` confident candidates of class c in the cohort, ``m_c`` of
-       them in the bank; :func:`weighted_vote`), which undoes the class
+       them in the bank; the kernel's ``label_weights``), which undoes the class
        balancing of the sample: the vote then estimates the class posterior
        among the cohort's confident voxels. ``"balanced"`` counts every
        neighbour once, which favours the rare (foreground) classes: on the
@@ -303,48 +303,21 @@ class _KnnBank:
             self.bank = np.ascontiguousarray(bank)
             self.labels = self.labels_host
 
-    def vote(self, queries: np.ndarray, k: int, return_topk: bool = False):
-        """knn_vote of host ``queries`` against the bank; NumPy results."""
+    def vote(self, queries: np.ndarray, k: int, return_topk: bool = False, label_weights=None):
+        """knn_vote of host ``queries`` against the bank (optional per-label vote
+        weights, see :func:`semisam_o1.kernels.knn_vote`); NumPy results."""
         k = min(int(k), self.n)
         if self.device == "cuda":
             import torch
 
             q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).cuda()
-            out = self.kernels.knn_vote(q, self.bank, self.labels, k, return_topk=return_topk)
+            out = self.kernels.knn_vote(q, self.bank, self.labels, k, return_topk=return_topk,
+                                        label_weights=label_weights)
             torch.cuda.synchronize()
             return tuple(o.cpu().numpy() for o in out)
         out = self.kernels.knn_vote(queries, self.bank, self.labels, k, threads=self.threads,
-                                    return_topk=return_topk)
+                                    return_topk=return_topk, label_weights=label_weights)
         return tuple(np.asarray(o) for o in out)
-
-
-def weighted_vote(top_index: np.ndarray, top_sim: np.ndarray, bank_labels: np.ndarray,
-                  class_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The kNN vote with a weight per class: label = argmax_c sum over the k neighbours
-    of class c of ``class_weight[c] * max(similarity, 0)`` (ties: lowest label).
-
-    Args:
-        top_index: (Q, k) int64 bank rows (``knn_vote(..., return_topk=True)``).
-        top_sim: (Q, k) float32 similarities of those rows.
-        bank_labels: (N,) int32 labels of the bank rows.
-        class_weight: (C,) float32 non-negative weight per class.
-
-    Returns:
-        (labels, share): (Q,) int32 winners and (Q,) float32 winner's sum over the
-        sum of all weights; every weight 0: the most similar neighbour's label, share 0
-        (as :func:`semisam_o1.kernels.knn_vote`).
-    """
-    lab = bank_labels[top_index]
-    w = np.maximum(top_sim, 0) * class_weight[lab]
-    n_cls = len(class_weight)
-    sums = np.zeros((lab.shape[0], n_cls), np.float64)
-    rows = np.repeat(np.arange(lab.shape[0]), lab.shape[1])
-    np.add.at(sums, (rows, lab.ravel()), w.ravel())
-    winner = sums.argmax(axis=1).astype(np.int32)
-    total = sums.sum(axis=1)
-    share = np.where(total > 0, sums[np.arange(len(winner)), winner] / np.where(total > 0, total, 1), 0.0)
-    winner = np.where(total > 0, winner, lab[:, 0]).astype(np.int32)
-    return winner, share.astype(np.float32)
 
 
 def _progress(iterable, quiet: bool, desc: str, total: int | None = None):
@@ -720,11 +693,7 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
 
                 q = augment_with_position(q, _positions(np.flatnonzero(qmask.ravel()), lab.shape), pos_w, "query")
             tk = time.perf_counter()
-            if vote_w is None:
-                voted, share = knn_bank.vote(q, k_eff)
-            else:
-                _, _, top_i, top_s = knn_bank.vote(q, k_eff, return_topk=True)
-                voted, share = weighted_vote(top_i, top_s, knn_bank.labels_host, vote_w)
+            voted, share = knn_bank.vote(q, k_eff, label_weights=vote_w)
             knn_s += time.perf_counter() - tk
             voted = np.asarray(voted)
             keep = np.asarray(share) <= 0  # every neighbour dissimilar: no evidence, keep the label
