@@ -1,5 +1,5 @@
-"""End to end: `semisam-o1 run --preset quick` on a few real Hippocampus cases,
-killed after propagate and resumed without re-encoding."""
+"""End to end: `semisam-o1 run --preset quick` (2 rounds, case selection) on a few real
+Hippocampus cases, killed after propagate and resumed without re-encoding."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     work = tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="2")
     cmd = _cli("run", "-i", str(data_root), "--split", str(quick_split), "-o", str(work),
-               "--preset", "quick", "--threads", "2", "--quiet")
+               "--preset", "quick", "--rounds", "2", "--select", "0.5", "--threads", "2", "--quiet")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     marker = work / ".done" / "propagate.json"
@@ -55,7 +55,7 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     assert {p: p.stat().st_mtime_ns for p in store_files} == mtimes  # nothing re-encoded
 
     report = json.loads((work / "report.json").read_text())
-    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
     r0 = report["rounds"][0]["pseudo_label_dice_unlabeled"]
     assert r0["cases"] == 3
     assert all(0.0 <= d <= 1.0 for d in r0["dice"].values())
@@ -64,6 +64,23 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     assert report["final_test_metrics"] is not None
     pred1 = report["rounds"][1]["prediction_dice_unlabeled"]  # the UNet's pool predictions, before refinement
     assert pred1["cases"] == 3 and all(0.0 <= d <= 1.0 for d in pred1["dice"].values())
+    # case selection after round 1: ceil(0.5 * 3) = 2 pool cases, ranked by the agreement of
+    # their round-0 label with round 1's prediction; round 2 trains on the template + them
+    sel = json.loads((work / "round1" / "selection.json").read_text())
+    pool = json.loads(quick_split.read_text())["unlabeled"]
+    assert sel["n_selected"] == 2 and set(sel["selected"]) <= set(pool)
+    ag = sel["agreement"]
+    assert min(ag[c] for c in sel["selected"]) >= max(ag[c] for c in pool if c not in sel["selected"])
+    cfg2 = json.loads((work / "round2" / "model" / "config.json").read_text())
+    template = json.loads(quick_split.read_text())["template"]
+    assert sorted(cfg2["training_cases"]) == sorted([template] + sel["selected"])
+    assert report["selection"]["n_selected"] == 2
+    # round 1 refines (voxel, the default); the last round does not: its pseudo-labels are its predictions
+    assert (work / ".done" / "round1" / "refine.json").is_file()
+    assert not (work / ".done" / "round2" / "refine.json").exists()
+    for case in pool:
+        assert (work / "round2" / "pseudo" / f"{case}.nii.gz").read_bytes() == \
+            (work / "round2" / "pred" / f"{case}.nii.gz").read_bytes()
     for png in ("report_dice_by_round.png", "report_montage.png"):
         data = (work / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -64,8 +64,11 @@ def _read_json(path: Path):
 
 
 def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list[str], test: list[str],
-                 rounds: int, times: dict, config: dict) -> dict:
-    """Assemble ``WORK/report.json`` and the pictures from the stages' outputs. Returns the report."""
+                 rounds: int, times: dict, config: dict, selected: list[str] | None = None) -> dict:
+    """Assemble ``WORK/report.json`` and the pictures from the stages' outputs. Returns the report.
+
+    ``selected``: the pool cases the rounds after the first trained on (``run --select``),
+    or None when every round trained on the whole pool."""
     work = Path(work)
     per_round = []
     for r in range(0, rounds + 1):
@@ -93,6 +96,12 @@ def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list
         "config": config,
         "rounds": per_round,
         "final_test_metrics": per_round[-1].get("test_metrics"),
+        "selection": None if selected is None else {
+            "n_selected": len(selected), "n_unlabeled": len(unlabeled),
+            "file": str(work / "round1" / "selection.json"),
+            # diagnostic: the real quality of the round-0 labels the later rounds train on
+            "pseudo_label_dice_selected_round0": _pseudo_dice(dataset, work / "round0" / "pseudo", list(selected)),
+        },
         "seconds_total": float(sum(times.values())),
         "note": "pseudo_label_dice_unlabeled and prediction_dice_unlabeled are diagnostics computed by the report "
                 "only; no stage reads those labels.",

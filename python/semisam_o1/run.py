@@ -9,7 +9,10 @@ resumes where it stopped; the stages themselves also skip finished cases)::
       round0/pseudo/            propagate: round-0 pseudo-labels
       round{r}/model/           train (from scratch) on round{r-1}/pseudo
       round{r}/pred/            predict the unlabeled pool: labels + entropy maps
-      round{r}/pseudo/          refine: round-r pseudo-labels
+      round1/selection.json     select (with --select < 1): agreement of every pool case's
+                                round-0 label with round 1's prediction; the cases kept
+      round{r}/pseudo/          refine: round-r pseudo-labels (the last round: its
+                                predictions, since nothing trains on them)
       round{r}/test/            predict the test cases with round r's model
       round{r}/test_metrics.json  evaluate round r's test predictions
       report.json, report_dice_by_round.png, report_montage.png
@@ -36,10 +39,10 @@ from .errors import InputError
 # Presets of the whole loop. ``train`` gets the same preset name.
 # max_unlabeled / max_test limit the cohort (None: all), axes the encoder's axes.
 RUN_PRESETS = {
-    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, iterations=None),
-    "demo": dict(rounds=2, max_unlabeled=20, max_test=20, iterations=500),
-    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None),
-    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None),
+    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, iterations=None, select=1.0),
+    "demo": dict(rounds=2, max_unlabeled=20, max_test=20, iterations=500, select=1.0),
+    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None, select=0.25),
+    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None, select=0.25),
 }
 # The UNet preset that each run preset trains with.
 TRAIN_PRESET = {"quick": "quick", "demo": "cpu", "cpu": "cpu", "paper": "paper"}
@@ -61,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refinement between rounds; none keeps the network's predictions as the next pseudo-labels")
     p.add_argument("--k", type=int, default=5, help="neighbours in the refinement vote")
     p.add_argument("--quantile", type=float, default=0.9, help="entropy quantile above which voxels are refined")
+    p.add_argument("--select", type=float, default=None, metavar="FRACTION",
+                   help="rounds after the first train on the template plus this fraction of the pool whose "
+                        "round-0 pseudo-labels agree best (Dice) with round 1's prediction; 1 keeps every case "
+                        "(default: the preset's: 1 for quick and demo, 0.25 for cpu and paper)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
@@ -98,12 +105,9 @@ class _Stages:
     def marker(self, name: str) -> Path:
         return self.done_dir / f"{name}.json"
 
-    def run(self, name: str, command: str, argv: list[str]) -> bool:
-        """Run stage ``name`` (``semisam-o1 command argv``) unless its marker exists.
-
-        Returns True if it ran, False if it was skipped.
-        """
-        from .cli import build_parser
+    def _stage(self, name: str, describe: str, fn, record: dict) -> bool:
+        """Run ``fn()`` as stage ``name`` unless its marker exists; record its time and
+        write the marker (``record`` plus the seconds) when it finishes."""
         from .io import write_json
 
         marker = self.marker(name)
@@ -112,18 +116,35 @@ class _Stages:
             self.times[name] = float(info.get("seconds", 0.0))
             print(f"[run] {name}: done earlier ({info.get('seconds', 0):.0f} s), skipped", flush=True)
             return False
-        full = [command] + argv + (["--quiet"] if self.quiet and command in {"encode", "train", "predict", "refine", "propagate"} else [])
-        print(f"[run] {name}: semisam-o1 {' '.join(full)}", flush=True)
-        args = build_parser().parse_args(full)
+        print(f"[run] {name}: {describe}", flush=True)
         t0 = time.perf_counter()
-        rc = int(args._module.main(args) or 0)
+        fn()
         seconds = time.perf_counter() - t0
-        if rc != 0:
-            raise InputError(f"stage {name} (semisam-o1 {command}) failed with exit code {rc}")
         self.times[name] = seconds
-        write_json(marker, {"stage": name, "command": ["semisam-o1"] + full, "seconds": seconds})
+        write_json(marker, {"stage": name, **record, "seconds": seconds})
         print(f"[run] {name}: finished in {seconds:.0f} s", flush=True)
         return True
+
+    def run_inline(self, name: str, what: str, fn) -> bool:
+        """Run the in-process step ``fn()`` as stage ``name`` (same skip rules as :meth:`run`)."""
+        return self._stage(name, what, fn, {"what": what})
+
+    def run(self, name: str, command: str, argv: list[str]) -> bool:
+        """Run stage ``name`` (``semisam-o1 command argv``) unless its marker exists.
+
+        Returns True if it ran, False if it was skipped.
+        """
+        from .cli import build_parser
+
+        full = [command] + argv + (["--quiet"] if self.quiet and command in {"encode", "train", "predict", "refine", "propagate"} else [])
+
+        def call():
+            args = build_parser().parse_args(full)
+            rc = int(args._module.main(args) or 0)
+            if rc != 0:
+                raise InputError(f"stage {name} (semisam-o1 {command}) failed with exit code {rc}")
+
+        return self._stage(name, f"semisam-o1 {' '.join(full)}", call, {"command": ["semisam-o1"] + full})
 
 
 def run(
@@ -139,6 +160,7 @@ def run(
     refine_mode: str = "voxel",
     k: int = 5,
     quantile: float = 0.9,
+    select: float | None = None,
     device: str = "cpu",
     threads: int | None = None,
     seed: int = 0,
@@ -166,6 +188,10 @@ def run(
         cfg["max_test"] = max_test
     if cfg["rounds"] < 1:
         raise InputError("--rounds must be at least 1")
+    if select is not None:
+        cfg["select"] = float(select)
+    if not (0.0 < cfg["select"] <= 1.0):
+        raise InputError(f"--select {cfg['select']}: must be in (0, 1]")
 
     dataset = Dataset(input)
     template, unlabeled, test = _case_lists(dataset, split, cfg["max_unlabeled"], cfg["max_test"])
@@ -179,17 +205,19 @@ def run(
     stages.run("encode", "encode", ["-i", ds, "-o", feats, "--cases", template, *unlabeled, *common])
     stages.run("propagate", "propagate", ["-i", ds, "-f", feats, "--template", template,
                                           "-o", str(work / "round0" / "pseudo"), "--cases", *unlabeled, *common])
+    train_cases = list(unlabeled)
     for r in range(1, cfg["rounds"] + 1):
         rd = work / f"round{r}"
         prev = work / f"round{r - 1}" / "pseudo"
         stages.run(f"round{r}/train", "train", ["-i", ds, "-l", str(prev), "--template", template,
-                                                "--cases", template, *unlabeled, "-o", str(rd / "model"),
+                                                "--cases", template, *train_cases, "-o", str(rd / "model"),
                                                 "--ssl", ssl, "--preset", TRAIN_PRESET[preset],
                                                 "--seed", str(seed + r), *common,
                                                 *(["--iterations", str(cfg["iterations"])] if cfg["iterations"] else [])])
         stages.run(f"round{r}/predict", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "pred"),
                                                     "--cases", *unlabeled, *common])
-        if refine_mode == "none":
+        if refine_mode == "none" or r == cfg["rounds"]:
+            # the last round's pseudo-labels are its predictions: nothing trains on them
             _copy_labels(rd / "pred", rd / "pseudo", unlabeled)
         else:
             stages.run(f"round{r}/refine", "refine", ["-i", ds, "-f", feats, "-p", str(rd / "pred"),
@@ -197,6 +225,19 @@ def run(
                                                       "--cases", *unlabeled, "--mode", refine_mode,
                                                       "--k", str(k), "--quantile", str(quantile),
                                                       "--seed", str(seed), *common])
+        if r == 1 and cfg["select"] < 1.0 and cfg["rounds"] > 1:
+            from .selection import SELECTION_JSON, select_cases
+
+            sel_path = rd / SELECTION_JSON
+            stages.run_inline("round1/select", f"keep the {cfg['select']:g} of the pool whose round-0 "
+                              "pseudo-labels agree best with round 1's prediction",
+                              lambda: select_cases(dataset, work / "round0" / "pseudo", rd / "pred", unlabeled,
+                                                   cfg["select"], output=sel_path))
+            try:
+                train_cases = list(json.loads(sel_path.read_text())["selected"])
+            except (OSError, ValueError, KeyError) as exc:
+                raise InputError(f"{sel_path}: cannot read the case selection ({exc}); delete it and "
+                                 f"{stages.marker('round1/select')} to redo it") from None
         stages.run(f"round{r}/predict_test", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "test"),
                                                          "--cases", *test, *common])
         stages.run(f"round{r}/evaluate", "evaluate", ["-p", str(rd / "test"), "-g", ds, "--cases", *test,
@@ -207,7 +248,8 @@ def run(
     report = write_report(work, dataset, template=template, unlabeled=unlabeled, test=test,
                           rounds=cfg["rounds"], times=stages.times,
                           config=dict(cfg, preset=preset, ssl=ssl, refine_mode=refine_mode, k=k,
-                                      quantile=quantile, device=device, seed=seed))
+                                      quantile=quantile, device=device, seed=seed),
+                          selected=train_cases if cfg["select"] < 1.0 else None)
     print(f"[run] report: {work / 'report.json'}", flush=True)
     return report
 
@@ -229,7 +271,7 @@ def _copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
 def main(args: argparse.Namespace) -> int:
     run(args.input, args.split, args.output, preset=args.preset, rounds=args.rounds,
         max_unlabeled=args.max_unlabeled, max_test=args.max_test, ssl=args.ssl,
-        refine_mode=args.refine_mode, k=args.k, quantile=args.quantile, device=args.device,
+        refine_mode=args.refine_mode, k=args.k, quantile=args.quantile, select=args.select, device=args.device,
         threads=args.threads, seed=args.seed, quiet=args.quiet)
     return 0
 
