@@ -36,9 +36,9 @@ from semisam_o1.io import write_json_key  # noqa: E402
 KEY = "full_supervision"
 
 
-def write_results(path: Path, entry: dict) -> None:
-    """Read-modify-write of the key "full_supervision" only, atomically."""
-    write_json_key(path, KEY, entry)
+def write_results(path: Path, entry: dict, key: str = KEY) -> None:
+    """Read-modify-write of one key (default "full_supervision") only, atomically."""
+    write_json_key(path, key, entry)
 
 
 def _clean(obj):
@@ -69,7 +69,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--write", default=None, help="quality.json to update (key 'full_supervision')")
+    ap.add_argument("--write", default=None, help="quality.json to update (key --key)")
+    ap.add_argument("--key", default=KEY, help="key of quality.json to write (default: %(default)s)")
     args = ap.parse_args()
 
     from semisam_o1.evaluate import evaluate
@@ -145,8 +146,8 @@ def main() -> int:
     print(f"train {entry['train_seconds']} s ({entry['iterations_per_second']} it/s), predict {entry['predict_seconds']} s, "
           f"wall {entry['wall_seconds']} s")
     if args.write:
-        write_results(Path(args.write), entry)
-        print(f"wrote key {KEY!r} of {args.write}")
+        write_results(Path(args.write), entry, args.key)
+        print(f"wrote key {args.key!r} of {args.write}")
     return 0
 
 

@@ -55,6 +55,7 @@ def main() -> int:
             for r in report["rounds"]
         ],
         "final_test_metrics": final,
+        "selection": report.get("selection"),
         "seconds_total_stages": report.get("seconds_total"),
         "wall_seconds": args.wall_seconds,
     }

@@ -31,7 +31,7 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     work = tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="2")
     cmd = _cli("run", "-i", str(data_root), "--split", str(quick_split), "-o", str(work),
-               "--preset", "quick", "--rounds", "2", "--select", "0.5", "--threads", "2", "--quiet")
+               "--preset", "quick", "--rounds", "2", "--select", "0.5", "--refine-mode", "voxel", "--threads", "2", "--quiet")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     marker = work / ".done" / "propagate.json"
@@ -75,7 +75,7 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     template = json.loads(quick_split.read_text())["template"]
     assert sorted(cfg2["training_cases"]) == sorted([template] + sel["selected"])
     assert report["selection"]["n_selected"] == 2
-    # round 1 refines (voxel, the default); the last round does not: its pseudo-labels are its predictions
+    # round 1 refines (voxel, asked for); the last round does not: its pseudo-labels are its predictions
     assert (work / ".done" / "round1" / "refine.json").is_file()
     assert not (work / ".done" / "round2" / "refine.json").exists()
     for case in pool:
