@@ -105,3 +105,16 @@ def test_run_bad_split_is_one_line(tmp_path, data_root):
     err = out.stderr.decode().strip().splitlines()
     assert len(err) == 1 and "no_such_case" in err[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_run_refuses_to_resume_with_other_settings(tmp_path, data_root, quick_split):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "run.json").write_text(json.dumps({"preset": "quick", "refine_mode": "voxel", "seed": 0}))
+    out = subprocess.run(_cli("run", "-i", str(data_root), "--split", str(quick_split), "-o", str(work),
+                              "--preset", "quick", "--refine-mode", "none"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert out.returncode == 2
+    err = out.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and "refine_mode='voxel'" in err[0] and "run.json" in err[0]
+    assert sorted(p.name for p in work.iterdir()) == ["run.json"]  # nothing started

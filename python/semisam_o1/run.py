@@ -16,6 +16,8 @@ resumes where it stopped; the stages themselves also skip finished cases)::
       round{r}/test/            predict the test cases with round r's model
       round{r}/test_metrics.json  evaluate round r's test predictions
       report.json, report_dice_by_round.png, report_montage.png
+      run.json                  the settings the folder was started with; a re-run with
+                                other settings (but --rounds) is refused
 
 The final model is the last round's; ``report.json`` gives per round the test-set
 Dice, Jaccard, HD95 and ASD per class, the voxels changed by refinement and the
@@ -198,7 +200,12 @@ def run(
     dataset = Dataset(input)
     template, unlabeled, test = _case_lists(dataset, split, cfg["max_unlabeled"], cfg["max_test"])
     work = Path(output)
+    settings = dict(preset=preset, rounds=cfg["rounds"], max_unlabeled=cfg["max_unlabeled"], max_test=cfg["max_test"],
+                    iterations=cfg["iterations"], select=cfg["select"], ssl=ssl, refine_mode=refine_mode, k=k,
+                    quantile=quantile, seed=seed, template=template)
+    _check_settings(work, settings)
     work.mkdir(parents=True, exist_ok=True)
+    _write_settings(work, settings)
     stages = _Stages(work, quiet)
     common = ["--device", device] + (["--threads", str(threads)] if threads else [])
     ds = str(input)
@@ -254,6 +261,35 @@ def run(
                           selected=train_cases if cfg["select"] < 1.0 else None)
     print(f"[run] report: {work / 'report.json'}", flush=True)
     return report
+
+
+SETTINGS_JSON = "run.json"
+# settings a finished stage depends on; a resumed run must ask for the same ones
+# (rounds may grow: later rounds only add stages)
+_RESUME_KEYS = ("preset", "max_unlabeled", "max_test", "iterations", "select", "ssl", "refine_mode", "k",
+                "quantile", "seed", "template")
+
+
+def _check_settings(work: Path, settings: dict) -> None:
+    """Refuse to resume ``work`` with settings that differ from the ones it was started
+    with (the finished stages would silently be reused). InputError naming the file."""
+    path = work / SETTINGS_JSON
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable run settings ({exc}); delete it to start over") from None
+    for key in _RESUME_KEYS:
+        if key in before and before[key] != settings[key]:
+            raise InputError(f"{path}: this work folder was started with {key}={before[key]!r}, this run asks for "
+                             f"{settings[key]!r}; use a new -o folder (finished stages would be reused as they are)")
+
+
+def _write_settings(work: Path, settings: dict) -> None:
+    from .io import write_json
+
+    write_json(work / SETTINGS_JSON, settings)
 
 
 def _copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
