@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantile", type=float, default=0.9, help="entropy quantile above which voxels are refined")
     p.add_argument("--select", type=float, default=None, metavar="FRACTION",
                    help="rounds after the first train on the template plus this fraction of the pool whose "
-                        "round-0 pseudo-labels agree best (Dice) with round 1's prediction; 1 keeps every case "
+                        "round-0 pseudo-labels agree best (Dice) with round 1's prediction; 1 keeps every case, "
+                        "--rounds 1 ignores it "
                         "(default: the preset's: 1 for quick and demo, 0.25 for cpu and paper)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -258,7 +259,7 @@ def run(
                           rounds=cfg["rounds"], times=stages.times,
                           config=dict(cfg, preset=preset, ssl=ssl, refine_mode=refine_mode, k=k,
                                       quantile=quantile, device=device, seed=seed),
-                          selected=train_cases if cfg["select"] < 1.0 else None)
+                          selected=train_cases if cfg["select"] < 1.0 and cfg["rounds"] > 1 else None)
     print(f"[run] report: {work / 'report.json'}", flush=True)
     return report
 
