@@ -46,7 +46,7 @@ Two modes:
        from 0.779 to 0.753, against 0.772 with ``"prior"``. A query whose k
        neighbours all have similarity <= 0 keeps its label. Confident voxels
        never change.
-       With ``position_weight`` w > 0 (default 1.5, as ``propagate``) the
+       With ``position_weight`` w > 0 (default 1.5, ``propagate``'s default until it moved to 1.0) the
        similarity is ``cos - (w^2 / 2) |p_q - p_b|^2``, p the voxel's position
        normalised to [-1, 1] along each axis of its volume (folded into the
        kernel's inner product by ``propagate.augment_with_position``); this
@@ -96,7 +96,7 @@ DEFAULT_BANK_SIZE = 100_000  # see benchmarks/refine.md: 200k costs twice the ti
 DEFAULT_PROJECT_DIM = 64
 PCA_FIT_ROWS = 65_536
 DEFAULT_CLASS_WEIGHTS = "prior"
-DEFAULT_POSITION_WEIGHT = 1.5  # as propagate; on 11 real cases: 0.7676 mean Dice vs 0.7425 features only
+DEFAULT_POSITION_WEIGHT = 1.5  # propagate's former default; on 11 real cases: 0.7676 mean Dice vs 0.7425 features only
 SCHEMA = 1
 
 
