@@ -291,17 +291,17 @@ class _KnnBank:
         self.device = device
         self.threads = threads
         self.n = int(bank.shape[0])
-        self.labels_host = np.ascontiguousarray(labels, dtype=np.int32)
+        labels = np.ascontiguousarray(labels, dtype=np.int32)
         if device == "cuda":
             if not kernels.cuda_available():
                 raise InputError("--device cuda: the CUDA kernels are not built or no CUDA device is usable")
             import torch
 
             self.bank = torch.from_numpy(np.ascontiguousarray(bank)).cuda()
-            self.labels = torch.from_numpy(self.labels_host).cuda()
+            self.labels = torch.from_numpy(labels).cuda()
         else:
             self.bank = np.ascontiguousarray(bank)
-            self.labels = self.labels_host
+            self.labels = labels
 
     def vote(self, queries: np.ndarray, k: int, return_topk: bool = False, label_weights=None):
         """knn_vote of host ``queries`` against the bank (optional per-label vote

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import Dataset, atomic_path, find_case_file, read_label, write_json
+from .selection import SELECTION_JSON, dice_per_class
 
 _COLOURS = [(0, 0, 0, 0), (0.95, 0.25, 0.2, 0.55), (0.2, 0.55, 1.0, 0.55), (0.3, 0.9, 0.3, 0.55),
             (1.0, 0.85, 0.1, 0.55), (0.8, 0.3, 0.9, 0.55)]
@@ -49,10 +50,8 @@ def _pseudo_dice(dataset: Dataset, folder: Path, cases: list[str]) -> dict | Non
         gt = dataset.read_label(case)
         pred = read_label(pred_path, lm, reference=gt)
         n += 1
-        for c in lm.foreground:
-            a, b = pred.array == c, gt.array == c
-            denom = a.sum() + b.sum()
-            sums[c].append(2.0 * np.logical_and(a, b).sum() / denom if denom else 1.0)
+        for c, d in zip(lm.foreground, dice_per_class(pred.array, gt.array, lm.foreground)):
+            sums[c].append(d)
     if n == 0:
         return None
     per_class = {lm.names[c]: float(np.mean(v)) for c, v in sums.items()}
@@ -98,7 +97,7 @@ def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list
         "final_test_metrics": per_round[-1].get("test_metrics"),
         "selection": None if selected is None else {
             "n_selected": len(selected), "n_unlabeled": len(unlabeled),
-            "file": str(work / "round1" / "selection.json"),
+            "file": str(work / "round1" / SELECTION_JSON),
             # diagnostic: the real quality of the round-0 labels the later rounds train on
             "pseudo_label_dice_selected_round0": _pseudo_dice(dataset, work / "round0" / "pseudo", list(selected)),
         },

@@ -216,6 +216,7 @@ def run(
     stages.run("propagate", "propagate", ["-i", ds, "-f", feats, "--template", template,
                                           "-o", str(work / "round0" / "pseudo"), "--cases", *unlabeled, *common])
     train_cases = list(unlabeled)
+    selecting = cfg["select"] < 1.0 and cfg["rounds"] > 1  # selection needs a round after the first
     for r in range(1, cfg["rounds"] + 1):
         rd = work / f"round{r}"
         prev = work / f"round{r - 1}" / "pseudo"
@@ -235,7 +236,7 @@ def run(
                                                       "--cases", *unlabeled, "--mode", refine_mode,
                                                       "--k", str(k), "--quantile", str(quantile),
                                                       "--seed", str(seed), *common])
-        if r == 1 and cfg["select"] < 1.0 and cfg["rounds"] > 1:
+        if r == 1 and selecting:
             from .selection import SELECTION_JSON, select_cases
 
             sel_path = rd / SELECTION_JSON
@@ -259,7 +260,7 @@ def run(
                           rounds=cfg["rounds"], times=stages.times,
                           config=dict(cfg, preset=preset, ssl=ssl, refine_mode=refine_mode, k=k,
                                       quantile=quantile, device=device, seed=seed),
-                          selected=train_cases if cfg["select"] < 1.0 and cfg["rounds"] > 1 else None)
+                          selected=train_cases if selecting else None)
     print(f"[run] report: {work / 'report.json'}", flush=True)
     return report
 

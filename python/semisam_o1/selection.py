@@ -37,11 +37,34 @@ from .io import Dataset, find_case_file, read_label, write_json
 SELECTION_JSON = "selection.json"
 
 
-def label_agreement(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> float:
-    """Mean Dice over ``classes`` of two label volumes of the same shape.
+def dice_per_class(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> list[float]:
+    """Dice 2|A_c & B_c| / (|A_c| + |B_c|) of two label volumes for each class c.
 
     Args:
-        a, b: (X, Y, Z) integer class-index arrays.
+        a, b: (X, Y, Z) integer class-index arrays of the same shape.
+        classes: class indices.
+
+    Returns:
+        one float in [0, 1] per class; a class absent from both volumes counts 1.
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"label shapes differ: {a.shape} vs {b.shape}")
+    scores = []
+    for c in classes:
+        x, y = a == c, b == c
+        denom = int(x.sum()) + int(y.sum())
+        scores.append(2.0 * int(np.logical_and(x, y).sum()) / denom if denom else 1.0)
+    return scores
+
+
+def label_agreement(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> float:
+    """Mean over ``classes`` of :func:`dice_per_class` of two label volumes.
+
+    Args:
+        a, b: (X, Y, Z) integer class-index arrays of the same shape.
         classes: the foreground class indices to average over.
 
     Returns:
@@ -50,16 +73,9 @@ def label_agreement(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> flo
     Raises:
         ValueError: shapes differ, or ``classes`` is empty.
     """
-    if a.shape != b.shape:
-        raise ValueError(f"label shapes differ: {a.shape} vs {b.shape}")
     if not len(classes):
         raise ValueError("classes: need at least one foreground class")
-    scores = []
-    for c in classes:
-        x, y = a == c, b == c
-        denom = int(x.sum()) + int(y.sum())
-        scores.append(2.0 * int(np.logical_and(x, y).sum()) / denom if denom else 1.0)
-    return float(np.mean(scores))
+    return float(np.mean(dice_per_class(a, b, classes)))
 
 
 def select_cases(dataset: Dataset, labels: str | Path, pred: str | Path, cases: Sequence[str],
