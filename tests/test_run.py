@@ -118,3 +118,21 @@ def test_run_refuses_to_resume_with_other_settings(tmp_path, data_root, quick_sp
     err = out.stderr.decode().strip().splitlines()
     assert len(err) == 1 and "refine_mode='voxel'" in err[0] and "run.json" in err[0]
     assert sorted(p.name for p in work.iterdir()) == ["run.json"]  # nothing started
+
+
+def test_run_stage_that_reports_its_own_error_gives_one_line(tmp_path, data_root, quick_split, monkeypatch, capsys):
+    """A stage that prints its own error and returns 2 (encode does, per unreadable case):
+    run exits 2 without adding a second line, and no later stage starts."""
+    from semisam_o1 import cli, encode
+
+    def failing_encode(args):
+        print("semisam-o1 encode: error: imagesTr/x.nii.gz: cannot read the voxel data", file=sys.stderr)
+        return 2
+
+    monkeypatch.setattr(encode, "main", failing_encode)
+    rc = cli.main(["run", "-i", str(data_root), "--split", str(quick_split), "-o", str(tmp_path / "w"),
+                   "--preset", "quick", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err == ["semisam-o1 encode: error: imagesTr/x.nii.gz: cannot read the voxel data"]
+    assert not (tmp_path / "w" / ".done").exists() and not (tmp_path / "w" / "round0").exists()

@@ -8,7 +8,8 @@ Each subcommand lives in its own module, which defines
 and imports heavy dependencies (torch, onnxruntime) inside functions so that
 ``semisam-o1 --help`` stays fast. A module that raises
 :class:`semisam_o1.errors.InputError` gets its message printed as one line and
-exit status 2.
+exit status 2; :class:`semisam_o1.errors.ReportedError` (a step that already printed
+its own lines) only sets the exit status.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import importlib
 import sys
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, ReportedError
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"semisam-o1 {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ReportedError as exc:  # its message is already on stderr
+        return exc.code
     except KeyboardInterrupt:
         print(f"semisam-o1 {args.command}: interrupted; finished outputs are kept, re-run to resume", file=sys.stderr)
         return 130

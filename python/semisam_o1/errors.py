@@ -9,3 +9,13 @@ left behind because every output goes through :func:`semisam_o1.io.atomic_path`.
 
 class InputError(Exception):
     """A problem with the user's input: one line naming the file and the problem."""
+
+
+class ReportedError(Exception):
+    """A failure whose message the failing step has already printed (one line per
+    problem, e.g. every unreadable case of ``encode``): the CLI exits with ``code``
+    and prints nothing more, so the user reads each problem once."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = int(code)

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, ReportedError
 
 # Presets of the whole loop. ``train`` gets the same preset name.
 # max_unlabeled / max_test limit the cohort (None: all), axes the encoder's axes.
@@ -146,8 +146,8 @@ class _Stages:
         def call():
             args = build_parser().parse_args(full)
             rc = int(args._module.main(args) or 0)
-            if rc != 0:
-                raise InputError(f"stage {name} (semisam-o1 {command}) failed with exit code {rc}")
+            if rc != 0:  # the stage has printed its own error line(s)
+                raise ReportedError(f"stage {name} (semisam-o1 {command}) failed with exit code {rc}", rc)
 
         return self._stage(name, f"semisam-o1 {' '.join(full)}", call, {"command": ["semisam-o1"] + full})
 
@@ -178,7 +178,10 @@ def run(
     Raises
     ------
     InputError
-        Bad dataset / split, or a stage that failed (its own message is printed first).
+        Bad dataset / split, or a stage that raised one.
+    ReportedError
+        A stage that printed its own error line(s) and returned a non-zero status
+        (``code``); the CLI adds no further line.
     """
     from .io import Dataset
 
