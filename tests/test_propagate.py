@@ -158,7 +158,8 @@ def test_synthetic_onehot_features_reproduce_labels(tmp_path, data_root, real, o
     ds, labels = real
     out = tmp_path / "pseudo"
     summary = P.propagate(data_root, onehot_store, TEMPLATE, out, cases=CASES, method=method,
-                          largest_component=False, smooth=0.0, bank_background=2000, quiet=True, threads=2, **extra)
+                          largest_component=False, smooth=0.0, bank_background=2000, class_planes="off",
+                          quiet=True, threads=2, **extra)
     assert summary["written"] == 2
     for case in CASES:
         pred = read_label(out / f"{case}.nii.gz", ds.label_map, reference=ds.read_image(case)).array
@@ -183,6 +184,29 @@ def test_outputs_keep_input_grid_affine_header_and_integer_type(tmp_path, data_r
         pred = read_label(out / f"{case}.nii.gz", ds.label_map).array
         for c in (1, 2):
             assert _dice(pred, labels[case], c) > 0.85
+
+
+def test_class_planes_learned_from_template_and_applied(tmp_path, data_root, real, onehot_store):
+    from semisam_o1 import class_planes as CP
+
+    ds, labels = real
+    out = tmp_path / "pseudo"
+    summary = P.propagate(data_root, onehot_store, TEMPLATE, out, cases=CASES, quiet=True)
+    rule = CP.read(out / CP.CLASS_PLANES_JSON)
+    assert (rule.axis, rule.order) == (1, (2, 1)) and summary["class_planes"]["order_names"] == ["Posterior", "Anterior"]
+    off = tmp_path / "off"
+    P.propagate(data_root, onehot_store, TEMPLATE, off, cases=CASES, class_planes="off", quiet=True)
+    assert not (off / CP.CLASS_PLANES_JSON).exists()
+    for case in CASES:
+        with_rule = read_label(out / f"{case}.nii.gz", ds.label_map).array
+        without = read_label(off / f"{case}.nii.gz", ds.label_map).array
+        # same foreground; its classes re-split by coronal slices (Posterior below Anterior)
+        np.testing.assert_array_equal(with_rule > 0, without > 0)
+        np.testing.assert_array_equal(with_rule, CP.apply(without, rule))
+        for j in range(with_rule.shape[1]):
+            assert len(set(np.unique(with_rule[:, j])) - {0}) <= 1
+        for c in (1, 2):
+            assert _dice(with_rule, labels[case], c) > 0.85
 
 
 def test_resume_skips_finished_cases(tmp_path, data_root, onehot_store):

@@ -94,6 +94,12 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
         assert pred.shape == img.shape
         np.testing.assert_allclose(pred.affine, img.affine)
         assert np.issubdtype(pred.get_data_dtype(), np.integer)
+        # class planes learned from the template (Posterior | Anterior across coronal slices): every
+        # prediction has at most one foreground class per coronal slice (RAS files: axis 1)
+        lab = np.asarray(pred.dataobj)
+        assert all(len(set(np.unique(lab[:, j])) - {0}) <= 1 for j in range(lab.shape[1]))
+    assert report["config"]["class_planes_rule"]["order"] == [2, 1]
+    assert (work / "round0" / "pseudo" / "class_planes.json").is_file()
 
 
 def test_run_bad_split_is_one_line(tmp_path, data_root):

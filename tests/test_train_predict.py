@@ -122,6 +122,35 @@ def test_predict_outputs(setup, data_root):
     assert again["entropy"] == pytest.approx(res["entropy"])
 
 
+def test_predict_with_class_planes(setup, data_root, capsys):
+    from semisam_o1 import class_planes as CP
+    from semisam_o1.io import Dataset
+
+    rule = CP.ClassPlanes(1, (2, 1), 0.0, 0.01)
+    rule_file = setup["root"] / CP.CLASS_PLANES_JSON
+    CP.write(rule_file, rule)
+    out = setup["root"] / "pred_planes"
+    case = "hippocampus_004"
+    predict(data_root, setup["model"], out, cases=[case], device="cpu", threads=THREADS, probabilities=True,
+            class_planes=rule_file, quiet=True)
+    ds = Dataset(data_root)
+    from semisam_o1.io import read_label
+
+    got = read_label(out / f"{case}.nii.gz", ds.label_map).array
+    p = np.asarray(nib.as_closest_canonical(nib.load(str(out / f"{case}_probs.nii.gz"))).dataobj)
+    expected = CP.apply(np.argmax(p, -1).astype(np.uint8), rule)
+    margin = np.sort(p, -1)[..., -1] - np.sort(p, -1)[..., -2]
+    clear = margin > 1e-4
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(got[clear], expected[clear])
+    assert json.loads((out / "predict.json").read_text())["class_planes"]["order"] == [2, 1]
+    # the same folder without the rule (or with another) is refused: its labels were made with it
+    rc = cli.main(["predict", "-i", str(data_root), "-m", str(setup["model"]), "-o", str(out), "--cases", case,
+                   "--device", "cpu", "--quiet"])
+    assert rc == 2
+    assert "class planes" in capsys.readouterr().err
+
+
 def test_entropy_map_reference():
     rng = np.random.default_rng(0)
     p = rng.dirichlet([0.3, 0.3, 0.3], size=(4, 5, 6)).transpose(3, 0, 1, 2)  # (K, X, Y, Z)

@@ -1,7 +1,8 @@
 """Sliding-window prediction with voxel-wise softmax entropy.
 
 ``semisam-o1 predict -i DATASET -m MODEL -o PRED [--cases ID ... | --split FILE
-[--subset NAMES]] [--device cpu|cuda|auto] [--threads N] [--probabilities] [--overwrite]``
+[--subset NAMES]] [--device cpu|cuda|auto] [--threads N] [--probabilities]
+[--class-planes RULE] [--overwrite]``
 
 For each case: the image is normalised with the model's own normalisation
 (:func:`semisam_o1.nets.normalise`), run through
@@ -11,7 +12,11 @@ softmax probabilities p (K classes) give
 
 * ``PRED/<case>.nii.gz`` -- argmax label, integer NIfTI with the dataset's label
   values, in the input's voxel order with its affine and header
-  (:func:`semisam_o1.io.write_label`);
+  (:func:`semisam_o1.io.write_label`); with ``--class-planes RULE`` (the
+  ``class_planes.json`` that ``propagate`` learned from the template), its
+  foreground is re-split into the rule's classes by slices
+  (:func:`semisam_o1.class_planes.apply`; entropy and probabilities stay the
+  network's);
 * ``PRED/<case>_entropy.nii.gz`` -- voxel-wise entropy -sum_k p_k ln p_k in nats,
   float32, within [0, ln K] (:func:`semisam_o1.io.write_map`);
 * ``PRED/<case>_probs.nii.gz`` -- with ``--probabilities``: float32
@@ -68,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch CPU threads (default: torch's)")
     parser.add_argument("--probabilities", action="store_true", help="also write <case>_probs.nii.gz (X, Y, Z, K)")
+    parser.add_argument("--class-planes", default=argparse.SUPPRESS, metavar="RULE",
+                        help="class_planes.json written by `semisam-o1 propagate`: re-split each label's foreground "
+                             "into the template's classes by slices along the rule's axis")
     parser.add_argument("--overwrite", action="store_true", help="re-predict cases already in PRED")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -79,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     command = "semisam-o1 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     predict(args.dataset, args.model, args.output, cases=opt("cases"), split=opt("split"), subset=opt("subset"),
             device=args.device, threads=opt("threads"), probabilities=args.probabilities,
-            overwrite=args.overwrite, quiet=args.quiet, command=command)
+            class_planes=opt("class_planes"), overwrite=args.overwrite, quiet=args.quiet, command=command)
     return 0
 
 
@@ -127,6 +135,7 @@ def predict(
     device: str | None = "auto",
     threads: int | None = None,
     probabilities: bool = False,
+    class_planes=None,
     overwrite: bool = False,
     quiet: bool = False,
     command: str | None = None,
@@ -138,10 +147,15 @@ def predict(
     dict with ``"output"`` (str), ``"entropy"`` ({case: mean entropy, nats} for the
     requested cases), ``"predicted"`` / ``"skipped"`` (case counts) and ``"seconds"``.
 
+    ``class_planes``: path of a rule written by ``propagate`` (``class_planes.json``) or a
+    :class:`semisam_o1.class_planes.ClassPlanes`; the written labels get its structure.
+
     Raises InputError for an unknown case, a model that is not a finished model
-    folder, a model trained on other label values than the dataset's, or a PRED
-    folder written by another model (without ``overwrite``).
+    folder, a model trained on other label values than the dataset's, a PRED
+    folder written by another model or with another class-planes rule (without
+    ``overwrite``), or an unreadable rule file.
     """
+    from . import class_planes as planes
     import torch
     from tqdm.auto import tqdm
 
@@ -158,6 +172,8 @@ def predict(
         raise InputError(f"{model}: trained on label values {config['label_map']['values']}, "
                          f"the dataset declares {list(ds.label_map.values)}")
     sha = nets.file_sha256(Path(model) / nets.WEIGHTS_NAME)
+    rule = planes.read(class_planes) if isinstance(class_planes, (str, Path)) else class_planes
+    rule_json = None if rule is None else rule.to_json()
 
     meta_path = output / PREDICT_JSON
     if meta_path.is_file() and not overwrite:
@@ -168,9 +184,12 @@ def predict(
         if old.get("model_sha256") not in (None, sha):
             raise InputError(f"{output}: holds predictions of another model ({old.get('model')}); "
                              "use another folder or --overwrite")
+        if old and old.get("class_planes") != rule_json:
+            raise InputError(f"{output}: holds predictions made with class planes {old.get('class_planes')}, "
+                             f"this run asks for {rule_json}; use another folder or --overwrite")
     output.mkdir(parents=True, exist_ok=True)
     write_json(meta_path, {"model": str(Path(model).resolve()), "model_sha256": sha, "dataset": str(ds.root.resolve()),
-                           "command": command, "entropy_unit": "nats", "entropy_max": math.log(ds.label_map.num_classes)})
+                           "class_planes": rule_json, "command": command, "entropy_unit": "nats", "entropy_max": math.log(ds.label_map.num_classes)})
 
     ent_path = output / ENTROPY_JSON
     entropies: dict[str, float] = {}
@@ -195,7 +214,8 @@ def predict(
         if probabilities:
             write_map(prob_p, np.moveaxis(probs, 0, -1), img)
         write_map(ent_p, ent, img)
-        write_label(lab_p, np.argmax(probs, axis=0).astype(np.uint8), img, ds.label_map)
+        lab = np.argmax(probs, axis=0).astype(np.uint8)
+        write_label(lab_p, lab if rule is None else planes.apply(lab, rule), img, ds.label_map)
         entropies[case] = float(ent.astype(np.float64).mean())
         n_pred += 1
         if n_pred % 25 == 0:

@@ -55,7 +55,12 @@ common centre.
 Post-processing: ``--smooth SIGMA`` smooths each class's score map with a Gaussian
 before the argmax; ``--largest-component`` keeps the largest 26-connected
 component of every foreground class (other voxels of the class become
-background).
+background). ``--class-planes auto`` (default): when the template's foreground
+classes follow each other along one axis, separated by planes (checked on its
+label by :func:`semisam_o1.class_planes.learn`; MSD Hippocampus: Anterior |
+Posterior across the posterior-anterior axis), every pseudo-label's foreground
+is re-split the same way (:func:`semisam_o1.class_planes.apply`) and the rule is
+written to ``OUTPUT/class_planes.json`` for ``predict --class-planes``.
 
 Outputs: ``OUTPUT/<case>.nii.gz``, integer labels with the input image's
 voxel order, affine and header (``io.write_label``), and with
@@ -632,16 +637,23 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
               bank_reweight: bool | None = None, recentre: int | None = None, query_stride: int | None = None,
               prototypes_per_class: int | None = None, background_prototypes: int | None = None,
               largest_component: bool | None = None, smooth: float | None = None, axes: Sequence[int] | None = None,
-              save_scores: bool = False, device: str = "cpu", threads: int | None = None,
-              overwrite: bool = False, seed: int | None = None, quiet: bool = False) -> dict:
+              class_planes: str = "auto", save_scores: bool = False, device: str = "cpu",
+              threads: int | None = None, overwrite: bool = False, seed: int | None = None,
+              quiet: bool = False) -> dict:
     """Write round-0 pseudo-labels for ``cases`` (or the ``subset`` of ``split``, or every
     case of the dataset but the template) into ``output``.
 
     ``input``: dataset folder (MSD / nnU-Net) or :class:`semisam_o1.io.Dataset`.
     ``features``: feature store folder, or an object with the ``FeatureStore`` interface.
     Only the template's label is read. The template itself, if listed, gets its own label.
-    Returns a summary dict (cases written / skipped, seconds). Raises InputError.
+    ``class_planes``: ``"auto"`` learns :mod:`semisam_o1.class_planes` from the template's
+    label and, when the template's foreground classes are separated by planes across one axis,
+    gives every pseudo-label the same structure and writes the rule to
+    ``OUTPUT/class_planes.json`` (for ``predict --class-planes``); ``"off"`` does neither.
+    Returns a summary dict (cases written / skipped, seconds, the class-planes rule).
+    Raises InputError.
     """
+    from . import class_planes as planes
     from .io import Dataset, canonical_shape, write_label, write_map
 
     t_start = time.perf_counter()
@@ -658,6 +670,8 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
     dev = _Device(device)
     if threads is not None and int(threads) < 1:
         raise InputError("--threads must be at least 1")
+    if class_planes not in ("auto", "off"):
+        raise InputError(f"--class-planes must be 'auto' or 'off', not {class_planes!r}")
 
     # ---- check every input before writing anything
     t_img = ds.read_image(template)
@@ -693,6 +707,20 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
     axes = tuple(axes) if axes is not None else tuple(store.axes)
     model = build_template_model(t_cf, t_lab.array, ds.label_map.num_classes, method=method, axes=axes,
                                  spacing=t_img.spacing, class_names=ds.label_map.names, **params)
+    rule, plane_errors = (planes.learn(t_lab.array, ds.label_map.num_classes) if class_planes == "auto"
+                          else (None, None))
+    rule_path = out / planes.CLASS_PLANES_JSON
+    if rule is not None:
+        planes.write(rule_path, rule, ds.label_map.names)
+    elif rule_path.exists():
+        rule_path.unlink()  # a rule from an earlier run with other settings
+    if not quiet and class_planes == "auto":
+        if rule is not None:
+            print(f"propagate: class planes: {rule.describe(ds.label_map.names)}; every pseudo-label gets "
+                  f"the same structure ({rule_path})", file=sys.stderr)
+        elif plane_errors[0] is not None:
+            print(f"propagate: class planes not used: the template's best planes misassign "
+                  f"{100 * min(plane_errors):.2f}% of its foreground", file=sys.stderr)
     todo = [c for c in chosen if overwrite or not (out / f"{c}.nii.gz").exists()
             or (save_scores and not (out / "scores" / f"{c}.nii.gz").exists())]
     skipped = len(chosen) - len(todo)
@@ -712,12 +740,15 @@ def propagate(input, features, template: str, output, *, cases: Sequence[str] | 
         scores = score_case(model, cf, spacing=img.spacing, device=dev, threads=threads)
         scores = smooth_scores(scores, float(model.params.get("smooth") or 0.0))
         lab = labels_from_scores(scores, model, smooth=False)
+        if rule is not None:
+            lab = planes.apply(lab, rule)
         if save_scores:
             write_map(out / "scores" / f"{case}.nii.gz", np.moveaxis(np.where(np.isfinite(scores), scores, -1.0), 0, -1), img)
         write_label(out / f"{case}.nii.gz", lab, img, ds.label_map)
         seconds.append(time.perf_counter() - t0)
     summary = dict(written=len(todo), skipped=skipped, template=template, method=method,
                    params={k2: v for k2, v in model.params.items()}, axes=list(model.axes),
+                   class_planes=None if rule is None else rule.to_json(ds.label_map.names),
                    seconds=round(time.perf_counter() - t_start, 2),
                    seconds_per_case=round(float(np.mean(seconds)), 3) if seconds else None)
     if not quiet:
@@ -771,6 +802,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Gaussian smoothing (sigma, voxels) of the class scores before the argmax; 0: none")
     m.add_argument("--axes", type=int, nargs="+", help="encoding axes to use (default: all in the store)")
     m.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    m.add_argument("--class-planes", choices=["auto", "off"], default="auto",
+                   help="auto: if the template's foreground classes follow each other along one axis, "
+                        "separated by planes (MSD Hippocampus: Anterior | Posterior), give every pseudo-label "
+                        "the same structure and write the rule to OUTPUT/class_planes.json (default: auto)")
     parser.add_argument("--save-scores", action="store_true", help="also write per-class score maps to OUTPUT/scores/")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
@@ -784,6 +819,7 @@ def main(args: argparse.Namespace) -> int:
               coords=args.coords, bank_background=args.bank_background, bank_ring=args.bank_ring,
               bank_reweight=args.bank_reweight, recentre=args.recentre, query_stride=args.query_stride,
               prototypes_per_class=args.prototypes_per_class, background_prototypes=args.background_prototypes,
-              largest_component=args.largest_component, smooth=args.smooth, axes=args.axes, save_scores=args.save_scores,
+              largest_component=args.largest_component, smooth=args.smooth, axes=args.axes,
+              class_planes=args.class_planes, save_scores=args.save_scores,
               device=args.device, threads=args.threads, overwrite=args.overwrite, seed=args.seed, quiet=args.quiet)
     return 0

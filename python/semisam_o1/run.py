@@ -6,7 +6,9 @@ resumes where it stopped; the stages themselves also skip finished cases)::
 
     WORK/
       features/                 encode: feature store of template + unlabeled pool
-      round0/pseudo/            propagate: round-0 pseudo-labels
+      round0/pseudo/            propagate: round-0 pseudo-labels (and class_planes.json when the
+                                template's classes are separated by planes: every prediction
+                                then gets the same structure, see semisam_o1.class_planes)
       round{r}/model/           train (from scratch) on round{r-1}/pseudo
       round{r}/pred/            predict the unlabeled pool: labels + entropy maps
       round1/selection.json     select (with --select < 1): agreement of every pool case's
@@ -73,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "round-0 pseudo-labels agree best (Dice) with round 1's prediction; 1 keeps every case, "
                         "--rounds 1 ignores it "
                         "(default: the preset's: 1 for quick and demo, 0.25 for cpu and paper)")
+    p.add_argument("--class-planes", default="auto", choices=["auto", "off"],
+                   help="auto: if the template's foreground classes follow each other along one axis, separated "
+                        "by planes (MSD Hippocampus: Anterior | Posterior), every pseudo-label and prediction gets "
+                        "the same structure (default: auto)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
@@ -166,6 +172,7 @@ def run(
     k: int = 5,
     quantile: float = 0.9,
     select: float | None = None,
+    class_planes: str = "auto",
     device: str = "cpu",
     threads: int | None = None,
     seed: int = 0,
@@ -206,7 +213,7 @@ def run(
     work = Path(output)
     settings = dict(preset=preset, rounds=cfg["rounds"], max_unlabeled=cfg["max_unlabeled"], max_test=cfg["max_test"],
                     iterations=cfg["iterations"], select=cfg["select"], ssl=ssl, refine_mode=refine_mode, k=k,
-                    quantile=quantile, seed=seed, template=template)
+                    quantile=quantile, seed=seed, template=template, class_planes=class_planes)
     _check_settings(work, settings)
     work.mkdir(parents=True, exist_ok=True)
     _write_settings(work, settings)
@@ -217,7 +224,12 @@ def run(
 
     stages.run("encode", "encode", ["-i", ds, "-o", feats, "--cases", template, *unlabeled, *common])
     stages.run("propagate", "propagate", ["-i", ds, "-f", feats, "--template", template,
-                                          "-o", str(work / "round0" / "pseudo"), "--cases", *unlabeled, *common])
+                                          "-o", str(work / "round0" / "pseudo"), "--cases", *unlabeled,
+                                          "--class-planes", class_planes, *common])
+    from .class_planes import CLASS_PLANES_JSON
+
+    rule_file = work / "round0" / "pseudo" / CLASS_PLANES_JSON
+    planes_arg = ["--class-planes", str(rule_file)] if rule_file.is_file() else []
     train_cases = list(unlabeled)
     selecting = cfg["select"] < 1.0 and cfg["rounds"] > 1  # selection needs a round after the first
     for r in range(1, cfg["rounds"] + 1):
@@ -229,7 +241,7 @@ def run(
                                                 "--seed", str(seed + r), *common,
                                                 *(["--iterations", str(cfg["iterations"])] if cfg["iterations"] else [])])
         stages.run(f"round{r}/predict", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "pred"),
-                                                    "--cases", *unlabeled, *common])
+                                                    "--cases", *unlabeled, *planes_arg, *common])
         if refine_mode == "none" or r == cfg["rounds"]:
             # the last round's pseudo-labels are its predictions: nothing trains on them
             _copy_labels(rd / "pred", rd / "pseudo", unlabeled)
@@ -253,7 +265,7 @@ def run(
                 raise InputError(f"{sel_path}: cannot read the case selection ({exc}); delete it and "
                                  f"{stages.marker('round1/select')} to redo it") from None
         stages.run(f"round{r}/predict_test", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "test"),
-                                                         "--cases", *test, *common])
+                                                         "--cases", *test, *planes_arg, *common])
         stages.run(f"round{r}/evaluate", "evaluate", ["-p", str(rd / "test"), "-g", ds, "--cases", *test,
                                                       "-o", str(rd / "test_metrics.json")])
 
@@ -262,7 +274,8 @@ def run(
     report = write_report(work, dataset, template=template, unlabeled=unlabeled, test=test,
                           rounds=cfg["rounds"], times=stages.times,
                           config=dict(cfg, preset=preset, ssl=ssl, refine_mode=refine_mode, k=k,
-                                      quantile=quantile, device=device, seed=seed),
+                                      quantile=quantile, device=device, seed=seed, class_planes=class_planes,
+                                      class_planes_rule=json.loads(rule_file.read_text()) if planes_arg else None),
                           selected=train_cases if selecting else None)
     print(f"[run] report: {work / 'report.json'}", flush=True)
     return report
@@ -272,7 +285,7 @@ SETTINGS_JSON = "run.json"
 # settings a finished stage depends on; a resumed run must ask for the same ones
 # (rounds may grow: later rounds only add stages)
 _RESUME_KEYS = ("preset", "max_unlabeled", "max_test", "iterations", "select", "ssl", "refine_mode", "k",
-                "quantile", "seed", "template")
+                "quantile", "seed", "template", "class_planes")
 
 
 def _check_settings(work: Path, settings: dict) -> None:
@@ -314,7 +327,8 @@ def _copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
 def main(args: argparse.Namespace) -> int:
     run(args.input, args.split, args.output, preset=args.preset, rounds=args.rounds,
         max_unlabeled=args.max_unlabeled, max_test=args.max_test, ssl=args.ssl,
-        refine_mode=args.refine_mode, k=args.k, quantile=args.quantile, select=args.select, device=args.device,
+        refine_mode=args.refine_mode, k=args.k, quantile=args.quantile, select=args.select,
+        class_planes=args.class_planes, device=args.device,
         threads=args.threads, seed=args.seed, quiet=args.quiet)
     return 0
 
