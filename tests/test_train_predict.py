@@ -287,3 +287,29 @@ def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkey
     log_a = (full / "train_log.csv").read_text().splitlines()
     log_b = (part / "train_log.csv").read_text().splitlines()
     assert [r.split(",")[:2] for r in log_a] == [r.split(",")[:2] for r in log_b]
+
+
+@pytest.mark.parametrize("share", [None, 0.0, 0.1, 0.5])
+def test_draw_volumes_template_share(share):
+    from semisam_o1.train import draw_volumes
+
+    rng = np.random.default_rng(0)
+    n, draws = 11, 200_000
+    picks = draw_volumes(rng, n, draws, share)
+    counts = np.bincount(picks, minlength=n) / draws
+    expected_template = 1 / n if share is None else share
+    assert counts[0] == pytest.approx(expected_template, abs=0.005)
+    # the pseudo-labelled volumes share the rest equally
+    np.testing.assert_allclose(counts[1:], (1 - expected_template) / (n - 1), atol=0.005)
+    assert set(draw_volumes(rng, 1, 10, share).tolist()) == {0}
+
+
+def test_template_share_is_recorded_and_checked(setup, data_root):
+    model = setup["root"] / "model_share"
+    cfg = train(data_root, setup["labels"], setup["template"], model, cases=setup["others"], preset="quick",
+                iterations=2, template_share=0.5, device="cpu", seed=0, threads=THREADS, quiet=True)
+    assert cfg["template_share"] == 0.5
+    assert json.loads((model / "config.json").read_text())["template_share"] == 0.5
+    with pytest.raises(InputError, match="template-share"):
+        train(data_root, setup["labels"], setup["template"], setup["root"] / "model_bad", cases=setup["others"],
+              preset="quick", iterations=2, template_share=1.0, device="cpu", threads=THREADS, quiet=True)

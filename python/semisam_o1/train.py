@@ -1,7 +1,7 @@
 """Train a MONAI 3D UNet from scratch on pseudo-labels (the template keeps its real label).
 
 ``semisam-o1 train -i DATASET -l LABELS --template ID [--cases ID ... | --split FILE]
--o MODEL [--ssl none|mt|uamt] [--preset quick|cpu|paper] [--iterations N]
+-o MODEL [--ssl none|mt|uamt] [--preset quick|cpu|paper] [--iterations N] [--template-share F]
 [--device cpu|cuda|auto] [--seed S] [--threads N] [--overwrite]``
 
 What is read (the honest one-label protocol)
@@ -23,6 +23,9 @@ Training
     ``RandShiftIntensityd``. Intensities are normalised per volume by
     :func:`semisam_o1.nets.normalise` (0.5/99.5 percentile clip + z-score),
     the same function ``predict`` uses. All volumes are kept in memory.
+    Each patch comes from a training volume drawn uniformly, or, with
+    ``--template-share F``, from the template (the one real label) with
+    probability F and uniformly from the pseudo-labelled volumes otherwise.
 
 Semi-supervised consistency (``--ssl``)
     ``mt``: mean teacher (Tarvainen & Valpola, NeurIPS 2017): the teacher is an
@@ -97,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssl", choices=SSL_MODES, default="none", help="semi-supervised consistency: mean teacher or uncertainty-aware MT")
     parser.add_argument("--preset", choices=list(nets.PRESETS), default="cpu", help="network / schedule size")
     parser.add_argument("--iterations", type=int, default=argparse.SUPPRESS, help="optimiser steps of the preset's batch (default: the preset's)")
+    parser.add_argument("--template-share", type=float, default=argparse.SUPPRESS, metavar="F",
+                        help="probability that a training patch comes from the template's real label "
+                             "(default: every training volume equally likely)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights, sampling and augmentation")
     parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch CPU threads (default: torch's own)")
@@ -110,7 +116,8 @@ def main(args: argparse.Namespace) -> int:
     train(
         args.dataset, args.labels, opt("template"), args.output,
         cases=opt("cases"), split=opt("split"), ssl=args.ssl, preset=args.preset,
-        iterations=opt("iterations"), device=args.device, seed=args.seed, threads=opt("threads"),
+        iterations=opt("iterations"), template_share=opt("template_share"), device=args.device, seed=args.seed,
+        threads=opt("threads"),
         overwrite=args.overwrite, quiet=args.quiet, command=command,
     )
     return 0
@@ -211,6 +218,18 @@ def _transforms(cfg: dict):
     return Compose(ts)
 
 
+def draw_volumes(rng: np.random.Generator, n_volumes: int, size: int, template_share: float | None) -> np.ndarray:
+    """Indices of the training volumes the next ``size`` patches come from (index 0 is the template).
+
+    ``template_share`` None: uniform over the ``n_volumes``; else index 0 with probability
+    ``template_share`` and uniform over 1 .. n_volumes - 1 otherwise (all 0 when the template is alone).
+    Returns (size,) int64.
+    """
+    if template_share is None or n_volumes == 1:
+        return rng.integers(n_volumes, size=size)
+    return np.where(rng.random(size) < template_share, 0, 1 + rng.integers(n_volumes - 1, size=size))
+
+
 def _sigmoid_rampup(current: float, length: float) -> float:
     """exp(-5 (1 - t)^2), t = current / length clipped to [0, 1] (Laine & Aila 2017)."""
     if length <= 0:
@@ -225,8 +244,8 @@ def _sigmoid_rampup(current: float, length: float) -> float:
 def _signature(config: dict) -> dict:
     """The settings a checkpoint must share to be resumed."""
     keys = ("preset_params", "iterations", "ssl", "net", "normalisation", "training_cases", "template",
-            "labels", "dataset", "seed", "label_map")
-    return {k: config[k] for k in keys}
+            "labels", "dataset", "seed", "label_map", "template_share")
+    return {k: config.get(k) for k in keys}
 
 
 def train(
@@ -240,6 +259,7 @@ def train(
     ssl: str = "none",
     preset: str = "cpu",
     iterations: int | None = None,
+    template_share: float | None = None,
     device: str | None = "auto",
     seed: int = 0,
     threads: int | None = None,
@@ -258,6 +278,8 @@ def train(
     cases, split : training cases (see :func:`training_cases`).
     ssl : ``"none"``, ``"mt"`` or ``"uamt"``.
     preset : key of :data:`semisam_o1.nets.PRESETS`; ``iterations`` overrides its count.
+    template_share : probability in [0, 1) that a training patch comes from the template (its real
+        label); None draws every training volume with the same probability.
     device : ``"cpu"``, ``"cuda"`` or ``"auto"``; threads: torch CPU threads.
 
     Returns
@@ -272,13 +294,15 @@ def train(
     if command is None:
         command = (f"semisam_o1.train.train({str(dataset)!r}, {str(labels)!r}, {template!r}, {str(output)!r}, "
                    f"cases={cases!r}, split={None if split is None else str(split)!r}, ssl={ssl!r}, "
-                   f"preset={preset!r}, iterations={iterations!r}, device={device!r}, seed={seed!r})")
+                   f"preset={preset!r}, iterations={iterations!r}, template_share={template_share!r}, "
+                   f"device={device!r}, seed={seed!r})")
     if nets.is_finished(output) and not overwrite:
         try:
             config = json.loads((output / nets.CONFIG_NAME).read_text())
         except (OSError, ValueError) as exc:
             raise InputError(f"{output / nets.CONFIG_NAME}: cannot read ({exc}); use --overwrite to retrain") from None
-        asked = {"preset": preset, "ssl": ssl, "seed": int(seed), "labels": str(Path(labels).resolve())}
+        asked = {"preset": preset, "ssl": ssl, "seed": int(seed), "labels": str(Path(labels).resolve()),
+                 "template_share": template_share}
         if iterations is not None:
             asked["iterations"] = int(iterations)
         differ = [k for k, v in asked.items() if config.get(k) != v]
@@ -291,6 +315,8 @@ def train(
         return {**config, "skipped": True}
     if ssl not in SSL_MODES:
         raise InputError(f"--ssl {ssl}: choose from {', '.join(SSL_MODES)}")
+    if template_share is not None and not (0.0 <= float(template_share) < 1.0):
+        raise InputError(f"--template-share {template_share}: must be in [0, 1)")
     cfg = nets.preset(preset)
     if iterations is not None:
         if iterations < 1:
@@ -329,6 +355,7 @@ def train(
         "training_cases": chosen,
         "num_training_cases": len(chosen),
         "seed": int(seed),
+        "template_share": template_share,
         "loss": "monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)",
         "optimizer": f"AdamW(lr={cfg['lr']}, weight_decay={cfg['weight_decay']}), poly decay power 0.9",
         "model_selection": "last checkpoint: student weights after the final iteration (no label outside the training labels is read)",
@@ -396,7 +423,7 @@ def train(
         lr = cfg["lr"] * (1.0 - it / n_iter) ** 0.9
         for group in optim.param_groups:
             group["lr"] = lr
-        picks = rng.integers(len(data), size=cfg["batch_size"])
+        picks = draw_volumes(rng, len(data), cfg["batch_size"], template_share)
         samples = [transforms(dict(data[i]))[0] for i in picks]
         x = torch.stack([torch.as_tensor(np.asarray(s["image"]), dtype=torch.float32) for s in samples]).to(dev)
         y = torch.stack([torch.as_tensor(np.asarray(s["label"])).long() for s in samples]).to(dev)
