@@ -189,7 +189,8 @@ def predict(
                              f"this run asks for {rule_json}; use another folder or --overwrite")
     output.mkdir(parents=True, exist_ok=True)
     write_json(meta_path, {"model": str(Path(model).resolve()), "model_sha256": sha, "dataset": str(ds.root.resolve()),
-                           "class_planes": rule_json, "command": command, "entropy_unit": "nats", "entropy_max": math.log(ds.label_map.num_classes)})
+                           "class_planes": rule_json, "command": command, "entropy_unit": "nats",
+                           "entropy_max": math.log(ds.label_map.num_classes)})
 
     ent_path = output / ENTROPY_JSON
     entropies: dict[str, float] = {}
