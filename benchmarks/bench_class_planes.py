@@ -38,9 +38,8 @@ from semisam_o1.selection import dice_per_class  # noqa: E402
 KEY = "class_planes"
 
 
-def _first_slice(label: np.ndarray, rule: CP.ClassPlanes) -> int:
-    """First slice (along the rule's axis) of the rule's second class after re-splitting."""
-    split = CP.apply(label, rule)
+def _first_slice(split: np.ndarray, rule: CP.ClassPlanes) -> int:
+    """First slice (along the rule's axis) of the rule's second class in a re-split label."""
     other = tuple(a for a in range(3) if a != rule.axis)
     idx = np.flatnonzero((split == rule.order[1]).any(axis=other))
     return int(idx[0]) if len(idx) else label.shape[rule.axis]
@@ -88,7 +87,7 @@ def main() -> int:
             split = CP.apply(lab, rule)
             before.append(np.mean(dice_per_class(lab, real, fg_classes)))
             after.append(np.mean(dice_per_class(split, real, fg_classes)))
-            shift.append(_first_slice(lab, rule) - _first_slice(real, rule))
+            shift.append(_first_slice(split, rule) - _first_slice(CP.apply(real, rule), rule))
         rows[name] = {"folder": str(folder), "cases": len(cases), "mean_fg_dice": round(float(np.mean(before)), 4),
                       "mean_fg_dice_class_planes": round(float(np.mean(after)), 4),
                       "plane_error_slices_mean": round(float(np.mean(shift)), 2),

@@ -87,11 +87,10 @@ def _monotone_assignment(weights: np.ndarray) -> tuple[np.ndarray, float]:
     arg = np.zeros((n, m), dtype=np.int64)  # best previous column for (slice i, column j)
     best[0] = weights[0]
     for i in range(1, n):
-        run_max = np.maximum.accumulate(best[i - 1])
-        run_arg = np.zeros(m, dtype=np.int64)
+        run_arg = np.zeros(m, dtype=np.int64)  # column of the best of best[i - 1, :j + 1]
         for j in range(1, m):
             run_arg[j] = run_arg[j - 1] if best[i - 1, run_arg[j - 1]] >= best[i - 1, j] else j
-        best[i] = weights[i] + run_max
+        best[i] = weights[i] + best[i - 1, run_arg]
         arg[i] = run_arg
     a = np.empty(n, dtype=np.int64)
     a[-1] = int(np.argmax(best[-1]))
@@ -129,10 +128,11 @@ def learn(label: np.ndarray, num_classes: int, tolerance: float = DEFAULT_TOLERA
         return None, [None, None, None]
     errors, rules = [], []
     for axis in range(3):
-        coord = np.indices(lab.shape)[axis]
-        order = sorted(present, key=lambda c: float(coord[lab == c].mean()))
-        w = _slice_counts(lab, axis, order)
-        _, agree = _monotone_assignment(w)
+        counts = _slice_counts(lab, axis, present)
+        mean_slice = (np.arange(len(counts))[:, None] * counts).sum(0) / counts.sum(0)
+        by_mean = np.argsort(mean_slice, kind="stable")  # classes ordered by their mean coordinate
+        order = [present[j] for j in by_mean]
+        _, agree = _monotone_assignment(counts[:, by_mean])
         errors.append(1.0 - agree / n_fg)
         rules.append(ClassPlanes(axis, tuple(order), errors[-1], float(tolerance)))
     best = int(np.argmin(errors))
