@@ -436,6 +436,46 @@ def test_volume_mode_against_numpy_reference(tmp_path):
         assert info["cases"][case]["changed"] == int((expected != labels[case]).sum())
 
 
+@pytest.mark.parametrize("mode", ["voxel", "volume"])
+def test_class_planes_resplit_the_refined_labels(voxel_cohort, mode):
+    """With a class-planes rule the written labels are class_planes.apply of the labels
+    refine writes without it (foreground kept, classes re-split along the axis), counted
+    in the changed voxels and recorded in refine.json and its signature. The rule (axis 0)
+    cuts across the synthetic classes (side by side along axis 1), so it must move voxels."""
+    from semisam_o1 import class_planes as planes
+
+    v = voxel_cohort
+    for case in v["cases"]:  # predictions with both classes, so that the rule has something to re-split
+        _save(v["pred"] / f"{case}.nii.gz", v["truth"][case], np.uint8)
+    rule = planes.ClassPlanes(axis=0, order=(2, 1), template_error=0.0, tolerance=0.01)
+    rule_file = v["out"].parent / planes.CLASS_PLANES_JSON
+    planes.write(rule_file, rule, NAMES)
+    plain_out, rule_out = v["out"].parent / "plain", v["out"].parent / "planar"
+    kw = dict(template="tpl", cases=v["cases"], k=5, quantile=0.9, mode=mode, bank_size=300, project_dim=0,
+              threads=1, quiet=True)
+    plain = refine_mod.refine(v["ds"], v["feats"], v["pred"], plain_out, **kw)
+    if mode == "voxel":  # through the CLI with the rule file
+        assert cli.main(["refine", "-i", str(v["ds"]), "-f", str(v["feats"]), "-p", str(v["pred"]),
+                         "-o", str(rule_out), "--template", "tpl", "--cases", *v["cases"], "--k", "5",
+                         "--quantile", "0.9", "--bank-size", "300", "--project-dim", "0", "--threads", "1",
+                         "--class-planes", str(rule_file), "--quiet"]) == 0
+        info = json.loads((rule_out / "refine.json").read_text())
+    else:
+        info = refine_mod.refine(v["ds"], v["feats"], v["pred"], rule_out, class_planes=rule, **kw)
+    moved = 0
+    for case in v["cases"]:
+        before = _read(v["pred"] / f"{case}.nii.gz")
+        base = _read(plain_out / f"{case}.nii.gz")
+        got = _read(rule_out / f"{case}.nii.gz")
+        np.testing.assert_array_equal(got, planes.apply(base, rule))
+        np.testing.assert_array_equal(got > 0, base > 0)
+        assert info["cases"][case]["changed"] == int((got != before).sum())
+        moved += int((got != base).sum())
+    assert moved > 0
+    assert info["params"]["class_planes"]["axis"] == 0 and info["params"]["class_planes"]["order"] == [2, 1]
+    assert info["signature"] != plain["signature"] and "class_planes" not in plain["params"]
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 

@@ -79,6 +79,15 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     # round 1 refines (voxel, asked for); the last round does not: its pseudo-labels are its predictions
     assert (work / ".done" / "round1" / "refine.json").is_file()
     assert not (work / ".done" / "round2" / "refine.json").exists()
+    # the refined labels keep the class planes learned from the template (at most one foreground class per
+    # coronal slice, RAS files: axis 1)
+    assert json.loads((work / "round1" / "pseudo" / "refine.json").read_text())["params"]["class_planes"]["order"] \
+        == [2, 1]
+    import nibabel as nib
+
+    for case in pool:
+        lab = np.asarray(nib.load(str(work / "round1" / "pseudo" / f"{case}.nii.gz")).dataobj)
+        assert all(len(set(np.unique(lab[:, j])) - {0}) <= 1 for j in range(lab.shape[1]))
     for case in pool:
         assert (work / "round2" / "pseudo" / f"{case}.nii.gz").read_bytes() == \
             (work / "round2" / "pred" / f"{case}.nii.gz").read_bytes()
@@ -87,8 +96,6 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
     # every output keeps its input's grid and is an integer label volume
-    import nibabel as nib
-
     for case in json.loads(quick_split.read_text())["test"]:
         pred = nib.load(str(work / "round1" / "test" / f"{case}.nii.gz"))
         img = nib.load(str(data_root / "imagesTr" / f"{case}.nii.gz"))

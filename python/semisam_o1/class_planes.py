@@ -67,6 +67,12 @@ class ClassPlanes:
             d["order_names"] = [class_names[c] for c in self.order]
         return d
 
+    @classmethod
+    def from_json(cls, d: dict) -> "ClassPlanes":
+        """The rule of a :meth:`to_json` dict. Raises KeyError, TypeError or ValueError if it is not one."""
+        return cls(int(d["axis"]), tuple(int(c) for c in d["order"]), float(d["template_error"]),
+                   float(d["tolerance"]))
+
     def describe(self, class_names: Sequence[str] | None = None) -> str:
         names = [class_names[c] if class_names else str(c) for c in self.order]
         return (f"classes {' | '.join(names)} follow each other along the {AXIS_NAMES[self.axis]} axis "
@@ -176,8 +182,7 @@ def read(path) -> ClassPlanes:
     """Read a rule written by :func:`write`. Raises InputError naming the file if it is unreadable."""
     try:
         d = json.loads(Path(path).read_text())
-        rule = ClassPlanes(int(d["axis"]), tuple(int(c) for c in d["order"]), float(d["template_error"]),
-                           float(d["tolerance"]))
+        rule = ClassPlanes.from_json(d)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a class-planes file ({exc})") from None
     if rule.axis not in (0, 1, 2) or len(rule.order) < 2:

@@ -132,6 +132,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="voxel mode: prior: a bank entry's vote counts for the confident voxels of its class it "
                         "stands for (the vote estimates the cohort's class posterior); balanced: every entry "
                         "counts the same (favours rare classes)")
+    p.add_argument("--class-planes", default=None, metavar="RULE",
+                   help="class_planes.json written by `semisam-o1 propagate`: re-split each refined label's "
+                        "foreground into classes by planes along the rule's axis (background unchanged)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the kNN kernel runs")
     p.add_argument("--threads", type=int, default=None, help="kernel threads; None: all cores")
     p.add_argument("--seed", type=int, default=0, help="seed of the bank sampling")
@@ -143,7 +146,8 @@ def main(args: argparse.Namespace) -> int:
                   cases=args.cases, split=args.split, subset=args.subset, k=args.k, quantile=args.quantile,
                   mode=args.mode, bank_size=args.bank_size, project_dim=args.project_dim,
                   position_weight=args.position_weight, class_weights=args.class_weights,
-                  device=args.device, threads=args.threads, seed=args.seed, quiet=args.quiet)
+                  class_planes=args.class_planes, device=args.device, threads=args.threads, seed=args.seed,
+                  quiet=args.quiet)
     if not args.quiet:
         print(f"refine ({info['mode']}): {info['voxels_changed_total']} voxels changed in "
               f"{len(info['cases'])} cases; threshold {info['threshold']:.4g}; "
@@ -418,6 +422,7 @@ def refine(
     project_dim: int = DEFAULT_PROJECT_DIM,
     position_weight: float = DEFAULT_POSITION_WEIGHT,
     class_weights: str = DEFAULT_CLASS_WEIGHTS,
+    class_planes=None,
     device: str = "cpu",
     threads: int | None = None,
     seed: int = 0,
@@ -425,8 +430,11 @@ def refine(
 ) -> dict:
     """Refine the predicted labels in ``pred`` into ``output`` (see the module docstring).
 
-    Parameters are those of ``semisam-o1 refine``. Returns the dict written to
-    ``output/refine.json``.
+    Parameters are those of ``semisam-o1 refine``. ``class_planes``: path of a rule
+    written by ``propagate`` (``class_planes.json``) or a
+    :class:`semisam_o1.class_planes.ClassPlanes`; each refined label's foreground is
+    re-split by :func:`semisam_o1.class_planes.apply` before it is written (and
+    counted in the changed voxels). Returns the dict written to ``output/refine.json``.
 
     Raises
     ------
@@ -453,8 +461,13 @@ def refine(
 
         if not kernels.cuda_available():
             raise InputError("--device cuda: the CUDA kernels are not built or no CUDA device is usable")
+    from . import class_planes as planes
+
+    rule = planes.read(class_planes) if isinstance(class_planes, (str, Path)) else class_planes
     inputs = _Inputs(dataset, features, pred, output, template, cases, split, subset)
     params = dict(mode=mode, k=int(k), quantile=float(quantile), template=inputs.template, seed=int(seed))
+    if rule is not None:
+        params["class_planes"] = rule.to_json()  # absent without a rule: old signatures stay valid
     if mode == "voxel":
         if position_weight < 0:
             raise InputError(f"--position-weight {position_weight}: must be >= 0")
@@ -480,6 +493,13 @@ def _load_previous(output: Path, signature: str) -> dict:
     if prev.get("signature") != signature:
         return {}
     return {c: v for c, v in prev.get("cases", {}).items() if (output / f"{c}.nii.gz").is_file()}
+
+
+def _apply_planes(label: np.ndarray, params: dict) -> np.ndarray:
+    """``label`` re-split by the class-planes rule recorded in ``params`` (see :mod:`semisam_o1.class_planes`)."""
+    from . import class_planes as planes
+
+    return planes.apply(label, planes.ClassPlanes.from_json(params["class_planes"]))
 
 
 def _change_stats(before: np.ndarray, after: np.ndarray, names: Sequence[str]) -> dict:
@@ -699,6 +719,8 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
             keep = np.asarray(share) <= 0  # every neighbour dissimilar: no evidence, keep the label
             voted = np.where(keep, lab[qmask], voted).astype(np.uint8)
             new[qmask] = voted
+        if "class_planes" in params:
+            new = _apply_planes(new, params)
         write_label(inputs.output / f"{case}.nii.gz", new, image, label_map)
         entry = {"queries": n_q, **_change_stats(lab, new, names), "seconds": round(time.perf_counter() - tc, 4)}
         info["cases"][case] = entry
@@ -799,6 +821,8 @@ def _refine_volume(inputs: _Inputs, params: dict, *, device: str, threads, quiet
         new = lab
         if case in neighbours:
             new = volume_vote(lab, [(neighbour_label(n), s) for n, s in neighbours[case]], n_cls)
+        if "class_planes" in params:
+            new = _apply_planes(new, params)
         write_label(inputs.output / f"{case}.nii.gz", new, image, label_map)
         entry = {"uncertain": case in neighbours, "mean_entropy": means[case],
                  **_change_stats(lab, new, names), "seconds": round(time.perf_counter() - tc, 4)}

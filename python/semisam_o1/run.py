@@ -261,7 +261,7 @@ def run(
                                                       "-o", str(rd / "pseudo"), "--template", template,
                                                       "--cases", *unlabeled, "--mode", refine_mode,
                                                       "--k", str(k), "--quantile", str(quantile),
-                                                      "--seed", str(seed), *common])
+                                                      "--seed", str(seed), *planes_arg, *common])
         if r == 1 and selecting:
             from .selection import SELECTION_JSON, select_cases
 
