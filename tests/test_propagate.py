@@ -166,6 +166,48 @@ def test_synthetic_onehot_features_reproduce_labels(tmp_path, data_root, real, o
         np.testing.assert_array_equal(pred, labels[case])
 
 
+def test_recentre_undoes_a_shifted_field_of_view(tmp_path, data_root, real):
+    """The position term assumes the anatomy sits at the same place in every volume's box;
+    recentring removes that assumption for translations. The case is the template shifted by
+    6 voxels along the posterior-anterior axis, with features that tell foreground from
+    background but not Anterior from Posterior (so only the position term places the boundary
+    between them). Without recentring the boundary stays where it is in the template's box;
+    one recentring pass moves the case's coordinates by the foreground centroid offset and
+    recovers the shifted label almost exactly."""
+    import shutil
+
+    ds, labels = real
+    tpl = labels[TEMPLATE]
+    shift = 6
+    pad = np.zeros((tpl.shape[0], tpl.shape[1] + 2 * shift, tpl.shape[2]), np.uint8)
+    pad[:, shift:shift + tpl.shape[1]] = tpl  # the template's label in a longer box
+    moved = np.roll(pad, shift, axis=1)       # the same anatomy 6 voxels further along the axis
+    root = tmp_path / "ds"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    shutil.copy(data_root / "dataset.json", root / "dataset.json")
+    img = nib.load(str(data_root / "imagesTr" / f"{TEMPLATE}.nii.gz"))
+    ras = nib.as_closest_canonical(img)
+    for case in ("tpl", "moved"):
+        data = np.zeros(pad.shape, np.float32)
+        nib.save(nib.Nifti1Image(data, ras.affine), str(root / "imagesTr" / f"{case}.nii.gz"))
+    nib.save(nib.Nifti1Image(pad, ras.affine), str(root / "labelsTr" / "tpl.nii.gz"))
+    rng = np.random.default_rng(4)
+    store = _Store({c: _Case([_onehot_features((lab > 0).astype(np.uint8), 2, 0.05, rng)])
+                    for c, lab in (("tpl", pad), ("moved", moved))}, axes=(0,))
+    kw = dict(cases=["moved"], method="knn", position_weight=2.0, query_stride=1, k=10, largest_component=False,
+              smooth=0.0, bank_background=2000, class_planes="off", quiet=True, threads=2)
+    dice = {}
+    for rc in (0, 1):
+        out = tmp_path / f"rc{rc}"
+        P.propagate(root, store, "tpl", out, recentre=rc, **kw)
+        pred = np.asarray(nib.load(str(out / "moved.nii.gz")).dataobj)
+        np.testing.assert_array_equal(pred > 0, moved > 0)  # the features alone decide the foreground
+        dice[rc] = [_dice(pred, moved, c) for c in (1, 2)]
+    assert min(dice[1]) > 0.98, dice
+    assert max(dice[0]) < 0.9, dice  # the boundary left where it is in the template's box
+
+
 def test_outputs_keep_input_grid_affine_header_and_integer_type(tmp_path, data_root, real, onehot_store):
     ds, labels = real
     out = tmp_path / "pseudo"
