@@ -408,6 +408,18 @@ def test_feature_grid_mismatch_is_exit_2(tmp_path, data_root, onehot_store, monk
     assert CASES[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,value,word", [("--recentre", "-1", "recentre"), ("--k", "0", "k")])
+def test_bad_knn_parameter_is_exit_2_and_nothing_written(tmp_path, data_root, onehot_store, monkeypatch, capsys,
+                                                         option, value, word):
+    out = tmp_path / "pseudo"
+    rc = _cli(monkeypatch, onehot_store, ["-i", str(data_root), "-f", "x", "--template", TEMPLATE, "-o", str(out),
+                                          "--cases", *CASES, option, value, "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--{word}" in err[0]
+    assert not out.exists() or not any(out.rglob("*"))
+
+
 def test_cli_arguments_parse():
     parser = argparse.ArgumentParser()
     P.add_arguments(parser)

@@ -472,6 +472,8 @@ def build_template_model(cf, label: np.ndarray, num_classes: int, *, method: str
         raise InputError(f"--method must be 'knn' or 'prototype', not {method!r}")
     if int(p["k"]) < 1:
         raise InputError("--k must be at least 1")
+    if int(p.get("recentre") or 0) < 0:
+        raise InputError(f"--recentre {p['recentre']}: must be 0 (off) or more passes")
     feats = cf.on_voxel_grid(axes=list(axes))  # (C, X, Y, Z) float32
     C = feats.shape[0]
     shape = label.shape

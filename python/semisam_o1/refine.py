@@ -68,6 +68,11 @@ Two modes:
     every voxel takes the class with the largest sum of weights (ties: lowest
     class index). Confident cases keep their labels.
 
+With ``--class-planes RULE`` (the ``class_planes.json`` that ``propagate``
+learned from the template) every refined label's foreground is re-split into
+classes by planes along the rule's axis (:func:`semisam_o1.class_planes.apply`)
+before it is written, as ``propagate`` and ``predict`` do with theirs.
+
 Outputs, in ``output``: ``<case>.nii.gz`` for every refined case (changed or
 not, so the folder is a complete set of pseudo-labels for the next round;
 the template is not written), in the input image's voxel order, affine and
@@ -496,7 +501,10 @@ def _load_previous(output: Path, signature: str) -> dict:
 
 
 def _apply_planes(label: np.ndarray, params: dict) -> np.ndarray:
-    """``label`` re-split by the class-planes rule recorded in ``params`` (see :mod:`semisam_o1.class_planes`)."""
+    """``label`` re-split by the class-planes rule recorded in ``params`` (see :mod:`semisam_o1.class_planes`);
+    ``label`` itself when ``params`` has no rule."""
+    if "class_planes" not in params:
+        return label
     from . import class_planes as planes
 
     return planes.apply(label, planes.ClassPlanes.from_json(params["class_planes"]))
@@ -719,8 +727,7 @@ def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet:
             keep = np.asarray(share) <= 0  # every neighbour dissimilar: no evidence, keep the label
             voted = np.where(keep, lab[qmask], voted).astype(np.uint8)
             new[qmask] = voted
-        if "class_planes" in params:
-            new = _apply_planes(new, params)
+        new = _apply_planes(new, params)
         write_label(inputs.output / f"{case}.nii.gz", new, image, label_map)
         entry = {"queries": n_q, **_change_stats(lab, new, names), "seconds": round(time.perf_counter() - tc, 4)}
         info["cases"][case] = entry
@@ -821,8 +828,7 @@ def _refine_volume(inputs: _Inputs, params: dict, *, device: str, threads, quiet
         new = lab
         if case in neighbours:
             new = volume_vote(lab, [(neighbour_label(n), s) for n, s in neighbours[case]], n_cls)
-        if "class_planes" in params:
-            new = _apply_planes(new, params)
+        new = _apply_planes(new, params)
         write_label(inputs.output / f"{case}.nii.gz", new, image, label_map)
         entry = {"uncertain": case in neighbours, "mean_entropy": means[case],
                  **_change_stats(lab, new, names), "seconds": round(time.perf_counter() - tc, 4)}
