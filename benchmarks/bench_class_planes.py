@@ -42,7 +42,7 @@ def _first_slice(split: np.ndarray, rule: CP.ClassPlanes) -> int:
     """First slice (along the rule's axis) of the rule's second class in a re-split label."""
     other = tuple(a for a in range(3) if a != rule.axis)
     idx = np.flatnonzero((split == rule.order[1]).any(axis=other))
-    return int(idx[0]) if len(idx) else label.shape[rule.axis]
+    return int(idx[0]) if len(idx) else split.shape[rule.axis]
 
 
 def main() -> int:

@@ -27,6 +27,11 @@ def quick_split(tmp_path_factory, data_root, split) -> Path:
     return path
 
 
+def _one_class_per_coronal_slice(lab) -> bool:
+    """At most one foreground class in every coronal slice (RAS files: axis 1): the template's class planes."""
+    return all(len(set(np.unique(lab[:, j])) - {0}) <= 1 for j in range(lab.shape[1]))
+
+
 def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_split):
     work = tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="2")
@@ -86,8 +91,8 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     import nibabel as nib
 
     for case in pool:
-        lab = np.asarray(nib.load(str(work / "round1" / "pseudo" / f"{case}.nii.gz")).dataobj)
-        assert all(len(set(np.unique(lab[:, j])) - {0}) <= 1 for j in range(lab.shape[1]))
+        assert _one_class_per_coronal_slice(np.asarray(nib.load(str(work / "round1" / "pseudo" /
+                                                                    f"{case}.nii.gz")).dataobj))
     for case in pool:
         assert (work / "round2" / "pseudo" / f"{case}.nii.gz").read_bytes() == \
             (work / "round2" / "pred" / f"{case}.nii.gz").read_bytes()
@@ -104,8 +109,7 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
         assert np.issubdtype(pred.get_data_dtype(), np.integer)
         # class planes learned from the template (Posterior | Anterior across coronal slices): every
         # prediction has at most one foreground class per coronal slice (RAS files: axis 1)
-        lab = np.asarray(pred.dataobj)
-        assert all(len(set(np.unique(lab[:, j])) - {0}) <= 1 for j in range(lab.shape[1]))
+        assert _one_class_per_coronal_slice(np.asarray(pred.dataobj))
     assert report["config"]["class_planes_rule"]["order"] == [2, 1]
     assert (work / "round0" / "pseudo" / "class_planes.json").is_file()
 
