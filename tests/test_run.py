@@ -125,6 +125,38 @@ def test_run_bad_split_is_one_line(tmp_path, data_root):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("fault", ["corrupt image", "label off its image"])
+def test_run_checks_inputs_before_writing(tmp_path, data_root, quick_split, fault):
+    """A corrupt pool image or a template label whose grid differs from its image: one line
+    naming the file, exit 2, and no work folder (nothing encoded first)."""
+    import shutil
+
+    import nibabel as nib
+
+    sp = json.loads(quick_split.read_text())
+    root = tmp_path / "ds"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    shutil.copy(data_root / "dataset.json", root)
+    for case in [sp["template"], *sp["unlabeled"], *sp["test"]]:
+        shutil.copy(data_root / "imagesTr" / f"{case}.nii.gz", root / "imagesTr")
+        shutil.copy(data_root / "labelsTr" / f"{case}.nii.gz", root / "labelsTr")
+    if fault == "corrupt image":
+        bad = root / "imagesTr" / f"{sp['unlabeled'][1]}.nii.gz"
+        bad.write_bytes(bad.read_bytes()[:300])
+    else:
+        bad = root / "labelsTr" / f"{sp['template']}.nii.gz"
+        img = nib.load(str(bad))
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), str(bad))
+    out = subprocess.run(_cli("run", "-i", str(root), "--split", str(quick_split), "-o", str(tmp_path / "w"),
+                              "--preset", "quick", "--quiet"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert out.returncode == 2
+    err = out.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and bad.name in err[0]
+    assert not (tmp_path / "w").exists()
+
+
 def test_run_refuses_to_resume_with_other_settings(tmp_path, data_root, quick_split):
     work = tmp_path / "w"
     work.mkdir()

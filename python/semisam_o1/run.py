@@ -88,6 +88,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _check_inputs(dataset, template: str, cases) -> None:
+    """Before anything is written: the template's label against its image (read in full: one
+    case), and every other case's image header (no voxel data read). Raises InputError naming the
+    file, so a bad file stops the run at once instead of after hours of encoding."""
+    from .io import canonical_shape
+
+    dataset.read_label(template, reference=dataset.read_image(template))
+    for case in cases:
+        canonical_shape(dataset.image_path(case))
+
+
 def _case_lists(dataset, split_path, max_unlabeled, max_test):
     from .io import load_split
 
@@ -218,6 +229,7 @@ def run(
 
     dataset = Dataset(input)
     template, unlabeled, test = _case_lists(dataset, split, cfg["max_unlabeled"], cfg["max_test"])
+    _check_inputs(dataset, template, unlabeled + test)
     work = Path(output)
     settings = dict(preset=preset, rounds=cfg["rounds"], max_unlabeled=cfg["max_unlabeled"], max_test=cfg["max_test"],
                     iterations=cfg["iterations"], select=cfg["select"], ssl=ssl, refine_mode=refine_mode, k=k,
