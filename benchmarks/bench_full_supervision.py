@@ -11,8 +11,10 @@ predicts the split's 60 ``test`` cases and scores them with
 Writes the key "full_supervision" of ``quality.json`` (read-modify-write of that
 key only, atomic): the command, the preset and its parameters, training and
 prediction times (wall and CPU seconds, iterations per second, the load average
-of the shared machine), and the test-set metrics per class. Re-running resumes:
-a finished model and finished predictions are reused (``--overwrite`` to redo).
+of the shared machine), and the test-set metrics per class. ``--spatial-aug P``
+trains with train's random affine augmentation (the one-label loop's setting is
+0.5). Re-running resumes: a finished model and finished predictions are reused
+(``--overwrite`` to redo).
 This reference reads labels the one-label protocol never reads -- that is its
 point; it is never used for model selection.
 """
@@ -66,6 +68,9 @@ def main() -> int:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spatial-aug", type=float, default=0.0, metavar="P",
+                    help="train's --spatial-aug (random affine of each drawn volume; default 0, off; the "
+                         "one-label loop trains with 0.5)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overwrite", action="store_true")
@@ -86,7 +91,8 @@ def main() -> int:
     t0 = time.time()
 
     summary = train(data, data / "labelsTr", split["template"], work / "model", split=split_path,
-                    preset=args.preset, iterations=args.iterations, device=args.device, seed=args.seed,
+                    preset=args.preset, iterations=args.iterations, spatial_aug=args.spatial_aug,
+                    device=args.device, seed=args.seed,
                     threads=args.threads, overwrite=args.overwrite, quiet=True,
                     command=command + "  # stage: train on labelsTr (real labels)")
     t1 = time.time()
@@ -111,6 +117,7 @@ def main() -> int:
         "iterations": summary["iterations"],
         "ssl": summary["ssl"],
         "seed": summary["seed"],
+        "spatial_aug": summary.get("spatial_aug", 0.0),
         "model_selection": summary["model_selection"],
         "n_training_cases": summary["num_training_cases"],
         "n_test_cases": len(test),

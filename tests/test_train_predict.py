@@ -248,12 +248,15 @@ def test_mean_teacher_variants_train(setup, data_root, ssl):
     assert all(float(r[3]) >= 0.0 and float(r[4]) > 0.0 for r in rows)  # consistency term and its weight
 
 
-def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkeypatch):
-    """A run killed after a checkpoint resumes from it and ends with the weights of an uninterrupted run."""
+@pytest.mark.parametrize("spatial_aug", [0.0, 0.5])
+def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkeypatch, spatial_aug):
+    """A run killed after a checkpoint resumes from it and ends with the weights of an uninterrupted run
+    (with and without the random affine augmentation)."""
     quick = dict(nets.PRESETS["quick"], checkpoint_every=2)
     monkeypatch.setitem(nets.PRESETS, "quick", quick)
-    kw = dict(cases=setup["others"][:1], preset="quick", iterations=4, device="cpu", seed=3, threads=THREADS, quiet=True)
-    full = setup["root"] / "model_full"
+    kw = dict(cases=setup["others"][:1], preset="quick", iterations=4, device="cpu", seed=3, threads=THREADS,
+              quiet=True, spatial_aug=spatial_aug)
+    full = setup["root"] / f"model_full_{spatial_aug}"
     train(data_root, setup["labels"], setup["template"], full, **kw)
 
     real_build = nets.build_net
@@ -272,7 +275,7 @@ def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkey
         net.forward = counted
         return net
 
-    part = setup["root"] / "model_resumed"
+    part = setup["root"] / f"model_resumed_{spatial_aug}"
     monkeypatch.setattr(nets, "build_net", build_interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(data_root, setup["labels"], setup["template"], part, **kw)
@@ -304,12 +307,47 @@ def test_draw_volumes_template_share(share):
     assert set(draw_volumes(rng, 1, 10, share).tolist()) == {0}
 
 
-def test_template_share_is_recorded_and_checked(setup, data_root):
-    model = setup["root"] / "model_share"
+@pytest.mark.parametrize("option, bad", [("template_share", 1.0), ("spatial_aug", 1.5)])
+def test_training_option_is_recorded_and_checked(setup, data_root, option, bad):
+    model = setup["root"] / f"model_{option}"
     cfg = train(data_root, setup["labels"], setup["template"], model, cases=setup["others"], preset="quick",
-                iterations=2, template_share=0.5, device="cpu", seed=0, threads=THREADS, quiet=True)
-    assert cfg["template_share"] == 0.5
-    assert json.loads((model / "config.json").read_text())["template_share"] == 0.5
-    with pytest.raises(InputError, match="template-share"):
-        train(data_root, setup["labels"], setup["template"], setup["root"] / "model_bad", cases=setup["others"],
-              preset="quick", iterations=2, template_share=1.0, device="cpu", threads=THREADS, quiet=True)
+                iterations=2, device="cpu", seed=0, threads=THREADS, quiet=True, **{option: 0.5})
+    assert cfg[option] == 0.5
+    assert json.loads((model / "config.json").read_text())[option] == 0.5
+    with pytest.raises(InputError, match=option.replace("_", "-")):
+        train(data_root, setup["labels"], setup["template"], setup["root"] / f"model_bad_{option}",
+              cases=setup["others"], preset="quick", iterations=2, device="cpu", threads=THREADS, quiet=True,
+              **{option: bad})
+    assert not (setup["root"] / f"model_bad_{option}").exists()
+
+
+def test_spatial_aug_moves_image_and_label_together(data_root, split):
+    """--spatial-aug: RandAffined before the crop warps image and label by the same transform, and the
+    foreground-centred crop finds the warped label's foreground (not the stale pre-computed indices)."""
+    from semisam_o1 import train as T
+
+    case = split["unlabeled"][0]
+    lab = nib.load(str(data_root / "labelsTr" / f"{case}.nii.gz"))
+    label = np.asarray(lab.dataobj).astype(np.uint8)[None]
+    cfg = nets.preset("quick")
+    cfg.update(patch=[9, 9, 9], pos_neg=[1.0, 0.0], flip_axes=[], intensity_prob=0.0)
+    data = [{"case": case, "image": label.astype(np.float32), "label": label.copy()}]
+    T._add_indices(data)
+    ts = T._transforms(cfg, 1.0)
+    ts.set_random_state(seed=0)
+    changed, centre_fg, agree = 0, 0, []
+    plain = T._transforms(cfg, 0.0)
+    for i in range(40):
+        s = ts(dict(data[0]))[0]
+        img, lb = np.asarray(s["image"])[0], np.asarray(s["label"])[0]
+        assert lb.shape == (9, 9, 9) and set(np.unique(lb)) <= {0, 1, 2}
+        # the image is the label warped bilinearly: rounding it gives the nearest-neighbour label
+        # everywhere except at class boundaries
+        agree.append(np.mean(np.rint(img) == lb))
+        centre_fg += lb[4, 4, 4] > 0
+        plain.set_random_state(seed=i)
+        p = np.asarray(plain(dict(data[0]))[0]["label"])[0]
+        changed += not np.array_equal(p, lb)
+    assert np.mean(agree) > 0.9
+    assert centre_fg >= 36  # crops centred on the warped foreground (a border crop may move the centre)
+    assert changed >= 36  # the volumes are warped

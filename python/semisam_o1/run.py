@@ -41,12 +41,13 @@ from pathlib import Path
 from .errors import InputError, ReportedError
 
 # Presets of the whole loop. ``train`` gets the same preset name.
-# max_unlabeled / max_test limit the cohort (None: all), axes the encoder's axes.
+# max_unlabeled / max_test limit the cohort (None: all); template_share and spatial_aug are train's
+# --template-share and --spatial-aug for every round (spatial_aug: quality.json spatial_augmentation).
 RUN_PRESETS = {
-    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, iterations=None, select=1.0, template_share=0.1),
-    "demo": dict(rounds=2, max_unlabeled=20, max_test=20, iterations=500, select=1.0, template_share=0.1),
-    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None, select=0.25, template_share=0.1),
-    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None, select=0.25, template_share=0.1),
+    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, iterations=None, select=1.0, template_share=0.1, spatial_aug=0.5),
+    "demo": dict(rounds=2, max_unlabeled=20, max_test=20, iterations=500, select=1.0, template_share=0.1, spatial_aug=0.5),
+    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None, select=0.25, template_share=0.1, spatial_aug=0.5),
+    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None, select=0.25, template_share=0.1, spatial_aug=0.5),
 }
 # The UNet preset that each run preset trains with.
 TRAIN_PRESET = {"quick": "quick", "demo": "cpu", "cpu": "cpu", "paper": "paper"}
@@ -78,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template-share", type=float, default=None, metavar="F",
                    help="probability that a UNet training patch comes from the template's real label "
                         "(default 0.1; a negative value: every training volume equally likely)")
+    p.add_argument("--spatial-aug", type=float, default=None, metavar="P",
+                   help="probability of a random rotation / scaling of each UNet training volume "
+                        "(default 0.5; 0 turns it off)")
     p.add_argument("--class-planes", default="auto", choices=["auto", "off"],
                    help="auto: if the template's foreground classes follow each other along one axis, separated "
                         "by planes (MSD Hippocampus: Anterior | Posterior), every pseudo-label and prediction gets "
@@ -187,6 +191,7 @@ def run(
     quantile: float = 0.9,
     select: float | None = None,
     template_share: float | None = None,
+    spatial_aug: float | None = None,
     class_planes: str = "auto",
     device: str = "cpu",
     threads: int | None = None,
@@ -226,6 +231,10 @@ def run(
         cfg["template_share"] = None if template_share < 0 else float(template_share)
     if cfg["template_share"] is not None and cfg["template_share"] >= 1.0:
         raise InputError(f"--template-share {cfg['template_share']}: must be below 1")
+    if spatial_aug is not None:
+        cfg["spatial_aug"] = float(spatial_aug)
+    if not (0.0 <= cfg["spatial_aug"] <= 1.0):
+        raise InputError(f"--spatial-aug {cfg['spatial_aug']}: must be a probability in [0, 1]")
 
     dataset = Dataset(input)
     template, unlabeled, test = _case_lists(dataset, split, cfg["max_unlabeled"], cfg["max_test"])
@@ -234,7 +243,7 @@ def run(
     settings = dict(preset=preset, rounds=cfg["rounds"], max_unlabeled=cfg["max_unlabeled"], max_test=cfg["max_test"],
                     iterations=cfg["iterations"], select=cfg["select"], ssl=ssl, refine_mode=refine_mode, k=k,
                     quantile=quantile, seed=seed, template=template, class_planes=class_planes,
-                    template_share=cfg["template_share"])
+                    template_share=cfg["template_share"], spatial_aug=cfg["spatial_aug"])
     _check_settings(work, settings)
     work.mkdir(parents=True, exist_ok=True)
     _write_settings(work, settings)
@@ -262,6 +271,7 @@ def run(
                                                 "--seed", str(seed + r), *common,
                                                 *([] if cfg["template_share"] is None
                                                   else ["--template-share", str(cfg["template_share"])]),
+                                                "--spatial-aug", str(cfg["spatial_aug"]),
                                                 *(["--iterations", str(cfg["iterations"])] if cfg["iterations"] else [])])
         stages.run(f"round{r}/predict", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "pred"),
                                                     "--cases", *unlabeled, *planes_arg, *common])
@@ -308,7 +318,7 @@ SETTINGS_JSON = "run.json"
 # settings a finished stage depends on; a resumed run must ask for the same ones
 # (rounds may grow: later rounds only add stages)
 _RESUME_KEYS = ("preset", "max_unlabeled", "max_test", "iterations", "select", "ssl", "refine_mode", "k",
-                "quantile", "seed", "template", "class_planes", "template_share")
+                "quantile", "seed", "template", "class_planes", "template_share", "spatial_aug")
 
 
 def _check_settings(work: Path, settings: dict) -> None:
@@ -351,7 +361,8 @@ def main(args: argparse.Namespace) -> int:
     run(args.input, args.split, args.output, preset=args.preset, rounds=args.rounds,
         max_unlabeled=args.max_unlabeled, max_test=args.max_test, ssl=args.ssl,
         refine_mode=args.refine_mode, k=args.k, quantile=args.quantile, select=args.select,
-        template_share=args.template_share, class_planes=args.class_planes, device=args.device,
+        template_share=args.template_share, spatial_aug=args.spatial_aug, class_planes=args.class_planes,
+        device=args.device,
         threads=args.threads, seed=args.seed, quiet=args.quiet)
     return 0
 
