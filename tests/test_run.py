@@ -80,7 +80,7 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     template = json.loads(quick_split.read_text())["template"]
     assert sorted(cfg2["training_cases"]) == sorted([template] + sel["selected"])
     assert cfg2["template_share"] == 0.1  # the preset's share of patches from the template's real label
-    assert cfg2["spatial_aug"] == 0.5  # the preset's random affine of the training volumes
+    assert cfg2["spatial_aug"] == 0.0  # the preset's: no random affine of the training volumes
     assert report["selection"]["n_selected"] == 2
     # round 1 refines (voxel, asked for); the last round does not: its pseudo-labels are its predictions
     assert (work / ".done" / "round1" / "refine.json").is_file()
