@@ -12,8 +12,8 @@ Writes the key "full_supervision" of ``quality.json`` (read-modify-write of that
 key only, atomic): the command, the preset and its parameters, training and
 prediction times (wall and CPU seconds, iterations per second, the load average
 of the shared machine), and the test-set metrics per class. ``--spatial-aug P``
-trains with train's random affine augmentation (the one-label loop's setting is
-0.5). Re-running resumes: a finished model and finished predictions are reused
+trains with train's random affine augmentation (off by default, as in ``run``;
+key ``spatial_augmentation``). Re-running resumes: a finished model and finished predictions are reused
 (``--overwrite`` to redo).
 This reference reads labels the one-label protocol never reads -- that is its
 point; it is never used for model selection.
@@ -69,8 +69,7 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--spatial-aug", type=float, default=0.0, metavar="P",
-                    help="train's --spatial-aug (random affine of each drawn volume; default 0, off; the "
-                         "one-label loop trains with 0.5)")
+                    help="train's --spatial-aug (random affine of each drawn volume; default 0, off)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overwrite", action="store_true")

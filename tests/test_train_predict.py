@@ -351,3 +351,13 @@ def test_spatial_aug_moves_image_and_label_together(data_root, split):
     assert np.mean(agree) > 0.9
     assert centre_fg >= 36  # crops centred on the warped foreground (a border crop may move the centre)
     assert changed >= 36  # the volumes are warped
+
+
+def test_checkpoint_signature_without_augmentation_matches_older_checkpoints():
+    """A checkpoint written before --spatial-aug existed (no such key) resumes a run without it,
+    and not one with it."""
+    from semisam_o1.train import _signature
+
+    old = {"preset_params": {"lr": 0.003}, "iterations": 4, "seed": 0, "template_share": 0.1}
+    assert _signature({**old, "spatial_aug": 0.0}) == _signature(old)
+    assert _signature({**old, "spatial_aug": 0.5}) != _signature(old)

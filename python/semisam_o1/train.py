@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: every training volume equally likely)")
     parser.add_argument("--spatial-aug", type=float, default=0.0, metavar="P",
                         help="probability of a random rotation (+-15 deg) and scaling (+-15%%) of each drawn "
-                             "volume (MONAI RandAffined; default 0, off; run uses 0.5)")
+                             "volume (MONAI RandAffined; default 0, off, as in run)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights, sampling and augmentation")
     parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch CPU threads (default: torch's own)")
@@ -270,10 +270,14 @@ def _sigmoid_rampup(current: float, length: float) -> float:
 
 
 def _signature(config: dict) -> dict:
-    """The settings a checkpoint must share to be resumed."""
+    """The settings a checkpoint must share to be resumed (``spatial_aug`` only when on, so that a
+    checkpoint written before the option existed still resumes a run without it)."""
     keys = ("preset_params", "iterations", "ssl", "net", "normalisation", "training_cases", "template",
-            "labels", "dataset", "seed", "label_map", "template_share", "spatial_aug")
-    return {k: config.get(k) for k in keys}
+            "labels", "dataset", "seed", "label_map", "template_share")
+    sig = {k: config.get(k) for k in keys}
+    if config.get("spatial_aug"):
+        sig["spatial_aug"] = config["spatial_aug"]
+    return sig
 
 
 def train(
