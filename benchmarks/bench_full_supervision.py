@@ -13,8 +13,8 @@ key only, atomic): the command, the preset and its parameters, training and
 prediction times (wall and CPU seconds, iterations per second, the load average
 of the shared machine), and the test-set metrics per class. ``--spatial-aug P``
 trains with train's random affine augmentation (off by default, as in ``run``;
-key ``spatial_augmentation``). Re-running resumes: a finished model and finished predictions are reused
-(``--overwrite`` to redo).
+key ``spatial_augmentation``). Re-running resumes: a finished model and finished
+predictions are reused (``--overwrite`` to redo).
 This reference reads labels the one-label protocol never reads -- that is its
 point; it is never used for model selection.
 """
@@ -116,7 +116,7 @@ def main() -> int:
         "iterations": summary["iterations"],
         "ssl": summary["ssl"],
         "seed": summary["seed"],
-        "spatial_aug": summary.get("spatial_aug", 0.0),
+        "spatial_aug": summary["spatial_aug"],
         "model_selection": summary["model_selection"],
         "n_training_cases": summary["num_training_cases"],
         "n_test_cases": len(test),

@@ -232,10 +232,9 @@ def run(
         cfg["template_share"] = None if template_share < 0 else float(template_share)
     if cfg["template_share"] is not None and cfg["template_share"] >= 1.0:
         raise InputError(f"--template-share {cfg['template_share']}: must be below 1")
-    if spatial_aug is not None:
-        cfg["spatial_aug"] = float(spatial_aug)
-    if not (0.0 <= cfg["spatial_aug"] <= 1.0):
-        raise InputError(f"--spatial-aug {cfg['spatial_aug']}: must be a probability in [0, 1]")
+    from .train import spatial_aug_probability
+
+    cfg["spatial_aug"] = spatial_aug_probability(cfg["spatial_aug"] if spatial_aug is None else spatial_aug)
 
     dataset = Dataset(input)
     template, unlabeled, test = _case_lists(dataset, split, cfg["max_unlabeled"], cfg["max_test"])

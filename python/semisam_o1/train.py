@@ -269,15 +269,26 @@ def _sigmoid_rampup(current: float, length: float) -> float:
 # --------------------------------------------------------------------------- training
 
 
+#: training settings added after models and checkpoints were first written, with the value every
+#: older one was trained with: an older config.json or checkpoint signature lacking one reads as this
+_LATER_SETTINGS = {"spatial_aug": 0.0}
+
+
 def _signature(config: dict) -> dict:
-    """The settings a checkpoint must share to be resumed (``spatial_aug`` only when on, so that a
-    checkpoint written before the option existed still resumes a run without it)."""
+    """The settings a checkpoint must share to be resumed; applied to a stored signature too, so
+    that one written before a setting of :data:`_LATER_SETTINGS` existed compares by its value."""
+    config = {**_LATER_SETTINGS, **config}
     keys = ("preset_params", "iterations", "ssl", "net", "normalisation", "training_cases", "template",
-            "labels", "dataset", "seed", "label_map", "template_share")
-    sig = {k: config.get(k) for k in keys}
-    if config.get("spatial_aug"):
-        sig["spatial_aug"] = config["spatial_aug"]
-    return sig
+            "labels", "dataset", "seed", "label_map", "template_share", *_LATER_SETTINGS)
+    return {k: config.get(k) for k in keys}
+
+
+def spatial_aug_probability(p) -> float:
+    """``p`` (``--spatial-aug``) as a float; InputError unless it is a probability in [0, 1]."""
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise InputError(f"--spatial-aug {p}: must be a probability in [0, 1]")
+    return p
 
 
 def train(
@@ -332,14 +343,14 @@ def train(
                    f"spatial_aug={spatial_aug!r}, device={device!r}, seed={seed!r})")
     if nets.is_finished(output) and not overwrite:
         try:
-            config = json.loads((output / nets.CONFIG_NAME).read_text())
+            config = {**_LATER_SETTINGS, **json.loads((output / nets.CONFIG_NAME).read_text())}
         except (OSError, ValueError) as exc:
             raise InputError(f"{output / nets.CONFIG_NAME}: cannot read ({exc}); use --overwrite to retrain") from None
         asked = {"preset": preset, "ssl": ssl, "seed": int(seed), "labels": str(Path(labels).resolve()),
                  "template_share": template_share, "spatial_aug": float(spatial_aug)}
         if iterations is not None:
             asked["iterations"] = int(iterations)
-        differ = [k for k, v in asked.items() if config.get(k, 0.0 if k == "spatial_aug" else None) != v]
+        differ = [k for k, v in asked.items() if config.get(k) != v]
         if differ:
             print(f"train: warning: {output} is a finished model trained with other settings "
                   f"({', '.join(f'{k}={config.get(k)!r}' for k in differ)}); kept as is, --overwrite to retrain",
@@ -351,8 +362,7 @@ def train(
         raise InputError(f"--ssl {ssl}: choose from {', '.join(SSL_MODES)}")
     if template_share is not None and not (0.0 <= float(template_share) < 1.0):
         raise InputError(f"--template-share {template_share}: must be in [0, 1)")
-    if not (0.0 <= float(spatial_aug) <= 1.0):
-        raise InputError(f"--spatial-aug {spatial_aug}: must be a probability in [0, 1]")
+    spatial_aug = spatial_aug_probability(spatial_aug)
     cfg = nets.preset(preset)
     if iterations is not None:
         if iterations < 1:
@@ -392,7 +402,7 @@ def train(
         "num_training_cases": len(chosen),
         "seed": int(seed),
         "template_share": template_share,
-        "spatial_aug": float(spatial_aug),
+        "spatial_aug": spatial_aug,
         "loss": "monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)",
         "optimizer": f"AdamW(lr={cfg['lr']}, weight_decay={cfg['weight_decay']}), poly decay power 0.9",
         "model_selection": "last checkpoint: student weights after the final iteration (no label outside the training labels is read)",
@@ -401,7 +411,7 @@ def train(
 
     _pad_to(data, cfg["patch"])
     _add_indices(data)
-    transforms = _transforms(cfg, float(spatial_aug))
+    transforms = _transforms(cfg, spatial_aug)
 
     from monai.data import set_track_meta
     from monai.losses import DiceCELoss
@@ -427,7 +437,7 @@ def train(
     elif ckpt_path.is_file():
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if ck.get("signature") == _signature(config):
+            if _signature(ck.get("signature") or {}) == _signature(config):
                 net.load_state_dict(ck["net"])
                 optim.load_state_dict(ck["optim"])
                 if teacher is not None and ck.get("teacher") is not None:
