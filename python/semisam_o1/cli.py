@@ -2,11 +2,14 @@
 
 Each subcommand lives in its own module, which defines
 
-* ``add_arguments(parser: argparse.ArgumentParser) -> None``
-* ``main(args: argparse.Namespace) -> int``
+* ``SETTINGS``: its settings dataclass (:mod:`semisam_o1.settings`); the subcommand's
+  options are generated from its fields;
+* ``STAGE``: the stage function, called with the settings object;
 
 and imports heavy dependencies (torch, onnxruntime) inside functions so that
-``semisam-o1 --help`` stays fast. A module that raises
+``semisam-o1 --help`` stays fast. This module only parses and reports errors: the
+stage functions are the Python API (TotalSegmentator's and nnU-Net's split of a thin
+entry point over plain functions). A module that raises
 :class:`semisam_o1.errors.InputError` gets its message printed as one line and
 exit status 2; :class:`semisam_o1.errors.ReportedError` (a step that already printed
 its own lines) only sets the exit status.
@@ -20,6 +23,7 @@ import sys
 
 from . import __version__
 from .errors import InputError, ReportedError
+from .settings import add_options, from_namespace
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,15 +35,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("semisam_o1.evaluate", "Dice, Jaccard, HD95 and ASD per class"),
     "run": ("semisam_o1.run", "the whole SemiSAM-O1 loop: encode, propagate, rounds, evaluate, report"),
 }
-
-
-def _load(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:  # a subcommand not built into this install
-        if exc.name == module_name:
-            return None
-        raise
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,12 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"semisam-o1 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = _load(module_name)
-        if module is None:
-            continue
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0],
                            formatter_class=_HelpFormatter)
-        module.add_arguments(p)
+        if hasattr(module, "SETTINGS"):
+            add_options(p, module.SETTINGS)
+        else:  # pragma: no cover - a module not yet on the settings protocol
+            module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
@@ -79,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
+    module = args._module
     try:
-        return int(args._module.main(args) or 0)
+        if hasattr(module, "SETTINGS"):
+            module.STAGE(from_namespace(module.SETTINGS, args))
+            return 0
+        return int(module.main(args) or 0)
     except InputError as exc:
         print(f"semisam-o1 {args.command}: error: {exc}", file=sys.stderr)
         return 2

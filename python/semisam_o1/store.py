@@ -25,6 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -217,3 +220,55 @@ class FeatureStore:
                 except OSError:
                     pass
         return total
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_config(root: str | os.PathLike, config: dict) -> dict:
+    """Write ``store.json`` of a new store at ``root`` (atomically) with its signature added;
+    returns the config as written."""
+    from .io import write_json
+
+    config = dict(config)
+    config["signature"] = config_signature(config)
+    write_json(Path(root) / CONFIG_FILE, config)
+    return config
+
+
+def write_case(store_root: str | os.PathLike, case: str, grids: dict, maps: dict, meta: dict) -> None:
+    """Write one case folder atomically (temporary folder + rename), replacing an older one.
+
+    Args:
+        store_root: the store folder.
+        case: case id.
+        grids: {axis: (C, a, b, c) float16 features on that axis's cell grid}.
+        maps: {axis: (offset (3,), step (3,))}: cell index i -> canonical voxel offset + step * i.
+        meta: the case's meta.json fields (``case``, ``voxel_shape``, ``affine``, ``axes``,
+            ``store_signature``, input hash ...); ``grids`` is filled in here.
+    """
+    cases_dir = Path(store_root) / CASES_DIR
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case}-", dir=cases_dir))
+    try:
+        meta = dict(meta)
+        meta["grids"] = {}
+        for axis, g in grids.items():
+            name = f"axis{axis}.npy"
+            np.save(tmp / name, np.ascontiguousarray(g, dtype=np.float16))
+            meta["grids"][str(axis)] = {"file": name, "shape": list(g.shape),
+                                        "offset": [float(x) for x in maps[axis][0]],
+                                        "step": [float(x) for x in maps[axis][1]]}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        os.chmod(tmp, 0o755)
+        final = cases_dir / case
+        old = None
+        if final.exists():
+            old = cases_dir / f".old-{case}-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,182 @@
+"""Shared test pieces, written once: the NumPy kNN reference, a NIfTI writer, a feature
+store writer (the real store format, through semisam_o1.store) and a synthetic cohort.
+
+The synthetic cohort is an MSD-layout dataset of small volumes with a known structure:
+an ellipsoid whose two foreground classes follow each other along axis 1 (as MSD
+Hippocampus' Anterior | Posterior), placed with a small random shift in each box, brighter
+than the background, with noise. The pipeline tests run on it when ../shared/data is
+absent, and on real data when present (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+LABELS = {"background": 0, "anterior": 1, "posterior": 2}
+
+
+# --------------------------------------------------------------------------- references
+
+
+def normalise_rows(x) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm in float64; zero rows stay zero."""
+    x = np.asarray(x, np.float64)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.where(n > 0, x / np.where(n > 0, n, 1), 0.0)
+
+
+def knn_reference(queries, bank, bank_labels, k, *, label_weights=None, return_topk=False, **_ignored):
+    """Plain NumPy reference of :func:`semisam_o1.kernels.knn_vote`.
+
+    Cosine similarity, top-k (ties: lower bank index first), vote weights max(sim, 0)
+    (times ``label_weights[label]`` when given) summed per label, the highest total wins
+    (ties: lowest label); all weights 0 -> the nearest neighbour's label with share 0.
+
+    Returns ``(labels int32 (Q,), share float32 (Q,))`` and, with ``return_topk``, also
+    ``(indices int64 (Q, k), similarities float32 (Q, k))``.
+    """
+    sim = normalise_rows(queries) @ normalise_rows(bank).T
+    idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(sim, idx, axis=1)
+    lab = np.asarray(bank_labels)[idx]
+    n_lab = int(np.max(bank_labels)) + 1
+    w = np.maximum(top, 0)
+    if label_weights is not None:
+        n_lab = max(n_lab, len(label_weights))
+        w = w * np.asarray(label_weights, np.float64)[lab]
+    tot = np.zeros((len(sim), n_lab))
+    for j in range(idx.shape[1]):
+        np.add.at(tot, (np.arange(len(sim)), lab[:, j]), w[:, j])
+    s = w.sum(axis=1)
+    share = np.where(s > 0, tot.max(axis=1) / np.where(s > 0, s, 1), 0).astype(np.float32)
+    labels = np.where(s > 0, tot.argmax(axis=1), lab[:, 0]).astype(np.int32)
+    if return_topk:
+        return labels, share, idx.astype(np.int64), top.astype(np.float32)
+    return labels, share
+
+
+def dice_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks by counting; 1 when both are empty."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    n = a.sum() + b.sum()
+    return 1.0 if n == 0 else float(2 * (a & b).sum() / n)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray | None = None, *,
+                dtype=None, spacing: Sequence[float] | None = None, slope: float | None = None,
+                inter: float | None = None, qcode: int = 1, scode: int = 1) -> Path:
+    """Write ``data`` as NIfTI-1 (``.nii`` or ``.nii.gz`` from the name) and return the path.
+
+    ``affine`` defaults to ``diag(spacing or 1, 1)``; ``dtype`` to the array's.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if affine is None:
+        affine = np.diag([*(spacing or (1.0, 1.0, 1.0)), 1.0])
+    data = np.asarray(data)
+    if dtype is not None:
+        data = data.astype(dtype)
+    img = nib.Nifti1Image(data, np.asarray(affine, np.float64))
+    img.header.set_qform(affine, code=qcode)
+    img.header.set_sform(affine, code=scode)
+    if slope is not None or inter is not None:
+        img.header.set_slope_inter(1.0 if slope is None else slope, 0.0 if inter is None else inter)
+    nib.save(img, str(path))
+    return path
+
+
+def write_feature_store(root: str | Path, features: dict, *, affine: np.ndarray | None = None,
+                        config: dict | None = None) -> Path:
+    """A real feature store (``semisam_o1.store`` format) holding given features.
+
+    Args:
+        root: store folder to create.
+        features: {case: (C, X, Y, Z) array on the case's canonical voxel grid} (one axis,
+            axis 0, cell grid = voxel grid), or {case: {axis: (C, X, Y, Z)}} for several axes.
+        affine: canonical affine of every case (default identity).
+        config: extra store.json fields.
+    """
+    from semisam_o1 import store
+
+    root = Path(root)
+    first = next(iter(features.values()))
+    per_axis = first if isinstance(first, dict) else {0: first}
+    axes = sorted(int(a) for a in per_axis)
+    channels = int(next(iter(per_axis.values())).shape[0])
+    cfg = store.write_config(root, {"format": store.STORE_FORMAT, "encoder": "synthetic", "axes": axes,
+                                    "channels": channels, **(config or {})})
+    affine = np.eye(4) if affine is None else np.asarray(affine, np.float64)
+    for case, f in features.items():
+        grids = f if isinstance(f, dict) else {0: f}
+        shape = next(iter(grids.values())).shape[1:]
+        maps = {int(a): (np.zeros(3), np.ones(3)) for a in grids}
+        meta = {"case": case, "voxel_shape": [int(s) for s in shape], "affine": affine.tolist(),
+                "axes": sorted(int(a) for a in grids), "store_signature": cfg["signature"]}
+        store.write_case(root, case, {int(a): np.asarray(g, np.float16) for a, g in grids.items()}, maps, meta)
+    return root
+
+
+def onehot_features(label: np.ndarray, num_classes: int, noise: float, rng: np.random.Generator,
+                    extra: int = 5) -> np.ndarray:
+    """(num_classes + extra, X, Y, Z) float16 features that encode ``label`` (one-hot plus
+    Gaussian noise of sd ``noise`` in every channel): a kNN or prototype vote on them recovers
+    the label when the noise is small."""
+    f = rng.normal(0, noise, size=(num_classes + extra, *label.shape)).astype(np.float32)
+    for c in range(num_classes):
+        f[c] += label == c
+    return f.astype(np.float16)
+
+
+# --------------------------------------------------------------------------- a synthetic cohort
+
+
+def synthetic_case(rng: np.random.Generator, shape=(24, 24, 24), radii=(5.0, 7.0, 4.0),
+                   max_shift: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic case: ``(image float32 (X, Y, Z), label uint8 (X, Y, Z))``.
+
+    The label is an ellipsoid with the given radii (voxels) around the box centre shifted by up
+    to ``max_shift`` voxels per axis; voxels below its centre along axis 1 are class 1, the rest
+    class 2. The image is 100 + 60 * (class 1) + 90 * (class 2) + a smooth gradient + noise (sd 8).
+    """
+    shape = tuple(int(s) for s in shape)
+    centre = np.array(shape, float) / 2 + rng.integers(-max_shift, max_shift + 1, size=3)
+    scale = rng.uniform(0.9, 1.1, size=3)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"))
+    r = sum(((grid[d] - centre[d]) / (radii[d] * scale[d])) ** 2 for d in range(3))
+    inside = r <= 1.0
+    label = np.zeros(shape, np.uint8)
+    label[inside & (grid[1] < centre[1])] = 1
+    label[inside & (grid[1] >= centre[1])] = 2
+    image = 100.0 + 60.0 * (label == 1) + 90.0 * (label == 2) + 0.5 * grid[0] + rng.normal(0, 8, size=shape)
+    return image.astype(np.float32), label
+
+
+def make_cohort(root: str | Path, *, n_unlabeled: int = 4, n_test: int = 2, shape=(24, 24, 24),
+                spacing=(1.0, 1.0, 1.0), seed: int = 0, name: str = "Synthetic") -> dict:
+    """Write an MSD-layout synthetic dataset at ``root``: ``dataset.json``, ``imagesTr/``,
+    ``labelsTr/`` (every case has its real label, for evaluation) and ``splits.json``.
+
+    Returns the split: ``{"template": id, "unlabeled": [...], "test": [...]}``.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    affine = np.diag([*spacing, 1.0])
+    ids = [f"syn_{i:03d}" for i in range(1 + n_unlabeled + n_test)]
+    for case in ids:
+        image, label = synthetic_case(rng, shape)
+        write_nifti(root / "imagesTr" / f"{case}.nii.gz", image, affine)
+        write_nifti(root / "labelsTr" / f"{case}.nii.gz", label, affine, dtype=np.uint8)
+    meta = {"name": name, "modality": {"0": "MRI"}, "labels": {k: v for k, v in LABELS.items()},
+            "numTraining": len(ids), "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    split = {"template": ids[0], "unlabeled": ids[1:1 + n_unlabeled], "test": ids[1 + n_unlabeled:]}
+    (root / "splits.json").write_text(json.dumps(split, indent=1))
+    return split
