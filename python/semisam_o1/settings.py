@@ -74,7 +74,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
     """Add one argparse option per CLI field of the settings class ``cls``.
 
     Options left unset on the command line take the field's default; ``bool``
-    fields with default False become ``store_true`` switches.
+    fields become a ``--name`` switch (default False) or ``--name/--no-name`` (default True).
     """
     for f in _cli_fields(cls):
         m = f.metadata
@@ -82,9 +82,9 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         required = f.default is REQUIRED
         default = None if required else f.default
         if isinstance(default, bool) and m["type"] is None:
-            if default:
-                raise TypeError(f"{cls.__name__}.{f.name}: a switch must default to False")
-            kwargs["action"] = "store_true"
+            # False: a --name switch; True: --name / --no-name
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+            kwargs["default"] = default
         else:
             typ = m["type"] or (type(default) if default is not None and not isinstance(default, tuple) else str)
             if isinstance(default, tuple) and m["type"] is None and default:
@@ -129,8 +129,7 @@ def to_argv(settings) -> list[str]:
             continue
         flag = _flags(f)[-1]
         if isinstance(v, bool):
-            if v:
-                argv.append(flag)
+            argv.append(flag if v else "--no-" + flag[2:])
             continue
         if v is None:
             continue
