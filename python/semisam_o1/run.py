@@ -1,351 +1,345 @@
 """Run the whole SemiSAM-O1 loop: encode, propagate, R rounds of train / predict / refine, evaluate, report.
 
-Layout of the work folder (every stage writes its own sub-folder and is skipped on
-a re-run once its completion marker ``.done/<stage>.json`` exists, so a killed run
-resumes where it stopped; the stages themselves also skip finished cases)::
+Layout of the work folder (every stage writes its own sub-folder with its record,
+``stage.json``, which holds the command that reproduces that stage alone; a re-run
+calls every stage again and each returns at once when its record says it finished,
+so a killed run resumes where it stopped, and the stages skip finished cases)::
 
     WORK/
+      run.json                  the run's own settings (a re-run with other settings is refused;
+                                --rounds may grow) and the seconds of every stage
       features/                 encode: feature store of template + unlabeled pool
       round0/pseudo/            propagate: round-0 pseudo-labels (and class_planes.json when the
                                 template's classes are separated by planes: every prediction
                                 then gets the same structure, see semisam_o1.class_planes)
       round{r}/model/           train (from scratch) on round{r-1}/pseudo
       round{r}/pred/            predict the unlabeled pool: labels + entropy maps
-      round1/selection.json     select (with --select < 1): agreement of every pool case's
-                                round-0 label with round 1's prediction; the cases kept
-      round{r}/pseudo/          refine: round-r pseudo-labels (the last round: its
-                                predictions, since nothing trains on them)
+      round1/selection.json     with --select < 1: agreement of every pool case's round-0 label
+                                with round 1's prediction, and the cases kept
+      round{r}/pseudo/          refine: round-r pseudo-labels (with --refine-mode none, and in the
+                                last round, the predictions themselves)
       round{r}/test/            predict the test cases with round r's model
       round{r}/test_metrics.json  evaluate round r's test predictions
       report.json, report_dice_by_round.png, report_montage.png
-      run.json                  the settings the folder was started with; a re-run with
-                                other settings (but --rounds) is refused
 
 The final model is the last round's; ``report.json`` gives per round the test-set
-Dice, Jaccard, HD95 and ASD per class, the voxels changed by refinement and the
-seconds per stage. As a diagnostic, and only in the report, it also scores each
-round's pseudo-labels on the unlabeled pool against the real labels where they
-exist; no stage ever reads those labels.
+Dice, Jaccard, HD95 and ASD per class and the seconds per stage. As a diagnostic, and
+only in the report, it also scores each round's pseudo-labels on the unlabeled pool
+against the real labels where they exist; no stage ever reads those labels.
 
 Method: SemiSAM-O1 (Zhang et al., arXiv 2604.24109, 2026).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import sys
+import shutil
 import time
 from pathlib import Path
 
-from .errors import InputError, ReportedError
+from .errors import InputError
+from .settings import ComputeOptions, check_range, command_line, option
 
-# Presets of the whole loop. ``train`` gets the same preset name.
-# max_unlabeled / max_test limit the cohort (None: all); template_share and spatial_aug are train's
-# --template-share and --spatial-aug for every round (spatial_aug off: it raised single UNets trained on
-# pseudo-labels but not the loop's final model; quality.json spatial_augmentation).
+# Presets of the whole loop: cohort size, rounds, UNet preset (semisam_o1.nets.PRESETS) and
+# its iterations (None: the UNet preset's), and the fraction of the pool kept after round 1.
 RUN_PRESETS = {
-    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, iterations=None, select=1.0, template_share=0.1, spatial_aug=0.0),
-    "demo": dict(rounds=2, max_unlabeled=20, max_test=20, iterations=500, select=1.0, template_share=0.1, spatial_aug=0.0),
-    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None, select=0.25, template_share=0.1, spatial_aug=0.0),
-    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, iterations=None, select=0.25, template_share=0.1, spatial_aug=0.0),
+    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, unet="quick", iterations=None, select=1.0),
+    "demo": dict(rounds=2, max_unlabeled=20, max_test=20, unet="cpu", iterations=500, select=1.0),
+    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, unet="cpu", iterations=None, select=0.25),
+    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, unet="paper", iterations=None, select=0.25),
 }
-# The UNet preset that each run preset trains with.
-TRAIN_PRESET = {"quick": "quick", "demo": "cpu", "cpu": "cpu", "paper": "paper"}
+SETTINGS_JSON = "run.json"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-i", "--input", required=True, metavar="DATASET", help="MSD / nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json)")
-    p.add_argument("--split", required=True, metavar="FILE", help="split JSON with 'template', 'unlabeled' and 'test'")
-    p.add_argument("-o", "--output", required=True, metavar="WORK", help="work folder: every stage's output, report.json and pictures")
-    p.add_argument("--preset", default="cpu", choices=sorted(RUN_PRESETS),
-                   help="quick: tests (3 unlabeled, 2 test cases, 1 round, seconds of training); "
-                        "demo: 20 unlabeled, 20 test cases, 2 rounds of 500 UNet iterations (under 30 minutes on 2 cores); "
-                        "cpu: the whole split, 3 rounds, UNet sized for a CPU; paper: the whole split, GPU-sized UNet")
-    p.add_argument("--rounds", type=int, default=None, help="rounds of train / predict / refine (default: the preset's)")
-    p.add_argument("--max-unlabeled", type=int, default=None, help="use only the first N cases of the unlabeled pool")
-    p.add_argument("--max-test", type=int, default=None, help="evaluate only the first N test cases")
-    p.add_argument("--ssl", default="none", choices=["none", "mt", "uamt"], help="semi-supervised consistency of the UNet")
-    p.add_argument("--refine-mode", default="none", choices=["voxel", "volume", "none"],
-                   help="refinement between rounds: voxel (the paper's kNN relabelling of uncertain voxels), volume "
-                        "(the official code's), or none: the network's predictions are the next pseudo-labels "
-                        "(default: none, the best measured on MSD Hippocampus; see README)")
-    p.add_argument("--k", type=int, default=5, help="neighbours in the refinement vote")
-    p.add_argument("--quantile", type=float, default=0.9, help="entropy quantile above which voxels are refined")
-    p.add_argument("--select", type=float, default=None, metavar="FRACTION",
-                   help="rounds after the first train on the template plus this fraction of the pool whose "
-                        "round-0 pseudo-labels agree best (Dice) with round 1's prediction; 1 keeps every case, "
-                        "--rounds 1 ignores it "
-                        "(default: the preset's: 1 for quick and demo, 0.25 for cpu and paper)")
-    p.add_argument("--template-share", type=float, default=None, metavar="F",
-                   help="probability that a UNet training patch comes from the template's real label "
-                        "(default 0.1; a negative value: every training volume equally likely)")
-    p.add_argument("--spatial-aug", type=float, default=None, metavar="P",
-                   help="probability of a random rotation / scaling of each UNet training volume "
-                        "(train --spatial-aug; default 0, off)")
-    p.add_argument("--class-planes", default="auto", choices=["auto", "off"],
-                   help="auto: if the template's foreground classes follow each other along one axis, separated "
-                        "by planes (MSD Hippocampus: Anterior | Posterior), every pseudo-label and prediction gets "
-                        "the same structure (default: auto)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+@dataclasses.dataclass(kw_only=True)
+class RunSettings(ComputeOptions):
+    """Settings of ``semisam-o1 run``; None fields take the preset's value."""
+
+    input: Path = option(help="MSD / nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json)",
+                         flags=("-i", "--input"), type=Path, metavar="DATASET")
+    split: Path = option(help="split JSON with 'template', 'unlabeled' and 'test'", type=Path, metavar="FILE")
+    output: Path = option(help="work folder: every stage's output, report.json and pictures",
+                          flags=("-o", "--output"), type=Path, metavar="WORK", neutral=True)
+    preset: str = option("cpu", "quick: tests (3 unlabeled, 2 test cases, 1 round, seconds of training); "
+                         "demo: 20 unlabeled, 20 test cases, 2 rounds of 500 UNet iterations (under 30 minutes "
+                         "on 2 cores); cpu: the whole split, 3 rounds, UNet sized for a CPU; paper: the whole "
+                         "split, GPU-sized UNet", choices=tuple(RUN_PRESETS))
+    rounds: int | None = option(None, "rounds of train / predict / refine (default: the preset's; may grow on a "
+                                "re-run)", type=int, neutral=True)
+    max_unlabeled: int | None = option(None, "use only the first N cases of the unlabeled pool", type=int,
+                                       metavar="N")
+    max_test: int | None = option(None, "evaluate only the first N test cases", type=int, metavar="N")
+    iterations: int | None = option(None, "UNet optimiser steps per round (default: the preset's)", type=int)
+    ssl: str = option("none", "semi-supervised consistency of the UNet (train --ssl)", choices=("none", "mt"))
+    refine_mode: str = option("none", "between rounds: voxel (the paper's kNN relabelling of uncertain voxels), "
+                              "volume (the official code's), or none: the network's predictions are the next "
+                              "pseudo-labels (best measured on MSD Hippocampus; docs/experiments.md)",
+                              choices=("none", "voxel", "volume"))
+    k: int = option(5, "neighbours in the refinement vote")
+    quantile: float = option(0.9, "entropy quantile above which voxels are refined")
+    select: float | None = option(None, "rounds after the first train on the template plus this fraction of the "
+                                  "pool whose round-0 pseudo-labels agree best (Dice) with round 1's prediction; "
+                                  "1 keeps every case (default: the preset's: 1 for quick and demo, 0.25 for cpu "
+                                  "and paper)", type=float, metavar="FRACTION")
+    template_share: float = option(0.1, "probability that a UNet training patch comes from the template's real "
+                                   "label (train --template-share; negative: every volume equally likely)",
+                                   metavar="F")
+    spatial_aug: float = option(0.0, "probability of a random rotation / scaling of each UNet training volume "
+                                "(train --spatial-aug; 0: off)", metavar="P")
+    class_planes: str = option("auto", "auto: if the template's foreground classes follow each other along one "
+                               "axis, separated by planes (MSD Hippocampus: Anterior | Posterior), every "
+                               "pseudo-label and prediction gets the same structure", choices=("auto", "off"))
+    seed: int = option(0, "seed of every random stream (independent streams per round: semisam_o1.seeds)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.input, self.split, self.output = Path(self.input), Path(self.split), Path(self.output)
+        preset = RUN_PRESETS.get(self.preset)
+        if preset is None:
+            raise InputError(f"--preset {self.preset}: choose one of {', '.join(RUN_PRESETS)}")
+        for key in ("rounds", "max_unlabeled", "max_test", "iterations", "select"):
+            if getattr(self, key) is None:
+                setattr(self, key, preset[key])
+        check_range("rounds", self.rounds, 1)
+        check_range("max_unlabeled", self.max_unlabeled, 0)
+        check_range("max_test", self.max_test, 0)
+        check_range("iterations", self.iterations, 1)
+        check_range("select", self.select, 0.0, 1.0, lo_open=True)
+        check_range("template_share", self.template_share, None, 1.0, hi_open=True)
+        check_range("spatial_aug", self.spatial_aug, 0.0, 1.0)
+        check_range("k", self.k, 1)
+        check_range("quantile", self.quantile, 0.0, 1.0, hi_open=True)
+
+    @property
+    def unet(self) -> str:
+        return RUN_PRESETS[self.preset]["unet"]
+
+    @property
+    def selecting(self) -> bool:
+        """Case selection happens (it needs a round after the first)."""
+        return self.select < 1.0 and self.rounds > 1
 
 
-def _check_inputs(dataset, template: str, cases) -> None:
-    """Before anything is written: the template's label against its image (read in full: one
-    case), and every other case's image header (no voxel data read). Raises InputError naming the
-    file, so a bad file stops the run at once instead of after hours of encoding."""
-    from .io import canonical_shape
-
-    dataset.read_label(template, reference=dataset.read_image(template))
-    for case in cases:
-        canonical_shape(dataset.image_path(case))
+# --------------------------------------------------------------------------- inputs
 
 
-def _case_lists(dataset, split_path, max_unlabeled, max_test):
+@dataclasses.dataclass
+class Cohort:
+    """The cases of one run: the template, the unlabeled pool and the test cases."""
+
+    template: str
+    unlabeled: list[str]
+    test: list[str]
+
+
+def case_lists(dataset, settings: RunSettings) -> Cohort:
+    """The run's cases from its split file, limited by ``max_unlabeled`` / ``max_test``.
+
+    Raises:
+        InputError: the split lacks a subset, names an unknown case, or the template has no label.
+    """
     from .io import load_split
 
-    sp = load_split(split_path)
+    sp = load_split(settings.split)
     for key in ("template", "unlabeled", "test"):
         if key not in sp:
-            raise InputError(f"{split_path}: split has no {key!r}")
+            raise InputError(f"{settings.split}: split has no {key!r}")
     template = sp["template"]
     unlabeled = [c for c in sp["unlabeled"] if c != template]
     test = list(sp["test"])
-    if max_unlabeled is not None:
-        unlabeled = unlabeled[:max_unlabeled]
-    if max_test is not None:
-        test = test[:max_test]
+    if settings.max_unlabeled is not None:
+        unlabeled = unlabeled[:settings.max_unlabeled]
+    if settings.max_test is not None:
+        test = test[:settings.max_test]
     dataset.select(cases=[template] + unlabeled + test)  # raises for unknown case ids
     dataset.label_path(template)  # the one label the method needs
-    return template, unlabeled, test
+    return Cohort(template, unlabeled, test)
 
 
-class _Stages:
-    """Runs stages through the CLI's own parsers, records time, skips finished ones."""
+def check_inputs(dataset, cohort: Cohort, quiet: bool = False) -> None:
+    """Before anything is written: the template's label against its image (non-empty, declared
+    classes only, same grid), then every other case's image read in full (readable, 3D, finite
+    voxels), so a bad file stops the run at once instead of after hours of encoding.
 
-    def __init__(self, work: Path, quiet: bool):
-        self.work = work
-        self.quiet = quiet
-        self.done_dir = work / ".done"
-        self.times: dict[str, float] = {}
-
-    def marker(self, name: str) -> Path:
-        return self.done_dir / f"{name}.json"
-
-    def _stage(self, name: str, describe: str, fn, record: dict) -> bool:
-        """Run ``fn()`` as stage ``name`` unless its marker exists; record its time and
-        write the marker (``record`` plus the seconds) when it finishes."""
-        from .io import write_json
-
-        marker = self.marker(name)
-        if marker.is_file():
-            info = json.loads(marker.read_text())
-            self.times[name] = float(info.get("seconds", 0.0))
-            print(f"[run] {name}: done earlier ({info.get('seconds', 0):.0f} s), skipped", flush=True)
-            return False
-        print(f"[run] {name}: {describe}", flush=True)
-        t0 = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - t0
-        self.times[name] = seconds
-        write_json(marker, {"stage": name, **record, "seconds": seconds})
-        print(f"[run] {name}: finished in {seconds:.0f} s", flush=True)
-        return True
-
-    def run_inline(self, name: str, what: str, fn) -> bool:
-        """Run the in-process step ``fn()`` as stage ``name`` (same skip rules as :meth:`run`)."""
-        return self._stage(name, what, fn, {"what": what})
-
-    def run(self, name: str, command: str, argv: list[str]) -> bool:
-        """Run stage ``name`` (``semisam-o1 command argv``) unless its marker exists.
-
-        Returns True if it ran, False if it was skipped.
-        """
-        from .cli import build_parser
-
-        full = [command] + argv + (["--quiet"] if self.quiet and command in {"encode", "train", "predict", "refine", "propagate"} else [])
-
-        def call():
-            args = build_parser().parse_args(full)
-            rc = int(args._module.main(args) or 0)
-            if rc != 0:  # the stage has printed its own error line(s)
-                raise ReportedError(f"stage {name} (semisam-o1 {command}) failed with exit code {rc}", rc)
-
-        return self._stage(name, f"semisam-o1 {' '.join(full)}", call, {"command": ["semisam-o1"] + full})
-
-
-def run(
-    input: str | Path,
-    split: str | Path,
-    output: str | Path,
-    *,
-    preset: str = "cpu",
-    rounds: int | None = None,
-    max_unlabeled: int | None = None,
-    max_test: int | None = None,
-    ssl: str = "none",
-    refine_mode: str = "none",
-    k: int = 5,
-    quantile: float = 0.9,
-    select: float | None = None,
-    template_share: float | None = None,
-    spatial_aug: float | None = None,
-    class_planes: str = "auto",
-    device: str = "cpu",
-    threads: int | None = None,
-    seed: int = 0,
-    quiet: bool = False,
-) -> dict:
-    """Run the whole SemiSAM-O1 loop and write ``WORK/report.json`` and its pictures.
-
-    Parameters are those of ``semisam-o1 run`` (see ``--help``). Returns the report dict.
-
-    Raises
-    ------
-    InputError
-        Bad dataset / split, or a stage that raised one.
-    ReportedError
-        A stage that printed its own error line(s) and returned a non-zero status
-        (``code``); the CLI adds no further line.
+    Raises:
+        InputError: naming the first bad file and its problem.
     """
-    from .io import Dataset
+    import numpy as np
 
-    if preset not in RUN_PRESETS:
-        raise InputError(f"unknown preset {preset!r} (choose from {', '.join(RUN_PRESETS)})")
-    cfg = dict(RUN_PRESETS[preset])
-    if rounds is not None:
-        cfg["rounds"] = rounds
-    if max_unlabeled is not None:
-        cfg["max_unlabeled"] = max_unlabeled
-    if max_test is not None:
-        cfg["max_test"] = max_test
-    if cfg["rounds"] < 1:
-        raise InputError("--rounds must be at least 1")
-    if select is not None:
-        cfg["select"] = float(select)
-    if not (0.0 < cfg["select"] <= 1.0):
-        raise InputError(f"--select {cfg['select']}: must be in (0, 1]")
-    if template_share is not None:
-        cfg["template_share"] = None if template_share < 0 else float(template_share)
-    if cfg["template_share"] is not None and cfg["template_share"] >= 1.0:
-        raise InputError(f"--template-share {cfg['template_share']}: must be below 1")
-    from .train import spatial_aug_probability
+    from .io import read_image
+    from .progress import progress
 
-    cfg["spatial_aug"] = spatial_aug_probability(cfg["spatial_aug"] if spatial_aug is None else spatial_aug)
-
-    dataset = Dataset(input)
-    template, unlabeled, test = _case_lists(dataset, split, cfg["max_unlabeled"], cfg["max_test"])
-    _check_inputs(dataset, template, unlabeled + test)
-    work = Path(output)
-    settings = dict(preset=preset, rounds=cfg["rounds"], max_unlabeled=cfg["max_unlabeled"], max_test=cfg["max_test"],
-                    iterations=cfg["iterations"], select=cfg["select"], ssl=ssl, refine_mode=refine_mode, k=k,
-                    quantile=quantile, seed=seed, template=template, class_planes=class_planes,
-                    template_share=cfg["template_share"], spatial_aug=cfg["spatial_aug"])
-    _check_settings(work, settings)
-    work.mkdir(parents=True, exist_ok=True)
-    _write_settings(work, settings)
-    stages = _Stages(work, quiet)
-    common = ["--device", device] + (["--threads", str(threads)] if threads else [])
-    ds = str(input)
-    feats = str(work / "features")
-
-    stages.run("encode", "encode", ["-i", ds, "-o", feats, "--cases", template, *unlabeled, *common])
-    stages.run("propagate", "propagate", ["-i", ds, "-f", feats, "--template", template,
-                                          "-o", str(work / "round0" / "pseudo"), "--cases", *unlabeled,
-                                          "--class-planes", class_planes, *common])
-    from .class_planes import CLASS_PLANES_JSON
-
-    rule_file = work / "round0" / "pseudo" / CLASS_PLANES_JSON
-    planes_arg = ["--class-planes", str(rule_file)] if rule_file.is_file() else []
-    train_cases = list(unlabeled)
-    selecting = cfg["select"] < 1.0 and cfg["rounds"] > 1  # selection needs a round after the first
-    for r in range(1, cfg["rounds"] + 1):
-        rd = work / f"round{r}"
-        prev = work / f"round{r - 1}" / "pseudo"
-        stages.run(f"round{r}/train", "train", ["-i", ds, "-l", str(prev), "--template", template,
-                                                "--cases", template, *train_cases, "-o", str(rd / "model"),
-                                                "--ssl", ssl, "--preset", TRAIN_PRESET[preset],
-                                                "--seed", str(seed + r), *common,
-                                                *([] if cfg["template_share"] is None
-                                                  else ["--template-share", str(cfg["template_share"])]),
-                                                "--spatial-aug", str(cfg["spatial_aug"]),
-                                                *(["--iterations", str(cfg["iterations"])] if cfg["iterations"] else [])])
-        stages.run(f"round{r}/predict", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "pred"),
-                                                    "--cases", *unlabeled, *planes_arg, *common])
-        if refine_mode == "none" or r == cfg["rounds"]:
-            # the last round's pseudo-labels are its predictions: nothing trains on them
-            _copy_labels(rd / "pred", rd / "pseudo", unlabeled)
-        else:
-            stages.run(f"round{r}/refine", "refine", ["-i", ds, "-f", feats, "-p", str(rd / "pred"),
-                                                      "-o", str(rd / "pseudo"), "--template", template,
-                                                      "--cases", *unlabeled, "--mode", refine_mode,
-                                                      "--k", str(k), "--quantile", str(quantile),
-                                                      "--seed", str(seed), *planes_arg, *common])
-        if r == 1 and selecting:
-            from .selection import SELECTION_JSON, select_cases
-
-            sel_path = rd / SELECTION_JSON
-            stages.run_inline("round1/select", f"keep the {cfg['select']:g} of the pool whose round-0 "
-                              "pseudo-labels agree best with round 1's prediction",
-                              lambda: select_cases(dataset, work / "round0" / "pseudo", rd / "pred", unlabeled,
-                                                   cfg["select"], output=sel_path))
-            try:
-                train_cases = list(json.loads(sel_path.read_text())["selected"])
-            except (OSError, ValueError, KeyError) as exc:
-                raise InputError(f"{sel_path}: cannot read the case selection ({exc}); delete it and "
-                                 f"{stages.marker('round1/select')} to redo it") from None
-        stages.run(f"round{r}/predict_test", "predict", ["-i", ds, "-m", str(rd / "model"), "-o", str(rd / "test"),
-                                                         "--cases", *test, *planes_arg, *common])
-        stages.run(f"round{r}/evaluate", "evaluate", ["-p", str(rd / "test"), "-g", ds, "--cases", *test,
-                                                      "-o", str(rd / "test_metrics.json")])
-
-    from .report import write_report
-
-    report = write_report(work, dataset, template=template, unlabeled=unlabeled, test=test,
-                          rounds=cfg["rounds"], times=stages.times,
-                          config=dict(cfg, preset=preset, ssl=ssl, refine_mode=refine_mode, k=k,
-                                      quantile=quantile, device=device, seed=seed, class_planes=class_planes,
-                                      class_planes_rule=json.loads(rule_file.read_text()) if planes_arg else None),
-                          selected=train_cases if selecting else None)
-    print(f"[run] report: {work / 'report.json'}", flush=True)
-    return report
+    image = dataset.read_image(cohort.template)
+    label = dataset.read_label(cohort.template, reference=image)
+    if not np.any(label.array > 0):
+        raise InputError(f"{dataset.label_path(cohort.template)}: the template's label has no foreground voxel")
+    for case in progress(cohort.unlabeled + cohort.test, quiet=quiet, desc="check inputs"):
+        read_image(dataset.image_path(case))
 
 
-SETTINGS_JSON = "run.json"
-# settings a finished stage depends on; a resumed run must ask for the same ones
-# (rounds may grow: later rounds only add stages)
-_RESUME_KEYS = ("preset", "max_unlabeled", "max_test", "iterations", "select", "ssl", "refine_mode", "k",
-                "quantile", "seed", "template", "class_planes", "template_share", "spatial_aug")
+def check_settings(work: Path, settings: RunSettings) -> None:
+    """Refuse to resume ``work`` with settings that differ from the ones it was started with
+    (``rounds`` may differ: later rounds only add stages). InputError naming the file."""
+    from .resume import result_settings
 
-
-def _check_settings(work: Path, settings: dict) -> None:
-    """Refuse to resume ``work`` with settings that differ from the ones it was started
-    with (the finished stages would silently be reused). InputError naming the file."""
     path = work / SETTINGS_JSON
     if not path.is_file():
         return
     try:
-        before = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        before = json.loads(path.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: unreadable run settings ({exc}); delete it to start over") from None
-    for key in _RESUME_KEYS:
-        if key in before and before[key] != settings[key]:
-            raise InputError(f"{path}: this work folder was started with {key}={before[key]!r}, this run asks for "
-                             f"{settings[key]!r}; use a new -o folder (finished stages would be reused as they are)")
+    now = result_settings(settings)
+    for key, value in now.items():
+        if key in before and before[key] != value:
+            raise InputError(f"{path}: this work folder was started with {key}={before[key]!r}, this run asks "
+                             f"for {value!r}; use a new -o folder (finished stages would be reused as they are)")
 
 
-def _write_settings(work: Path, settings: dict) -> None:
-    from .io import write_json
-
-    write_json(work / SETTINGS_JSON, settings)
+# --------------------------------------------------------------------------- stages
 
 
-def _copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
-    import shutil
+class Stages:
+    """Calls stage functions with their settings, prints each stage's command, and keeps
+    the seconds of the stages that did work (``run.json``)."""
 
+    def __init__(self, work: Path, settings: RunSettings):
+        self.work = work
+        self.settings = settings
+        self.times: dict[str, float] = {}
+        path = work / SETTINGS_JSON
+        if path.is_file():
+            self.times = dict(json.loads(path.read_text()).get("seconds", {}))
+
+    def save(self) -> None:
+        from .io import write_json
+        from .resume import result_settings
+        from .settings import as_dict
+
+        write_json(self.work / SETTINGS_JSON, {"command": command_line("run", self.settings),
+                                               "settings": result_settings(self.settings),
+                                               "all_settings": as_dict(self.settings), "seconds": self.times})
+
+    def call(self, name: str, command: str, module, stage_settings, folder: Path):
+        """Run ``module.STAGE(stage_settings)`` as stage ``name`` writing into ``folder``;
+        returns its summary. A stage whose record says it finished returns at once."""
+        from .resume import read_record
+
+        before = read_record(folder) if folder.is_dir() else None
+        line = command_line(command, stage_settings)
+        t0 = time.perf_counter()
+        print(f"[run] {name}: {line}", flush=True)
+        summary = module.STAGE(stage_settings)
+        seconds = time.perf_counter() - t0
+        after = read_record(folder) if folder.is_dir() else None
+        skipped = bool(before and before.get("finished") and after
+                       and after.get("signature") == before.get("signature"))
+        if skipped:
+            print(f"[run] {name}: done earlier ({self.times.get(name, 0):.0f} s), skipped", flush=True)
+        else:
+            self.times[name] = seconds
+            self.save()
+            print(f"[run] {name}: finished in {seconds:.0f} s", flush=True)
+        return summary
+
+
+def _compute(settings: RunSettings) -> dict:
+    return dict(device=settings.device, threads=settings.threads, quiet=settings.quiet)
+
+
+def _encode(stages: Stages, s: RunSettings, cohort: Cohort, work: Path) -> Path:
+    from . import encode
+
+    feats = work / "features"
+    stages.call("encode", "encode", encode,
+                encode.SETTINGS(input=s.input, output=feats, cases=(cohort.template, *cohort.unlabeled),
+                                **_compute(s)), feats)
+    return feats
+
+
+def _propagate(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, feats: Path) -> Path | None:
+    """Round-0 pseudo-labels; returns the class-planes rule file when one was learned."""
+    from . import propagate
+    from .class_planes import CLASS_PLANES_JSON
+
+    out = work / "round0" / "pseudo"
+    stages.call("propagate", "propagate", propagate,
+                propagate.SETTINGS(input=s.input, features=feats, template=cohort.template, output=out,
+                                   cases=tuple(cohort.unlabeled), class_planes=s.class_planes, **_compute(s)), out)
+    rule = out / CLASS_PLANES_JSON
+    return rule if rule.is_file() else None
+
+
+def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[str]) -> Path:
+    from . import train
+
+    rd = stages.work / f"round{r}"
+    model = rd / "model"
+    stages.call(f"round{r}/train", "train", train,
+                train.SETTINGS(input=s.input, labels=stages.work / f"round{r - 1}" / "pseudo",
+                               template=cohort.template, cases=(cohort.template, *cases), output=model,
+                               ssl=s.ssl, preset=s.unet, iterations=s.iterations,
+                               template_share=s.template_share, spatial_aug=s.spatial_aug, seed=s.seed, round=r,
+                               **_compute(s)), model)
+    return model
+
+
+def _predict(stages: Stages, s: RunSettings, name: str, model: Path, out: Path, cases: list[str],
+             rule: Path | None) -> None:
+    from . import predict
+
+    stages.call(name, "predict", predict,
+                predict.SETTINGS(input=s.input, model=model, output=out, cases=tuple(cases), class_planes=rule,
+                                 **_compute(s)), out)
+
+
+def _refine(stages: Stages, s: RunSettings, cohort: Cohort, r: int, feats: Path, rule: Path | None) -> None:
+    """Round r's pseudo-labels: refined predictions, or the predictions themselves (``--refine-mode
+    none``, and the last round, whose labels nothing trains on)."""
+    rd = stages.work / f"round{r}"
+    if s.refine_mode == "none" or r == s.rounds:
+        copy_labels(rd / "pred", rd / "pseudo", cohort.unlabeled)
+        return
+    from . import refine
+
+    stages.call(f"round{r}/refine", "refine", refine,
+                refine.SETTINGS(input=s.input, features=feats, pred=rd / "pred", output=rd / "pseudo",
+                                template=cohort.template, cases=tuple(cohort.unlabeled), mode=s.refine_mode,
+                                k=s.k, quantile=s.quantile, seed=s.seed, class_planes=rule, **_compute(s)),
+                rd / "pseudo")
+
+
+def _select(dataset, s: RunSettings, cohort: Cohort, work: Path) -> list[str]:
+    """The pool cases the rounds after the first train on (``round1/selection.json``)."""
+    from .selection import SELECTION_JSON, select_by_agreement
+
+    path = work / "round1" / SELECTION_JSON
+    if not path.is_file():
+        print(f"[run] round1/select: keep the {s.select:g} of the pool whose round-0 pseudo-labels agree best "
+              "with round 1's prediction", flush=True)
+        select_by_agreement(dataset, work / "round0" / "pseudo", work / "round1" / "pred", cohort.unlabeled,
+                            s.select, output=path)
+    try:
+        return list(json.loads(path.read_text())["selected"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{path}: cannot read the case selection ({exc}); delete it to redo it") from None
+
+
+def _evaluate(stages: Stages, s: RunSettings, cohort: Cohort, r: int) -> None:
+    from . import evaluate
+
+    rd = stages.work / f"round{r}"
+    out = rd / "test_metrics.json"
+    if out.is_file():
+        return
+    print(f"[run] round{r}/evaluate", flush=True)
+    evaluate.STAGE(evaluate.SETTINGS(input=rd / "test", gt=s.input, cases=tuple(cohort.test), output=out,
+                                     quiet=True))
+
+
+def copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
+    """Copy the label files of ``cases`` from ``src`` to ``dst`` (atomically, missing ones only)."""
     from .io import atomic_path, find_case_file
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -357,17 +351,67 @@ def _copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
                 shutil.copyfile(f, tmp)
 
 
-def main(args: argparse.Namespace) -> int:
-    run(args.input, args.split, args.output, preset=args.preset, rounds=args.rounds,
-        max_unlabeled=args.max_unlabeled, max_test=args.max_test, ssl=args.ssl,
-        refine_mode=args.refine_mode, k=args.k, quantile=args.quantile, select=args.select,
-        template_share=args.template_share, spatial_aug=args.spatial_aug, class_planes=args.class_planes,
-        device=args.device,
-        threads=args.threads, seed=args.seed, quiet=args.quiet)
-    return 0
+def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path, rule: Path | None) -> list[str] | None:
+    """Rounds 1..R of train / predict / refine / evaluate; returns the selected cases (or None)."""
+    train_cases = list(cohort.unlabeled)
+    for r in range(1, s.rounds + 1):
+        rd = stages.work / f"round{r}"
+        model = _train(stages, s, cohort, r, train_cases)
+        _predict(stages, s, f"round{r}/predict", model, rd / "pred", cohort.unlabeled, rule)
+        _refine(stages, s, cohort, r, feats, rule)
+        if r == 1 and s.selecting:
+            train_cases = _select(dataset, s, cohort, stages.work)
+        if cohort.test:
+            _predict(stages, s, f"round{r}/predict_test", model, rd / "test", cohort.test, rule)
+            _evaluate(stages, s, cohort, r)
+    return train_cases if s.selecting else None
 
 
-if __name__ == "__main__":  # pragma: no cover
-    from .cli import main as cli_main
+def run(settings: RunSettings) -> dict:
+    """Run the whole SemiSAM-O1 loop and write ``WORK/report.json`` and its pictures.
 
-    sys.exit(cli_main(["run"] + sys.argv[1:]))
+    Args:
+        settings: the run's settings (see ``semisam-o1 run --help``).
+
+    Returns:
+        the report dict (also in ``WORK/report.json``).
+
+    Raises:
+        InputError: bad dataset, split, inputs or output folder, or a stage that raised one
+            (nothing is written before the inputs are checked).
+        ReportedError: a stage that printed its own error lines.
+    """
+    from .device import resolve_device
+    from .io import Dataset
+    from .report import write_report
+    from .resume import check_output_dir
+
+    s = settings
+    work = check_output_dir(s.output, "work folder")
+    resolve_device(s.device)  # --device cuda without a GPU: refused before anything is written
+    dataset = Dataset(s.input)
+    cohort = case_lists(dataset, s)
+    check_settings(work, s)
+    check_inputs(dataset, cohort, quiet=s.quiet)
+    work.mkdir(parents=True, exist_ok=True)
+    stages = Stages(work, s)
+    stages.save()
+    feats = _encode(stages, s, cohort, work)
+    rule = _propagate(stages, s, cohort, work, feats)
+    selected = _rounds(dataset, stages, s, cohort, feats, rule)
+    report = write_report(work, dataset, template=cohort.template, unlabeled=cohort.unlabeled, test=cohort.test,
+                          rounds=s.rounds, times=stages.times,
+                          config=dict(_report_config(s), class_planes_rule=json.loads(rule.read_text()) if rule else None),
+                          selected=selected)
+    print(f"[run] report: {work / 'report.json'}", flush=True)
+    return report
+
+
+def _report_config(s: RunSettings) -> dict:
+    from .settings import as_dict
+
+    return dict(as_dict(s), unet=s.unet)
+
+
+SETTINGS = RunSettings
+STAGE = run
