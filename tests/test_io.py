@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io as _io
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -534,12 +535,12 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 # ------------------------------------------------------------------ real data
 
 
-def test_real_hippocampus_cases(data_root):
-    """Two real cases (001 stores its label as uint8, 003 as float32): image and
-    label share the grid and the labels hold exactly {0, 1, 2}."""
-    ds = Dataset(data_root)
+def test_cohort_cases_read_with_their_labels(cohort):
+    """Two cohort cases (real Hippocampus: 001 stores its label as uint8, 003 as float32):
+    image and label share the grid and the labels hold exactly {0, 1, 2}."""
+    ds = Dataset(cohort.root)
     assert ds.label_map.values == (0, 1, 2)
-    for case in ("hippocampus_001", "hippocampus_003"):
+    for case in [cohort.template, cohort.unlabeled[0]]:
         img = ds.read_image(case)
         lab = ds.read_label(case, reference=img)
         assert img.shape == lab.shape and img.array.dtype == np.float32
@@ -571,3 +572,32 @@ def test_nifti2_with_oblique_affine_round_trips(tmp_path):
     assert isinstance(out, nib.Nifti2Image)
     np.testing.assert_allclose(out.affine, nib.load(str(p)).affine, atol=1e-6)
     np.testing.assert_array_equal(np.asanyarray(out.dataobj), (data > 100).astype(np.uint8))
+
+
+def test_qform_sform_orientation_disagreement_is_warned_once(tmp_path, capsys):
+    """qform RAS and sform LAS: the sform is used, and the user is told so (one line per file)."""
+    ras, las = np.diag([1.0, 1, 1, 1]), np.diag([-1.0, 1, 1, 1])
+    img = nib.Nifti1Image(_image_data(), las)
+    img.set_qform(ras, code=1)
+    path = tmp_path / "forms.nii.gz"
+    nib.save(img, str(path))
+    vol = read_image(path)
+    read_image(path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "forms.nii.gz" in err[0] and "qform (RAS)" in err[0] and "sform (LAS)" in err[0]
+    # the sform's orientation is the one used: canonical array is the stored one flipped along x
+    np.testing.assert_array_equal(vol.array, _image_data()[::-1])
+    agreeing = _save(tmp_path / "agree.nii.gz", _image_data())
+    read_image(agreeing)
+    assert capsys.readouterr().err == ""
+
+
+def test_atomic_files_get_the_umask_mode_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        from semisam_o1.io import write_json
+
+        write_json(tmp_path / "a.json", {"x": 1})
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)

@@ -479,7 +479,32 @@ def _load_nifti(path: Path):
     dtype = img.get_data_dtype()
     if dtype.fields is not None or dtype.kind == "c":
         raise InputError(f"{path}: voxel type {dtype} (RGB or complex) is not supported; a scalar volume is needed")
+    _warn_if_forms_disagree(img, path)
     return img
+
+
+_WARNED_FORMS: set[str] = set()
+
+
+def _warn_if_forms_disagree(img, path: Path) -> None:
+    """One warning line (once per file) when the header's qform and sform are both set and
+    give different axis orientations: nibabel, and so every stage, uses the sform."""
+    import nibabel as nib
+
+    hdr = img.header
+    if int(hdr["qform_code"]) <= 0 or int(hdr["sform_code"]) <= 0 or str(path) in _WARNED_FORMS:
+        return
+    q, s = hdr.get_qform(), hdr.get_sform()
+    if not (np.all(np.isfinite(q)) and np.all(np.isfinite(s))):
+        return
+    codes_q = "".join(nib.aff2axcodes(q))
+    codes_s = "".join(nib.aff2axcodes(s))
+    if codes_q != codes_s:
+        _WARNED_FORMS.add(str(path))
+        import sys
+
+        print(f"semisam-o1: warning: {path}: qform ({codes_q}) and sform ({codes_s}) disagree in orientation; "
+              "the sform is used", file=sys.stderr, flush=True)
 
 
 def _to_canonical(img, path: Path, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
