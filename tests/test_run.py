@@ -1,47 +1,73 @@
-"""End to end: `semisam-o1 run --preset quick` (2 rounds, case selection) on a few real
-Hippocampus cases, killed after propagate and resumed without re-encoding."""
+"""End to end: `semisam-o1 run --preset quick` (2 rounds, case selection, voxel refinement) on
+the test cohort (a few real Hippocampus cases, or the synthetic cohort), killed after propagate
+and resumed without re-encoding; and every way a run must refuse to start."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+
+import helpers
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "semisam_o1", *args]
 
 
-@pytest.fixture(scope="module")
-def quick_split(tmp_path_factory, data_root, split) -> Path:
-    sp = {"template": split["template"], "unlabeled": split["unlabeled"][:3], "test": split["test"][:2]}
-    path = tmp_path_factory.mktemp("split") / "split.json"
-    path.write_text(json.dumps(sp))
-    return path
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
 
 
-def _one_class_per_coronal_slice(lab) -> bool:
-    """At most one foreground class in every coronal slice (RAS files: axis 1): the template's class planes."""
-    return all(len(set(np.unique(lab[:, j])) - {0}) <= 1 for j in range(lab.shape[1]))
+def _one_line(out: subprocess.CompletedProcess) -> str:
+    err = out.stderr.decode().strip().splitlines()
+    assert out.returncode == 2, out.stderr.decode()
+    assert len(err) == 1, err
+    return err[0]
 
 
-def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_split):
+def _planar(lab: np.ndarray, axis: int) -> bool:
+    """At most one foreground class in every slice across ``axis``."""
+    return all(len(set(np.unique(np.take(lab, j, axis=axis))) - {0}) <= 1 for j in range(lab.shape[axis]))
+
+
+def _copy_cohort(cohort, root: Path) -> Path:
+    """A copy of the cohort's files (template, pool, test) that a test may damage."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    shutil.copy(cohort.root / "dataset.json", root)
+    for case in [cohort.template, *cohort.unlabeled, *cohort.test]:
+        shutil.copy(cohort.root / "imagesTr" / f"{case}.nii.gz", root / "imagesTr")
+        shutil.copy(cohort.root / "labelsTr" / f"{case}.nii.gz", root / "labelsTr")
+    return root
+
+
+def _finished(folder: Path) -> bool:
+    rec = folder / "stage.json"
+    try:
+        return rec.is_file() and json.loads(rec.read_text()).get("finished", False)
+    except ValueError:  # being written
+        return False
+
+
+def test_run_quick_killed_after_propagate_resumes(tmp_path, cohort):
     work = tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    cmd = _cli("run", "-i", str(data_root), "--split", str(quick_split), "-o", str(work),
-               "--preset", "quick", "--rounds", "2", "--select", "0.5", "--refine-mode", "voxel", "--threads", "2", "--quiet")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    marker = work / ".done" / "propagate.json"
+    cmd = _cli("run", "-i", str(cohort.root), "--split", str(cohort.split_file), "-o", str(work),
+               "--preset", "quick", "--rounds", "2", "--select", "0.5", "--refine-mode", "voxel", "--threads", "2",
+               "--quiet")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 900
-    while not marker.exists():
+    while not _finished(work / "round0" / "pseudo"):
         assert proc.poll() is None, "run ended before propagate finished:\n" + proc.stdout.read().decode()
         assert time.monotonic() < deadline, "propagate did not finish in 15 minutes"
         time.sleep(0.2)
@@ -49,7 +75,7 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     proc.wait()
     assert not (work / "report.json").exists()
 
-    store_files = sorted(p for p in (work / "features").rglob("*") if p.is_file())
+    store_files = sorted(p for p in (work / "features").rglob("*") if p.is_file() and p.name != "stage.json")
     assert store_files
     mtimes = {p: p.stat().st_mtime_ns for p in store_files}
 
@@ -59,131 +85,196 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, data_root, quick_spl
     assert "encode: done earlier" in log and "propagate: done earlier" in log
     assert {p: p.stat().st_mtime_ns for p in store_files} == mtimes  # nothing re-encoded
 
+    pool = cohort.unlabeled[:3]  # the quick preset's pool
     report = json.loads((work / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
     r0 = report["rounds"][0]["pseudo_label_dice_unlabeled"]
     assert r0["cases"] == 3
     assert all(0.0 <= d <= 1.0 for d in r0["dice"].values())
-    # round-0 pseudo-labels from one template must carry real signal on real data
-    assert r0["mean_foreground_dice"] > 0.3
+    # round-0 pseudo-labels from one template carry real signal
+    assert r0["mean_foreground_dice"] > (0.3 if cohort.real else 0.5)
     assert report["final_test_metrics"] is not None
     pred1 = report["rounds"][1]["prediction_dice_unlabeled"]  # the UNet's pool predictions, before refinement
     assert pred1["cases"] == 3 and all(0.0 <= d <= 1.0 for d in pred1["dice"].values())
     # case selection after round 1: ceil(0.5 * 3) = 2 pool cases, ranked by the agreement of
     # their round-0 label with round 1's prediction; round 2 trains on the template + them
     sel = json.loads((work / "round1" / "selection.json").read_text())
-    pool = json.loads(quick_split.read_text())["unlabeled"]
     assert sel["n_selected"] == 2 and set(sel["selected"]) <= set(pool)
     ag = sel["agreement"]
     assert min(ag[c] for c in sel["selected"]) >= max(ag[c] for c in pool if c not in sel["selected"])
     cfg2 = json.loads((work / "round2" / "model" / "config.json").read_text())
-    template = json.loads(quick_split.read_text())["template"]
-    assert sorted(cfg2["training_cases"]) == sorted([template] + sel["selected"])
-    assert cfg2["template_share"] == 0.1  # the preset's share of patches from the template's real label
-    assert cfg2["spatial_aug"] == 0.0  # the preset's: no random affine of the training volumes
+    assert sorted(cfg2["training_cases"]) == sorted([cohort.template] + sel["selected"])
+    assert cfg2["template_share"] == 0.1  # run's share of patches from the template's real label
+    assert cfg2["spatial_aug"] == 0.0  # run's default: no random affine of the training volumes
     assert report["selection"]["n_selected"] == 2
-    # round 1 refines (voxel, asked for); the last round does not: its pseudo-labels are its predictions
-    assert (work / ".done" / "round1" / "refine.json").is_file()
-    assert not (work / ".done" / "round2" / "refine.json").exists()
-    # the refined labels keep the class planes learned from the template (at most one foreground class per
-    # coronal slice, RAS files: axis 1)
-    assert json.loads((work / "round1" / "pseudo" / "refine.json").read_text())["params"]["class_planes"]["order"] \
-        == [2, 1]
-    import nibabel as nib
-
-    for case in pool:
-        assert _one_class_per_coronal_slice(np.asarray(nib.load(str(work / "round1" / "pseudo" /
-                                                                    f"{case}.nii.gz")).dataobj))
-    for case in pool:
-        assert (work / "round2" / "pseudo" / f"{case}.nii.gz").read_bytes() == \
-            (work / "round2" / "pred" / f"{case}.nii.gz").read_bytes()
+    _check_stage_records(work)
+    _check_class_planes(work, cohort, pool)
     for png in ("report_dice_by_round.png", "report_montage.png"):
         data = (work / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    _check_outputs_keep_grid(work, cohort)
 
-    # every output keeps its input's grid and is an integer label volume
-    for case in json.loads(quick_split.read_text())["test"]:
+
+def _check_stage_records(work: Path) -> None:
+    """Every stage folder has a finished record whose command reproduces that stage alone; round 1
+    refines (voxel, asked for), the last round does not (its pseudo-labels are its predictions);
+    round r trains on its own random stream (--round r)."""
+    for folder, stage in [("features", "encode"), ("round0/pseudo", "propagate"), ("round1/model", "train"),
+                          ("round1/pred", "predict"), ("round1/pseudo", "refine"), ("round2/model", "train"),
+                          ("round2/test", "predict")]:
+        rec = json.loads((work / folder / "stage.json").read_text())
+        assert rec["finished"] and rec["stage"] == stage, folder
+        assert rec["command"].startswith(f"semisam-o1 {stage} ") and " run " not in rec["command"]
+    assert "--round 2" in json.loads((work / "round2" / "model" / "stage.json").read_text())["command"]
+    assert not (work / "round2" / "pseudo" / "stage.json").exists()
+
+
+def _check_class_planes(work: Path, cohort, pool: list[str]) -> None:
+    """The rule learned from the template's label (classes across axis 1, the RAS files' coronal
+    axis) is in the report and holds in the refined labels of round 1."""
+    rule = json.loads((work / "round0" / "pseudo" / "class_planes.json").read_text())
+    assert rule["axis"] == 1
+    assert report_rule(work) == rule["order"]
+    for case in pool:
+        lab = np.asarray(nib.load(str(work / "round1" / "pseudo" / f"{case}.nii.gz")).dataobj)
+        assert _planar(lab, 1)
+        assert (work / "round2" / "pseudo" / f"{case}.nii.gz").read_bytes() == \
+            (work / "round2" / "pred" / f"{case}.nii.gz").read_bytes()
+
+
+def report_rule(work: Path) -> list[int]:
+    return json.loads((work / "report.json").read_text())["config"]["class_planes_rule"]["order"]
+
+
+def _check_outputs_keep_grid(work: Path, cohort) -> None:
+    """Every test prediction keeps its input's grid, is an integer label volume, and has the class planes."""
+    for case in cohort.test:
         pred = nib.load(str(work / "round1" / "test" / f"{case}.nii.gz"))
-        img = nib.load(str(data_root / "imagesTr" / f"{case}.nii.gz"))
+        img = nib.load(str(cohort.root / "imagesTr" / f"{case}.nii.gz"))
         assert pred.shape == img.shape
         np.testing.assert_allclose(pred.affine, img.affine)
         assert np.issubdtype(pred.get_data_dtype(), np.integer)
-        # class planes learned from the template (Posterior | Anterior across coronal slices): every
-        # prediction has at most one foreground class per coronal slice (RAS files: axis 1)
-        assert _one_class_per_coronal_slice(np.asarray(pred.dataobj))
-    assert report["config"]["class_planes_rule"]["order"] == [2, 1]
-    assert (work / "round0" / "pseudo" / "class_planes.json").is_file()
+        assert _planar(np.asarray(pred.dataobj), 1)
 
 
-def test_run_bad_split_is_one_line(tmp_path, data_root):
+def test_run_bad_split_is_one_line(tmp_path, cohort):
     bad = tmp_path / "split.json"
-    bad.write_text(json.dumps({"template": "hippocampus_001", "unlabeled": ["no_such_case"], "test": []}))
-    out = subprocess.run(_cli("run", "-i", str(data_root), "--split", str(bad), "-o", str(tmp_path / "w")),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-    assert out.returncode == 2
-    err = out.stderr.decode().strip().splitlines()
-    assert len(err) == 1 and "no_such_case" in err[0]
+    bad.write_text(json.dumps({"template": cohort.template, "unlabeled": ["no_such_case"], "test": []}))
+    line = _one_line(_run("run", "-i", str(cohort.root), "--split", str(bad), "-o", str(tmp_path / "w")))
+    assert "no_such_case" in line
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("fault", ["corrupt image", "label off its image"])
-def test_run_checks_inputs_before_writing(tmp_path, data_root, quick_split, fault):
-    """A corrupt pool image or a template label whose grid differs from its image: one line
-    naming the file, exit 2, and no work folder (nothing encoded first)."""
-    import shutil
-
-    import nibabel as nib
-
-    sp = json.loads(quick_split.read_text())
-    root = tmp_path / "ds"
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    shutil.copy(data_root / "dataset.json", root)
-    for case in [sp["template"], *sp["unlabeled"], *sp["test"]]:
-        shutil.copy(data_root / "imagesTr" / f"{case}.nii.gz", root / "imagesTr")
-        shutil.copy(data_root / "labelsTr" / f"{case}.nii.gz", root / "labelsTr")
+@pytest.mark.parametrize("fault", ["corrupt image", "label off its image", "empty template label",
+                                   "NaN in a test image"])
+def test_run_checks_inputs_before_writing(tmp_path, cohort, fault):
+    """A corrupt pool image, a template label whose grid differs from its image or that has no
+    foreground, a NaN voxel in a test image: one line naming the file, exit 2, and no work folder
+    (nothing encoded first)."""
+    root = _copy_cohort(cohort, tmp_path / "ds")
     if fault == "corrupt image":
-        bad = root / "imagesTr" / f"{sp['unlabeled'][1]}.nii.gz"
+        bad = root / "imagesTr" / f"{cohort.unlabeled[1]}.nii.gz"
         bad.write_bytes(bad.read_bytes()[:300])
-    else:
-        bad = root / "labelsTr" / f"{sp['template']}.nii.gz"
+    elif fault == "NaN in a test image":
+        bad = root / "imagesTr" / f"{cohort.test[-1]}.nii.gz"
         img = nib.load(str(bad))
-        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), str(bad))
-    out = subprocess.run(_cli("run", "-i", str(root), "--split", str(quick_split), "-o", str(tmp_path / "w"),
-                              "--preset", "quick", "--quiet"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-    assert out.returncode == 2
-    err = out.stderr.decode().strip().splitlines()
-    assert len(err) == 1 and bad.name in err[0]
+        data = np.asarray(img.dataobj, np.float32)
+        data[1, 2, 3] = np.nan
+        helpers.write_nifti(bad, data, img.affine)
+    else:
+        bad = root / "labelsTr" / f"{cohort.template}.nii.gz"
+        img = nib.load(str(bad))
+        data = np.asarray(img.dataobj)
+        data = data[:-2] if fault == "label off its image" else np.zeros_like(data)
+        nib.save(nib.Nifti1Image(data, img.affine), str(bad))
+    line = _one_line(_run("run", "-i", str(root), "--split", str(cohort.split_file), "-o", str(tmp_path / "w"),
+                          "--preset", "quick", "--quiet"))
+    assert bad.name in line
     assert not (tmp_path / "w").exists()
 
 
-def test_run_refuses_to_resume_with_other_settings(tmp_path, data_root, quick_split):
+def test_run_refuses_to_resume_with_other_settings(tmp_path, cohort):
     work = tmp_path / "w"
     work.mkdir()
-    (work / "run.json").write_text(json.dumps({"preset": "quick", "refine_mode": "voxel", "seed": 0}))
-    out = subprocess.run(_cli("run", "-i", str(data_root), "--split", str(quick_split), "-o", str(work),
-                              "--preset", "quick", "--refine-mode", "none"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-    assert out.returncode == 2
-    err = out.stderr.decode().strip().splitlines()
-    assert len(err) == 1 and "refine_mode='voxel'" in err[0] and "run.json" in err[0]
+    (work / "run.json").write_text(json.dumps({"settings": {"preset": "quick", "refine_mode": "voxel", "seed": 0}}))
+    line = _one_line(_run("run", "-i", str(cohort.root), "--split", str(cohort.split_file), "-o", str(work),
+                          "--preset", "quick", "--refine-mode", "none"))
+    assert "refine_mode='voxel'" in line and "run.json" in line
     assert sorted(p.name for p in work.iterdir()) == ["run.json"]  # nothing started
 
 
-def test_run_stage_that_reports_its_own_error_gives_one_line(tmp_path, data_root, quick_split, monkeypatch, capsys):
-    """A stage that prints its own error and returns 2 (encode does, per unreadable case):
-    run exits 2 without adding a second line, and no later stage starts."""
+@pytest.mark.parametrize("fault", ["output is a file", "read-only parent", "cuda without a GPU"])
+def test_run_refuses_an_unusable_output_or_device_before_writing(tmp_path, cohort, fault):
+    args = ["run", "-i", str(cohort.root), "--split", str(cohort.split_file), "--preset", "quick", "--quiet"]
+    if fault == "output is a file":
+        out = tmp_path / "work"
+        out.write_text("not a folder")
+        line = _one_line(_run(*args, "-o", str(out)))
+        assert "existing file" in line and out.read_text() == "not a folder"
+        return
+    if fault == "read-only parent":
+        if os.geteuid() == 0:  # root writes anywhere: use a path under a regular file instead
+            parent = tmp_path / "file"
+            parent.write_text("x")
+        else:
+            parent = tmp_path / "ro"
+            parent.mkdir(mode=0o555)
+        line = _one_line(_run(*args, "-o", str(parent / "work")))
+        assert str(parent) in line
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = _one_line(_run(*args, "-o", str(tmp_path / "w"), "--device", "cuda"))
+    assert "--device cuda" in line
+    assert not (tmp_path / "w").exists()
+
+
+def test_run_stage_that_reports_its_own_error_gives_one_line(tmp_path, cohort, monkeypatch, capsys):
+    """A stage that prints its own error lines and raises ReportedError (encode does, per
+    unreadable case): run exits with its code without adding a line, and no later stage starts."""
     from semisam_o1 import cli, encode
+    from semisam_o1.errors import ReportedError
 
-    def failing_encode(args):
+    def failing_encode(settings):
         print("semisam-o1 encode: error: imagesTr/x.nii.gz: cannot read the voxel data", file=sys.stderr)
-        return 2
+        raise ReportedError("encode failed", 2)
 
-    monkeypatch.setattr(encode, "main", failing_encode)
-    rc = cli.main(["run", "-i", str(data_root), "--split", str(quick_split), "-o", str(tmp_path / "w"),
+    monkeypatch.setattr(encode, "STAGE", failing_encode)
+    rc = cli.main(["run", "-i", str(cohort.root), "--split", str(cohort.split_file), "-o", str(tmp_path / "w"),
                    "--preset", "quick", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err == ["semisam-o1 encode: error: imagesTr/x.nii.gz: cannot read the voxel data"]
-    assert not (tmp_path / "w" / ".done").exists() and not (tmp_path / "w" / "round0").exists()
+    assert not (tmp_path / "w" / "round0").exists()
+
+
+def test_run_settings_generate_the_command_line():
+    """Every option of run is defined once (a field); the parser is generated from the fields and
+    the recorded command parses back to the same settings."""
+    import shlex
+
+    from semisam_o1.cli import build_parser
+    from semisam_o1.run import RunSettings
+    from semisam_o1.settings import command_line, from_namespace
+
+    s = RunSettings(input=Path("/data/my set"), split=Path("s.json"), output=Path("w"), preset="demo",
+                    refine_mode="voxel", select=0.5, seed=3)
+    assert s.rounds == 2 and s.iterations == 500  # the preset's
+    argv = shlex.split(command_line("run", s))[1:]
+    back = from_namespace(RunSettings, build_parser().parse_args(argv))
+    assert back == s
+
+
+def test_second_run_on_a_folder_in_use_is_refused(tmp_path, cohort):
+    """A work folder held by another run (its lock): one line naming the holder's process id, exit 2."""
+    from semisam_o1.resume import FolderLock
+
+    work = tmp_path / "w"
+    with FolderLock(work):
+        line = _one_line(_run("run", "-i", str(cohort.root), "--split", str(cohort.split_file), "-o", str(work),
+                              "--preset", "quick", "--quiet"))
+    assert "already in use" in line and str(os.getpid()) in line
+    with FolderLock(work):  # released: it can be taken again
+        pass

@@ -175,3 +175,45 @@ def open_stage(folder: str | os.PathLike, stage: str, settings, *, inputs: dict 
                              "use --overwrite to redo it, or another folder")
     record.previous = previous if not overwrite else None
     return record
+
+
+class FolderLock:
+    """An exclusive lock on a work folder (``.lock``, ``fcntl.flock``), held while a run works
+    in it, so that a second run started on the same folder is refused instead of racing the first.
+    The lock file records the holder's process id; the kernel releases the lock when the holder
+    exits, even when it is killed.
+
+    Raises (on ``__enter__``):
+        InputError: another process holds the lock (the line names its process id).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / self.NAME
+        self._fh = None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise InputError(f"{self.path.parent}: already in use by another run (process {holder}); wait for it "
+                             "to finish or use another folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

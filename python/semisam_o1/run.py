@@ -383,8 +383,7 @@ def run(settings: RunSettings) -> dict:
     """
     from .device import resolve_device
     from .io import Dataset
-    from .report import write_report
-    from .resume import check_output_dir
+    from .resume import FolderLock, check_output_dir
 
     s = settings
     work = check_output_dir(s.output, "work folder")
@@ -393,12 +392,21 @@ def run(settings: RunSettings) -> dict:
     cohort = case_lists(dataset, s)
     check_settings(work, s)
     check_inputs(dataset, cohort, quiet=s.quiet)
-    work.mkdir(parents=True, exist_ok=True)
-    stages = Stages(work, s)
-    stages.save()
-    feats = _encode(stages, s, cohort, work)
-    rule = _propagate(stages, s, cohort, work, feats)
-    selected = _rounds(dataset, stages, s, cohort, feats, rule)
+    with FolderLock(work):
+        stages = Stages(work, s)
+        stages.save()
+        feats = _encode(stages, s, cohort, work)
+        rule = _propagate(stages, s, cohort, work, feats)
+        selected = _rounds(dataset, stages, s, cohort, feats, rule)
+        return _report(dataset, stages, s, cohort, rule, selected)
+
+
+def _report(dataset, stages: Stages, s: RunSettings, cohort: Cohort, rule: Path | None,
+            selected: list[str] | None) -> dict:
+    """Write ``WORK/report.json`` and its pictures; returns the report."""
+    from .report import write_report
+
+    work = stages.work
     report = write_report(work, dataset, template=cohort.template, unlabeled=cohort.unlabeled, test=cohort.test,
                           rounds=s.rounds, times=stages.times,
                           config=dict(_report_config(s), class_planes_rule=json.loads(rule.read_text()) if rule else None),
