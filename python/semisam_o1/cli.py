@@ -27,6 +27,7 @@ from .settings import add_options, from_namespace
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("semisam_o1.plan", "fingerprint a dataset and plan the network from it (plan.json)"),
     "encode": ("semisam_o1.encode", "run the SAM image encoder over a cohort into a feature store"),
     "propagate": ("semisam_o1.propagate", "round-0 pseudo-labels from the template's class prototypes"),
     "train": ("semisam_o1.train", "train a MONAI 3D UNet from scratch on pseudo-labels"),

@@ -1,0 +1,328 @@
+"""Plan a run from the data in front of it: a dataset fingerprint and the decisions taken from it.
+
+``semisam-o1 plan -i DATASET --split FILE -o PLAN.json`` writes
+
+* ``fingerprint``: the dataset's name and modality (``dataset.json``), every cohort case's
+  canonical shape and voxel spacing (headers only), their medians and ranges; and, from the
+  template alone (the one label a one-label method may read): its classes, voxel counts,
+  foreground extent in voxels and mm, and intensity statistics of the image and of its
+  foreground;
+* ``decisions``: each decision with its value and, beside it, the reason, in the manner of
+  nnU-Net's experiment planner (Isensee et al., Nature Methods 2021: fingerprint -> rules ->
+  plan), written for one template instead of a labelled training set:
+
+  - ``unet.patch``: covers the template structure's extent plus a margin on each side, rounded
+    up to the network's divisibility, never above the padded median image shape, and shrunk
+    (largest axis first) until it fits the voxel budget of a patch;
+  - ``unet.strides`` / ``unet.channels``: per level and axis, stride 2 while the axis's spacing
+    is below twice the finest axis's and its edge stays at least 4 voxels (nnU-Net's rules for
+    anisotropic data), at most 5 levels; channels start at 16 and double up to 128;
+  - ``unet.iterations``: from a time budget per round (``--budget-minutes``), divided by the
+    seconds per training iteration measured on this machine for the planned network;
+  - ``unet.flip_axes``: every axis, except an axis along which the template's foreground classes
+    follow each other (class planes: a flip would swap them, as MSD Hippocampus' Anterior |
+    Posterior);
+  - ``normalisation``: CT: clip to the template foreground's 0.5 / 99.5 percentiles and z-score
+    with the template foreground's mean and sd (nnU-Net's CT scheme, from the one label there is);
+    every other modality: per-volume percentile clip and z-score.
+
+Only the template's label is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .settings import ComputeOptions, check_range, option
+
+#: fraction of the structure's extent added on each side of the patch
+PATCH_MARGIN = 0.25
+#: smallest edge of the bottom feature map (nnU-Net's rule of 4 voxels)
+MIN_BOTTOM_EDGE = 4
+MAX_DOWNSAMPLINGS = 5
+BASE_CHANNELS = 16
+MAX_CHANNELS = 128
+#: iterations are clipped to this range whatever the budget says
+MIN_ITERATIONS, MAX_ITERATIONS = 200, 20000
+
+
+@dataclasses.dataclass(kw_only=True)
+class PlanSettings(ComputeOptions):
+    """Settings of ``semisam-o1 plan``."""
+
+    input: Path = option(help="MSD / nnU-Net dataset folder", flags=("-i", "--input"), type=Path, metavar="DATASET")
+    split: Path = option(help="split JSON with 'template', 'unlabeled' and 'test'", type=Path, metavar="FILE")
+    output: Path = option(help="plan file to write (JSON)", flags=("-o", "--output"), type=Path,
+                          metavar="PLAN.json", neutral=True)
+    budget_minutes: float = option(8.0, "UNet training time of each round on this machine, in minutes; the "
+                                   "iterations are planned from it", metavar="MIN")
+    max_patch_voxels: int = option(64 * 64 * 64, "largest UNet patch, in voxels (memory and time per iteration)",
+                                   metavar="N")
+    timing: bool = option(True, "measure the seconds per training iteration of the planned network on this "
+                          "machine (--no-timing: plan the iterations from the budget at 1 s per iteration)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.input, self.split, self.output = Path(self.input), Path(self.split), Path(self.output)
+        check_range("budget_minutes", self.budget_minutes, 0.0, lo_open=True)
+        check_range("max_patch_voxels", self.max_patch_voxels, 8 ** 3)
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _summary(values: np.ndarray) -> dict:
+    """Per-axis median, min and max of (N, 3) values."""
+    return {"median": np.median(values, axis=0).round(4).tolist(), "min": values.min(axis=0).round(4).tolist(),
+            "max": values.max(axis=0).round(4).tolist()}
+
+
+def cohort_geometry(dataset, cases: list[str]) -> dict:
+    """Canonical shapes (voxels) and spacings (mm) of ``cases`` from their headers alone."""
+    import nibabel as nib
+
+    from .io import canonical_shape
+
+    shapes, spacings = [], []
+    for case in cases:
+        path = dataset.image_path(case)
+        shapes.append(canonical_shape(path))
+        img = nib.load(str(path))
+        ornt = nib.orientations.io_orientation(img.affine)
+        zooms = np.asarray(img.header.get_zooms()[:3], np.float64)
+        spacings.append([float(zooms[int(d)]) for d in np.argsort(ornt[:, 0])])
+    shapes_a, spacing_a = np.asarray(shapes, np.float64), np.asarray(spacings, np.float64)
+    return {"cases": len(cases), "shape": _summary(shapes_a), "spacing_mm": _summary(spacing_a)}
+
+
+def template_fingerprint(dataset, template: str) -> dict:
+    """Classes, voxel counts, extents and intensities of the template (its image and label).
+
+    Returns a dict: ``classes`` {index: {name, voxels, extent_vox, extent_mm}}, ``foreground``
+    (the union: voxels, extent_vox, extent_mm, box_fraction), ``intensity`` (image and foreground
+    percentiles 0.5 / 50 / 99.5, mean and sd).
+
+    Raises:
+        InputError: the template's label has no foreground voxel.
+    """
+    image = dataset.read_image(template)
+    label = dataset.read_label(template, reference=image)
+    lab, spacing = label.array, np.asarray(image.spacing, np.float64)
+    if not np.any(lab > 0):
+        raise InputError(f"{dataset.label_path(template)}: the template's label has no foreground voxel")
+
+    def extent(mask):
+        idx = np.nonzero(mask)
+        vox = [int(i.max() - i.min() + 1) for i in idx]
+        return vox, [round(v * s, 2) for v, s in zip(vox, spacing)]
+
+    classes = {}
+    for c in range(1, dataset.label_map.num_classes):
+        mask = lab == c
+        if mask.any():
+            vox, mm = extent(mask)
+            classes[str(c)] = {"name": dataset.label_map.names[c], "voxels": int(mask.sum()), "extent_vox": vox,
+                               "extent_mm": mm}
+    fg = lab > 0
+    vox, mm = extent(fg)
+    values, fg_values = image.array.ravel(), image.array[fg]
+
+    def stats(v):
+        p = np.percentile(v, [0.5, 50, 99.5])
+        return {"p0_5": float(p[0]), "median": float(p[1]), "p99_5": float(p[2]), "mean": float(v.mean()),
+                "sd": float(v.std())}
+
+    return {"case": template, "shape": list(image.shape), "spacing_mm": spacing.round(4).tolist(),
+            "classes": classes,
+            "foreground": {"voxels": int(fg.sum()), "extent_vox": vox, "extent_mm": mm,
+                           "box_fraction": float(np.prod(vox) / np.prod(image.shape))},
+            "intensity": {"image": stats(values), "foreground": stats(fg_values)}}
+
+
+def fingerprint(dataset, template: str, cases: list[str]) -> dict:
+    """The dataset fingerprint (see the module docstring)."""
+    meta = dataset.meta
+    modality = meta.get("modality") or meta.get("channel_names") or {}
+    return {"name": meta.get("name", dataset.root.name), "modality": str(next(iter(modality.values()), "unknown")),
+            "cohort": cohort_geometry(dataset, cases), "template": template_fingerprint(dataset, template)}
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def plan_strides(patch, spacing) -> list[list[int]]:
+    """Per-level (x, y, z) strides of the UNet, nnU-Net's rule for anisotropic data: an axis is
+    downsampled (stride 2) at a level only while its spacing at that level is below twice the finest
+    axis's, and only while its edge at the next level stays at least ``MIN_BOTTOM_EDGE`` voxels; at
+    most ``MAX_DOWNSAMPLINGS`` levels, stopping when no axis can be downsampled."""
+    size = [float(p) for p in patch]
+    sp = [float(s) for s in spacing]
+    levels = []
+    while len(levels) < MAX_DOWNSAMPLINGS:
+        finest = min(sp)
+        stride = [2 if (sp[a] < 2 * finest and size[a] / 2 >= MIN_BOTTOM_EDGE) else 1 for a in range(3)]
+        if not any(s == 2 for s in stride):
+            break
+        levels.append(stride)
+        size = [size[a] / stride[a] for a in range(3)]
+        sp = [sp[a] * stride[a] for a in range(3)]
+    return levels
+
+
+def plan_patch(extent_vox, median_shape, spacing, max_voxels: int) -> tuple[list[int], list[list[int]], str]:
+    """UNet patch and per-level strides for a structure of ``extent_vox`` voxels.
+
+    Returns ``(patch, strides, reason)``; each patch edge is a multiple of the product of its
+    axis's strides (the UNet's divisibility).
+    """
+    want = [e * (1 + 2 * PATCH_MARGIN) for e in extent_vox]
+    cap = [max(m, 16) for m in median_shape]
+    patch = [max(2 * MIN_BOTTOM_EDGE, min(w, c)) for w, c in zip(want, cap)]
+    strides = plan_strides(patch, spacing)
+    step = [int(np.prod([lv[a] for lv in strides])) if strides else 1 for a in range(3)]
+    patch = [int(math.ceil(p / st)) * st for p, st in zip(patch, step)]
+    shrunk = False
+    while int(np.prod(patch)) > max_voxels and max(p // st for p, st in zip(patch, step)) > 1:
+        i = int(np.argmax([p / max(st, 1) * sp for p, st, sp in zip(patch, step, spacing)]))
+        if patch[i] - step[i] < step[i] * MIN_BOTTOM_EDGE // 2:
+            break
+        patch[i] -= step[i]
+        shrunk = True
+    reason = (f"template foreground extent {list(extent_vox)} voxels + {PATCH_MARGIN:.0%} margin per side, "
+              f"capped at the median image shape {list(median_shape)}, multiples of {step}"
+              + (f", shrunk to at most {max_voxels} voxels (largest extent in mm first)" if shrunk else ""))
+    return patch, strides, reason
+
+
+def plan_flip_axes(dataset, template: str) -> tuple[list[int], str]:
+    """Every axis but one along which the template's classes follow each other (class planes)."""
+    from .class_planes import learn
+
+    label = dataset.read_label(template).array
+    rule, _ = learn(label, dataset.label_map.num_classes)
+    if rule is None:
+        return [0, 1, 2], "no axis orders the template's foreground classes: a flip along any axis keeps them"
+    axes = [a for a in range(3) if a != rule.axis]
+    return axes, (f"the template's classes follow each other along axis {rule.axis}: a flip there would swap "
+                  "them")
+
+
+def plan_normalisation(fp: dict) -> tuple[dict, str]:
+    """CT: fixed clip and z-score from the template's foreground; other modalities: per volume."""
+    if fp["modality"].strip().upper() == "CT":
+        fg = fp["template"]["intensity"]["foreground"]
+        return ({"method": "fixed_clip_zscore", "lower": fg["p0_5"], "upper": fg["p99_5"], "mean": fg["mean"],
+                 "sd": max(fg["sd"], 1e-6)},
+                "CT intensities are calibrated (HU): one clip and z-score for every volume, from the template's "
+                "foreground")
+    return ({"method": "percentile_clip_zscore", "lower_percentile": 0.5, "upper_percentile": 99.5},
+            f"modality {fp['modality']}: intensities have no fixed scale, normalised per volume")
+
+
+def seconds_per_iteration(unet: dict, num_classes: int, threads: int | None = None, steps: int = 3) -> float:
+    """Median seconds of one training iteration (forward, DiceCE loss, backward, AdamW step) of the
+    planned MONAI UNet on random data on this machine's CPU (one warm-up step first)."""
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=num_classes, channels=unet["channels"],
+               strides=unet["strides"], num_res_units=unet["num_res_units"], norm="INSTANCE")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    x = torch.randn(unet["batch_size"], 1, *unet["patch"])
+    y = torch.randint(0, num_classes, (unet["batch_size"], 1, *unet["patch"]))
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss(net(x), y).backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
+    """Every decision of the plan, each ``{"value": ..., "reason": ...}``."""
+    t = fp["template"]
+    median_shape = [int(round(s)) for s in fp["cohort"]["shape"]["median"]]
+    spacing = fp["cohort"]["spacing_mm"]["median"]
+    patch, strides, patch_reason = plan_patch(t["foreground"]["extent_vox"], median_shape, spacing,
+                                              settings.max_patch_voxels)
+    depth = len(strides)
+    channels = [min(BASE_CHANNELS * 2 ** i, MAX_CHANNELS) for i in range(depth + 1)]
+    unet = {"patch": patch, "strides": strides, "channels": channels, "num_res_units": 1, "batch_size": 2}
+    flips, flip_reason = plan_flip_axes(dataset, fp["template"]["case"])
+    norm, norm_reason = plan_normalisation(fp)
+    num_classes = dataset.label_map.num_classes
+    if settings.timing:
+        sec = seconds_per_iteration(unet, num_classes, settings.threads)
+        sec_reason = f"measured {sec:.3f} s per iteration on this machine"
+    else:
+        sec, sec_reason = 1.0, "not measured (--no-timing): 1 s per iteration assumed"
+    iters = int(np.clip(settings.budget_minutes * 60.0 / sec, MIN_ITERATIONS, MAX_ITERATIONS))
+    return {
+        "patch": {"value": patch, "reason": patch_reason},
+        "strides": {"value": strides, "reason": f"{depth} levels; an axis is downsampled while its spacing is "
+                                                f"below twice the finest and its edge stays >= {MIN_BOTTOM_EDGE} "
+                                                f"voxels (median spacing {spacing} mm)"},
+        "channels": {"value": channels, "reason": f"{BASE_CHANNELS} doubling per level, at most {MAX_CHANNELS}"},
+        "batch_size": {"value": unet["batch_size"], "reason": "two patches: one foreground-centred on average"},
+        "iterations": {"value": iters, "reason": f"{settings.budget_minutes:g} min per round / {sec_reason}, "
+                                                 f"clipped to [{MIN_ITERATIONS}, {MAX_ITERATIONS}]"},
+        "flip_axes": {"value": flips, "reason": flip_reason},
+        "normalisation": {"value": norm, "reason": norm_reason},
+    }
+
+
+def unet_overrides(plan: dict) -> dict:
+    """The UNet preset keys a plan sets (``patch``, ``strides``, ``channels``, ``batch_size``,
+    ``iterations``, ``flip_axes``) and the normalisation, as one dict to lay over a preset."""
+    d = plan["decisions"]
+    keys = ("patch", "strides", "channels", "batch_size", "iterations", "flip_axes")
+    return {**{k: d[k]["value"] for k in keys}, "normalisation": d["normalisation"]["value"]}
+
+
+def make_plan(settings: PlanSettings) -> dict:
+    """Fingerprint the dataset, decide, and write the plan (JSON) to ``settings.output``.
+
+    Returns:
+        the plan: ``{"fingerprint": ..., "decisions": ..., "command": ...}``.
+
+    Raises:
+        InputError: bad dataset or split, an empty template label, or an unwritable output.
+    """
+    from .io import Dataset, load_split, write_json
+    from .resume import check_output_dir
+    from .settings import command_line
+
+    check_output_dir(settings.output.parent, "plan's folder")
+    if settings.output.is_dir():
+        raise InputError(f"{settings.output}: the plan file is an existing folder")
+    dataset = Dataset(settings.input)
+    sp = load_split(settings.split)
+    template = sp.get("template")
+    if template is None:
+        raise InputError(f"{settings.split}: split has no 'template'")
+    cases = dataset.select(cases=[template, *sp.get("unlabeled", [])])
+    fp = fingerprint(dataset, template, cases)
+    plan = {"fingerprint": fp, "decisions": decide(dataset, fp, settings),
+            "command": command_line("plan", settings)}
+    write_json(settings.output, plan)
+    if not settings.quiet:
+        for key, d in plan["decisions"].items():
+            print(f"[plan] {key}: {d['value']}  ({d['reason']})", flush=True)
+    return plan
+
+
+SETTINGS = PlanSettings
+STAGE = make_plan

@@ -1,0 +1,108 @@
+"""The plan: decisions derived from the dataset's fingerprint (synthetic datasets of different
+shapes, spacings, classes and modalities; and the real data when present)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import helpers
+from semisam_o1.errors import InputError
+from semisam_o1.plan import PlanSettings, make_plan, unet_overrides
+
+
+def _plan(root, tmp_path, **kw):
+    return make_plan(PlanSettings(input=root, split=root / "splits.json", output=tmp_path / "plan.json",
+                                  timing=False, quiet=True, **kw))
+
+
+def _set_modality(root, modality):
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["modality"] = {"0": modality}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def test_patch_covers_the_structure_and_divides_by_the_strides(tmp_path):
+    small = tmp_path / "small"
+    helpers.make_cohort(small, n_unlabeled=2, n_test=0, shape=(24, 24, 24))
+    big = tmp_path / "big"
+    helpers.make_cohort(big, n_unlabeled=2, n_test=0, shape=(64, 64, 40))
+    p_small, p_big = _plan(small, tmp_path), _plan(big, tmp_path)
+    for p in (p_small, p_big):
+        d = p["decisions"]
+        extent = p["fingerprint"]["template"]["foreground"]["extent_vox"]
+        step = np.prod(d["strides"]["value"], axis=0)
+        assert all(e % st == 0 for e, st in zip(d["patch"]["value"], step))
+        assert all(pp >= min(e, m) for pp, e, m in
+                   zip(d["patch"]["value"], extent, p["fingerprint"]["cohort"]["shape"]["median"]))
+        assert all(r for r in (v["reason"] for v in d.values()))  # every decision says why
+    # the same structure in a bigger box: the patch follows the structure, not the box
+    assert p_big["decisions"]["patch"]["value"] == p_small["decisions"]["patch"]["value"] or \
+        np.prod(p_big["decisions"]["patch"]["value"]) <= 2 * np.prod(p_small["decisions"]["patch"]["value"])
+
+
+def test_patch_budget_and_anisotropic_spacing(tmp_path):
+    root = tmp_path / "aniso"
+    helpers.make_cohort(root, n_unlabeled=2, n_test=0, shape=(48, 48, 24), spacing=(0.8, 0.8, 2.5))
+    p = _plan(root, tmp_path, max_patch_voxels=10 ** 3)
+    fp = p["fingerprint"]
+    assert fp["cohort"]["spacing_mm"]["median"] == [0.8, 0.8, 2.5]
+    assert fp["template"]["foreground"]["extent_mm"][0] == pytest.approx(0.8 * fp["template"]["foreground"]["extent_vox"][0])
+    assert np.prod(p["decisions"]["patch"]["value"]) <= 10 ** 3
+    assert "shrunk" in p["decisions"]["patch"]["reason"]
+    # the coarse axis (2.5 mm) is not downsampled where the fine ones are (nnU-Net's anisotropy rule)
+    strides = p["decisions"]["strides"]["value"]
+    assert strides and strides[0] == [2, 2, 1]
+    iso = _plan(root, tmp_path)  # same data: the budget only shrinks the patch
+    assert np.all(np.asarray(iso["decisions"]["patch"]["value"]) >= np.asarray(p["decisions"]["patch"]["value"]))
+
+
+def test_flip_axes_keep_ordered_classes_and_ct_normalisation(tmp_path):
+    root = tmp_path / "ct"
+    helpers.make_cohort(root, n_unlabeled=2, n_test=0)
+    p = _plan(root, tmp_path)
+    # the synthetic classes follow each other along axis 1: no flip there
+    assert p["decisions"]["flip_axes"]["value"] == [0, 2]
+    assert p["decisions"]["normalisation"]["value"]["method"] == "percentile_clip_zscore"
+    _set_modality(root, "CT")
+    p = _plan(root, tmp_path)
+    norm = p["decisions"]["normalisation"]["value"]
+    fg = p["fingerprint"]["template"]["intensity"]["foreground"]
+    assert norm["method"] == "fixed_clip_zscore" and norm["lower"] == fg["p0_5"] and norm["upper"] == fg["p99_5"]
+    assert unet_overrides(p)["normalisation"] == norm
+    assert json.loads((tmp_path / "plan.json").read_text())["decisions"]["normalisation"]["value"] == norm
+
+
+def test_one_class_flips_every_axis_and_empty_template_is_refused(tmp_path):
+    root = tmp_path / "one"
+    split = helpers.make_cohort(root, n_unlabeled=2, n_test=0)
+    import nibabel as nib
+
+    path = root / "labelsTr" / f"{split['template']}.nii.gz"
+    img = nib.load(str(path))
+    lab = (np.asarray(img.dataobj) > 0).astype(np.uint8)
+    helpers.write_nifti(path, lab, img.affine)
+    assert _plan(root, tmp_path)["decisions"]["flip_axes"]["value"] == [0, 1, 2]
+    helpers.write_nifti(path, np.zeros_like(lab), img.affine)
+    with pytest.raises(InputError, match="no foreground"):
+        _plan(root, tmp_path)
+
+
+def test_timing_plans_iterations_from_the_budget(tmp_path):
+    root = tmp_path / "t"
+    helpers.make_cohort(root, n_unlabeled=1, n_test=0)
+    p = _plan(root, tmp_path, budget_minutes=0.05)
+    p = make_plan(PlanSettings(input=root, split=root / "splits.json", output=tmp_path / "p2.json",
+                               budget_minutes=0.05, quiet=True))
+    it = p["decisions"]["iterations"]
+    assert "measured" in it["reason"] and 200 <= it["value"] <= 20000
+
+
+def test_real_datasets_when_present(cohort, tmp_path):
+    p = make_plan(PlanSettings(input=cohort.root, split=cohort.split_file, output=tmp_path / "r.json",
+                               timing=False, quiet=True))
+    fp = p["fingerprint"]["template"]
+    assert p["decisions"]["flip_axes"]["value"] == [0, 2]  # real Hippocampus and the synthetic cohort: axis 1
+    assert all(pp >= min(e, 16) for pp, e in zip(p["decisions"]["patch"]["value"], fp["foreground"]["extent_vox"]))
