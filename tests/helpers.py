@@ -180,3 +180,36 @@ def make_cohort(root: str | Path, *, n_unlabeled: int = 4, n_test: int = 2, shap
     split = {"template": ids[0], "unlabeled": ids[1:1 + n_unlabeled], "test": ids[1 + n_unlabeled:]}
     (root / "splits.json").write_text(json.dumps(split, indent=1))
     return split
+
+
+# --------------------------------------------------------------------------- a small file system
+
+
+import contextlib
+import subprocess
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, size_kb: int):
+    """A tmpfs of ``size_kb`` KiB mounted at ``folder`` (root only; pytest.skip elsewhere), to test
+    what a stage does when the disk fills up. ``resize(kb)`` on the yielded object frees space."""
+    import pytest
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip()})")
+
+    class _Fs:
+        path = folder
+
+        @staticmethod
+        def resize(kb: int) -> None:
+            subprocess.run(["mount", "-o", f"remount,size={kb}k", str(folder)], check=True)
+
+    try:
+        yield _Fs()
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

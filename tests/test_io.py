@@ -601,3 +601,19 @@ def test_atomic_files_get_the_umask_mode_not_0600(tmp_path):
         assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(old)
+
+
+def test_disk_full_is_one_line_naming_the_file_and_nothing_half_written(tmp_path):
+    import helpers
+    from semisam_o1.io import write_json
+
+    with helpers.small_filesystem(tmp_path / "fs", 64) as fs:
+        target = fs.path / "big.json"
+        with pytest.raises(InputError) as info:
+            write_json(target, {"x": "y" * 200_000})
+        msg = str(info.value)
+        assert "big.json" in msg and "No space left" in msg and "\n" not in msg
+        assert list(fs.path.iterdir()) == []  # no temporary file left behind
+        fs.resize(2048)
+        write_json(target, {"x": "y" * 200_000})  # the same call succeeds once space is freed
+        assert json.loads(target.read_text())["x"] == "y" * 200_000

@@ -23,6 +23,7 @@ import sys
 
 from . import __version__
 from .errors import InputError, ReportedError
+from .io import _WRITE_ERRNOS, write_error_message
 from .settings import add_options, from_namespace
 
 # name -> (module, one-line help). Order is the order of the pipeline.
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ReportedError as exc:  # its message is already on stderr
         return exc.code
+    except OSError as exc:  # an output that could not be written outside atomic_path (disk full, read-only)
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        print(f"semisam-o1 {args.command}: error: {write_error_message(exc.filename or 'an output', exc)}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"semisam-o1 {args.command}: interrupted; finished outputs are kept, re-run to resume", file=sys.stderr)
         return 130

@@ -31,6 +31,7 @@ line naming the file and the problem.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -70,6 +71,9 @@ __all__ = [
 # --------------------------------------------------------------------------- files
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -97,10 +101,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            raise InputError(write_error_message(path, exc)) from None
         raise
+
+
+def write_error_message(path, exc: OSError) -> str:
+    """One line for an output that could not be written (disk full, read-only, no permission)."""
+    return (f"{path}: cannot write ({exc.strerror or exc}); nothing half-written is left and finished outputs "
+            "are kept: free space or fix the folder, then run the same command again to resume")
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
