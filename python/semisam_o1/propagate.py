@@ -3,7 +3,8 @@
 Stage 1 of SemiSAM-O1 (Zhang et al., arXiv 2604.24109): the template's real
 label is carried to every other volume of the cohort through the encoder's
 dense features (read from the feature store written by ``semisam-o1 encode``).
-Only the template's label is ever read.
+Only the template's label is ever read; the template itself is never among the
+propagated cases (``train`` takes its real label from the dataset).
 
 Two methods:
 
@@ -26,9 +27,9 @@ the per-class vote shares are brought back to the voxel grid by trilinear
 interpolation, smoothed (``--smooth``) and arg-maxed. Defaults (k = 10,
 w = 1.0, stride 2, 20,000 background voxels, smoothing sigma 1, largest
 component) are the best of benchmarks/bench_propagate.py on the Hippocampus
-unlabeled pool (benchmarks/propagate.md; w moved from 1.5 to 1.0 after a finer
-grid at k = 10: mean Dice 0.781 / 0.782 / 0.780 / 0.778 for w = 0.75 / 1 /
-1.25 / 1.5 on 19 pool cases, 0.772 vs 0.764 on all 199).
+unlabeled pool (benchmarks/propagate.md; for w at k = 10: mean Dice 0.781 /
+0.782 / 0.780 / 0.778 for w = 0.75 / 1 / 1.25 / 1.5 on 19 pool cases, 0.772
+for w = 1 vs 0.764 for w = 1.5 on all 199).
 
 ``--recentre N`` (default 1) removes part of what the position term inherits from
 the template's box: after the vote, the case's coordinates are translated so that
@@ -77,18 +78,21 @@ Outputs: ``OUTPUT/<case>.nii.gz``, integer labels with the input image's
 voxel order, affine and header (``io.write_label``), and with
 ``--save-scores`` ``OUTPUT/scores/<case>.nii.gz``, float32 per-class scores
 (X, Y, Z, K) whose argmax is the label before the largest-component step (knn: vote
-shares in [0, 1]; prototype: cosine scores). Cases are processed one at a time (memory does not grow with
-the cohort); a finished case is skipped on a re-run, so an interrupted run
-resumes. All inputs are checked before anything is written.
+shares in [0, 1]; prototype: cosine scores); ``OUTPUT/stage.json``, the stage
+record (:mod:`semisam_o1.resume`: signed by the settings, the store's signature,
+the template label's SHA-256 and each case's store entry). Cases are processed one
+at a time (memory does not grow with the cohort); an interrupted run resumes,
+keeping the cases already written; a finished folder returns at once.
 
 Errors (InputError, exit 2, nothing written): missing features for a case or
 a features/image grid mismatch, a template label whose shape or affine differs
-from its image, an empty template label, bad options.
+from its image, an empty template label, an output path that is a file or not
+writable, a folder written with other settings (without ``--overwrite``), bad options.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 import time
 import warnings
@@ -99,10 +103,13 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
+from .settings import CaseOptions, Checked, ComputeOptions, check_range, option
 
 __all__ = [
-    "add_arguments",
-    "main",
+    "MethodOptions",
+    "PropagateSettings",
+    "SETTINGS",
+    "STAGE",
     "propagate",
     "area_fractions",
     "class_prototypes",
@@ -110,27 +117,105 @@ __all__ = [
     "augment_with_position",
     "build_template_model",
     "score_case",
+    "smooth_scores",
+    "labels_from_scores",
     "largest_component",
-    "DEFAULTS",
 ]
 
-#: Defaults chosen by benchmarks/bench_propagate.py (see benchmarks/propagate.md).
-DEFAULTS = dict(
-    method="knn",
-    k=10,
-    position_weight=1.0,  # stop 3: 0.772 vs 0.764 (w=1.5) on all 199 pool cases (quality.json propagate_position_weight)
-    coords="extent",
-    bank_background=20000,
-    bank_ring=0,
-    bank_reweight=False,
-    recentre=1,  # stop 5: pool 0.778 -> 0.782, round-1 UNet test 0.773 -> 0.775 (3 seeds); quality.json propagate_recentre
-    query_stride=2,
-    prototypes_per_class=3,
-    background_prototypes=8,
-    largest_component=True,
-    smooth=1.0,
-    seed=0,
-)
+METHODS = ("knn", "prototype")
+COORDS = ("extent", "mm")
+CLASS_PLANES = ("auto", "off")
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(kw_only=True)
+class MethodOptions(Checked):
+    """How the template's label is carried to a case (the method's parameters).
+
+    A field group of :class:`PropagateSettings`; :func:`build_template_model`,
+    :func:`score_case` and :func:`labels_from_scores` read only these fields, so
+    a benchmark can build one without a dataset or an output folder. Defaults:
+    the best of benchmarks/bench_propagate.py (benchmarks/propagate.md).
+    """
+
+    method: str = option("knn", "knn: transfer by the k most similar template voxels; prototype: class "
+                         "prototypes", choices=METHODS)
+    k: int = option(10, "knn: neighbours per voxel")
+    position_weight: float = option(1.0, "knn: w in cos - (w^2/2)|p_q - p_b|^2; 0 switches the position term "
+                                    "off (needed when the cohort's field of view is not consistent)")
+    coords: str = option("extent", "knn: normalised positions: each volume's box onto [-1,1] (extent), or "
+                         "centred mm scaled by the template's half-extent (mm)", choices=COORDS)
+    bank_background: int = option(20000, "knn: background template voxels sampled into the bank (-1: all)")
+    bank_ring: int = option(0, "knn: keep every background voxel within this many voxels of the foreground in "
+                            "the bank (measured, benchmarks/propagate.md, 19 pool cases, k=10 w=1.5, 5000 "
+                            "sampled: ring 3 mean Dice 0.768 with smoothing + largest component, vs 0.778 for "
+                            "the 20000-voxel bank without ring)")
+    bank_reweight: bool = option(False, "knn: weight sampled background voxels by the inverse sampling rate in "
+                                 "the vote (measured, benchmarks/propagate.md, 19 pool cases, k=10 w=1.5, 5000 "
+                                 "sampled: mean Dice 0.764, with ring 3 0.758, vs 0.778 unweighted with 20000)")
+    recentre: int = option(1, "knn: passes that shift the case's coordinates so its predicted foreground "
+                           "centroid meets the template's, then vote again (0: none)")
+    query_stride: int = option(2, "knn: query every n-th voxel per axis, interpolate the vote shares")
+    prototypes_per_class: int = option(3, "prototype: prototypes per foreground class (k-means when > 1)")
+    background_prototypes: int = option(8, "prototype: prototypes for the background (k-means when > 1)")
+    largest_component: bool = option(True, "keep the largest 26-connected component of each foreground class")
+    smooth: float = option(1.0, "Gaussian smoothing (sigma, voxels) of the class scores before the argmax; "
+                           "0: none")
+    seed: int = option(0, "seed of the background sample (knn) and of k-means (prototype)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise InputError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.coords not in COORDS:
+            raise InputError(f"--coords {self.coords}: choose one of {', '.join(COORDS)}")
+        check_range("k", self.k, 1)
+        check_range("position_weight", self.position_weight, 0)
+        check_range("bank_background", self.bank_background, -1)
+        check_range("bank_ring", self.bank_ring, 0)
+        check_range("recentre", self.recentre, 0)
+        check_range("query_stride", self.query_stride, 1)
+        check_range("prototypes_per_class", self.prototypes_per_class, 1)
+        check_range("background_prototypes", self.background_prototypes, 1)
+        check_range("smooth", self.smooth, 0)
+
+
+def method_params(options: MethodOptions) -> dict:
+    """The :class:`MethodOptions` fields of ``options`` (a settings object) as a JSON-ready dict."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(MethodOptions)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class PropagateSettings(CaseOptions, ComputeOptions, MethodOptions):
+    """Settings of ``semisam-o1 propagate``: which cases, from which store and template, into
+    which folder, and the method (:class:`MethodOptions`)."""
+
+    features: Path = option(help="feature store written by `semisam-o1 encode`", flags=("-f", "--features"),
+                            type=Path, metavar="STORE")
+    template: str = option(help="case id of the one annotated template", metavar="ID")
+    output: Path = option(help="folder for the pseudo-labels (<case>.nii.gz)", flags=("-o", "--output"),
+                          type=Path, metavar="FOLDER", neutral=True)
+    subset: str = option("unlabeled", "comma-separated subsets of --split to propagate to (default: without "
+                         "--cases or --split, every case of the dataset but the template)")
+    axes: tuple[int, ...] | None = option(None, "encoding axes to use (default: all in the store)", nargs="+",
+                                          type=int, metavar="AXIS")
+    class_planes: str = option("auto", "auto: if the template's foreground classes follow each other along one "
+                               "axis, separated by planes (MSD Hippocampus: Anterior | Posterior), give every "
+                               "pseudo-label the same structure and write the rule to OUTPUT/class_planes.json",
+                               choices=CLASS_PLANES)
+    save_scores: bool = option(False, "also write per-class score maps to OUTPUT/scores/")
+    overwrite: bool = option(False, "redo every case of a folder written with other settings or inputs",
+                             neutral=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.features = Path(self.features)
+        self.output = Path(self.output)
+        if self.axes is not None:
+            self.axes = tuple(int(a) for a in self.axes)
+        if self.class_planes not in CLASS_PLANES:
+            raise InputError(f"--class-planes {self.class_planes}: choose one of {', '.join(CLASS_PLANES)}")
 
 
 # --------------------------------------------------------------------------- geometry helpers
@@ -366,7 +451,8 @@ def largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------- kernels / device
+
+# --------------------------------------------------------------------------- the template model
 
 
 def _kernels():
@@ -375,58 +461,33 @@ def _kernels():
     return kernels
 
 
-class _Device:
-    """Moves arrays to the device the kernels should run on (CPU NumPy, or torch CUDA
-    tensors, which the kernels dispatch to their CUDA build) and results back."""
-
-    def __init__(self, name: str):
-        self.name = name
-        if name == "cuda":
-            try:
-                import torch
-            except ImportError:  # pragma: no cover
-                raise InputError("--device cuda: torch is not installed") from None
-            if not torch.cuda.is_available():
-                raise InputError("--device cuda: no CUDA device is available (use --device cpu)")
-            if not _kernels().cuda_available():
-                raise InputError("--device cuda: the CUDA kernels (semisam_o1._core_cuda) are not built "
-                                 "in this install (use --device cpu)")
-        elif name != "cpu":
-            raise InputError(f"--device must be 'cpu' or 'cuda', not {name!r}")
-
-    def put(self, x: np.ndarray):
-        if self.name == "cuda":
-            import torch
-
-            return torch.as_tensor(np.ascontiguousarray(x), device="cuda")
-        return np.ascontiguousarray(x)
-
-    @staticmethod
-    def get(x) -> np.ndarray:
-        if hasattr(x, "detach"):
-            return x.detach().cpu().numpy()
-        if hasattr(x, "get") and not isinstance(x, np.ndarray):  # CuPy
-            return x.get()
-        return np.asarray(x)
-
-
-# --------------------------------------------------------------------------- the template model
-
-
 @dataclass
 class TemplateModel:
-    """What is kept of the template: prototypes per axis, or the kNN bank."""
+    """What is kept of the template: prototypes per axis, or the kNN bank.
+
+    Attributes:
+        method: "knn" or "prototype".
+        num_classes: K, background included.
+        axes: encoding axes used.
+        params: the method's options (:class:`MethodOptions`).
+        prototypes, owner: prototype method: axis -> (P, C) float32 prototypes and (P,) int32 their classes.
+        bank, bank_labels, bank_weights: knn: (N, C + 6) float32 position-augmented template voxels
+            (:func:`augment_with_position`), (N,) int32 their classes, (N,) float32 their vote weights.
+        fg_centroid: knn: (3,) normalised position of the template's foreground centroid.
+        bank_norm: knn: the bank rows' common norm.
+        coord_scale_mm: the template's half-extent in mm per axis (``--coords mm``).
+    """
 
     method: str
     num_classes: int
     axes: tuple[int, ...]
-    params: dict
-    prototypes: dict = field(default_factory=dict)  # axis -> (P, C) float32
-    owner: dict = field(default_factory=dict)  # axis -> (P,) int32
-    bank: np.ndarray | None = None  # (N, C') float32, position-augmented
-    bank_labels: np.ndarray | None = None  # (N,) int32
-    bank_weights: np.ndarray | None = None  # (N,) float32 vote weight of each bank row
-    fg_centroid: np.ndarray | None = None  # (3,) normalised position of the template's foreground centroid
+    params: MethodOptions
+    prototypes: dict = field(default_factory=dict)
+    owner: dict = field(default_factory=dict)
+    bank: np.ndarray | None = None
+    bank_labels: np.ndarray | None = None
+    bank_weights: np.ndarray | None = None
+    fg_centroid: np.ndarray | None = None
     bank_norm: float | None = None
     coord_scale_mm: tuple[float, float, float] | None = None
 
@@ -436,166 +497,215 @@ def _fg_check(label: np.ndarray, label_path) -> None:
         raise InputError(f"{label_path}: the template label is empty (no foreground voxel)")
 
 
-def build_template_model(cf, label: np.ndarray, num_classes: int, *, method: str = DEFAULTS["method"],
+def build_template_model(cf, label: np.ndarray, num_classes: int, params: MethodOptions, *,
                          axes: Sequence[int] | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                         class_names: Sequence[str] | None = None, **params) -> TemplateModel:
-    """Build the template model from the template's features ``cf`` (a store entry:
-    ``grid``, ``cell_to_voxel``, ``on_voxel_grid``, ``voxel_shape``) and its label
-    (X, Y, Z) uint8 class indices.
+                         class_names: Sequence[str] | None = None) -> TemplateModel:
+    """The template model from the template's features and label.
 
-    Parameters (``params``, defaults in :data:`DEFAULTS`): prototype method:
-    ``prototypes_per_class``, ``background_prototypes``, ``seed``; knn method: ``k``,
-    ``position_weight``, ``coords``, ``bank_background``, ``bank_ring``, ``bank_reweight``,
-    ``recentre``, ``query_stride``, ``seed``. Both: ``smooth``, ``largest_component`` (applied by
-    :func:`labels_from_scores`).
+    Args:
+        cf: the template's store entry (:class:`semisam_o1.store.CaseFeatures`: ``grid``,
+            ``cell_to_voxel``, ``on_voxel_grid``, ``voxel_shape``, ``axes``).
+        label: (X, Y, Z) integer class indices on the template's canonical voxel grid.
+        num_classes: K, background included.
+        params: the method and its options (a :class:`MethodOptions`, e.g. the stage's settings).
+        axes: encoding axes to use (default: the entry's).
+        spacing: (3,) the template's voxel spacing in mm (``--coords mm``).
+        class_names: K names, for warnings.
 
-    Raises InputError for an unknown method, k < 1 or k larger than the bank; warns
-    (UserWarning, naming the class) when a class has no voxel on the template's grid.
+    Returns:
+        a :class:`TemplateModel`.
+
+    Raises:
+        InputError: k larger than the kNN bank. Warns (UserWarning, naming the class) when a
+            class has no voxel on the template's grid.
     """
-    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
-    p["method"] = method
     axes = tuple(axes) if axes is not None else tuple(cf.axes if hasattr(cf, "axes") else (0, 1, 2))
-    model = TemplateModel(method=method, num_classes=num_classes, axes=axes, params=p)
-    if method == "prototype":
-        per = [int(p["background_prototypes"])] + [int(p["prototypes_per_class"])] * (num_classes - 1)
-        for axis in axes:
-            grid = cf.grid(axis)
-            offset, step = cf.cell_to_voxel(axis)
-            frac = area_fractions(label, num_classes, grid.shape[1:], offset, step)
-            with warnings.catch_warnings():
-                if axis != axes[0]:
-                    warnings.simplefilter("ignore")  # warn once, not once per axis
-                protos, owner = class_prototypes(grid, frac, per, seed=int(p["seed"]), class_names=class_names)
-            model.prototypes[axis], model.owner[axis] = protos, owner
-        return model
-    if method != "knn":
-        raise InputError(f"--method must be 'knn' or 'prototype', not {method!r}")
-    if int(p["k"]) < 1:
-        raise InputError("--k must be at least 1")
-    if int(p.get("recentre") or 0) < 0:
-        raise InputError(f"--recentre {p['recentre']}: must be 0 (off) or more passes")
-    feats = cf.on_voxel_grid(axes=list(axes))  # (C, X, Y, Z) float32
-    C = feats.shape[0]
-    shape = label.shape
-    for c in range(1, num_classes):
-        if not np.any(label == c):
-            name = class_names[c] if class_names else str(c)
-            warnings.warn(f"template: class {c} ({name}) has no voxel in the template label; "
-                          "it cannot be propagated", UserWarning, stacklevel=2)
-    rng = np.random.default_rng(int(p["seed"]))
+    model = TemplateModel(method=params.method, num_classes=num_classes, axes=axes, params=params)
+    if params.method == "prototype":
+        _build_prototypes(model, cf, label, class_names)
+    else:
+        _build_knn_bank(model, cf, label, spacing, class_names)
+    return model
+
+
+def _build_prototypes(model: TemplateModel, cf, label: np.ndarray, class_names) -> None:
+    """Fill ``model.prototypes`` / ``model.owner``: per axis, the class prototypes of the template's
+    cells (:func:`area_fractions`, :func:`class_prototypes`)."""
+    p, K = model.params, model.num_classes
+    per = [int(p.background_prototypes)] + [int(p.prototypes_per_class)] * (K - 1)
+    for axis in model.axes:
+        grid = cf.grid(axis)
+        offset, step = cf.cell_to_voxel(axis)
+        frac = area_fractions(label, K, grid.shape[1:], offset, step)
+        with warnings.catch_warnings():
+            if axis != model.axes[0]:
+                warnings.simplefilter("ignore")  # warn once, not once per axis
+            protos, owner = class_prototypes(grid, frac, per, seed=int(p.seed), class_names=class_names)
+        model.prototypes[axis], model.owner[axis] = protos, owner
+
+
+def _bank_indices(label: np.ndarray, p: MethodOptions, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Flat voxel indices of the template's kNN bank and their vote weights.
+
+    Every foreground voxel, every background voxel within ``bank_ring`` voxels of the foreground,
+    and ``bank_background`` other background voxels drawn without replacement (all when -1 or
+    fewer exist). With ``bank_reweight`` a drawn voxel weighs the inverse sampling rate (it stands
+    for that many voxels of its region: the Horvitz-Thompson estimate of the full template's vote).
+
+    Returns:
+        (idx (N,) int64, weights (N,) float32).
+    """
     flat = label.reshape(-1)
     fg = np.flatnonzero(flat > 0)
-    ring_r = int(p["bank_ring"])
-    if ring_r > 0:
+    if p.bank_ring > 0:
         from scipy import ndimage
 
-        near = ndimage.binary_dilation(label > 0, iterations=ring_r).reshape(-1) & (flat == 0)
+        near = ndimage.binary_dilation(label > 0, iterations=int(p.bank_ring)).reshape(-1) & (flat == 0)
     else:
         near = np.zeros(flat.shape, bool)
     ring = np.flatnonzero(near)
     far = np.flatnonzero((flat == 0) & ~near)
-    nbg = int(p["bank_background"])
+    nbg = int(p.bank_background)
     far_weight = 1.0
     if 0 <= nbg < len(far):
         far_weight = len(far) / max(nbg, 1)
         far = np.sort(rng.choice(far, size=nbg, replace=False))
     idx = np.concatenate([fg, ring, far])
-    # importance weights: a sampled voxel stands for far_weight voxels of its region, so the vote
-    # estimates the full template's vote (Horvitz-Thompson); fg and ring voxels are all kept
-    model.bank_weights = np.concatenate([np.ones(len(fg) + len(ring), np.float32),
-                                         np.full(len(far), far_weight if p["bank_reweight"] else 1.0, np.float32)])
-    if len(idx) < int(p["k"]):
-        raise InputError(f"--k {p['k']} is larger than the template bank ({len(idx)} voxels)")
+    weights = np.concatenate([np.ones(len(fg) + len(ring), np.float32),
+                              np.full(len(far), far_weight if p.bank_reweight else 1.0, np.float32)])
+    return idx, weights
+
+
+def _build_knn_bank(model: TemplateModel, cf, label: np.ndarray, spacing, class_names) -> None:
+    """Fill the kNN bank of ``model``: the template's bank voxels' features with their normalised
+    positions folded in (:func:`augment_with_position`), labels, weights and foreground centroid."""
+    p, K = model.params, model.num_classes
+    feats = cf.on_voxel_grid(axes=list(model.axes))  # (C, X, Y, Z) float32
+    C = feats.shape[0]
+    shape = label.shape
+    for c in range(1, K):
+        if not np.any(label == c):
+            name = class_names[c] if class_names else str(c)
+            warnings.warn(f"template: class {c} ({name}) has no voxel in the template label; "
+                          "it cannot be propagated", UserWarning, stacklevel=3)
+    idx, model.bank_weights = _bank_indices(label, p, np.random.default_rng(int(p.seed)))
+    if len(idx) < int(p.k):
+        raise InputError(f"--k {p.k} is larger than the template bank ({len(idx)} voxels)")
+    n_fg = int((label > 0).sum())
     f = feats.reshape(C, -1)[:, idx].T
-    scale = tuple(float(n) * float(s) / 2 for n, s in zip(shape, spacing))
-    model.coord_scale_mm = scale
-    cx, cy, cz = normalised_coords(shape, p["coords"], spacing, scale)
+    model.coord_scale_mm = tuple(float(n) * float(s) / 2 for n, s in zip(shape, spacing))
+    cx, cy, cz = normalised_coords(shape, p.coords, spacing, model.coord_scale_mm)
     ii, jj, kk = np.unravel_index(idx, shape)
     pos = np.stack([cx[ii], cy[jj], cz[kk]], 1)
-    model.bank = augment_with_position(f, pos, float(p["position_weight"]), "bank")
-    model.fg_centroid = pos[: len(fg)].mean(0) if len(fg) else np.zeros(3, np.float32)
+    model.bank = augment_with_position(f, pos, float(p.position_weight), "bank")
+    model.fg_centroid = pos[:n_fg].mean(0) if n_fg else np.zeros(3, np.float32)
     model.bank_norm = float(np.sqrt((model.bank.astype(np.float64) ** 2).sum(1).max()))
-    model.bank_labels = flat[idx].astype(np.int32)
-    return model
+    model.bank_labels = label.reshape(-1)[idx].astype(np.int32)
+
+
+# --------------------------------------------------------------------------- scoring a case
 
 
 def score_case(model: TemplateModel, cf, *, spacing: Sequence[float] = (1.0, 1.0, 1.0), device: str = "cpu",
                threads: int | None = None) -> np.ndarray:
-    """Per-class scores (K, X, Y, Z) float32 of one case from its store entry ``cf``.
+    """Per-class scores of one case from its store entry ``cf``.
 
     prototype: the best prototype's cosine per class, trilinear to the voxel grid, mean
     over axes (classes with no prototype score -inf). knn: the vote share of each class
     among the k nearest template voxels (weights max(s, 0)), on the query grid, trilinear
     to the voxel grid.
+
+    Args:
+        model: from :func:`build_template_model`.
+        cf: the case's store entry.
+        spacing: (3,) the case's voxel spacing in mm (``--coords mm``).
+        device: ``"cpu"`` or ``"cuda"`` (a :func:`semisam_o1.device.resolve_device` result): where
+            the kernels run.
+        threads: CPU threads of the kernels (default: all).
+
+    Returns:
+        (K, X, Y, Z) float32 on the case's canonical voxel grid.
     """
+    if model.method == "prototype":
+        return _score_prototypes(model, cf, device, threads)
+    return _score_knn(model, cf, spacing, device, threads)
+
+
+def _score_prototypes(model: TemplateModel, cf, device: str, threads: int | None) -> np.ndarray:
+    from .device import to_device, to_host
+
     K = model.num_classes
     shape = tuple(int(s) for s in cf.voxel_shape)
-    dev = device if isinstance(device, _Device) else _Device(device)
     kern = _kernels()
-    if model.method == "prototype":
-        total = np.zeros((K, *shape), dtype=np.float32)
-        for axis in model.axes:
-            grid = cf.grid(axis)
-            C = grid.shape[0]
-            cells = grid.shape[1:]
-            protos, owner = model.prototypes[axis], model.owner[axis]
-            scores, _ = kern.prototype_similarity(dev.put(np.asarray(grid).reshape(C, -1).T),
-                                                  dev.put(protos), threads=threads)
-            scores = dev.get(scores)
-            per_class = np.full((K, scores.shape[0]), -np.inf, dtype=np.float32)
-            for c in range(K):
-                sel = owner == c
-                if sel.any():
-                    per_class[c] = scores[:, sel].max(1)
-            offset, step = cf.cell_to_voxel(axis)
-            src = [offset[d] + step[d] * np.arange(cells[d]) for d in range(3)]
-            finite = np.isfinite(per_class)
-            vals = np.where(finite, per_class, -2.0).reshape(K, *cells)
-            total += _interp_to_grid(vals, src, shape)
-        total /= len(model.axes)
+    total = np.zeros((K, *shape), dtype=np.float32)
+    for axis in model.axes:
+        grid = cf.grid(axis)
+        C, cells = grid.shape[0], grid.shape[1:]
+        protos, owner = model.prototypes[axis], model.owner[axis]
+        scores, _ = kern.prototype_similarity(to_device(np.asarray(grid).reshape(C, -1).T, device),
+                                              to_device(protos, device), threads=threads)
+        scores = to_host(scores)
+        per_class = np.full((K, scores.shape[0]), -np.inf, dtype=np.float32)
         for c in range(K):
-            if not (model.owner[model.axes[0]] == c).any():
-                total[c] = -np.inf
-        return total
-    p = model.params
-    stride = max(1, int(p["query_stride"]))
+            sel = owner == c
+            if sel.any():
+                per_class[c] = scores[:, sel].max(1)
+        offset, step = cf.cell_to_voxel(axis)
+        src = [offset[d] + step[d] * np.arange(cells[d]) for d in range(3)]
+        vals = np.where(np.isfinite(per_class), per_class, -2.0).reshape(K, *cells)
+        total += _interp_to_grid(vals, src, shape)
+    total /= len(model.axes)
+    for c in range(K):
+        if not (model.owner[model.axes[0]] == c).any():
+            total[c] = -np.inf
+    return total
+
+
+def _vote_shares(model: TemplateModel, q: np.ndarray, positions: np.ndarray, device: str,
+                 threads: int | None) -> np.ndarray:
+    """(Q, K) float32 weighted vote shares of the k nearest bank rows of queries ``q`` (Q, C) at
+    normalised ``positions`` (Q, 3); a query with no positive neighbour is background."""
+    from .device import to_device, to_host
+
+    p, K = model.params, model.num_classes
+    qa = augment_with_position(q, positions, float(p.position_weight), "query")
+    _, _, idx, sim = _kernels().knn_vote(to_device(qa, device), to_device(model.bank, device),
+                                         to_device(model.bank_labels, device), int(p.k), threads=threads,
+                                         return_topk=True)
+    idx, sim = to_host(idx), to_host(sim)
+    w = np.maximum(sim, 0).astype(np.float32)
+    if model.bank_weights is not None:
+        w = w * model.bank_weights[idx]
+    lab = model.bank_labels[idx]
+    votes = np.zeros((len(q), K), dtype=np.float32)
+    for c in range(K):
+        votes[:, c] = (w * (lab == c)).sum(1)
+    tot = votes.sum(1, keepdims=True)
+    share = np.where(tot > 0, votes / np.maximum(tot, 1e-30), 0.0)
+    share[tot[:, 0] <= 0, 0] = 1.0  # no positive neighbour: background
+    return share
+
+
+def _score_knn(model: TemplateModel, cf, spacing, device: str, threads: int | None) -> np.ndarray:
+    p, K = model.params, model.num_classes
+    shape = tuple(int(s) for s in cf.voxel_shape)
+    stride = max(1, int(p.query_stride))
     sub = _grid_points(shape, stride)
     feats = cf.on_voxel_grid(axes=list(model.axes))
     C = feats.shape[0]
     q = feats[:, sub[0]][:, :, sub[1]][:, :, :, sub[2]].reshape(C, -1).T
-    cx, cy, cz = normalised_coords(shape, p["coords"], spacing, model.coord_scale_mm)
+    cx, cy, cz = normalised_coords(shape, p.coords, spacing, model.coord_scale_mm)
     gx, gy, gz = np.meshgrid(cx[sub[0]], cy[sub[1]], cz[sub[2]], indexing="ij")
     pos = np.stack([gx.ravel(), gy.ravel(), gz.ravel()], 1)
-    k = int(p["k"])
-    w_pos = float(p["position_weight"])
-
-    def vote(positions):
-        qa = augment_with_position(q, positions, w_pos, "query")
-        _, _, idx, sim = kern.knn_vote(dev.put(qa), dev.put(model.bank), dev.put(model.bank_labels), k,
-                                       threads=threads, return_topk=True)
-        idx, sim = dev.get(idx), dev.get(sim)
-        w = np.maximum(sim, 0).astype(np.float32)
-        if model.bank_weights is not None:
-            w = w * model.bank_weights[idx]
-        lab = model.bank_labels[idx]
-        votes = np.zeros((len(q), K), dtype=np.float32)
-        for c in range(K):
-            votes[:, c] = (w * (lab == c)).sum(1)
-        tot = votes.sum(1, keepdims=True)
-        share = np.where(tot > 0, votes / np.maximum(tot, 1e-30), 0.0)
-        share[tot[:, 0] <= 0, 0] = 1.0  # no positive neighbour: background
-        return share
-
-    share = vote(pos)
-    for _ in range(int(p.get("recentre") or 0) if w_pos > 0 else 0):
+    share = _vote_shares(model, q, pos, device, threads)
+    for _ in range(int(p.recentre) if p.position_weight > 0 else 0):
         # translate the case's coordinates so that its predicted foreground centroid lands on the
         # template's foreground centroid, and vote again
         fgq = np.argmax(share, 1) > 0
         if not fgq.any():
             break
-        shift = model.fg_centroid - pos[fgq].mean(0)
-        pos = pos + shift[None].astype(np.float32)
-        share = vote(pos)
+        pos = pos + (model.fg_centroid - pos[fgq].mean(0))[None].astype(np.float32)
+        share = _vote_shares(model, q, pos, device, threads)
     share = share.T.reshape(K, len(sub[0]), len(sub[1]), len(sub[2]))
     if stride == 1:
         return np.ascontiguousarray(share, dtype=np.float32)
@@ -603,8 +713,8 @@ def score_case(model: TemplateModel, cf, *, spacing: Sequence[float] = (1.0, 1.0
 
 
 def smooth_scores(scores: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian smoothing (``sigma`` voxels, scipy.ndimage.gaussian_filter, borders reflected)
-    of each class's score map (K, X, Y, Z); -inf (a class without prototype) is kept."""
+    """Gaussian smoothing (``sigma`` voxels, scipy.ndimage.gaussian_filter, borders: nearest)
+    of each class's score map (K, X, Y, Z); a map holding -inf (a class without prototype) is kept."""
     if not sigma or sigma <= 0:
         return scores
     from scipy import ndimage
@@ -619,13 +729,20 @@ def smooth_scores(scores: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def labels_from_scores(scores: np.ndarray, model: TemplateModel, smooth: bool = True) -> np.ndarray:
-    """Optional Gaussian smoothing of the scores (``smooth`` parameter of the model, skipped
-    with ``smooth=False``), argmax over classes (ties: lowest class), then optional largest
-    component per class. (K, X, Y, Z) -> (X, Y, Z) uint8."""
+    """Labels from class scores: Gaussian smoothing (``model.params.smooth``; skipped with
+    ``smooth=False``, for scores already smoothed), argmax over classes (ties: lowest class),
+    then, with ``model.params.largest_component``, the largest component per class.
+
+    Args:
+        scores: (K, X, Y, Z) float32 (:func:`score_case`).
+
+    Returns:
+        (X, Y, Z) uint8 class indices.
+    """
     if smooth:
-        scores = smooth_scores(scores, float(model.params.get("smooth") or 0.0))
+        scores = smooth_scores(scores, float(model.params.smooth))
     lab = np.argmax(scores, axis=0).astype(np.uint8)
-    if model.params.get("largest_component"):
+    if model.params.largest_component:
         lab = largest_component(lab, model.num_classes)
     return lab
 
@@ -633,206 +750,187 @@ def labels_from_scores(scores: np.ndarray, model: TemplateModel, smooth: bool = 
 # --------------------------------------------------------------------------- the stage
 
 
-def _open_store(features):
-    if hasattr(features, "load") and hasattr(features, "has"):
-        return features
+@dataclass
+class _Inputs:
+    """What the stage reads, opened and checked (see :func:`_open_inputs`)."""
+
+    ds: object  # semisam_o1.io.Dataset
+    store: object  # semisam_o1.store.FeatureStore
+    cases: list[str]
+    axes: tuple[int, ...]
+    signed: dict
+
+
+def _open_inputs(s: PropagateSettings) -> _Inputs:
+    """Open the dataset and the store, choose the cases (never the template), and digest what
+    the stage reads: the store's signature, the template label's SHA-256, each case's store entry
+    (its meta.json, which holds the input image's hash).
+
+    Raises:
+        InputError: no such dataset, store, template or case; a case without features; an axis the
+            store lacks.
+    """
+    from .io import Dataset, file_sha256
+    from .resume import digest
+    from .settings import select_cases
     from .store import FeatureStore
 
-    if not Path(features).is_dir():
-        raise InputError(f"{features}: feature store not found (run `semisam-o1 encode` first)")
-    return FeatureStore(features)
-
-
-def propagate(input, features, template: str, output, *, cases: Sequence[str] | None = None,
-              split=None, subset: str | None = "unlabeled", method: str = DEFAULTS["method"],
-              k: int | None = None, position_weight: float | None = None, coords: str | None = None,
-              bank_background: int | None = None, bank_ring: int | None = None,
-              bank_reweight: bool | None = None, recentre: int | None = None, query_stride: int | None = None,
-              prototypes_per_class: int | None = None, background_prototypes: int | None = None,
-              largest_component: bool | None = None, smooth: float | None = None, axes: Sequence[int] | None = None,
-              class_planes: str = "auto", save_scores: bool = False, device: str = "cpu",
-              threads: int | None = None, overwrite: bool = False, seed: int | None = None,
-              quiet: bool = False) -> dict:
-    """Write round-0 pseudo-labels for ``cases`` (or the ``subset`` of ``split``, or every
-    case of the dataset but the template) into ``output``.
-
-    ``input``: dataset folder (MSD / nnU-Net) or :class:`semisam_o1.io.Dataset`.
-    ``features``: feature store folder, or an object with the ``FeatureStore`` interface.
-    Only the template's label is read. The template itself, if listed, gets its own label.
-    ``class_planes``: ``"auto"`` learns :mod:`semisam_o1.class_planes` from the template's
-    label and, when the template's foreground classes are separated by planes across one axis,
-    gives every pseudo-label the same structure and writes the rule to
-    ``OUTPUT/class_planes.json`` (for ``predict --class-planes``); ``"off"`` does neither.
-    Returns a summary dict (cases written / skipped, seconds, the class-planes rule).
-    Raises InputError.
-    """
-    from . import class_planes as planes
-    from .io import Dataset, canonical_shape, write_label, write_map
-
-    t_start = time.perf_counter()
-    ds = input if isinstance(input, Dataset) else Dataset(input)
-    store = _open_store(features)
-    if cases:
-        chosen = ds.select(cases=cases)
-    elif split is not None:
-        chosen = ds.select(split=split, subset=subset or "unlabeled")
+    ds = Dataset(s.input)
+    if not s.features.is_dir():
+        raise InputError(f"{s.features}: feature store not found (run `semisam-o1 encode` first)")
+    store = FeatureStore(s.features)
+    if s.template not in ds.images:
+        raise InputError(f"{ds.root}: template case {s.template} not found in imagesTr/")
+    if s.cases or s.split is not None:
+        cases = [c for c in select_cases(ds, s) if c != s.template]
     else:
-        chosen = [c for c in ds.cases if c != template]
-    if template not in ds.images:
-        raise InputError(f"{ds.root}: template case {template} not found in imagesTr/")
-    dev = _Device(device)
-    if threads is not None and int(threads) < 1:
-        raise InputError("--threads must be at least 1")
-    if class_planes not in ("auto", "off"):
-        raise InputError(f"--class-planes must be 'auto' or 'off', not {class_planes!r}")
-
-    # ---- check every input before writing anything
-    t_img = ds.read_image(template)
-    t_lab = ds.read_label(template, reference=t_img)  # shape / affine mismatch -> InputError
-    _fg_check(t_lab.array, t_lab.path)
-    missing = [c for c in dict.fromkeys([template, *chosen]) if not store.has(c)]
+        cases = [c for c in ds.cases if c != s.template]
+    missing = [c for c in [s.template, *cases] if not store.has(c)]
     if missing:
-        raise InputError(f"{features}: no features for case {missing[0]}"
+        raise InputError(f"{s.features}: no features for case {missing[0]}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                          + "; run `semisam-o1 encode` on them first")
-    t_cf = store.load(template)
-    if tuple(t_cf.voxel_shape) != t_img.shape:
-        raise InputError(f"{features}: features of {template} are on grid {tuple(t_cf.voxel_shape)}, "
-                         f"its image is {t_img.shape}: re-encode it")
-    if axes is not None:
-        bad = [a for a in axes if a not in tuple(store.axes)]
-        if bad:
-            raise InputError(f"--axes {bad[0]}: the store has axes {tuple(store.axes)}")
-    for case in chosen:
-        if case == template:
-            continue
-        shape = canonical_shape(ds.image_path(case))
-        cf_shape = tuple(int(s) for s in store.load(case).voxel_shape)
-        if cf_shape != shape:
-            raise InputError(f"{features}: features of {case} are on grid {cf_shape}, "
-                             f"its image is {shape}: re-encode it")
-    out = Path(output)
-    params = dict(k=k, position_weight=position_weight, coords=coords, bank_background=bank_background,
-                  bank_ring=bank_ring, bank_reweight=bank_reweight, recentre=recentre,
-                  query_stride=query_stride, prototypes_per_class=prototypes_per_class,
-                  background_prototypes=background_prototypes, largest_component=largest_component,
-                  smooth=smooth, seed=seed)
-    axes = tuple(axes) if axes is not None else tuple(store.axes)
-    model = build_template_model(t_cf, t_lab.array, ds.label_map.num_classes, method=method, axes=axes,
-                                 spacing=t_img.spacing, class_names=ds.label_map.names, **params)
-    rule, plane_errors = (planes.learn(t_lab.array, ds.label_map.num_classes) if class_planes == "auto"
-                          else (None, None))
+    bad = [a for a in (s.axes or ()) if a not in tuple(store.axes)]
+    if bad:
+        raise InputError(f"--axes {bad[0]}: the store has axes {tuple(store.axes)}")
+    signed = {"store": store.signature, "template_label": file_sha256(ds.label_path(s.template)),
+              "features": {c: digest(store.read_meta(c)) for c in [s.template, *cases]}}
+    return _Inputs(ds, store, cases, tuple(s.axes) if s.axes is not None else tuple(store.axes), signed)
+
+
+def _check_grid(s: PropagateSettings, case: str, cf_shape, image_shape) -> None:
+    if tuple(int(n) for n in cf_shape) != tuple(image_shape):
+        raise InputError(f"{s.features}: features of {case} are on grid {tuple(int(n) for n in cf_shape)}, "
+                         f"its image is {tuple(image_shape)}: re-encode it")
+
+
+def _template_model(s: PropagateSettings, inp: _Inputs) -> tuple[TemplateModel, np.ndarray]:
+    """Read and check the template (label on its image's grid, not empty, features on the same
+    grid), check every case's features grid against its image header, and build the model.
+
+    Returns:
+        (model, template label (X, Y, Z) class indices).
+
+    Raises:
+        InputError: a label/image or features/image mismatch, an empty template label, k larger
+            than the bank.
+    """
+    from .io import canonical_shape
+
+    ds = inp.ds
+    t_img = ds.read_image(s.template)
+    t_lab = ds.read_label(s.template, reference=t_img)  # shape / affine mismatch -> InputError
+    _fg_check(t_lab.array, t_lab.path)
+    t_cf = inp.store.load(s.template)
+    _check_grid(s, s.template, t_cf.voxel_shape, t_img.shape)
+    for case in inp.cases:
+        _check_grid(s, case, inp.store.load(case).voxel_shape, canonical_shape(ds.image_path(case)))
+    model = build_template_model(t_cf, t_lab.array, ds.label_map.num_classes, s, axes=inp.axes,
+                                 spacing=t_img.spacing, class_names=ds.label_map.names)
+    return model, t_lab.array
+
+
+def _class_planes(s: PropagateSettings, inp: _Inputs, label: np.ndarray, out: Path):
+    """Learn the class-planes rule from the template's label (``--class-planes auto``) and write it
+    to ``OUTPUT/class_planes.json``; with no rule, remove that file (one left by an overwritten run
+    would otherwise be applied by ``predict``). Returns the rule or None."""
+    from . import class_planes as planes
+
+    names = inp.ds.label_map.names
+    rule, errors = (planes.learn(label, inp.ds.label_map.num_classes) if s.class_planes == "auto"
+                    else (None, None))
     rule_path = out / planes.CLASS_PLANES_JSON
     if rule is not None:
-        planes.write(rule_path, rule, ds.label_map.names)
+        planes.write(rule_path, rule, names)
     elif rule_path.exists():
-        rule_path.unlink()  # a rule from an earlier run with other settings
-    if not quiet and class_planes == "auto":
+        rule_path.unlink()
+    if not s.quiet and s.class_planes == "auto":
         if rule is not None:
-            print(f"propagate: class planes: {rule.describe(ds.label_map.names)}; every pseudo-label gets "
+            print(f"propagate: class planes: {rule.describe(names)}; every pseudo-label gets "
                   f"the same structure ({rule_path})", file=sys.stderr)
-        elif plane_errors[0] is not None:
+        elif errors[0] is not None:
             print(f"propagate: class planes not used: the template's best planes misassign "
-                  f"{100 * min(plane_errors):.2f}% of its foreground", file=sys.stderr)
-    todo = [c for c in chosen if overwrite or not (out / f"{c}.nii.gz").exists()
-            or (save_scores and not (out / "scores" / f"{c}.nii.gz").exists())]
-    skipped = len(chosen) - len(todo)
-    from tqdm import tqdm
+                  f"{100 * min(errors):.2f}% of its foreground", file=sys.stderr)
+    return rule
 
+
+def _label_case(s: PropagateSettings, inp: _Inputs, model: TemplateModel, rule, case: str, out: Path,
+                device: str) -> None:
+    """Score one case, turn the scores into its pseudo-label (smoothing, argmax, largest component,
+    class planes) and write it (and its scores with ``--save-scores``), atomically."""
+    from . import class_planes as planes
+    from .io import write_label, write_map
+
+    img = inp.ds.read_image(case)
+    cf = inp.store.load(case)
+    _check_grid(s, case, cf.voxel_shape, img.shape)
+    scores = score_case(model, cf, spacing=img.spacing, device=device, threads=s.threads)
+    scores = smooth_scores(scores, float(s.smooth))
+    lab = labels_from_scores(scores, model, smooth=False)
+    if rule is not None:
+        lab = planes.apply(lab, rule)
+    if s.save_scores:
+        write_map(out / "scores" / f"{case}.nii.gz",
+                  np.moveaxis(np.where(np.isfinite(scores), scores, -1.0), 0, -1), img)
+    write_label(out / f"{case}.nii.gz", lab, img, inp.ds.label_map)
+
+
+def _done(s: PropagateSettings, out: Path, case: str) -> bool:
+    return (out / f"{case}.nii.gz").exists() and (not s.save_scores or (out / "scores" / f"{case}.nii.gz").exists())
+
+
+def propagate(settings: PropagateSettings) -> dict:
+    """Write round-0 pseudo-labels for the chosen cases (``cases``, or the ``subset`` of ``split``,
+    or every case of the dataset; never the template) into ``settings.output``.
+
+    Every input is checked before anything is written. A folder whose record (``stage.json``) says
+    it finished with the same settings and inputs returns its summary at once; an unfinished one
+    resumes, keeping the cases already written.
+
+    Args:
+        settings: a :class:`PropagateSettings`.
+
+    Returns:
+        the summary: ``written`` / ``skipped`` (cases), ``template``, ``method``, ``params`` (the
+        :class:`MethodOptions`), ``axes``, ``class_planes`` (the rule's JSON or None), ``device``,
+        ``seconds`` (the whole stage), ``seconds_per_case`` (mean over written cases, or None).
+
+    Raises:
+        InputError: see the module's docstring (one line; nothing written).
+    """
+    from .device import resolve_device
+    from .progress import progress
+    from .resume import open_stage
+
+    s = settings
+    t_start = time.perf_counter()
+    device = resolve_device(s.device, kernels=True)
+    inp = _open_inputs(s)
+    record = open_stage(s.output, "propagate", s, inputs=inp.signed, overwrite=s.overwrite)
+    if record.finished:
+        return record.summary()
+    model, t_label = _template_model(s, inp)
+    reuse = record.reuse  # (read before start(), which marks the folder as this signature's)
+    record.start()
+    out = record.folder
+    rule = _class_planes(s, inp, t_label, out)
+    todo = [c for c in inp.cases if not (reuse and _done(s, out, c))]
     seconds = []
-    for case in tqdm(todo, desc="propagate", unit="case", disable=quiet):
+    for case in progress(todo, quiet=s.quiet, desc="propagate"):
         t0 = time.perf_counter()
-        img = ds.read_image(case)
-        if case == template:
-            write_label(out / f"{case}.nii.gz", t_lab.array, img, ds.label_map)
-            continue
-        cf = store.load(case)
-        if tuple(cf.voxel_shape) != img.shape:
-            raise InputError(f"{features}: features of {case} are on grid {tuple(cf.voxel_shape)}, "
-                             f"its image is {img.shape}: re-encode it")
-        scores = score_case(model, cf, spacing=img.spacing, device=dev, threads=threads)
-        scores = smooth_scores(scores, float(model.params.get("smooth") or 0.0))
-        lab = labels_from_scores(scores, model, smooth=False)
-        if rule is not None:
-            lab = planes.apply(lab, rule)
-        if save_scores:
-            write_map(out / "scores" / f"{case}.nii.gz", np.moveaxis(np.where(np.isfinite(scores), scores, -1.0), 0, -1), img)
-        write_label(out / f"{case}.nii.gz", lab, img, ds.label_map)
+        _label_case(s, inp, model, rule, case, out, device)
         seconds.append(time.perf_counter() - t0)
-    summary = dict(written=len(todo), skipped=skipped, template=template, method=method,
-                   params={k2: v for k2, v in model.params.items()}, axes=list(model.axes),
-                   class_planes=None if rule is None else rule.to_json(ds.label_map.names),
+    summary = dict(written=len(todo), skipped=len(inp.cases) - len(todo), template=s.template, method=s.method,
+                   params=method_params(s), axes=list(model.axes),
+                   class_planes=None if rule is None else rule.to_json(inp.ds.label_map.names), device=device,
                    seconds=round(time.perf_counter() - t_start, 2),
                    seconds_per_case=round(float(np.mean(seconds)), 3) if seconds else None)
-    if not quiet:
-        print(f"propagate: {len(todo)} cases written, {skipped} already done, into {out} "
+    record.finish(summary)
+    if not s.quiet:
+        print(f"propagate: {summary['written']} cases written, {summary['skipped']} already done, into {out} "
               f"({summary['seconds']:.1f} s)", file=sys.stderr)
     return summary
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-i", "--input", required=True, help="dataset folder (imagesTr/, labelsTr/, dataset.json)")
-    parser.add_argument("-f", "--features", required=True, help="feature store written by `semisam-o1 encode`")
-    parser.add_argument("--template", required=True, help="case id of the one annotated template")
-    parser.add_argument("-o", "--output", required=True, help="folder for the pseudo-labels (<case>.nii.gz)")
-    sel = parser.add_argument_group("cases (default: every case of the dataset but the template)")
-    sel.add_argument("--cases", nargs="+", metavar="ID", help="case ids")
-    sel.add_argument("--split", help="split file (splits.json)")
-    sel.add_argument("--subset", default="unlabeled", help="subset(s) of --split, comma-separated")
-    m = parser.add_argument_group("method")
-    m.add_argument("--method", choices=["knn", "prototype"], default=DEFAULTS["method"],
-                   help="knn: transfer by the k most similar template voxels; prototype: class prototypes")
-    m.add_argument("--k", type=int, default=DEFAULTS["k"], help="knn: neighbours per voxel")
-    m.add_argument("--position-weight", type=float, default=DEFAULTS["position_weight"],
-                   help="knn: w in cos - (w^2/2)|p_q - p_b|^2; 0 switches the position term off "
-                        "(needed when the cohort's field of view is not consistent)")
-    m.add_argument("--coords", choices=["extent", "mm"], default=DEFAULTS["coords"],
-                   help="knn: normalised positions: each volume's box onto [-1,1] (extent), or centred mm "
-                        "scaled by the template's half-extent (mm)")
-    m.add_argument("--bank-background", type=int, default=DEFAULTS["bank_background"],
-                   help="knn: background template voxels sampled into the bank (-1: all)")
-    m.add_argument("--bank-ring", type=int, default=DEFAULTS["bank_ring"],
-                   help="knn: keep every background voxel within this many voxels of the foreground in the bank")
-    m.add_argument("--bank-reweight", action="store_true", default=DEFAULTS["bank_reweight"],
-                   help="knn: weight sampled background voxels by the inverse sampling rate in the vote")
-    m.add_argument("--recentre", type=int, default=DEFAULTS["recentre"],
-                   help="knn: passes that shift the case's coordinates so its predicted foreground centroid "
-                        "meets the template's, then vote again")
-    m.add_argument("--query-stride", type=int, default=DEFAULTS["query_stride"],
-                   help="knn: query every n-th voxel per axis, interpolate the vote shares")
-    m.add_argument("--prototypes-per-class", type=int, default=DEFAULTS["prototypes_per_class"],
-                   help="prototype: prototypes per foreground class (k-means when > 1)")
-    m.add_argument("--background-prototypes", type=int, default=DEFAULTS["background_prototypes"],
-                   help="prototype: prototypes for the background (k-means when > 1)")
-    lcc = m.add_mutually_exclusive_group()
-    lcc.add_argument("--largest-component", dest="largest_component", action="store_true",
-                     default=DEFAULTS["largest_component"], help="keep the largest component per class")
-    lcc.add_argument("--no-largest-component", dest="largest_component", action="store_false")
-    m.add_argument("--smooth", type=float, default=DEFAULTS["smooth"],
-                   help="Gaussian smoothing (sigma, voxels) of the class scores before the argmax; 0: none")
-    m.add_argument("--axes", type=int, nargs="+", help="encoding axes to use (default: all in the store)")
-    m.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    m.add_argument("--class-planes", choices=["auto", "off"], default="auto",
-                   help="auto: if the template's foreground classes follow each other along one axis, "
-                        "separated by planes (MSD Hippocampus: Anterior | Posterior), give every pseudo-label "
-                        "the same structure and write the rule to OUTPUT/class_planes.json (default: auto)")
-    parser.add_argument("--save-scores", action="store_true", help="also write per-class score maps to OUTPUT/scores/")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
-    parser.add_argument("--overwrite", action="store_true", help="recompute cases already written")
-    parser.add_argument("--quiet", action="store_true")
-
-
-def main(args: argparse.Namespace) -> int:
-    propagate(args.input, args.features, args.template, args.output, cases=args.cases, split=args.split,
-              subset=args.subset, method=args.method, k=args.k, position_weight=args.position_weight,
-              coords=args.coords, bank_background=args.bank_background, bank_ring=args.bank_ring,
-              bank_reweight=args.bank_reweight, recentre=args.recentre, query_stride=args.query_stride,
-              prototypes_per_class=args.prototypes_per_class, background_prototypes=args.background_prototypes,
-              largest_component=args.largest_component, smooth=args.smooth, axes=args.axes,
-              class_planes=args.class_planes, save_scores=args.save_scores,
-              device=args.device, threads=args.threads, overwrite=args.overwrite, seed=args.seed, quiet=args.quiet)
-    return 0
+SETTINGS = PropagateSettings
+STAGE = propagate
