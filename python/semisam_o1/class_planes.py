@@ -108,19 +108,19 @@ def _monotone_assignment(weights: np.ndarray) -> tuple[np.ndarray, float]:
 def learn(label: np.ndarray, num_classes: int, tolerance: float = DEFAULT_TOLERANCE) -> tuple[ClassPlanes | None, list]:
     """Check whether the template's foreground classes are separated by planes across one axis.
 
-    Parameters
-    ----------
-    label : (X, Y, Z) integer class indices in canonical (RAS+) order, the template's real label.
-    num_classes : K, background included.
-    tolerance : largest accepted fraction of misassigned foreground voxels, in [0, 1).
+    Args:
+        label: (X, Y, Z) integer class indices in canonical (RAS+) order, the template's real label.
+        num_classes: K, background included.
+        tolerance: largest accepted fraction of misassigned foreground voxels, in [0, 1).
 
-    Returns
-    -------
-    (rule, errors): ``rule`` is a :class:`ClassPlanes` for the best axis when its error is at most
-    ``tolerance`` and at least two foreground classes are present, else None; ``errors`` lists the
-    misassigned fraction for each axis (None when fewer than two classes are present).
+    Returns:
+        ``(rule, errors)``: ``rule`` is a :class:`ClassPlanes` for the best axis when its error is at
+        most ``tolerance`` and at least two foreground classes are present, else None; ``errors``
+        lists the misassigned fraction of the foreground for each axis (None each when fewer than
+        two classes are present).
 
-    Raises InputError for a tolerance outside [0, 1) or an empty label.
+    Raises:
+        InputError: a tolerance outside [0, 1), or a label without foreground.
     """
     if not (0.0 <= float(tolerance) < 1.0):
         raise InputError(f"class planes: tolerance {tolerance} must be in [0, 1)")
@@ -148,15 +148,14 @@ def learn(label: np.ndarray, num_classes: int, tolerance: float = DEFAULT_TOLERA
 def apply(label: np.ndarray, rule: ClassPlanes) -> np.ndarray:
     """Re-assign the foreground of ``label`` to the rule's classes by slices along its axis.
 
-    Parameters
-    ----------
-    label : (X, Y, Z) integer class indices, canonical order (a pseudo-label or a prediction).
-    rule : from :func:`learn` (or :func:`read`).
+    Args:
+        label: (X, Y, Z) integer class indices, canonical order (a pseudo-label or a prediction).
+        rule: from :func:`learn` (or :func:`read`).
 
-    Returns
-    -------
-    (X, Y, Z) array of ``label``'s dtype: background as in ``label``; every foreground voxel of
-    slice i takes the class assigned to slice i; foreground classes outside ``rule.order`` are kept.
+    Returns:
+        (X, Y, Z) array of ``label``'s dtype: background as in ``label``; every foreground voxel of
+        slice i takes the class assigned to slice i by the monotone slice-to-class assignment that
+        agrees with the most voxels of ``label``; foreground classes outside ``rule.order`` are kept.
     """
     lab = np.asarray(label)
     fg = np.isin(lab, rule.order)
@@ -172,14 +171,19 @@ def apply(label: np.ndarray, rule: ClassPlanes) -> np.ndarray:
 
 
 def write(path, rule: ClassPlanes, class_names: Sequence[str] | None = None) -> None:
-    """Write the rule as JSON (atomic)."""
+    """Write the rule as JSON (atomic, :func:`semisam_o1.io.write_json`), with the class names of
+    its order when ``class_names`` is given."""
     from .io import write_json
 
     write_json(Path(path), rule.to_json(class_names))
 
 
 def read(path) -> ClassPlanes:
-    """Read a rule written by :func:`write`. Raises InputError naming the file if it is unreadable."""
+    """The rule of a file written by :func:`write`.
+
+    Raises:
+        InputError: the file is unreadable or holds no rule (the line names it).
+    """
     try:
         d = json.loads(Path(path).read_text())
         rule = ClassPlanes.from_json(d)
