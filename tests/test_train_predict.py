@@ -1,10 +1,11 @@
-"""train / predict on a few real Hippocampus cases with the ``quick`` preset.
+"""train / predict on the cohort (real Hippocampus cases or the synthetic cohort) with the ``quick`` preset.
 
-Asserts: a loadable model with its config and log; predictions with the input's
-affine, shape and integer dtype; entropy maps equal to a NumPy entropy of the
-saved probabilities and within [0, ln K]; resume / skip behaviour; bad input
-(missing label, wrong grid, undeclared value) as one line naming the case with
-nothing written.
+Asserts: a loadable model with its config, log and stage record; predictions with the input's
+affine, shape and integer dtype; entropy maps equal to a NumPy entropy of the saved
+probabilities and within [0, ln K]; resume / skip / refusal behaviour from the stage records
+(other training cases, settings or label files; another model or rule); independent random
+streams per (seed, round); bad input (missing label, wrong grid, undeclared value, an output
+that is a file, an unreadable image) as one line naming the case or file with nothing written.
 """
 
 from __future__ import annotations
@@ -14,20 +15,31 @@ import math
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("monai")
-nib = pytest.importorskip("nibabel")
-
-from semisam_o1 import cli, nets  # noqa: E402
-from semisam_o1.errors import InputError  # noqa: E402
-from semisam_o1.predict import entropy_map, predict  # noqa: E402
-from semisam_o1.train import train  # noqa: E402
+from semisam_o1 import cli, nets
+from semisam_o1 import train as T
+from semisam_o1.errors import InputError
+from semisam_o1.io import file_sha256
+from semisam_o1.predict import PredictSettings, entropy_map, predict
+from semisam_o1.resume import read_record
+from semisam_o1.train import TrainSettings, train
 
 THREADS = 2
 ITERS = 4
+
+
+def _train(data_root, labels, template, output, **kw):
+    kw = {"preset": "quick", "iterations": ITERS, "device": "cpu", "threads": THREADS, "quiet": True, **kw}
+    return train(TrainSettings(input=data_root, labels=labels, template=template, output=output, **kw))
+
+
+def _predict(data_root, model, output, cases, **kw):
+    kw = {"device": "cpu", "threads": THREADS, "quiet": True, **kw}
+    return predict(PredictSettings(input=data_root, model=model, output=output, cases=tuple(cases), **kw))
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +54,15 @@ def setup(tmp_path_factory, data_root, split):
     for c in others:
         shutil.copy(data_root / "labelsTr" / f"{c}.nii.gz", labels / f"{c}.nii.gz")
     model = root / "model"
-    summary = train(data_root, labels, template, model, cases=others, preset="quick", iterations=ITERS,
-                    device="cpu", seed=0, threads=THREADS, quiet=True)
+    summary = _train(data_root, labels, template, model, cases=tuple(others), seed=0)
     return {"root": root, "labels": labels, "model": model, "template": template, "others": others,
-            "summary": summary}
+            "unseen": split["unlabeled"][2], "summary": summary}
 
 
-def test_train_writes_loadable_model(setup, data_root):
+def test_train_writes_loadable_model(setup):
     model, summary = setup["model"], setup["summary"]
     assert summary["skipped"] is False
-    for name in ("model.pt", "config.json", "train_log.csv"):
+    for name in ("model.pt", "config.json", "train_log.csv", "stage.json"):
         assert (model / name).is_file()
     assert not (model / "checkpoint.pt").exists()
     config = json.loads((model / "config.json").read_text())
@@ -60,6 +71,12 @@ def test_train_writes_loadable_model(setup, data_root):
     assert config["label_map"]["values"] == [0, 1, 2]
     assert config["normalisation"] == nets.NORMALISATION
     assert "last checkpoint" in config["model_selection"]
+    record = read_record(model)
+    assert record["stage"] == "train" and record["finished"]
+    assert record["command"].startswith("semisam-o1 train ") and "--cases" in record["command"]
+    assert record["signed"]["inputs"]["training_cases"] == config["training_cases"]
+    assert record["signed"]["inputs"]["labels"][setup["others"][0]] == \
+        file_sha256(setup["labels"] / f"{setup['others'][0]}.nii.gz")
     rows = (model / "train_log.csv").read_text().strip().splitlines()
     assert rows[0].startswith("iteration,loss")
     assert len(rows) == 1 + ITERS and all(np.isfinite(float(r.split(",")[1])) for r in rows[1:])
@@ -72,17 +89,99 @@ def test_train_writes_loadable_model(setup, data_root):
 def test_train_skips_finished_model(setup, data_root):
     model = setup["model"]
     before = (model / "model.pt").stat().st_mtime_ns
-    again = train(data_root, setup["labels"], setup["template"], model, cases=setup["others"], preset="quick",
-                  iterations=ITERS, device="cpu", threads=THREADS, quiet=True)
+    again = _train(data_root, setup["labels"], setup["template"], model, cases=tuple(setup["others"]), seed=0)
     assert again["skipped"] is True
+    assert again["training_cases"] == setup["summary"]["training_cases"]
     assert (model / "model.pt").stat().st_mtime_ns == before
+
+
+def test_train_refuses_a_model_of_other_cases_settings_or_labels(setup, data_root, tmp_path):
+    """A finished model trained on other cases, with other settings or from other label files is
+    refused with one line naming what differs (it used to be skipped, or kept with a warning)."""
+    model = setup["model"]
+    before = (model / "model.pt").stat().st_mtime_ns
+    with pytest.raises(InputError, match="training_cases"):
+        _train(data_root, setup["labels"], setup["template"], model, cases=(setup["others"][0],), seed=0)
+    with pytest.raises(InputError, match="iterations"):
+        _train(data_root, setup["labels"], setup["template"], model, cases=tuple(setup["others"]), seed=0,
+               iterations=ITERS + 1)
+    changed = tmp_path / "labels"
+    shutil.copytree(setup["labels"], changed)
+    case = setup["others"][1]
+    src = nib.load(str(changed / f"{case}.nii.gz"))
+    arr = np.asarray(src.dataobj).copy()
+    arr[arr == 1] = 2
+    nib.save(nib.Nifti1Image(arr, src.affine, src.header), str(changed / f"{case}.nii.gz"))
+    shutil.copy(model / "stage.json", tmp_path / "stage.json")
+    # same label folder path, other contents: the label digests differ
+    moved = setup["root"] / "labels_moved"
+    setup["labels"].rename(moved)
+    try:
+        shutil.copytree(changed, setup["labels"])
+        with pytest.raises(InputError, match="inputs.labels"):
+            _train(data_root, setup["labels"], setup["template"], model, cases=tuple(setup["others"]), seed=0)
+    finally:
+        shutil.rmtree(setup["labels"])
+        moved.rename(setup["labels"])
+    assert (model / "model.pt").stat().st_mtime_ns == before
+    assert read_record(model)["finished"]
+
+
+def test_train_overwrite_retrains_other_cases(setup, data_root):
+    out = setup["root"] / "model_overwrite"
+    shutil.copytree(setup["model"], out)
+    s = _train(data_root, setup["labels"], setup["template"], out, cases=(setup["others"][0],), iterations=1,
+               overwrite=True)
+    assert s["skipped"] is False
+    assert json.loads((out / "config.json").read_text())["training_cases"] == [setup["template"],
+                                                                               setup["others"][0]]
+
+
+def _first_draws(monkeypatch, data_root, setup, out: Path, seed: int, round_: int):
+    """(initial weights, first batch) of a one-iteration training of (seed, round)."""
+    real_build = nets.build_net
+    seen: dict = {}
+
+    def capturing(params):
+        net = real_build(params)
+        if "weights" not in seen:
+            seen["weights"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            forward = net.forward
+
+            def recording(x):
+                seen.setdefault("batch", x.detach().clone())
+                return forward(x)
+
+            net.forward = recording
+        return net
+
+    monkeypatch.setattr(nets, "build_net", capturing)
+    _train(data_root, setup["labels"], setup["template"], out, cases=tuple(setup["others"]), iterations=1,
+           seed=seed, round=round_)
+    monkeypatch.setattr(nets, "build_net", real_build)
+    return seen["weights"], seen["batch"]
+
+
+def test_seed_and_round_streams_are_independent(setup, data_root, monkeypatch):
+    """Round 2 of seed 0 and round 1 of seed 1 (seed + round equal) start from other weights and draw
+    other patches; the same (seed, round) draws the same."""
+    root = setup["root"]
+    w02, b02 = _first_draws(monkeypatch, data_root, setup, root / "streams_0_2", 0, 2)
+    w11, b11 = _first_draws(monkeypatch, data_root, setup, root / "streams_1_1", 1, 1)
+    again, b_again = _first_draws(monkeypatch, data_root, setup, root / "streams_0_2_again", 0, 2)
+    key = next(k for k in w02 if k.endswith("weight") and w02[k].numel() > 10)
+    assert not torch.allclose(w02[key], w11[key])
+    assert not torch.equal(b02, b11)
+    for k in w02:
+        torch.testing.assert_close(w02[k], again[k], rtol=0, atol=0)
+    torch.testing.assert_close(b02, b_again, rtol=0, atol=0)
+    assert json.loads((root / "streams_0_2" / "config.json").read_text())["round"] == 2
 
 
 def test_predict_outputs(setup, data_root):
     out = setup["root"] / "pred"
-    cases = [setup["template"], "hippocampus_004"]
-    res = predict(data_root, setup["model"], out, cases=cases, device="cpu", threads=THREADS,
-                  probabilities=True, quiet=True)
+    cases = [setup["template"], setup["unseen"]]
+    res = _predict(data_root, setup["model"], out, cases, probabilities=True)
     assert res["predicted"] == 2 and res["skipped"] == 0
     ent_json = json.loads((out / "entropy.json").read_text())
     log_k = math.log(3)
@@ -110,32 +209,55 @@ def test_predict_outputs(setup, data_root):
         np.testing.assert_array_equal(lab_a[clear], np.argmax(p, -1)[clear])
         assert ent_json[case] == pytest.approx(e.mean(), rel=1e-5)
         assert res["entropy"][case] == pytest.approx(e.mean(), rel=1e-5)
-    meta = json.loads((out / "predict.json").read_text())
-    assert meta["model_sha256"] == nets.file_sha256(setup["model"] / "model.pt")
+    record = read_record(out)
+    assert record["finished"] and record["command"].startswith("semisam-o1 predict ")
+    assert record["signed"]["inputs"]["model_sha256"] == file_sha256(setup["model"] / "model.pt")
+    assert not (out / "predict.json").exists()
 
     # resume: nothing is predicted again, files untouched
     stamp = (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns
-    again = predict(data_root, setup["model"], out, cases=cases, device="cpu", threads=THREADS,
-                    probabilities=True, quiet=True)
+    again = _predict(data_root, setup["model"], out, cases, probabilities=True)
     assert again["predicted"] == 0 and again["skipped"] == 2
     assert (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns == stamp
     assert again["entropy"] == pytest.approx(res["entropy"])
 
 
+def test_predict_resumes_an_unfinished_folder(setup, data_root):
+    """An interrupted folder (record not finished) keeps the cases already written."""
+    out = setup["root"] / "pred_resume"
+    cases = [setup["template"], setup["unseen"]]
+    _predict(data_root, setup["model"], out, cases)
+    record = read_record(out)
+    record["finished"] = False
+    (out / "stage.json").write_text(json.dumps(record))
+    (out / f"{cases[1]}.nii.gz").unlink()
+    stamp = (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns
+    again = _predict(data_root, setup["model"], out, cases)
+    assert again["predicted"] == 1 and again["skipped"] == 1
+    assert (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns == stamp
+    assert (out / f"{cases[1]}.nii.gz").is_file() and read_record(out)["finished"]
+
+
+def test_predict_refuses_another_model(setup, data_root):
+    out = setup["root"] / "pred_other_model"
+    _predict(data_root, setup["model"], out, [setup["template"]])
+    other = setup["root"] / "model_other_seed"
+    _train(data_root, setup["labels"], setup["template"], other, cases=tuple(setup["others"]), iterations=1, seed=5)
+    with pytest.raises(InputError, match="model"):
+        _predict(data_root, other, out, [setup["template"]])
+
+
 def test_predict_with_class_planes(setup, data_root, capsys):
     from semisam_o1 import class_planes as CP
-    from semisam_o1.io import Dataset
+    from semisam_o1.io import Dataset, read_label
 
     rule = CP.ClassPlanes(1, (2, 1), 0.0, 0.01)
     rule_file = setup["root"] / CP.CLASS_PLANES_JSON
     CP.write(rule_file, rule)
     out = setup["root"] / "pred_planes"
-    case = "hippocampus_004"
-    predict(data_root, setup["model"], out, cases=[case], device="cpu", threads=THREADS, probabilities=True,
-            class_planes=rule_file, quiet=True)
+    case = setup["unseen"]
+    _predict(data_root, setup["model"], out, [case], probabilities=True, class_planes=rule_file)
     ds = Dataset(data_root)
-    from semisam_o1.io import read_label
-
     got = read_label(out / f"{case}.nii.gz", ds.label_map).array
     p = np.asarray(nib.as_closest_canonical(nib.load(str(out / f"{case}_probs.nii.gz"))).dataobj)
     expected = CP.apply(np.argmax(p, -1).astype(np.uint8), rule)
@@ -143,12 +265,12 @@ def test_predict_with_class_planes(setup, data_root, capsys):
     clear = margin > 1e-4
     assert clear.mean() > 0.99
     np.testing.assert_array_equal(got[clear], expected[clear])
-    assert json.loads((out / "predict.json").read_text())["class_planes"]["order"] == [2, 1]
+    assert read_record(out)["signed"]["inputs"]["class_planes"]["order"] == [2, 1]
     # the same folder without the rule (or with another) is refused: its labels were made with it
     rc = cli.main(["predict", "-i", str(data_root), "-m", str(setup["model"]), "-o", str(out), "--cases", case,
-                   "--device", "cpu", "--quiet"])
+                   "--device", "cpu", "--probabilities", "--quiet"])
     assert rc == 2
-    assert "class planes" in capsys.readouterr().err
+    assert "class_planes" in capsys.readouterr().err
 
 
 def test_entropy_map_reference():
@@ -183,16 +305,16 @@ def _cli_train(data_root, labels, template, cases, out):
                      "--device", "cpu", "--threads", str(THREADS), "--quiet"])
 
 
-def _assert_one_line_error(rc, capsys, case, out: Path):
+def _assert_one_line_error(rc, capsys, name, out: Path):
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert len(err.splitlines()) == 1 and case in err and "error" in err
-    assert not out.exists() or not any(out.iterdir())
+    assert len(err.splitlines()) == 1 and name in err and "error" in err
+    assert not out.exists() or (out.is_dir() and not any(out.iterdir())) or out.is_file()
 
 
 def test_missing_label_is_clear_error(setup, data_root, capsys):
     out = setup["root"] / "model_missing"
-    case = "hippocampus_004"  # no file in the labels folder
+    case = setup["unseen"]  # no file in the labels folder
     rc = _cli_train(data_root, setup["labels"], setup["template"], [setup["others"][0], case], out)
     _assert_one_line_error(rc, capsys, case, out)
 
@@ -214,8 +336,7 @@ def test_label_on_other_grid_is_clear_error(setup, data_root, capsys):
     aff[:3, 3] += 5.0
     nib.save(nib.Nifti1Image(np.asarray(src.dataobj), aff), str(labels2 / f"{case}.nii.gz"))
     with pytest.raises(InputError, match=case):
-        train(data_root, labels2, setup["template"], out, cases=[case], preset="quick", iterations=1,
-              device="cpu", threads=THREADS, quiet=True)
+        _train(data_root, labels2, setup["template"], out, cases=(case,), iterations=1)
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -232,20 +353,68 @@ def test_undeclared_label_value_is_clear_error(setup, data_root, capsys):
     _assert_one_line_error(rc, capsys, case, out)
 
 
+def test_test_case_in_training_is_refused(setup, data_root, split, cohort, tmp_path):
+    """--split trains on its template + unlabeled cases; a test case among them is refused."""
+    bad = tmp_path / "split.json"
+    bad.write_text(json.dumps({**split, "unlabeled": [split["unlabeled"][0], split["test"][0]]}))
+    with pytest.raises(InputError, match=split["test"][0]):
+        _train(data_root, setup["labels"], None, tmp_path / "m", split=bad, iterations=1)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "inside_file"])
+def test_unwritable_output_is_refused_before_training(setup, data_root, capsys, monkeypatch, where):
+    """-o an existing file (or a path under one): one line, exit 2, before any training or prediction."""
+    def never(*a, **k):
+        raise AssertionError("trained before the output was checked")
+
+    monkeypatch.setattr(T, "fit", never)
+    blocker = setup["root"] / f"blocker_{where}"
+    blocker.write_text("x")
+    out = blocker if where == "file" else blocker / "model"
+    rc = _cli_train(data_root, setup["labels"], setup["template"], [setup["others"][0]], out)
+    _assert_one_line_error(rc, capsys, str(blocker), out)
+    rc = cli.main(["predict", "-i", str(data_root), "-m", str(setup["model"]), "-o", str(out), "--cases",
+                   setup["template"], "--device", "cpu", "--quiet"])
+    _assert_one_line_error(rc, capsys, str(blocker), out)
+    assert blocker.read_text() == "x"
+
+
+def test_predict_unreadable_image_leaves_no_folder(setup, data_root, tmp_path, capsys):
+    """An image that cannot be read stops predict before its folder is created."""
+    ds = tmp_path / "dataset"
+    (ds / "imagesTr").mkdir(parents=True)
+    shutil.copy(data_root / "dataset.json", ds / "dataset.json")
+    good, broken = setup["template"], setup["unseen"]
+    shutil.copy(data_root / "imagesTr" / f"{good}.nii.gz", ds / "imagesTr" / f"{good}.nii.gz")
+    (ds / "imagesTr" / f"{broken}.nii.gz").write_bytes(b"not a nifti")
+    out = tmp_path / "pred"
+    rc = cli.main(["predict", "-i", str(ds), "-m", str(setup["model"]), "-o", str(out), "--cases", good, broken,
+                   "--device", "cpu", "--quiet"])
+    _assert_one_line_error(rc, capsys, broken, out)
+    assert not out.exists()
+
+
 def test_predict_rejects_unfinished_model(setup, data_root, tmp_path):
     with pytest.raises(InputError, match="not a finished model"):
-        predict(data_root, tmp_path, tmp_path / "pred", cases=[setup["template"]], device="cpu", quiet=True)
+        _predict(data_root, tmp_path, tmp_path / "pred", [setup["template"]])
+    assert not (tmp_path / "pred").exists()
 
 
-@pytest.mark.parametrize("ssl", ["mt", "uamt"])
-def test_mean_teacher_variants_train(setup, data_root, ssl):
-    out = setup["root"] / f"model_{ssl}"
-    s = train(data_root, setup["labels"], setup["template"], out, cases=setup["others"][:1], preset="quick",
-              iterations=2, ssl=ssl, device="cpu", threads=THREADS, quiet=True)
-    assert s["ssl"] == ssl and nets.is_finished(out)
+def test_mean_teacher_trains(setup, data_root):
+    out = setup["root"] / "model_mt"
+    s = _train(data_root, setup["labels"], setup["template"], out, cases=tuple(setup["others"][:1]), iterations=2,
+               ssl="mt")
+    assert s["ssl"] == "mt" and nets.is_finished(out)
     rows = [r.split(",") for r in (out / "train_log.csv").read_text().strip().splitlines()[1:]]
     assert len(rows) == 2
     assert all(float(r[3]) >= 0.0 and float(r[4]) > 0.0 for r in rows)  # consistency term and its weight
+
+
+def test_ssl_without_measurement_is_not_offered():
+    with pytest.raises(InputError, match="--ssl uamt"):
+        TrainSettings(input="d", labels="l", output="o", ssl="uamt")
+    assert "uamt_passes" not in nets.PRESETS["cpu"]
 
 
 @pytest.mark.parametrize("spatial_aug", [0.0, 0.5])
@@ -254,10 +423,9 @@ def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkey
     (with and without the random affine augmentation)."""
     quick = dict(nets.PRESETS["quick"], checkpoint_every=2)
     monkeypatch.setitem(nets.PRESETS, "quick", quick)
-    kw = dict(cases=setup["others"][:1], preset="quick", iterations=4, device="cpu", seed=3, threads=THREADS,
-              quiet=True, spatial_aug=spatial_aug)
+    kw = dict(cases=tuple(setup["others"][:1]), iterations=4, seed=3, round=1, spatial_aug=spatial_aug)
     full = setup["root"] / f"model_full_{spatial_aug}"
-    train(data_root, setup["labels"], setup["template"], full, **kw)
+    _train(data_root, setup["labels"], setup["template"], full, **kw)
 
     real_build = nets.build_net
     calls = {"n": 0}
@@ -278,10 +446,13 @@ def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkey
     part = setup["root"] / f"model_resumed_{spatial_aug}"
     monkeypatch.setattr(nets, "build_net", build_interrupting)
     with pytest.raises(KeyboardInterrupt):
-        train(data_root, setup["labels"], setup["template"], part, **kw)
+        _train(data_root, setup["labels"], setup["template"], part, **kw)
     monkeypatch.setattr(nets, "build_net", real_build)
     assert (part / "checkpoint.pt").is_file() and not nets.is_finished(part)
-    train(data_root, setup["labels"], setup["template"], part, **kw)
+    ck = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert ck["signature"] == read_record(part)["signature"]
+    train_ck = dict(ck)
+    _train(data_root, setup["labels"], setup["template"], part, **kw)
     assert nets.is_finished(part) and not (part / "checkpoint.pt").exists()
     a = torch.load(full / "model.pt", weights_only=True)
     b = torch.load(part / "model.pt", weights_only=True)
@@ -290,6 +461,15 @@ def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkey
     log_a = (full / "train_log.csv").read_text().splitlines()
     log_b = (part / "train_log.csv").read_text().splitlines()
     assert [r.split(",")[:2] for r in log_a] == [r.split(",")[:2] for r in log_b]
+
+    # a checkpoint of another signature is not resumed: training starts over
+    other = setup["root"] / f"model_other_ck_{spatial_aug}"
+    other.mkdir()
+    torch.save({**train_ck, "signature": "another", "iteration": 3}, other / "checkpoint.pt")
+    _train(data_root, setup["labels"], setup["template"], other, **kw)
+    c = torch.load(other / "model.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("share", [None, 0.0, 0.1, 0.5])
@@ -310,14 +490,14 @@ def test_draw_volumes_template_share(share):
 @pytest.mark.parametrize("option, bad", [("template_share", 1.0), ("spatial_aug", 1.5)])
 def test_training_option_is_recorded_and_checked(setup, data_root, option, bad):
     model = setup["root"] / f"model_{option}"
-    cfg = train(data_root, setup["labels"], setup["template"], model, cases=setup["others"], preset="quick",
-                iterations=2, device="cpu", seed=0, threads=THREADS, quiet=True, **{option: 0.5})
+    cfg = _train(data_root, setup["labels"], setup["template"], model, cases=tuple(setup["others"]), iterations=2,
+                 seed=0, **{option: 0.5})
     assert cfg[option] == 0.5
     assert json.loads((model / "config.json").read_text())[option] == 0.5
+    assert read_record(model)["signed"]["settings"][option] == 0.5
     with pytest.raises(InputError, match=option.replace("_", "-")):
-        train(data_root, setup["labels"], setup["template"], setup["root"] / f"model_bad_{option}",
-              cases=setup["others"], preset="quick", iterations=2, device="cpu", threads=THREADS, quiet=True,
-              **{option: bad})
+        _train(data_root, setup["labels"], setup["template"], setup["root"] / f"model_bad_{option}",
+               cases=tuple(setup["others"]), iterations=2, **{option: bad})
     assert not (setup["root"] / f"model_bad_{option}").exists()
 
 
@@ -335,8 +515,6 @@ def _is_crop_of(patch: np.ndarray, volume: np.ndarray) -> bool:
 def test_spatial_aug_moves_image_and_label_together(data_root, split):
     """--spatial-aug: RandAffined before the crop warps image and label by the same transform, and the
     foreground-centred crop finds the warped label's foreground (not the stale pre-computed indices)."""
-    from semisam_o1 import train as T
-
     case = split["unlabeled"][0]
     lab = nib.load(str(data_root / "labelsTr" / f"{case}.nii.gz"))
     label = np.asarray(lab.dataobj).astype(np.uint8)[None]
@@ -363,13 +541,3 @@ def test_spatial_aug_moves_image_and_label_together(data_root, split):
     assert np.mean(agree) > 0.9
     assert centre_fg >= 36  # crops centred on the warped foreground (a border crop may move the centre)
     assert changed >= 36  # the volumes are warped
-
-
-def test_checkpoint_signature_without_augmentation_matches_older_checkpoints():
-    """A checkpoint written before --spatial-aug existed (no such key) resumes a run without it,
-    and not one with it."""
-    from semisam_o1.train import _signature
-
-    old = {"preset_params": {"lr": 0.003}, "iterations": 4, "seed": 0, "template_share": 0.1}
-    assert _signature({**old, "spatial_aug": 0.0}) == _signature(old)
-    assert _signature({**old, "spatial_aug": 0.5}) != _signature(old)

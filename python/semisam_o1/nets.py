@@ -6,10 +6,13 @@ A model directory (written by :func:`semisam_o1.train.train`) holds
 * ``model.pt`` -- the network's ``state_dict`` (the student; the last
   checkpoint of training, see :mod:`semisam_o1.train`),
 * ``config.json`` -- preset, network parameters, normalisation, label map,
-  training cases, seed, command, times,
-* ``train_log.csv`` -- loss per logged iteration.
+  training cases, seed, round, times,
+* ``train_log.csv`` -- loss per logged iteration,
+* ``stage.json`` -- the stage record (:mod:`semisam_o1.resume`): the signature of
+  the settings and inputs, the command that reproduces the model, and whether
+  training finished.
 
-Only ``config.json`` and ``model.pt`` are needed to predict. Heavy imports
+``config.json`` and ``model.pt`` of a finished record are what ``predict`` reads. Heavy imports
 (torch, monai) happen inside functions.
 """
 
@@ -22,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import file_sha256  # noqa: F401  (re-exported: nets.file_sha256)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.pt"
@@ -67,7 +69,6 @@ PRESETS: dict[str, dict] = {
         "lr": 0.003,
         "sw_overlap": 0.25,
         "sw_batch_size": 4,
-        "uamt_passes": 2,
         "log_every": 1,
         "checkpoint_every": 0,
     },
@@ -84,7 +85,6 @@ PRESETS: dict[str, dict] = {
         "lr": 0.003,
         "sw_overlap": 0.25,
         "sw_batch_size": 4,
-        "uamt_passes": 4,
         "log_every": 10,
         "checkpoint_every": 250,
     },
@@ -100,7 +100,6 @@ PRESETS: dict[str, dict] = {
         "lr": 0.001,
         "sw_overlap": 0.5,
         "sw_batch_size": 8,
-        "uamt_passes": 8,
         "log_every": 20,
         "checkpoint_every": 500,
     },
@@ -168,49 +167,42 @@ def build_net(params: dict):
     return UNet(**p)
 
 
-def resolve_device(device: str | None):
-    """``"cpu"``, ``"cuda"`` (``"cuda:N"``) or ``"auto"``/None (cuda when available).
-
-    Raises InputError when CUDA is asked for and not available.
-    """
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: CUDA is not available to torch on this machine")
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise InputError(f"--device {device}: choose cpu, cuda or auto")
-
-
 def set_threads(threads: int | None) -> None:
-    """Limit torch's intra-op threads (``None``: leave torch's default)."""
+    """Limit torch's intra-op threads (``None``: leave torch's default; values are checked by
+    :class:`semisam_o1.settings.ComputeOptions`)."""
     if threads:
         import torch
 
-        if threads < 1:
-            raise InputError(f"--threads {threads}: must be at least 1")
         torch.set_num_threads(int(threads))
 
 
 def is_finished(model_dir: str | Path) -> bool:
-    """True when ``model_dir`` holds a finished model (config.json and model.pt)."""
+    """True when ``model_dir`` holds a finished model: config.json, model.pt and a stage record of
+    ``train`` marked finished."""
+    from .resume import RECORD
+
     d = Path(model_dir)
-    return (d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file()
+    if not ((d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file() and (d / RECORD).is_file()):
+        return False
+    try:
+        record = json.loads((d / RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("stage") == "train" and bool(record.get("finished"))
 
 
 def load_model(model_dir: str | Path, device=None):
     """Load a finished model directory.
 
-    Returns
-    -------
-    (net, config) : the UNet in eval mode on ``device`` (torch.device or str),
-    and the parsed config.json dict.
+    Args:
+        model_dir: a model folder written by :func:`semisam_o1.train.train`.
+        device: torch.device or str to put the network on (None: leave it on the CPU).
 
-    Raises InputError when the folder is not a finished model directory.
+    Returns:
+        (net, config): the UNet in eval mode and the parsed config.json dict.
+
+    Raises:
+        InputError: the folder is not a finished model directory, or its files cannot be read.
     """
     import torch
 

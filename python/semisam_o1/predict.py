@@ -1,7 +1,7 @@
 """Sliding-window prediction with voxel-wise softmax entropy.
 
 ``semisam-o1 predict -i DATASET -m MODEL -o PRED [--cases ID ... | --split FILE
-[--subset NAMES]] [--device cpu|cuda|auto] [--threads N] [--probabilities]
+[--subset NAMES]] [--device auto|cpu|cuda] [--threads N] [--probabilities]
 [--class-planes RULE] [--overwrite]``
 
 For each case: the image is normalised with the model's own normalisation
@@ -23,19 +23,21 @@ softmax probabilities p (K classes) give
   (X, Y, Z, K) softmax probabilities;
 * ``PRED/entropy.json`` -- ``{case: mean voxel entropy (nats)}`` over every
   case in PRED (mean over all voxels of the volume);
-* ``PRED/predict.json`` -- the model folder, its weights' SHA-256, the command.
+* ``PRED/stage.json`` -- the stage record (:mod:`semisam_o1.resume`): the
+  signature of the settings and inputs (the model's weights SHA-256, the
+  class-planes rule, every image's SHA-256) and the command that reproduces it.
 
-Cases whose outputs already exist are skipped (resume); a PRED folder written
-by another model (different weights hash) is an error unless ``--overwrite``.
-Every file is written atomically. No label is read.
+Re-running with the same signature skips a finished folder and resumes an
+unfinished one case by case; a PRED folder made from another model, rule or
+images is refused unless ``--overwrite``. Every input is checked before the
+folder is created; every file is written atomically. No label is read.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,59 +45,60 @@ from pathlib import Path
 import numpy as np
 
 from . import nets
+from .device import torch_device
 from .errors import InputError
-from .io import Dataset, write_json, write_label, write_map
+from .io import Dataset, canonical_shape, file_sha256, write_json, write_label, write_map
+from .resume import StageRecord, open_stage
+from .settings import CaseOptions, ComputeOptions, option, select_cases
 
 ENTROPY_JSON = "entropy.json"
-PREDICT_JSON = "predict.json"
+
+
+@dataclasses.dataclass(kw_only=True)
+class PredictSettings(CaseOptions, ComputeOptions):
+    """Settings of ``semisam-o1 predict`` (see the module docstring)."""
+
+    model: Path = option(help="model folder written by `semisam-o1 train`", flags=("-m", "--model"), type=Path,
+                         metavar="MODEL")
+    output: Path = option(help="prediction folder to write", flags=("-o", "--output"), type=Path, metavar="PRED",
+                          neutral=True)
+    probabilities: bool = option(False, "also write <case>_probs.nii.gz (X, Y, Z, K)")
+    class_planes: Path | None = option(None, "class_planes.json written by `semisam-o1 propagate`: re-split each "
+                                       "label's foreground into the template's classes by slices along the "
+                                       "rule's axis", type=Path, metavar="RULE")
+    overwrite: bool = option(False, "re-predict every case, even in a folder made from another model or rule",
+                             neutral=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.model, self.output = Path(self.model), Path(self.output)
+        if self.class_planes is not None:
+            self.class_planes = Path(self.class_planes)
 
 
 def label_file(output, case: str) -> Path:
+    """``PRED/<case>.nii.gz``."""
     return Path(output) / f"{case}.nii.gz"
 
 
 def entropy_file(output, case: str) -> Path:
+    """``PRED/<case>_entropy.nii.gz``."""
     return Path(output) / f"{case}_entropy.nii.gz"
 
 
 def probs_file(output, case: str) -> Path:
+    """``PRED/<case>_probs.nii.gz``."""
     return Path(output) / f"{case}_probs.nii.gz"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-i", "--dataset", required=True, default=argparse.SUPPRESS, help="MSD / nnU-Net dataset folder")
-    parser.add_argument("-m", "--model", required=True, default=argparse.SUPPRESS, help="model folder written by `semisam-o1 train`")
-    parser.add_argument("-o", "--output", required=True, default=argparse.SUPPRESS, help="prediction folder to write")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--cases", nargs="+", default=argparse.SUPPRESS, metavar="ID", help="case ids (default: all, or the split's subsets)")
-    group.add_argument("--split", default=argparse.SUPPRESS, help="split JSON; predicts the cases of --subset")
-    parser.add_argument("--subset", default=argparse.SUPPRESS, help="comma-separated subsets of --split (default: all of them)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--probabilities", action="store_true", help="also write <case>_probs.nii.gz (X, Y, Z, K)")
-    parser.add_argument("--class-planes", default=argparse.SUPPRESS, metavar="RULE",
-                        help="class_planes.json written by `semisam-o1 propagate`: re-split each label's foreground "
-                             "into the template's classes by slices along the rule's axis")
-    parser.add_argument("--overwrite", action="store_true", help="re-predict cases already in PRED")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    opt = lambda name: getattr(args, name, None)  # noqa: E731 (argparse.SUPPRESS leaves unset options out)
-    if opt("subset") and not opt("split"):
-        raise InputError("--subset needs --split")
-    command = "semisam-o1 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    predict(args.dataset, args.model, args.output, cases=opt("cases"), split=opt("split"), subset=opt("subset"),
-            device=args.device, threads=opt("threads"), probabilities=args.probabilities,
-            class_planes=opt("class_planes"), overwrite=args.overwrite, quiet=args.quiet, command=command)
-    return 0
 
 
 def entropy_map(probs: np.ndarray) -> np.ndarray:
     """Voxel-wise Shannon entropy in nats of softmax probabilities.
 
-    probs : (K, X, Y, Z) float, summing to 1 over axis 0.
-    Returns (X, Y, Z) float32 within [0, ln K] (0 ln 0 taken as 0).
+    Args:
+        probs: (K, X, Y, Z) float, summing to 1 over axis 0.
+
+    Returns:
+        (X, Y, Z) float32 within [0, ln K] (0 ln 0 taken as 0).
     """
     p = np.asarray(probs, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -104,7 +107,17 @@ def entropy_map(probs: np.ndarray) -> np.ndarray:
 
 
 def predict_volume(net, image: np.ndarray, config: dict, device) -> np.ndarray:
-    """Softmax probabilities (K, X, Y, Z) float32 of one canonical image array (X, Y, Z)."""
+    """Softmax probabilities of one image (MONAI ``sliding_window_inference``, Gaussian blending).
+
+    Args:
+        net: the UNet in eval mode on ``device``.
+        image: (X, Y, Z) canonical image array, raw intensities.
+        config: the model's config.json (normalisation, patch, preset parameters).
+        device: the torch.device of ``net``.
+
+    Returns:
+        (K, X, Y, Z) float32 probabilities.
+    """
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -124,106 +137,129 @@ def _mean_entropy_from_file(path: Path) -> float:
     return float(read_image(path).array.mean(dtype=np.float64))
 
 
-def predict(
-    dataset,
-    model,
-    output,
-    *,
-    cases=None,
-    split=None,
-    subset=None,
-    device: str | None = "auto",
-    threads: int | None = None,
-    probabilities: bool = False,
-    class_planes=None,
-    overwrite: bool = False,
-    quiet: bool = False,
-    command: str | None = None,
-) -> dict:
-    """Predict labels and entropy maps; see the module docstring for the files.
+@dataclasses.dataclass
+class _Plan:
+    """What :func:`prepare` checked: the dataset, cases, model, rule and the stage record."""
 
-    Returns
-    -------
-    dict with ``"output"`` (str), ``"entropy"`` ({case: mean entropy, nats} for the
-    requested cases), ``"predicted"`` / ``"skipped"`` (case counts) and ``"seconds"``.
+    ds: Dataset
+    cases: list
+    net: object
+    config: dict
+    rule: object
+    record: StageRecord
 
-    ``class_planes``: path of a rule written by ``propagate`` (``class_planes.json``) or a
-    :class:`semisam_o1.class_planes.ClassPlanes`; the written labels get its structure.
 
-    Raises InputError for an unknown case, a model that is not a finished model
-    folder, a model trained on other label values than the dataset's, a PRED
-    folder written by another model or with another class-planes rule (without
-    ``overwrite``), or an unreadable rule file.
+def prepare(settings: PredictSettings, dev) -> _Plan:
+    """Check the dataset, the cases, the model, the rule and the output folder; nothing is written.
+
+    Returns:
+        the :class:`_Plan` (its record says whether the folder is finished or reusable).
+
+    Raises:
+        InputError: an unknown case or an unreadable image header, a model that is not a finished model folder or was trained on
+            other label values than the dataset's, an unreadable rule file, or an output folder
+            that is a file, is not writable or holds predictions from another model, rule or
+            images (without ``overwrite``).
     """
     from . import class_planes as planes
-    import torch
-    from tqdm.auto import tqdm
 
-    output = Path(output)
-    if command is None:
-        command = (f"semisam_o1.predict.predict({str(dataset)!r}, {str(model)!r}, {str(output)!r}, cases={cases!r}, "
-                   f"split={None if split is None else str(split)!r}, subset={subset!r}, device={device!r})")
-    nets.set_threads(threads)
-    dev = nets.resolve_device(device)
-    ds = Dataset(dataset)
-    chosen = ds.select(cases=cases, split=split, subset=subset)
-    net, config = nets.load_model(model, dev)
+    ds = Dataset(settings.input)
+    cases = select_cases(ds, settings)
+    net, config = nets.load_model(settings.model, dev)
     if list(config["label_map"]["values"]) != list(ds.label_map.values):
-        raise InputError(f"{model}: trained on label values {config['label_map']['values']}, "
+        raise InputError(f"{settings.model}: trained on label values {config['label_map']['values']}, "
                          f"the dataset declares {list(ds.label_map.values)}")
-    sha = nets.file_sha256(Path(model) / nets.WEIGHTS_NAME)
-    rule = planes.read(class_planes) if isinstance(class_planes, (str, Path)) else class_planes
-    rule_json = None if rule is None else rule.to_json()
+    rule = planes.read(settings.class_planes) if settings.class_planes is not None else None
+    for case in cases:  # a header that cannot be read stops here, before the folder exists
+        canonical_shape(ds.image_path(case))
+    inputs = {"model_sha256": file_sha256(settings.model / nets.WEIGHTS_NAME),
+              "class_planes": None if rule is None else rule.to_json(),
+              "images": {c: file_sha256(ds.image_path(c)) for c in cases}}
+    record = open_stage(settings.output, "predict", settings, inputs=inputs, overwrite=settings.overwrite)
+    return _Plan(ds=ds, cases=cases, net=net, config=config, rule=rule, record=record)
 
-    meta_path = output / PREDICT_JSON
-    if meta_path.is_file() and not overwrite:
-        try:
-            old = json.loads(meta_path.read_text())
-        except ValueError:
-            old = {}
-        if old.get("model_sha256") not in (None, sha):
-            raise InputError(f"{output}: holds predictions of another model ({old.get('model')}); "
-                             "use another folder or --overwrite")
-        if old and old.get("class_planes") != rule_json:
-            raise InputError(f"{output}: holds predictions made with class planes {old.get('class_planes')}, "
-                             f"this run asks for {rule_json}; use another folder or --overwrite")
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(meta_path, {"model": str(Path(model).resolve()), "model_sha256": sha, "dataset": str(ds.root.resolve()),
-                           "class_planes": rule_json, "command": command, "entropy_unit": "nats",
-                           "entropy_max": math.log(ds.label_map.num_classes)})
 
-    ent_path = output / ENTROPY_JSON
-    entropies: dict[str, float] = {}
-    if ent_path.is_file() and not overwrite:
-        try:
-            entropies = {str(k): float(v) for k, v in json.loads(ent_path.read_text()).items()}
-        except (ValueError, AttributeError, TypeError):
-            entropies = {}
+def predict_case(plan: _Plan, settings: PredictSettings, case: str, dev) -> float:
+    """Predict one case and write its label, entropy map (and probabilities), each atomically.
 
+    Returns:
+        the case's mean voxel entropy (nats).
+    """
+    from . import class_planes as planes
+
+    out = settings.output
+    img = plan.ds.read_image(case)
+    probs = predict_volume(plan.net, img.array, plan.config, dev)
+    ent = entropy_map(probs)
+    if settings.probabilities:
+        write_map(probs_file(out, case), np.moveaxis(probs, 0, -1), img)
+    write_map(entropy_file(out, case), ent, img)
+    lab = np.argmax(probs, axis=0).astype(np.uint8)
+    write_label(label_file(out, case), lab if plan.rule is None else planes.apply(lab, plan.rule), img,
+                plan.ds.label_map)
+    return float(ent.astype(np.float64).mean())
+
+
+def _done(settings: PredictSettings, case: str) -> bool:
+    out = settings.output
+    return (label_file(out, case).is_file() and entropy_file(out, case).is_file()
+            and (probs_file(out, case).is_file() or not settings.probabilities))
+
+
+def _read_entropies(path: Path) -> dict[str, float]:
+    try:
+        return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def predict(settings: PredictSettings) -> dict:
+    """Predict labels and entropy maps; see the module docstring for the files.
+
+    Args:
+        settings: the stage's settings.
+
+    Returns:
+        ``"output"`` (str), ``"entropy"`` ({case: mean entropy, nats}), ``"predicted"`` /
+        ``"skipped"`` (case counts of this call), ``"seconds"``, ``"device"``, ``"entropy_unit"``
+        and ``"entropy_max"`` (ln K).
+
+    Raises:
+        InputError: see :func:`prepare`; found before the output folder is created.
+    """
+    from .progress import progress
+
+    nets.set_threads(settings.threads)
+    dev = torch_device(settings.device)
+    plan = prepare(settings, dev)
+    if plan.record.finished:
+        summary = plan.record.summary() or {}
+        return {**summary, "predicted": 0, "skipped": len(plan.cases)}
+    plan.record.start()
+    ent_path = settings.output / ENTROPY_JSON
+    entropies = _read_entropies(ent_path) if plan.record.reuse and ent_path.is_file() else {}
     t0 = time.time()
     n_pred = n_skip = 0
-    for i, case in enumerate(tqdm(chosen, desc="predict", unit="case", disable=quiet, dynamic_ncols=True)):
-        lab_p, ent_p, prob_p = label_file(output, case), entropy_file(output, case), probs_file(output, case)
-        if not overwrite and lab_p.is_file() and ent_p.is_file() and (prob_p.is_file() or not probabilities):
-            if case not in entropies:
-                entropies[case] = _mean_entropy_from_file(ent_p)
+    for case in progress(plan.cases, desc="predict", quiet=settings.quiet):
+        if plan.record.reuse and not settings.overwrite and _done(settings, case):
+            entropies.setdefault(case, _mean_entropy_from_file(entropy_file(settings.output, case)))
             n_skip += 1
             continue
-        img = ds.read_image(case)
-        probs = predict_volume(net, img.array, config, dev)
-        ent = entropy_map(probs)
-        if probabilities:
-            write_map(prob_p, np.moveaxis(probs, 0, -1), img)
-        write_map(ent_p, ent, img)
-        lab = np.argmax(probs, axis=0).astype(np.uint8)
-        write_label(lab_p, lab if rule is None else planes.apply(lab, rule), img, ds.label_map)
-        entropies[case] = float(ent.astype(np.float64).mean())
+        entropies[case] = predict_case(plan, settings, case, dev)
         n_pred += 1
         if n_pred % 25 == 0:
             write_json(ent_path, entropies)
     write_json(ent_path, entropies)
     seconds = time.time() - t0
-    if not quiet:
-        print(f"predict: {n_pred} cases predicted, {n_skip} already done, {seconds:.0f} s -> {output}", file=sys.stderr)
-    return {"output": str(output), "entropy": {c: entropies[c] for c in chosen}, "predicted": n_pred,
-            "skipped": n_skip, "seconds": round(seconds, 3), "device": str(dev)}
+    summary = {"output": str(settings.output), "entropy": {c: entropies[c] for c in plan.cases},
+               "predicted": n_pred, "skipped": n_skip, "seconds": round(seconds, 3), "device": str(dev),
+               "entropy_unit": "nats", "entropy_max": math.log(plan.ds.label_map.num_classes)}
+    plan.record.finish(summary)
+    if not settings.quiet:
+        print(f"predict: {n_pred} cases predicted, {n_skip} already done, {seconds:.0f} s -> {settings.output}",
+              file=sys.stderr)
+    return summary
+
+
+SETTINGS = PredictSettings
+STAGE = predict

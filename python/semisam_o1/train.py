@@ -1,16 +1,17 @@
 """Train a MONAI 3D UNet from scratch on pseudo-labels (the template keeps its real label).
 
-``semisam-o1 train -i DATASET -l LABELS --template ID [--cases ID ... | --split FILE]
--o MODEL [--ssl none|mt|uamt] [--preset quick|cpu|paper] [--iterations N] [--template-share F]
-[--spatial-aug P] [--device cpu|cuda|auto] [--seed S] [--threads N] [--overwrite]``
+``semisam-o1 train -i DATASET -l LABELS [--template ID] [--cases ID ... | --split FILE]
+-o MODEL [--ssl none|mt] [--preset quick|cpu|paper] [--iterations N] [--template-share F]
+[--spatial-aug P] [--device auto|cpu|cuda] [--seed S] [--round R] [--threads N] [--overwrite]``
 
 What is read (the honest one-label protocol)
     The template's label comes from the dataset (``labelsTr``); every other
     training case's label comes from the LABELS folder (pseudo-labels, one
     NIfTI per case, ``<case>.nii.gz`` or ``<case>.nii``). No other label is
-    read. With ``--split`` the training cases are the split's ``template`` and
-    ``unlabeled`` cases, never ``test``. Without ``--cases``/``--split`` they
-    are the template and every dataset case with a file in LABELS.
+    read. With ``--split`` the training cases are the split's ``--subset``
+    (default ``template,unlabeled``), never a ``test`` case. Without
+    ``--cases``/``--split`` they are the template and every dataset case with
+    a file in LABELS.
 
 Training
     ``monai.networks.nets.UNet`` (3D, instance norm) from scratch; loss
@@ -30,28 +31,32 @@ Training
     ``--template-share F``, from the template (the one real label) with
     probability F and uniformly from the pseudo-labelled volumes otherwise.
 
+Randomness
+    Every random draw comes from the streams of :mod:`semisam_o1.seeds` keyed by
+    (``--seed``, ``--round``, purpose): the initial weights (:data:`STREAM_INIT`),
+    and, re-seeded at every checkpoint block, the volume draws (:data:`STREAM_DRAWS`),
+    MONAI's transforms (:data:`STREAM_TRANSFORMS`) and torch's noise
+    (:data:`STREAM_TORCH`). Different (seed, round) pairs never share a stream, and a
+    resumed CPU run gives the same model as an uninterrupted one.
+
 Spatial augmentation and pseudo-labels (measured on MSD Hippocampus)
     A single UNet trained on pseudo-labels gains from ``--spatial-aug 0.5``
-    (mean foreground test Dice: +0.0015 to +0.0037 in four scratch models;
-    the loop's round-1 models +0.003 on average over four seeds), one trained
-    on the real labels does not (the "noisy student" effect, Xie et al., CVPR
-    2020); but ``run``'s whole loop with it in every round ends no better
-    (four seeds: 0.774 vs 0.776 without), so ``run`` leaves it off. Numbers:
+    (mean foreground test Dice: +0.0015 to +0.0037 in four models; the loop's
+    round-1 models +0.003 on average over four seeds), one trained on the real
+    labels does not (the "noisy student" effect, Xie et al., CVPR 2020); but
+    ``run``'s whole loop with it in every round ends no better (four seeds:
+    0.774 vs 0.776 without), so ``run`` leaves it off. Numbers:
     ``benchmarks/results/quality.json``, key ``spatial_augmentation``.
 
-Semi-supervised consistency (``--ssl``)
-    ``mt``: mean teacher (Tarvainen & Valpola, NeurIPS 2017): the teacher is an
+Semi-supervised consistency (``--ssl mt``)
+    Mean teacher (Tarvainen & Valpola, NeurIPS 2017): the teacher is an
     exponential moving average of the student (decay ``ema_decay``), sees the
-    batch with Gaussian noise (sigma 0.1, clipped to +-0.2, as Yu et al.), and
-    the student is pulled to the teacher's softmax by a mean squared error
-    weighted by ``consistency * exp(-5 (1 - t/T)^2)`` (sigmoid ramp-up over
-    ``consistency_rampup`` of the iterations).
-    ``uamt``: uncertainty-aware mean teacher (Yu et al., MICCAI 2019): the
-    teacher runs ``uamt_passes`` noisy passes; the entropy of their mean
-    softmax is the uncertainty, and only voxels whose uncertainty is below
-    ``(0.75 + 0.25 ramp(t)) * ln K`` enter the consistency loss.
-    The supervised loss uses the labels of every training case (here every
-    case has a pseudo-label); the consistency is added on the same batch.
+    batch with Gaussian noise (sigma 0.1, clipped to +-0.2, as Yu et al., MICCAI
+    2019), and the student is pulled to the teacher's softmax by a mean squared
+    error weighted by ``consistency * exp(-5 (1 - t/T)^2)`` (sigmoid ramp-up over
+    ``consistency_rampup`` of the iterations). Measured on MSD Hippocampus: a
+    round-1 UNet with it scores 0.772 mean foreground test Dice, the same as
+    without (docs/experiments.md, "Mean teacher").
 
 Model selection
     The **last checkpoint** is kept: ``model.pt`` holds the student's weights
@@ -60,142 +65,187 @@ Model selection
 
 Output (MODEL folder, every file written atomically)
     ``model.pt`` (state_dict), ``config.json`` (preset, network parameters,
-    normalisation, label map, training cases, seed, command, times; written
-    last, so its presence with ``model.pt`` marks a finished model) and
-    ``train_log.csv``. A finished MODEL folder is skipped unless
-    ``--overwrite``. An interrupted run resumes from ``checkpoint.pt``
-    (written every ``checkpoint_every`` iterations) when its settings match;
-    random generators are re-seeded at each checkpoint boundary, so a resumed
-    CPU run gives the same model as an uninterrupted one.
+    normalisation, label map, training cases, seed, round, times: what
+    ``predict`` needs), ``train_log.csv`` and ``stage.json`` (the stage record of
+    :mod:`semisam_o1.resume`: the signature of the settings and of the inputs --
+    training cases, template, SHA-256 of every image and label trained on -- and
+    the command that reproduces the stage). A finished MODEL folder with the same
+    signature is skipped; one made from other settings or inputs is refused unless
+    ``--overwrite``. An interrupted run resumes from ``checkpoint.pt`` (written every
+    ``checkpoint_every`` iterations, carrying the record's signature) when the
+    signature matches.
 
-Errors (InputError, one line naming the case, nothing written): a training
-case without a label in LABELS, a label whose shape or affine differs from its
-image, label values outside the dataset's classes.
+Errors (InputError, one line naming the case or file, nothing written): a
+training case without a label in LABELS, a label whose shape or affine differs
+from its image, label values outside the dataset's classes, a test case of the
+split among the training cases, an output that is a file or not writable --
+all found before training starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import io as _io
-import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import nets
+from . import __version__, nets, seeds
+from .device import torch_device
 from .errors import InputError
-from .io import Dataset, atomic_path, find_case_file, load_split, read_label, write_json
+from .io import Dataset, atomic_path, case_id_from_path, file_sha256, find_case_file, load_split, read_label, \
+    write_json
+from .resume import StageRecord, open_stage
+from .settings import CaseOptions, ComputeOptions, check_range, option, select_cases
 
-SSL_MODES = ("none", "mt", "uamt")
+SSL_MODES = ("none", "mt")
 
 LOG_FIELDS = ["iteration", "loss", "supervised", "consistency", "consistency_weight", "lr", "seconds"]
 
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-i", "--dataset", required=True, default=argparse.SUPPRESS, help="MSD / nnU-Net dataset folder (dataset.json, imagesTr/, labelsTr/)")
-    parser.add_argument("-l", "--labels", required=True, default=argparse.SUPPRESS,
-                        help="folder of (pseudo-)labels, one NIfTI per training case (the template's is taken from the dataset)")
-    parser.add_argument("--template", default=argparse.SUPPRESS, help="the annotated template case id (default: the split's 'template')")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--cases", nargs="+", default=argparse.SUPPRESS, metavar="ID", help="training case ids (template added)")
-    group.add_argument("--split", default=argparse.SUPPRESS, help="split JSON: train on its 'template' + 'unlabeled' cases")
-    parser.add_argument("-o", "--output", required=True, default=argparse.SUPPRESS, help="model folder to write")
-    parser.add_argument("--ssl", choices=SSL_MODES, default="none", help="semi-supervised consistency: mean teacher or uncertainty-aware MT")
-    parser.add_argument("--preset", choices=list(nets.PRESETS), default="cpu", help="network / schedule size")
-    parser.add_argument("--iterations", type=int, default=argparse.SUPPRESS, help="optimiser steps of the preset's batch (default: the preset's)")
-    parser.add_argument("--template-share", type=float, default=argparse.SUPPRESS, metavar="F",
-                        help="probability that a training patch comes from the template's real label "
-                             "(default: every training volume equally likely)")
-    parser.add_argument("--spatial-aug", type=float, default=0.0, metavar="P",
-                        help="probability of a random rotation (+-15 deg) and scaling (+-15%%) of each drawn "
-                             "volume (MONAI RandAffined; default 0, off, as in run)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights, sampling and augmentation")
-    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--overwrite", action="store_true", help="retrain even if MODEL is a finished model")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+#: purposes of the random streams (:func:`semisam_o1.seeds.int_seed` keys after seed and round)
+STREAM_INIT = 1  # initial weights
+STREAM_DRAWS = 2  # which volume each patch comes from (per checkpoint block)
+STREAM_TRANSFORMS = 3  # MONAI's random transforms (per checkpoint block)
+STREAM_TORCH = 4  # torch's global generator during training: the teacher's noise (per checkpoint block)
 
 
-def main(args: argparse.Namespace) -> int:
-    command = "semisam-o1 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    opt = lambda name: getattr(args, name, None)  # noqa: E731 (argparse.SUPPRESS leaves unset options out)
-    train(
-        args.dataset, args.labels, opt("template"), args.output,
-        cases=opt("cases"), split=opt("split"), ssl=args.ssl, preset=args.preset,
-        iterations=opt("iterations"), template_share=opt("template_share"), spatial_aug=args.spatial_aug,
-        device=args.device, seed=args.seed,
-        threads=opt("threads"),
-        overwrite=args.overwrite, quiet=args.quiet, command=command,
-    )
-    return 0
+# --------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainSettings(CaseOptions, ComputeOptions):
+    """Settings of ``semisam-o1 train`` (see the module docstring)."""
+
+    labels: Path = option(help="folder of (pseudo-)labels, one NIfTI per training case (the template's is "
+                          "taken from the dataset)", flags=("-l", "--labels"), type=Path, metavar="LABELS")
+    template: str | None = option(None, "the annotated template case id (default: the split's 'template')",
+                                  metavar="ID")
+    output: Path = option(help="model folder to write", flags=("-o", "--output"), type=Path, metavar="MODEL",
+                          neutral=True)
+    ssl: str = option("none", "semi-supervised consistency: none, or mt (mean teacher, Tarvainen & Valpola "
+                      "2017; round-1 UNet on MSD Hippocampus: 0.772 mean foreground test Dice, the same as "
+                      "without; docs/experiments.md)", choices=SSL_MODES)
+    preset: str = option("cpu", "network / schedule size (semisam_o1.nets.PRESETS)", choices=tuple(nets.PRESETS))
+    iterations: int | None = option(None, "optimiser steps of the preset's batch (default: the preset's)",
+                                    type=int, metavar="N")
+    template_share: float | None = option(None, "probability in [0, 1) that a training patch comes from the "
+                                          "template's real label (unset or negative: every training volume "
+                                          "equally likely)", type=float, metavar="F")
+    spatial_aug: float = option(0.0, "probability of a random rotation (+-15 deg) and scaling (+-15%%) of each "
+                                "drawn volume (MONAI RandAffined; 0: off, as in run)", metavar="P")
+    seed: int = option(0, "seed of the initial weights, sampling and augmentation")
+    round: int = option(0, "round of the loop this model belongs to: with --seed, it keys every random stream "
+                        "(semisam_o1.seeds), so no two (seed, round) pairs share one")
+    overwrite: bool = option(False, "retrain even if MODEL holds a model (finished, or from other settings)",
+                             neutral=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.labels, self.output = Path(self.labels), Path(self.output)
+        if self.ssl not in SSL_MODES:
+            raise InputError(f"--ssl {self.ssl}: choose one of {', '.join(SSL_MODES)}")
+        if self.preset not in nets.PRESETS:
+            raise InputError(f"--preset {self.preset}: choose one of {', '.join(nets.PRESETS)}")
+        if self.template_share is not None and self.template_share < 0:
+            self.template_share = None
+        check_range("template_share", self.template_share, 0.0, 1.0, hi_open=True)
+        check_range("spatial_aug", self.spatial_aug, 0.0, 1.0)
+        check_range("iterations", self.iterations, 1)
+        check_range("round", self.round, 0)
 
 
 # --------------------------------------------------------------------------- data
 
 
-def training_cases(ds: Dataset, labels: Path, template: str | None, cases=None, split=None) -> tuple[str, list[str]]:
-    """(template, training case ids): explicit ``cases`` (+ template), the split's
-    template + unlabeled, or the template + every case with a file in ``labels``."""
-    sp = None
-    if split is not None:
-        sp = load_split(split) if not isinstance(split, dict) else split
-        if template is None:
-            template = sp.get("template")
-            if not isinstance(template, str):
-                raise InputError(f"{split}: the split has no single 'template' case; give --template")
+def training_cases(ds: Dataset, settings: TrainSettings) -> tuple[str, list[str]]:
+    """The template and the training case ids (template first).
+
+    Args:
+        ds: the dataset.
+        settings: ``cases`` (the template is added), else the ``subset`` of ``split``, else
+            the template and every dataset case with a file in ``labels``.
+
+    Returns:
+        (template id, [template, other training cases ...]).
+
+    Raises:
+        InputError: no template, an unknown case, or a case of the split's ``test`` subset
+            among the training cases.
+    """
+    sp = load_split(settings.split) if settings.split is not None else None
+    template = settings.template
+    if template is None and sp is not None:
+        template = sp.get("template")
+        if not isinstance(template, str):
+            raise InputError(f"{settings.split}: the split has no single 'template' case; give --template")
     if template is None:
         raise InputError("no template: give --template ID (or a --split with a 'template')")
     ds.image_path(template)  # unknown template -> InputError
-    if cases:
-        chosen = ds.select(cases=cases)
-    elif sp is not None:
-        chosen = ds.select(split=sp, subset=["unlabeled"]) if "unlabeled" in sp else []
+    if settings.cases or sp is not None:
+        chosen = select_cases(ds, settings)
+    else:
+        found = sorted({case_id_from_path(p, strip_channel=False) for p in settings.labels.iterdir()} - {None})
+        chosen = [c for c in found if c in ds.images]
+    if sp is not None:
         test = set(sp.get("test", []) or [])
         leaked = [c for c in chosen if c in test]
         if leaked:
-            raise InputError(f"{split}: case {leaked[0]} is in both 'unlabeled' and 'test'")
-    else:
-        from .io import case_id_from_path
-
-        found = sorted({case_id_from_path(p, strip_channel=False) for p in labels.iterdir()} - {None})
-        chosen = [c for c in found if c in ds.images]
-    chosen = [template] + [c for c in chosen if c != template]
-    return template, chosen
+            raise InputError(f"{settings.split}: training case {leaked[0]} is in the split's 'test' subset")
+    return template, [template] + [c for c in chosen if c != template]
 
 
-def load_training_data(ds: Dataset, labels: Path, template: str, cases: list[str], norm: dict, quiet: bool = True):
-    """Read and check every training image / label, normalise, keep in memory.
+def label_paths(ds: Dataset, labels: Path, template: str, cases: list[str]) -> dict[str, Path]:
+    """{case: label file}: the dataset's for the template, the LABELS folder's for the others.
 
-    Returns a list of dicts ``{"case", "image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}``.
-    Raises InputError naming the case for a missing label, a label on another
-    grid, or undeclared label values -- before anything is written.
+    Raises:
+        InputError: a case without a label file (one line naming it).
     """
-    from tqdm.auto import tqdm
-
-    data = []
-    for case in tqdm(cases, desc="load", unit="case", disable=quiet, leave=False):
-        img = ds.read_image(case)
+    out = {}
+    for case in cases:
         if case == template:
             if case not in ds.labels:
                 raise InputError(f"template {case}: no real label in {ds.root / 'labelsTr'}")
-            lab = ds.read_label(case, reference=img)
+            out[case] = ds.labels[case]
         else:
-            path = find_case_file(labels, case, what="label")
-            lab = read_label(path, ds.label_map, reference=img)
-        data.append({
-            "case": case,
-            "image": nets.normalise(img.array, norm)[None],
-            "label": np.ascontiguousarray(lab.array)[None],
-        })
+            out[case] = find_case_file(labels, case, what="label")
+    return out
+
+
+def stage_inputs(ds: Dataset, template: str, cases: list[str], labels: dict[str, Path]) -> dict:
+    """What the model is computed from, for the stage record: the training cases, the template and
+    the SHA-256 of every image and label file trained on (JSON-ready)."""
+    return {"template": template, "training_cases": list(cases),
+            "images": {c: file_sha256(ds.image_path(c)) for c in cases},
+            "labels": {c: file_sha256(labels[c]) for c in cases}}
+
+
+def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], norm: dict, quiet: bool = True):
+    """Read and check every training image / label, normalise, keep in memory.
+
+    Args:
+        ds: the dataset (images, label map).
+        labels: {case: label file} (:func:`label_paths`).
+        cases: training case ids.
+        norm: normalisation parameters (:data:`semisam_o1.nets.NORMALISATION`).
+
+    Returns:
+        a list of dicts ``{"case", "image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}``.
+
+    Raises:
+        InputError: naming the case for a label on another grid or undeclared label values.
+    """
+    from .progress import progress
+
+    data = []
+    for case in progress(cases, desc="load", quiet=quiet):
+        img = ds.read_image(case)
+        lab = read_label(labels[case], ds.label_map, reference=img)
+        data.append({"case": case, "image": nets.normalise(img.array, norm)[None],
+                     "label": np.ascontiguousarray(lab.array)[None]})
     return data
 
 
@@ -226,6 +276,7 @@ SPATIAL_AUG_SCALE = 0.15
 
 
 def _transforms(cfg: dict, spatial_aug: float = 0.0):
+    """The MONAI training transforms of a preset ``cfg`` (module docstring), as one ``Compose``."""
     from monai.transforms import (Compose, RandAffined, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd,
                                   RandShiftIntensityd)
 
@@ -249,9 +300,16 @@ def _transforms(cfg: dict, spatial_aug: float = 0.0):
 def draw_volumes(rng: np.random.Generator, n_volumes: int, size: int, template_share: float | None) -> np.ndarray:
     """Indices of the training volumes the next ``size`` patches come from (index 0 is the template).
 
-    ``template_share`` None: uniform over the ``n_volumes``; else index 0 with probability
-    ``template_share`` and uniform over 1 .. n_volumes - 1 otherwise (all 0 when the template is alone).
-    Returns (size,) int64.
+    Args:
+        rng: the stream to draw from.
+        n_volumes: training volumes (the template first).
+        size: patches to draw.
+        template_share: None: uniform over the ``n_volumes``; else index 0 with probability
+            ``template_share`` and uniform over 1 .. n_volumes - 1 otherwise (all 0 when the
+            template is alone).
+
+    Returns:
+        (size,) int64.
     """
     if template_share is None or n_volumes == 1:
         return rng.integers(n_volumes, size=size)
@@ -259,7 +317,7 @@ def draw_volumes(rng: np.random.Generator, n_volumes: int, size: int, template_s
 
 
 def _sigmoid_rampup(current: float, length: float) -> float:
-    """exp(-5 (1 - t)^2), t = current / length clipped to [0, 1] (Laine & Aila 2017)."""
+    """exp(-5 (1 - t)^2), t = current / length clipped to [0, 1] (Laine & Aila, ICLR 2017)."""
     if length <= 0:
         return 1.0
     t = min(max(current / length, 0.0), 1.0)
@@ -269,277 +327,240 @@ def _sigmoid_rampup(current: float, length: float) -> float:
 # --------------------------------------------------------------------------- training
 
 
-#: training settings added after models and checkpoints were first written, with the value every
-#: older one was trained with: an older config.json or checkpoint signature lacking one reads as this
-_LATER_SETTINGS = {"spatial_aug": 0.0}
+@dataclasses.dataclass
+class _Plan:
+    """Everything checked before training: the preset, the data, the record."""
+
+    cfg: dict
+    config: dict
+    data: list
+    record: StageRecord
+    load_seconds: float
 
 
-def _signature(config: dict) -> dict:
-    """The settings a checkpoint must share to be resumed; applied to a stored signature too, so
-    that one written before a setting of :data:`_LATER_SETTINGS` existed compares by its value."""
-    config = {**_LATER_SETTINGS, **config}
-    keys = ("preset_params", "iterations", "ssl", "net", "normalisation", "training_cases", "template",
-            "labels", "dataset", "seed", "label_map", "template_share", *_LATER_SETTINGS)
-    return {k: config.get(k) for k in keys}
-
-
-def spatial_aug_probability(p) -> float:
-    """``p`` (``--spatial-aug``) as a float; InputError unless it is a probability in [0, 1]."""
-    p = float(p)
-    if not 0.0 <= p <= 1.0:
-        raise InputError(f"--spatial-aug {p}: must be a probability in [0, 1]")
-    return p
-
-
-def train(
-    dataset,
-    labels,
-    template: str | None,
-    output,
-    *,
-    cases=None,
-    split=None,
-    ssl: str = "none",
-    preset: str = "cpu",
-    iterations: int | None = None,
-    template_share: float | None = None,
-    spatial_aug: float = 0.0,
-    device: str | None = "auto",
-    seed: int = 0,
-    threads: int | None = None,
-    overwrite: bool = False,
-    quiet: bool = False,
-    command: str | None = None,
-) -> dict:
-    """Train a 3D UNet; see the module docstring for the method and the files.
-
-    Parameters
-    ----------
-    dataset : path of the MSD / nnU-Net dataset folder.
-    labels : folder of (pseudo-)labels, ``<case>.nii.gz`` per non-template training case.
-    template : the annotated case id (None: the split's ``template``).
-    output : model folder.
-    cases, split : training cases (see :func:`training_cases`).
-    ssl : ``"none"``, ``"mt"`` or ``"uamt"``.
-    preset : key of :data:`semisam_o1.nets.PRESETS`; ``iterations`` overrides its count.
-    template_share : probability in [0, 1) that a training patch comes from the template (its real
-        label); None draws every training volume with the same probability.
-    spatial_aug : probability in [0, 1] of a random affine of each drawn volume (module docstring).
-    device : ``"cpu"``, ``"cuda"`` or ``"auto"``; threads: torch CPU threads.
-
-    Returns
-    -------
-    dict: the model's config (as in config.json) plus ``"skipped": bool``.
-
-    Raises InputError for bad input (see module docstring), before writing anything.
-    """
-    import torch
-
-    output = Path(output)
-    if command is None:
-        command = (f"semisam_o1.train.train({str(dataset)!r}, {str(labels)!r}, {template!r}, {str(output)!r}, "
-                   f"cases={cases!r}, split={None if split is None else str(split)!r}, ssl={ssl!r}, "
-                   f"preset={preset!r}, iterations={iterations!r}, template_share={template_share!r}, "
-                   f"spatial_aug={spatial_aug!r}, device={device!r}, seed={seed!r})")
-    if nets.is_finished(output) and not overwrite:
-        try:
-            config = {**_LATER_SETTINGS, **json.loads((output / nets.CONFIG_NAME).read_text())}
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{output / nets.CONFIG_NAME}: cannot read ({exc}); use --overwrite to retrain") from None
-        asked = {"preset": preset, "ssl": ssl, "seed": int(seed), "labels": str(Path(labels).resolve()),
-                 "template_share": template_share, "spatial_aug": float(spatial_aug)}
-        if iterations is not None:
-            asked["iterations"] = int(iterations)
-        differ = [k for k, v in asked.items() if config.get(k) != v]
-        if differ:
-            print(f"train: warning: {output} is a finished model trained with other settings "
-                  f"({', '.join(f'{k}={config.get(k)!r}' for k in differ)}); kept as is, --overwrite to retrain",
-                  file=sys.stderr)
-        elif not quiet:
-            print(f"train: {output} is a finished model, skipped (--overwrite to retrain)", file=sys.stderr)
-        return {**config, "skipped": True}
-    if ssl not in SSL_MODES:
-        raise InputError(f"--ssl {ssl}: choose from {', '.join(SSL_MODES)}")
-    if template_share is not None and not (0.0 <= float(template_share) < 1.0):
-        raise InputError(f"--template-share {template_share}: must be in [0, 1)")
-    spatial_aug = spatial_aug_probability(spatial_aug)
-    cfg = nets.preset(preset)
-    if iterations is not None:
-        if iterations < 1:
-            raise InputError(f"--iterations {iterations}: must be at least 1")
-        cfg["iterations"] = int(iterations)
-    n_iter = int(cfg["iterations"])
-    nets.set_threads(threads)
-    dev = nets.resolve_device(device)
-
-    ds = Dataset(dataset)
-    labels = Path(labels)
-    if not labels.is_dir():
-        raise InputError(f"{labels}: labels folder not found")
-    template, chosen = training_cases(ds, labels, template, cases=cases, split=split)
-    K = ds.label_map.num_classes
-    norm = dict(nets.NORMALISATION)
-
-    t0 = time.time()
-    data = load_training_data(ds, labels, template, chosen, norm, quiet=quiet)
-    load_seconds = time.time() - t0
-
-    config = {
+def model_config(settings: TrainSettings, cfg: dict, ds: Dataset, template: str, cases: list[str]) -> dict:
+    """The model's ``config.json`` content before training (what ``predict`` needs and how it was made)."""
+    return {
         "format": "semisam-o1 model 1",
-        "preset": preset,
+        "preset": settings.preset,
         "preset_params": cfg,
-        "iterations": n_iter,
-        "ssl": ssl,
+        "iterations": int(cfg["iterations"]),
+        "ssl": settings.ssl,
         "net_class": "monai.networks.nets.UNet",
-        "net": nets.net_params(cfg, K),
-        "normalisation": norm,
+        "net": nets.net_params(cfg, ds.label_map.num_classes),
+        "normalisation": dict(nets.NORMALISATION),
         "patch": list(cfg["patch"]),
         "label_map": {"values": list(ds.label_map.values), "names": list(ds.label_map.names)},
         "dataset": str(ds.root.resolve()),
-        "labels": str(labels.resolve()),
+        "labels": str(settings.labels.resolve()),
         "template": template,
-        "training_cases": chosen,
-        "num_training_cases": len(chosen),
-        "seed": int(seed),
-        "template_share": template_share,
-        "spatial_aug": spatial_aug,
+        "training_cases": list(cases),
+        "num_training_cases": len(cases),
+        "seed": int(settings.seed),
+        "round": int(settings.round),
+        "template_share": settings.template_share,
+        "spatial_aug": float(settings.spatial_aug),
         "loss": "monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)",
         "optimizer": f"AdamW(lr={cfg['lr']}, weight_decay={cfg['weight_decay']}), poly decay power 0.9",
-        "model_selection": "last checkpoint: student weights after the final iteration (no label outside the training labels is read)",
-        "command": command,
+        "model_selection": "last checkpoint: student weights after the final iteration (no label outside the "
+                           "training labels is read)",
     }
 
-    _pad_to(data, cfg["patch"])
-    _add_indices(data)
-    transforms = _transforms(cfg, spatial_aug)
 
-    from monai.data import set_track_meta
-    from monai.losses import DiceCELoss
+def prepare(settings: TrainSettings) -> _Plan | dict:
+    """Check every input and the output folder, and read the training data; nothing is written.
 
-    set_track_meta(False)
-    torch.manual_seed(int(seed))  # the initial weights depend on the seed only
+    Returns:
+        the recorded summary (plus ``"skipped": True``) when the output folder already holds this
+        finished model, else the :class:`_Plan` to train.
+
+    Raises:
+        InputError: bad input (module docstring) or an output folder that is a file, is not
+            writable, or holds a model from other settings or inputs (without ``overwrite``).
+    """
+    cfg = nets.preset(settings.preset)
+    if settings.iterations is not None:
+        cfg["iterations"] = int(settings.iterations)
+    ds = Dataset(settings.input)
+    if not settings.labels.is_dir():
+        raise InputError(f"{settings.labels}: labels folder not found")
+    template, cases = training_cases(ds, settings)
+    labels = label_paths(ds, settings.labels, template, cases)
+    record = open_stage(settings.output, "train", settings, inputs=stage_inputs(ds, template, cases, labels),
+                        overwrite=settings.overwrite)
+    if record.finished:
+        if not settings.quiet:
+            print(f"train: {settings.output} is a finished model of these settings and inputs, skipped",
+                  file=sys.stderr)
+        return {**(record.summary() or {}), "skipped": True}
+    t0 = time.time()
+    data = load_training_data(ds, labels, cases, dict(nets.NORMALISATION), quiet=settings.quiet)
+    return _Plan(cfg=cfg, config=model_config(settings, cfg, ds, template, cases), data=data, record=record,
+                 load_seconds=time.time() - t0)
+
+
+def build_networks(config: dict, settings: TrainSettings, dev):
+    """The student (initial weights from the stream (seed, round, :data:`STREAM_INIT`)), its AdamW
+    optimiser and, with ``--ssl mt``, the teacher (a frozen copy of the student).
+
+    Returns:
+        (net, optim, teacher or None), on ``dev``.
+    """
+    import torch
+
+    cfg = config["preset_params"]
+    torch.manual_seed(seeds.int_seed(settings.seed, settings.round, STREAM_INIT))
     net = nets.build_net(config["net"]).to(dev)
     optim = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     teacher = None
-    if ssl != "none":
+    if settings.ssl == "mt":
         teacher = nets.build_net(config["net"]).to(dev)
         teacher.load_state_dict(net.state_dict())
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.train()
+    return net, optim, teacher
+
+
+def load_checkpoint(path: Path, signature: str, net, optim, teacher, quiet: bool) -> tuple[int, list, float]:
+    """Resume from ``path`` when it carries ``signature`` (the stage record's).
+
+    Returns:
+        (iterations done, log rows, training seconds so far); (0, [], 0.0) when there is no
+        checkpoint of this signature.
+    """
+    import torch
+
+    if not path.is_file():
+        return 0, [], 0.0
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a damaged checkpoint: start over
+        if not quiet:
+            print(f"train: ignoring unreadable {path} ({type(exc).__name__})", file=sys.stderr)
+        return 0, [], 0.0
+    if not isinstance(ck, dict) or ck.get("signature") != signature:
+        return 0, [], 0.0
+    net.load_state_dict(ck["net"])
+    optim.load_state_dict(ck["optim"])
+    if teacher is not None and ck.get("teacher") is not None:
+        teacher.load_state_dict(ck["teacher"])
+    if not quiet:
+        print(f"train: resuming {path.parent} from iteration {int(ck['iteration'])}", file=sys.stderr)
+    return int(ck["iteration"]), list(ck["log"]), float(ck["seconds"])
+
+
+def seed_block(settings: TrainSettings, block: int, transforms) -> np.random.Generator:
+    """Re-seed MONAI's transforms and torch for checkpoint block ``block`` and return the block's
+    volume-draw stream: a resumed run draws exactly what an uninterrupted one would."""
+    import torch
+
+    s, r = settings.seed, settings.round
+    transforms.set_random_state(seed=seeds.int_seed(s, r, STREAM_TRANSFORMS, block) % (2**32))
+    torch.manual_seed(seeds.int_seed(s, r, STREAM_TORCH, block))
+    return seeds.generator(s, r, STREAM_DRAWS, block)
+
+
+def training_step(net, teacher, optim, loss_fn, x, y, it: int, n_iter: int, cfg: dict) -> tuple:
+    """One optimiser step on the batch ``x`` (B, 1, X, Y, Z) float32 / ``y`` (B, 1, X, Y, Z) int64.
+
+    The loss is DiceCE plus, with a teacher, the mean teacher's consistency (mean squared
+    difference of the softmaxes, weight ramped up as in the module docstring); the teacher is
+    then moved towards the student (EMA, Tarvainen & Valpola 2017).
+
+    Returns:
+        (total loss, supervised loss, consistency) as floats, and the consistency weight.
+    """
+    import torch
+
+    logits = net(x)
+    sup = loss_fn(logits, y)
+    cons = torch.zeros((), device=x.device)
+    w = 0.0
+    if teacher is not None:
+        w = cfg["consistency"] * _sigmoid_rampup(it, cfg["consistency_rampup"] * n_iter)
+        with torch.no_grad():
+            noise = torch.clamp(torch.randn_like(x) * 0.1, -0.2, 0.2)
+            prob_t = torch.softmax(teacher(x + noise), dim=1)
+        cons = ((torch.softmax(logits, dim=1) - prob_t) ** 2).mean()
+    loss = sup + w * cons
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    if teacher is not None:
+        alpha = min(1.0 - 1.0 / (it + 1), cfg["ema_decay"])
+        with torch.no_grad():
+            for pt, ps in zip(teacher.parameters(), net.parameters()):
+                pt.mul_(alpha).add_(ps.detach(), alpha=1.0 - alpha)
+            for bt, bs in zip(teacher.buffers(), net.buffers()):
+                bt.copy_(bs)
+    return float(loss.detach()), float(sup.detach()), float(cons.detach()), w
+
+
+def fit(plan: _Plan, settings: TrainSettings, dev) -> tuple:
+    """Train from scratch (or from this signature's checkpoint) for the preset's iterations.
+
+    Returns:
+        (net, log rows, training seconds in all, wall seconds of this call, iterations done in this
+        call, CPU seconds of this call).
+
+    Raises:
+        RuntimeError: the loss became NaN or infinite.
+    """
+    import torch
+    from monai.data import set_track_meta
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    cfg, data, n_iter = plan.cfg, plan.data, int(plan.cfg["iterations"])
+    _pad_to(data, cfg["patch"])
+    _add_indices(data)
+    transforms = _transforms(cfg, settings.spatial_aug)
+    set_track_meta(False)
+    net, optim, teacher = build_networks(plan.config, settings, dev)
+    ckpt_path = settings.output / nets.CHECKPOINT_NAME
+    start, log_rows, before = load_checkpoint(ckpt_path, plan.record.signature, net, optim, teacher, settings.quiet)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-
-    start, log_rows, elapsed_before = 0, [], 0.0
-    ckpt_path = output / nets.CHECKPOINT_NAME
-    if overwrite:
-        for name in (nets.CONFIG_NAME, nets.WEIGHTS_NAME, nets.LOG_NAME, nets.CHECKPOINT_NAME):
-            (output / name).unlink(missing_ok=True)
-    elif ckpt_path.is_file():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if _signature(ck.get("signature") or {}) == _signature(config):
-                net.load_state_dict(ck["net"])
-                optim.load_state_dict(ck["optim"])
-                if teacher is not None and ck.get("teacher") is not None:
-                    teacher.load_state_dict(ck["teacher"])
-                start, log_rows, elapsed_before = int(ck["iteration"]), list(ck["log"]), float(ck["seconds"])
-                if not quiet:
-                    print(f"train: resuming {output} from iteration {start}", file=sys.stderr)
-        except Exception as exc:  # unreadable checkpoint: start over
-            if not quiet:
-                print(f"train: ignoring unreadable {ckpt_path} ({type(exc).__name__})", file=sys.stderr)
-
     ckpt_every = int(cfg.get("checkpoint_every") or 0)
     block = ckpt_every if ckpt_every > 0 else n_iter
     log_every = max(1, int(cfg.get("log_every", 1)))
-    log_k = math.log(K)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n_iter, initial=start, desc="train", unit="it", disable=quiet, dynamic_ncols=True)
-    t_train = time.time()
-    c_train = time.process_time()
+    bar = tqdm(total=n_iter, initial=start, desc="train", unit="it", disable=settings.quiet, dynamic_ncols=True)
+    t0, c0 = time.time(), time.process_time()
     rng = None
     net.train()
     for it in range(start, n_iter):
         if it == start or it % block == 0:
-            # re-seed at block boundaries: a resumed run draws what an uninterrupted one would
-            rng = np.random.default_rng([int(seed), it])
-            transforms.set_random_state(seed=int(rng.integers(2**31 - 1)))
-            torch.manual_seed(int(rng.integers(2**31 - 1)))
+            rng = seed_block(settings, it // block, transforms)
         lr = cfg["lr"] * (1.0 - it / n_iter) ** 0.9
         for group in optim.param_groups:
             group["lr"] = lr
-        picks = draw_volumes(rng, len(data), cfg["batch_size"], template_share)
-        samples = [transforms(dict(data[i]))[0] for i in picks]
+        samples = [transforms(dict(data[i]))[0] for i in draw_volumes(rng, len(data), cfg["batch_size"],
+                                                                      settings.template_share)]
         x = torch.stack([torch.as_tensor(np.asarray(s["image"]), dtype=torch.float32) for s in samples]).to(dev)
         y = torch.stack([torch.as_tensor(np.asarray(s["label"])).long() for s in samples]).to(dev)
-
-        logits = net(x)
-        sup = loss_fn(logits, y)
-        cons = torch.zeros((), device=dev)
-        w = 0.0
-        if teacher is not None:
-            w = cfg["consistency"] * _sigmoid_rampup(it, cfg["consistency_rampup"] * n_iter)
-            prob_s = torch.softmax(logits, dim=1)
-            with torch.no_grad():
-                passes = 1 if ssl == "mt" else max(1, int(cfg["uamt_passes"]))
-                probs_t = []
-                for _ in range(passes):
-                    noise = torch.clamp(torch.randn_like(x) * 0.1, -0.2, 0.2)
-                    probs_t.append(torch.softmax(teacher(x + noise), dim=1))
-                prob_t = torch.stack(probs_t).mean(0)
-            mse = (prob_s - prob_t) ** 2
-            if ssl == "mt":
-                cons = mse.mean()
-            else:
-                unc = -(prob_t * torch.log(prob_t.clamp_min(1e-6))).sum(1, keepdim=True)
-                threshold = (0.75 + 0.25 * _sigmoid_rampup(it, n_iter)) * log_k
-                mask = (unc < threshold).float()
-                cons = (mask * mse).sum() / (2.0 * mask.sum() + 1e-16)  # Yu et al.'s normalisation
-        loss = sup + w * cons
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        if teacher is not None:
-            alpha = min(1.0 - 1.0 / (it + 1), cfg["ema_decay"])
-            with torch.no_grad():
-                for pt, ps in zip(teacher.parameters(), net.parameters()):
-                    pt.mul_(alpha).add_(ps.detach(), alpha=1.0 - alpha)
-                for bt, bs in zip(teacher.buffers(), net.buffers()):
-                    bt.copy_(bs)
-        lv = float(loss.detach())
+        lv, sup, cons, w = training_step(net, teacher, optim, loss_fn, x, y, it, n_iter, cfg)
         if not np.isfinite(lv):
             raise RuntimeError(f"training diverged at iteration {it + 1} (loss {lv})")
         if (it + 1) % log_every == 0 or it + 1 == n_iter:
-            log_rows.append([it + 1, round(lv, 6), round(float(sup.detach()), 6), round(float(cons.detach()), 6),
-                             round(w, 6), lr, round(elapsed_before + time.time() - t_train, 3)])
+            log_rows.append([it + 1, round(lv, 6), round(sup, 6), round(cons, 6), round(w, 6), lr,
+                             round(before + time.time() - t0, 3)])
         bar.update(1)
         bar.set_postfix(loss=f"{lv:.4f}")
         if ckpt_every and (it + 1) % ckpt_every == 0 and it + 1 < n_iter:
             with atomic_path(ckpt_path) as tmp:
-                torch.save({"signature": _signature(config), "net": net.state_dict(), "optim": optim.state_dict(),
-                            "teacher": None if teacher is None else teacher.state_dict(), "iteration": it + 1,
-                            "log": log_rows, "seconds": elapsed_before + time.time() - t_train}, tmp)
+                torch.save({"signature": plan.record.signature, "net": net.state_dict(),
+                            "optim": optim.state_dict(), "teacher": None if teacher is None else teacher.state_dict(),
+                            "iteration": it + 1, "log": log_rows, "seconds": before + time.time() - t0}, tmp)
     bar.close()
-    train_seconds = elapsed_before + time.time() - t_train
-    done = max(0, n_iter - start)
+    wall = time.time() - t0
+    return net, log_rows, before + wall, wall, max(0, n_iter - start), time.process_time() - c0
 
-    last = [r[1] for r in log_rows[-max(1, 50 // log_every):]]
-    config.update({
-        "device": str(dev),
-        "threads": int(torch.get_num_threads()),
-        "load_seconds": round(load_seconds, 3),
-        "train_seconds": round(train_seconds, 3),
-        "train_cpu_seconds_this_run": round(time.process_time() - c_train, 3),
-        "iterations_this_run": done,
-        "iterations_per_second": round(done / max(time.time() - t_train, 1e-9), 4) if done else None,
-        "final_loss": float(np.mean(last)) if last else None,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": {"semisam_o1": __version__, "torch": torch.__version__, "monai": _monai_version(),
-                     "python": sys.version.split()[0]},
-    })
-    # weights and log first, config last: config.json + model.pt marks a finished model
+
+def write_model(output: Path, net, config: dict, log_rows: list) -> None:
+    """``model.pt`` (CPU state_dict), ``train_log.csv`` and ``config.json``, each atomically; then
+    the checkpoint goes."""
+    import torch
+
     with atomic_path(output / nets.WEIGHTS_NAME) as tmp:
         torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
     buf = _io.StringIO()
@@ -549,9 +570,54 @@ def train(
     with atomic_path(output / nets.LOG_NAME) as tmp:
         tmp.write_text(buf.getvalue())
     write_json(output / nets.CONFIG_NAME, config)
-    ckpt_path.unlink(missing_ok=True)
-    if not quiet:
-        print(f"train: {len(chosen)} cases, {n_iter} iterations in {train_seconds:.0f} s -> {output}", file=sys.stderr)
+    (output / nets.CHECKPOINT_NAME).unlink(missing_ok=True)
+
+
+def train(settings: TrainSettings) -> dict:
+    """Train a 3D UNet; see the module docstring for the method and the files.
+
+    Args:
+        settings: the stage's settings.
+
+    Returns:
+        the model's config (as in config.json, plus device, threads, times, final loss) and
+        ``"skipped"`` (True when the folder already held this finished model).
+
+    Raises:
+        InputError: bad input (module docstring), found before anything is written.
+        RuntimeError: the training diverged.
+    """
+    import torch
+
+    nets.set_threads(settings.threads)
+    dev = torch_device(settings.device)
+    plan = prepare(settings)
+    if isinstance(plan, dict):
+        return plan
+    if settings.overwrite:
+        for name in (nets.CONFIG_NAME, nets.WEIGHTS_NAME, nets.LOG_NAME, nets.CHECKPOINT_NAME):
+            (settings.output / name).unlink(missing_ok=True)
+    plan.record.start()
+    net, log_rows, seconds, wall, done, cpu_seconds = fit(plan, settings, dev)
+    log_every = max(1, int(plan.cfg.get("log_every", 1)))
+    last = [r[1] for r in log_rows[-max(1, 50 // log_every):]]
+    config = {**plan.config,
+              "device": str(dev),
+              "threads": int(torch.get_num_threads()),
+              "load_seconds": round(plan.load_seconds, 3),
+              "train_seconds": round(seconds, 3),
+              "train_cpu_seconds_this_run": round(cpu_seconds, 3),
+              "iterations_this_run": done,
+              "iterations_per_second": round(done / max(wall, 1e-9), 4) if done else None,
+              "final_loss": float(np.mean(last)) if last else None,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "versions": {"semisam_o1": __version__, "torch": torch.__version__, "monai": _monai_version(),
+                           "python": sys.version.split()[0]}}
+    write_model(settings.output, net, config, log_rows)
+    plan.record.finish(config)
+    if not settings.quiet:
+        print(f"train: {len(plan.data)} cases, {config['iterations']} iterations in {seconds:.0f} s -> "
+              f"{settings.output}", file=sys.stderr)
     return {**config, "skipped": False}
 
 
@@ -559,3 +625,7 @@ def _monai_version() -> str:
     import monai
 
     return monai.__version__
+
+
+SETTINGS = TrainSettings
+STAGE = train
