@@ -19,54 +19,54 @@ Two modes:
        current (predicted) label, plus every voxel of the template with its
        real label (the one label a one-label run may read). The bank is
        class-balanced: each class gets an equal share of ``bank_size``
-       (water-filling: a class with fewer candidates gives its unused share to
-       the others), drawn uniformly without replacement from that class's
-       candidates across the cohort (``numpy.random.default_rng(seed)``).
-       The features of the drawn voxels are read case by case
-       (``FeatureStore.load(case).on_voxel_grid()``), never all cases at once.
-       Optionally (``project_dim`` > 0) a projection is fitted once on the
-       bank (at most 65,536 of its rows, seeded): uncentred PCA, the top
+       (water-filling, :func:`class_quotas`: a class with fewer candidates gives
+       its unused share to the others), drawn uniformly without replacement from
+       that class's candidates across the whole cohort
+       (``numpy.random.default_rng(seed)``). The features of the drawn voxels
+       are read case by case (``FeatureStore.load(case).on_voxel_grid()``),
+       never all cases at once. With ``project_dim`` > 0 a projection is fitted
+       once on the bank (at most 65,536 of its rows, seeded):
+       :func:`semisam_o1.linalg.pca_basis`, uncentred PCA, the top
        ``project_dim`` eigenvectors of the bank's second-moment matrix, which
        best preserves the dot products the cosine vote uses; it is applied to
-       bank and queries. The kNN cost is Q x N x C and the store's concatenated
-       dimension is C_store x number of encoder axes (192 for the default
-       LiteMedSAM store); 64 dimensions cut the vote time about threefold (see
+       bank and queries. The kNN cost is Q x N x C; 64 dimensions cut the vote
+       time about threefold against the default store's 192 (see
        benchmarks/refine.md for what it costs in agreement).
     3. *Vote.* Case by case, the queries' features go through the C++ kernel
-       :func:`semisam_o1.kernels.knn_vote`: cosine similarity to every bank
-       entry, the k most similar, and the label with the largest sum of
-       weights ``max(similarity, 0)``. With ``class_weights="prior"``
-       (default) a neighbour of class c also counts ``n_c / m_c`` times
-       (``n_c`` confident candidates of class c in the cohort, ``m_c`` of
-       them in the bank; the kernel's ``label_weights``), which undoes the class
-       balancing of the sample: the vote then estimates the class posterior
-       among the cohort's confident voxels. ``"balanced"`` counts every
-       neighbour once, which favours the rare (foreground) classes: on the
-       demo protocol (20 pool cases, round 1) it moved pool pseudo-label Dice
-       from 0.779 to 0.753, against 0.772 with ``"prior"``. A query whose k
-       neighbours all have similarity <= 0 keeps its label. Confident voxels
-       never change.
-       With ``position_weight`` w > 0 (default 1.5, ``propagate``'s default until it moved to 1.0) the
-       similarity is ``cos - (w^2 / 2) |p_q - p_b|^2``, p the voxel's position
-       normalised to [-1, 1] along each axis of its volume (folded into the
-       kernel's inner product by ``propagate.augment_with_position``); this
-       assumes the cohort shares a field of view (true of crops around one
-       organ, as MSD Hippocampus; use 0 otherwise).
+       :func:`semisam_o1.kernels.knn_vote` (on the ``--device``'s side): cosine
+       similarity to every bank entry, the k most similar, and the label with
+       the largest sum of weights ``max(similarity, 0)``, a neighbour of class c
+       counting ``n_c / m_c`` times (``n_c`` confident candidates of class c in
+       the cohort, ``m_c`` of them in the bank; the kernel's ``label_weights``).
+       This undoes the class balancing of the sample: the vote estimates the
+       class posterior among the cohort's confident voxels. (Counting every
+       neighbour once instead favours the rare foreground classes: on the demo's
+       round-1 predictions, 20 pool cases, pool pseudo-label Dice 0.7525 against
+       0.7724 with these weights; benchmarks/results/experiments/
+       voxel_refinement_variants.json, key ``voxel_refinement_variants_demo_round1``.)
+       A query whose k neighbours all have similarity <= 0 keeps its label.
+       Confident voxels never change.
+       With ``position_weight`` w > 0 (default: ``propagate``'s, the same
+       position term) the similarity is ``cos - (w^2 / 2) |p_q - p_b|^2``, p the
+       voxel's position normalised to [-1, 1] along each axis of its volume
+       (folded into the kernel's inner product by
+       :func:`semisam_o1.propagate.augment_with_position`); this assumes the
+       cohort shares a field of view (true of crops around one organ, as MSD
+       Hippocampus; use 0 otherwise).
 
-``volume`` (the official code's behaviour, kept for reproduction)
+``volume`` (the official code's behaviour)
     The cases whose mean entropy is at or above the ``quantile`` of the cases'
     mean entropies are *uncertain*; the others, plus the template with its
     real label, are *confident*. Each case is described by its mean-pooled
     feature vector (the mean over its voxels of ``on_voxel_grid()``). Each
     uncertain case finds its k most similar confident cases (cosine, the same
     kernel) and takes their labels' per-voxel weighted vote, weights
-    ``max(similarity, 0)``: each neighbour's label map is brought to the
-    uncertain case's voxel grid by nearest-neighbour resizing in index space,
-    centre-aligned (target index ``i`` reads source index
-    ``min(floor((i + 0.5) * n_src / n_dst), n_src - 1)`` on each axis, i.e.
-    the grids are matched corner to corner, not by world coordinates), and
-    every voxel takes the class with the largest sum of weights (ties: lowest
-    class index). Confident cases keep their labels.
+    ``max(similarity, 0)`` (:func:`volume_vote`): each neighbour's label map is
+    brought to the uncertain case's voxel grid by nearest-neighbour resizing in
+    index space, centre-aligned (:func:`resize_nearest`; the grids are matched
+    corner to corner, not by world coordinates), and every voxel takes the
+    class with the largest sum of weights (ties: lowest class index).
+    Confident cases keep their labels.
 
 With ``--class-planes RULE`` (the ``class_planes.json`` that ``propagate``
 learned from the template) every refined label's foreground is re-split into
@@ -76,107 +76,104 @@ before it is written, as ``propagate`` and ``predict`` do with theirs.
 Outputs, in ``output``: ``<case>.nii.gz`` for every refined case (changed or
 not, so the folder is a complete set of pseudo-labels for the next round;
 the template is not written), in the input image's voxel order, affine and
-header; and ``refine.json``: threshold, bank composition, voxels changed per
-case and class, timings, and a signature of everything the result depends on.
-A re-run with the same signature skips the cases already written.
+header; ``refine.json``: the summary (threshold, bank composition, voxels
+changed per case and class, timings); and ``stage.json``, the resume record
+(:mod:`semisam_o1.resume`): a re-run with the same settings and inputs returns
+at once, or, after an interruption, keeps the cases already written.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import sys
+import dataclasses
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .errors import InputError
+from .settings import CaseOptions, ComputeOptions, check_range, option
 
-__all__ = ["refine", "add_arguments", "main", "resize_nearest", "class_quotas", "fit_projection"]
+__all__ = ["RefineSettings", "SETTINGS", "STAGE", "refine", "query_mask", "resize_nearest", "class_quotas",
+           "prior_vote_weights", "volume_vote", "POSITION_WEIGHT"]
 
-DEFAULT_BANK_SIZE = 100_000  # see benchmarks/refine.md: 200k costs twice the time for ~0.5 point
-DEFAULT_PROJECT_DIM = 64
-PCA_FIT_ROWS = 65_536
-DEFAULT_CLASS_WEIGHTS = "prior"
-DEFAULT_POSITION_WEIGHT = 1.5  # propagate's former default; on 11 real cases: 0.7676 mean Dice vs 0.7425 features only
-SCHEMA = 1
-
-
-# --------------------------------------------------------------------------- CLI
+MODES = ("voxel", "volume")
+PCA_FIT_ROWS = 65_536  # the second moments of 64-768 dimensions are settled long before this many rows
+SUMMARY_JSON = "refine.json"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-i", "--dataset", "--input", dest="dataset", required=True,
-                   help="MSD / nnU-Net dataset folder (dataset.json, imagesTr/, labelsTr/)")
-    p.add_argument("-f", "--features", required=True, help="feature store written by `semisam-o1 encode`")
-    p.add_argument("-p", "--pred", required=True,
-                   help="predictions folder: <case>.nii.gz labels and <case>_entropy.nii.gz entropy maps")
-    p.add_argument("-o", "--output", required=True, help="folder for the refined labels and refine.json")
-    p.add_argument("--template", default=None,
-                   help="the annotated template case (its real label joins the bank); None: the split's template")
-    p.add_argument("--cases", nargs="+", default=None, help="cases to refine; None: the --subset of --split")
-    p.add_argument("--split", default=None, help="split file (splits.json)")
-    p.add_argument("--subset", default="unlabeled", help="subset(s) of --split to refine, comma separated")
-    p.add_argument("--k", type=int, default=5, help="neighbours in the vote")
-    p.add_argument("--quantile", type=float, default=0.9,
-                   help="entropy quantile (cohort-wide) at or above which voxels (volumes) are refined")
-    p.add_argument("--mode", choices=["voxel", "volume"], default="voxel",
-                   help="voxel: relabel uncertain voxels; volume: the official code's whole-volume vote")
-    p.add_argument("--bank-size", type=int, default=DEFAULT_BANK_SIZE,
-                   help="voxel mode: most bank entries (class-balanced sample of confident voxels + template)")
-    p.add_argument("--project-dim", type=int, default=DEFAULT_PROJECT_DIM,
-                   help="voxel mode: uncentred-PCA dimension fitted on the bank (0: the store's full dimension)")
-    p.add_argument("--position-weight", type=float, default=DEFAULT_POSITION_WEIGHT,
-                   help="voxel mode: weight w of the position term in the similarity, "
-                        "cos - (w^2/2) |p_q - p_b|^2 with p the voxel's position normalised to [-1, 1] per axis "
-                        "(as propagate; assumes a shared field of view); 0: features only")
-    p.add_argument("--class-weights", choices=["prior", "balanced"], default=DEFAULT_CLASS_WEIGHTS,
-                   help="voxel mode: prior: a bank entry's vote counts for the confident voxels of its class it "
-                        "stands for (the vote estimates the cohort's class posterior); balanced: every entry "
-                        "counts the same (favours rare classes)")
-    p.add_argument("--class-planes", default=None, metavar="RULE",
-                   help="class_planes.json written by `semisam-o1 propagate`: re-split each refined label's "
-                        "foreground into classes by planes along the rule's axis (background unchanged)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the kNN kernel runs")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads; None: all cores")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bank sampling")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+def _propagate_default(name: str):
+    """The default of ``propagate``'s method option ``name`` (one definition of a shared option)."""
+    from .propagate import MethodOptions
+
+    return next(f.default for f in dataclasses.fields(MethodOptions) if f.name == name)
 
 
-def main(args: argparse.Namespace) -> int:
-    info = refine(args.dataset, args.features, args.pred, args.output, template=args.template,
-                  cases=args.cases, split=args.split, subset=args.subset, k=args.k, quantile=args.quantile,
-                  mode=args.mode, bank_size=args.bank_size, project_dim=args.project_dim,
-                  position_weight=args.position_weight, class_weights=args.class_weights,
-                  class_planes=args.class_planes, device=args.device, threads=args.threads, seed=args.seed,
-                  quiet=args.quiet)
-    if not args.quiet:
-        print(f"refine ({info['mode']}): {info['voxels_changed_total']} voxels changed in "
-              f"{len(info['cases'])} cases; threshold {info['threshold']:.4g}; "
-              f"{info['timings']['total_s']:.1f} s -> {Path(args.output) / 'refine.json'}")
-    return 0
+#: the position term's weight: propagate's, so that both stages use the same similarity
+POSITION_WEIGHT: float = _propagate_default("position_weight")
 
 
-# --------------------------------------------------------------------------- helpers
+@dataclasses.dataclass(kw_only=True)
+class RefineSettings(CaseOptions, ComputeOptions):
+    """Settings of ``semisam-o1 refine`` (see the module docstring for the method)."""
+
+    features: Path = option(help="feature store written by `semisam-o1 encode`", flags=("-f", "--features"),
+                            type=Path, metavar="STORE")
+    pred: Path = option(help="predictions folder: <case>.nii.gz labels and <case>_entropy.nii.gz entropy maps "
+                        "(`semisam-o1 predict`)", flags=("-p", "--pred"), type=Path, metavar="FOLDER")
+    output: Path = option(help="folder for the refined labels (<case>.nii.gz) and refine.json",
+                          flags=("-o", "--output"), type=Path, metavar="FOLDER", neutral=True)
+    template: str | None = option(None, "the annotated template case (its real label joins the bank; it is not "
+                                  "refined); default: the --split's template", metavar="ID")
+    subset: str = option("unlabeled", "comma-separated subsets of --split to refine")
+    mode: str = option("voxel", "voxel: relabel uncertain voxels by a kNN vote; volume: the official code's "
+                       "whole-volume vote", choices=MODES)
+    k: int = option(5, "neighbours in the vote")
+    quantile: float = option(0.9, "entropy quantile (cohort-wide) at or above which voxels (voxel mode) or "
+                             "volumes (volume mode, mean entropy) are refined")
+    bank_size: int = option(100_000, "voxel mode: bank entries (class-balanced sample of the cohort's confident "
+                            "voxels and the template's); benchmarks/refine.md: 200,000 costs twice the time for "
+                            "about 0.5 point of agreement")
+    project_dim: int = option(64, "voxel mode: uncentred-PCA dimension fitted on the bank (0: the store's full "
+                              "dimension)")
+    position_weight: float = option(POSITION_WEIGHT, "voxel mode: w in cos - (w^2/2) |p_q - p_b|^2, p the voxel's "
+                                    "position normalised to [-1, 1] per axis (the same term and weight as "
+                                    "propagate's --position-weight; assumes a shared field of view); 0: features only")
+    class_planes: Path | None = option(None, "class_planes.json written by `semisam-o1 propagate`: re-split each "
+                                       "refined label's foreground into classes by planes along the rule's axis",
+                                       type=Path, metavar="RULE")
+    seed: int = option(0, "seed of the bank sampling (voxel mode)")
+    overwrite: bool = option(False, "redo every case of an output folder written with other settings or inputs",
+                             neutral=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.features, self.pred, self.output = Path(self.features), Path(self.pred), Path(self.output)
+        if self.class_planes is not None:
+            self.class_planes = Path(self.class_planes)
+        if self.mode not in MODES:
+            raise InputError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
+        check_range("k", self.k, 1)
+        check_range("quantile", self.quantile, 0.0, 1.0)
+        check_range("bank_size", self.bank_size, 1)
+        check_range("project_dim", self.project_dim, 0)
+        check_range("position_weight", self.position_weight, 0.0)
 
 
-def _positions(flat_index: np.ndarray, shape) -> np.ndarray:
-    """(n, 3) float32 normalised positions p = (2 i + 1) / n - 1 per axis of flat voxel indices
-    (``propagate.normalised_coords``, mode ``extent``)."""
-    from .propagate import normalised_coords
-
-    coords = normalised_coords(shape, mode="extent")
-    idx = np.unravel_index(np.asarray(flat_index), tuple(shape))
-    return np.stack([coords[d][idx[d]] for d in range(3)], axis=1).astype(np.float32)
+# --------------------------------------------------------------------------- primitives
 
 
 def query_mask(entropy: np.ndarray, threshold: float) -> np.ndarray:
-    """Voxels to relabel: entropy at or above ``threshold`` and above 0. Every other voxel
-    is *confident* (a voxel of zero entropy always is, even when the quantile is 0, as
-    happens when most voxels have exactly zero entropy)."""
+    """Voxels to relabel: entropy at or above ``threshold`` and above 0.
+
+    Args:
+        entropy: (X, Y, Z) float voxel-wise softmax entropy (nats).
+        threshold: entropy threshold (nats).
+
+    Returns:
+        (X, Y, Z) bool. Every other voxel is *confident* (a voxel of zero entropy always
+        is, even when the quantile is 0, as happens when most voxels have zero entropy).
+    """
     return (entropy >= threshold) & (entropy > 0)
 
 
@@ -184,8 +181,14 @@ def resize_nearest(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Nearest-neighbour resize of a 3D label map to ``shape`` in index space, centre-aligned.
 
     Target index ``i`` on an axis reads source index
-    ``min(floor((i + 0.5) * n_src / n_dst), n_src - 1)`` (PyTorch's
-    ``nearest-exact``). Returns an array of ``labels.dtype`` and ``shape``.
+    ``min(floor((i + 0.5) * n_src / n_dst), n_src - 1)`` (PyTorch's ``nearest-exact``).
+
+    Args:
+        labels: (X, Y, Z) label map, any dtype.
+        shape: target (X', Y', Z').
+
+    Returns:
+        array of ``labels.dtype`` and ``shape``.
     """
     idx = []
     for n_src, n_dst in zip(labels.shape, shape):
@@ -197,15 +200,20 @@ def resize_nearest(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 def class_quotas(available: Sequence[int], total: int) -> list[int]:
     """Class-balanced quotas: equal shares of ``total`` by water-filling.
 
-    Each class gets ``min(available[c], share)`` with the share raised until the
-    quotas add up to ``min(total, sum(available))``; leftovers of the integer
-    division go to the classes with the most candidates left. Returns one int
-    per class.
+    Each class gets ``min(available[c], share)`` with the share raised until the quotas
+    add up to ``min(total, sum(available))``; leftovers of the integer division go to the
+    classes with the most candidates left.
+
+    Args:
+        available: candidates per class.
+        total: the bank size asked for.
+
+    Returns:
+        one int per class.
     """
     avail = [int(a) for a in available]
-    target = min(int(total), sum(avail))
     quota = [0] * len(avail)
-    remaining = target
+    remaining = min(int(total), sum(avail))
     open_classes = [c for c in range(len(avail)) if avail[c] > 0]
     while remaining > 0 and open_classes:
         share = remaining // len(open_classes)
@@ -213,7 +221,6 @@ def class_quotas(available: Sequence[int], total: int) -> list[int]:
             open_classes.sort(key=lambda c: avail[c] - quota[c], reverse=True)
             for c in open_classes[:remaining]:
                 quota[c] += 1
-            remaining = 0
             break
         for c in list(open_classes):
             take = min(share, avail[c] - quota[c])
@@ -223,633 +230,57 @@ def class_quotas(available: Sequence[int], total: int) -> list[int]:
     return quota
 
 
-def fit_projection(bank: np.ndarray, dim: int, centred: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
-    """Projection of ``bank`` (N, C) rows to ``dim`` dimensions:
-    ``(mean (C,) float32, components (C, dim) float32, kept)``; project with
-    ``(x - mean) @ components``.
+def prior_vote_weights(available: Sequence[int], quotas: Sequence[int]) -> np.ndarray:
+    """Per-class vote weights that undo a class-balanced sample.
 
-    Default (``centred=False``): *uncentred* PCA, the top-``dim`` eigenvectors of
-    the second-moment matrix ``X^T X / N`` (``mean`` is 0), the rank-``dim``
-    subspace that best preserves the rows' dot products, which is what the
-    cosine vote uses; ``kept`` is the fraction of ``sum |x|^2`` it keeps.
-    ``centred=True``: ordinary PCA (covariance eigenvectors, ``kept`` = fraction
-    of the variance); centring changes the cosine geometry and cost more Dice in
-    our measurements (benchmarks/refine.md). float64 accumulation over chunks.
+    A bank entry of class c stands for ``available[c] / quotas[c]`` confident voxels, so
+    weighting its vote by that ratio makes the vote estimate the class posterior among
+    the cohort's confident voxels instead of favouring rare classes.
+
+    Args:
+        available: (n_classes,) candidates per class in the cohort.
+        quotas: (n_classes,) entries per class in the bank (at least one positive).
+
+    Returns:
+        (n_classes,) float32, scaled so that the smallest weight of a class in the bank is 1;
+        0 for classes absent from the bank.
     """
-    n, c = bank.shape
-    mean = np.zeros(c, np.float64)
-    if centred:
-        for s in range(0, n, 65536):
-            mean += bank[s:s + 65536].astype(np.float64).sum(axis=0)
-        mean /= max(n, 1)
-    m2 = np.zeros((c, c), np.float64)
-    for s in range(0, n, 65536):
-        x = bank[s:s + 65536].astype(np.float64) - mean
-        m2 += x.T @ x
-    m2 /= max(n, 1)
-    evals, evecs = np.linalg.eigh(m2)
-    order = np.argsort(evals)[::-1][:dim]
-    kept = float(evals[order].sum() / max(evals.sum(), 1e-30))
-    comps = evecs[:, order]
-    # fix the sign so the projection is reproducible across LAPACK builds
-    signs = np.sign(comps[np.argmax(np.abs(comps), axis=0), np.arange(comps.shape[1])])
-    comps = comps * np.where(signs == 0, 1.0, signs)
-    return mean.astype(np.float32), comps.astype(np.float32), kept
+    q = np.asarray(quotas, np.float64)
+    w = np.where(q > 0, np.asarray(available, np.float64) / np.maximum(q, 1), 0.0)
+    return (w / w[q > 0].min()).astype(np.float32)
+
+
+def _positions(flat_index: np.ndarray, shape) -> np.ndarray:
+    """(n, 3) float32 normalised positions p = (2 i + 1) / n - 1 per axis of flat voxel indices
+    (:func:`semisam_o1.propagate.normalised_coords`, mode ``extent``)."""
+    from .propagate import normalised_coords
+
+    coords = normalised_coords(shape, mode="extent")
+    idx = np.unravel_index(np.asarray(flat_index), tuple(shape))
+    return np.stack([coords[d][idx[d]] for d in range(3)], axis=1).astype(np.float32)
 
 
 def _project(x: np.ndarray, projection) -> np.ndarray:
+    """``(x - mean) @ basis`` in float32 for a projection ``(mean, basis)``; ``x`` when None."""
     if projection is None:
         return x
-    mean, comps = projection
-    return (x.astype(np.float32, copy=False) - mean) @ comps
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def _store_digest(store, case: str) -> str:
-    """A digest of the store's entry for ``case``: its meta.json (input file hash, grids,
-    store signature) when the store exposes ``read_meta``, else its files' sizes and times."""
-    read_meta = getattr(store, "read_meta", None)
-    if callable(read_meta):
-        meta = read_meta(case)
-        if meta is not None:
-            return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = Path(getattr(store, "root", ""))
-    h = hashlib.sha256()
-    if root.is_dir():
-        for p in sorted(list(root.glob(f"{case}*")) + list(root.glob(f"cases/{case}/*"))):
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-class _KnnBank:
-    """A bank for :func:`semisam_o1.kernels.knn_vote`, on the host (``device='cpu'``) or
-    moved once to the GPU as torch CUDA tensors (``device='cuda'``, the CUDA kernel)."""
-
-    def __init__(self, bank: np.ndarray, labels: np.ndarray, *, device: str, threads):
-        from . import kernels
-
-        self.kernels = kernels
-        self.device = device
-        self.threads = threads
-        self.n = int(bank.shape[0])
-        labels = np.ascontiguousarray(labels, dtype=np.int32)
-        if device == "cuda":
-            if not kernels.cuda_available():
-                raise InputError("--device cuda: the CUDA kernels are not built or no CUDA device is usable")
-            import torch
-
-            self.bank = torch.from_numpy(np.ascontiguousarray(bank)).cuda()
-            self.labels = torch.from_numpy(labels).cuda()
-        else:
-            self.bank = np.ascontiguousarray(bank)
-            self.labels = labels
-
-    def vote(self, queries: np.ndarray, k: int, return_topk: bool = False, label_weights=None):
-        """knn_vote of host ``queries`` against the bank (optional per-label vote
-        weights, see :func:`semisam_o1.kernels.knn_vote`); NumPy results."""
-        k = min(int(k), self.n)
-        if self.device == "cuda":
-            import torch
-
-            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).cuda()
-            out = self.kernels.knn_vote(q, self.bank, self.labels, k, return_topk=return_topk,
-                                        label_weights=label_weights)
-            torch.cuda.synchronize()
-            return tuple(o.cpu().numpy() for o in out)
-        out = self.kernels.knn_vote(queries, self.bank, self.labels, k, threads=self.threads,
-                                    return_topk=return_topk, label_weights=label_weights)
-        return tuple(np.asarray(o) for o in out)
-
-
-def _progress(iterable, quiet: bool, desc: str, total: int | None = None):
-    if quiet:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr)
-
-
-class _Inputs:
-    """Paths of every input, checked before anything is written."""
-
-    def __init__(self, dataset, features, pred, output, template, cases, split, subset, need_template_label=True):
-        from .io import Dataset, find_case_file, load_split
-        from .store import FeatureStore
-
-        self.dataset = Dataset(dataset)
-        self.pred = Path(pred)
-        self.output = Path(output)
-        if not self.pred.is_dir():
-            raise InputError(f"{self.pred}: predictions folder not found")
-        sp = load_split(split) if split is not None else None
-        if template is None:
-            if sp is None or "template" not in sp:
-                raise InputError("--template is needed (or a --split file with a 'template' entry)")
-            template = sp["template"]
-        self.template = str(template)
-        self.dataset.image_path(self.template)
-        self.template_label_path = self.dataset.label_path(self.template)
-        if cases:
-            chosen = self.dataset.select(cases=cases)
-        elif sp is not None:
-            chosen = self.dataset.select(split=sp, subset=subset)
-        else:
-            raise InputError("give the cases to refine: --cases, or --split with --subset")
-        self.cases = [c for c in chosen if c != self.template]
-        if not self.cases:
-            raise InputError("no case to refine (the template keeps its real label and is not refined)")
-        self.label_paths = {c: find_case_file(self.pred, c, what="predicted label") for c in self.cases}
-        self.entropy_paths = {c: find_case_file(self.pred, f"{c}_entropy", what=f"entropy map of case {c}")
-                              for c in self.cases}
-        feat_root = Path(features)
-        if not feat_root.is_dir():
-            raise InputError(f"{feat_root}: feature store not found")
-        self.store = FeatureStore(feat_root)
-        for c in [self.template] + self.cases:
-            if not self.store.has(c):
-                raise InputError(f"{feat_root}: no features for case {c} (run `semisam-o1 encode` on it)")
-        if self.output.resolve() == self.pred.resolve():
-            raise InputError(f"{self.output}: the output folder must differ from the predictions folder")
-
-    def read_case(self, case: str):
-        """(image Volume, predicted class indices uint8 (X,Y,Z), entropy float32 (X,Y,Z)), grids checked."""
-        from .io import check_same_grid, read_image, read_label
-
-        image = self.dataset.read_image(case)
-        label = read_label(self.label_paths[case], self.dataset.label_map, reference=image)
-        ent = read_image(self.entropy_paths[case])
-        check_same_grid(ent, image)
-        e = ent.array
-        if e.min(initial=0.0) < 0:
-            raise InputError(f"{ent.path}: negative entropy {float(e.min()):g}")
-        return image, label.array, e
-
-    def case_entry(self, case: str, shape):
-        """The store's entry of ``case`` (signature checked by the store), voxel grid checked."""
-        cf = self.store.load(case)
-        if tuple(cf.voxel_shape) != tuple(shape):
-            raise InputError(f"features of case {case}: voxel grid {tuple(cf.voxel_shape)} differs from its "
-                             f"image {tuple(shape)} (re-encode it)")
-        return cf
-
-    def case_features(self, case: str, shape) -> np.ndarray:
-        """(C, X, Y, Z) float32 voxel-grid features of ``case``, grid checked."""
-        return self.case_entry(case, shape).on_voxel_grid()
-
-
-# --------------------------------------------------------------------------- main function
-
-
-def refine(
-    dataset: str | Path,
-    features: str | Path,
-    pred: str | Path,
-    output: str | Path,
-    *,
-    template: str | None = None,
-    cases: Sequence[str] | None = None,
-    split: str | Path | None = None,
-    subset: str = "unlabeled",
-    k: int = 5,
-    quantile: float = 0.9,
-    mode: str = "voxel",
-    bank_size: int = DEFAULT_BANK_SIZE,
-    project_dim: int = DEFAULT_PROJECT_DIM,
-    position_weight: float = DEFAULT_POSITION_WEIGHT,
-    class_weights: str = DEFAULT_CLASS_WEIGHTS,
-    class_planes=None,
-    device: str = "cpu",
-    threads: int | None = None,
-    seed: int = 0,
-    quiet: bool = False,
-) -> dict:
-    """Refine the predicted labels in ``pred`` into ``output`` (see the module docstring).
-
-    Parameters are those of ``semisam-o1 refine``. ``class_planes``: path of a rule
-    written by ``propagate`` (``class_planes.json``) or a
-    :class:`semisam_o1.class_planes.ClassPlanes`; each refined label's foreground is
-    re-split by :func:`semisam_o1.class_planes.apply` before it is written (and
-    counted in the changed voxels). Returns the dict written to ``output/refine.json``.
-
-    Raises
-    ------
-    InputError
-        Unknown cases or template, a missing predicted label, entropy map or
-        feature entry, grids that differ, bad parameters. Every input is
-        checked (and the threshold and bank are built) before any output is
-        written.
-    """
-    if mode not in ("voxel", "volume"):
-        raise InputError(f"--mode {mode!r}: choose voxel or volume")
-    if k < 1:
-        raise InputError(f"--k {k}: must be at least 1")
-    if not 0.0 <= quantile <= 1.0:
-        raise InputError(f"--quantile {quantile}: must lie in [0, 1]")
-    if bank_size < 1:
-        raise InputError(f"--bank-size {bank_size}: must be at least 1")
-    if project_dim < 0:
-        raise InputError(f"--project-dim {project_dim}: must be 0 (off) or positive")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device {device!r}: choose cpu or cuda")
-    if device == "cuda":
-        from . import kernels
-
-        if not kernels.cuda_available():
-            raise InputError("--device cuda: the CUDA kernels are not built or no CUDA device is usable")
-    from . import class_planes as planes
-
-    rule = planes.read(class_planes) if isinstance(class_planes, (str, Path)) else class_planes
-    inputs = _Inputs(dataset, features, pred, output, template, cases, split, subset)
-    params = dict(mode=mode, k=int(k), quantile=float(quantile), template=inputs.template, seed=int(seed))
-    if rule is not None:
-        params["class_planes"] = rule.to_json()  # absent without a rule: old signatures stay valid
-    if mode == "voxel":
-        if position_weight < 0:
-            raise InputError(f"--position-weight {position_weight}: must be >= 0")
-        params.update(bank_size=int(bank_size), project_dim=int(project_dim))
-        if position_weight:
-            params["position_weight"] = float(position_weight)  # absent when 0: old signatures stay valid
-        if class_weights not in ("prior", "balanced"):
-            raise InputError(f"--class-weights {class_weights!r}: choose prior or balanced")
-        params["class_weights"] = class_weights
-        return _refine_voxel(inputs, params, device=device, threads=threads, quiet=quiet)
-    return _refine_volume(inputs, params, device=device, threads=threads, quiet=quiet)
-
-
-def _load_previous(output: Path, signature: str) -> dict:
-    """Per-case entries of a previous run with the same signature whose label file exists."""
-    path = output / "refine.json"
-    if not path.is_file():
-        return {}
-    try:
-        prev = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if prev.get("signature") != signature:
-        return {}
-    return {c: v for c, v in prev.get("cases", {}).items() if (output / f"{c}.nii.gz").is_file()}
-
-
-def _apply_planes(label: np.ndarray, params: dict) -> np.ndarray:
-    """``label`` re-split by the class-planes rule recorded in ``params`` (see :mod:`semisam_o1.class_planes`);
-    ``label`` itself when ``params`` has no rule."""
-    if "class_planes" not in params:
-        return label
-    from . import class_planes as planes
-
-    return planes.apply(label, planes.ClassPlanes.from_json(params["class_planes"]))
-
-
-def _change_stats(before: np.ndarray, after: np.ndarray, names: Sequence[str]) -> dict:
-    changed = before != after
-    n_cls = len(names)
-    frm = np.bincount(before[changed].ravel(), minlength=n_cls)
-    to = np.bincount(after[changed].ravel(), minlength=n_cls)
-    return {
-        "changed": int(changed.sum()),
-        "changed_from": {names[c]: int(frm[c]) for c in range(n_cls)},
-        "changed_to": {names[c]: int(to[c]) for c in range(n_cls)},
-    }
-
-
-def _finish(inputs: _Inputs, info: dict, quiet: bool) -> dict:
-    from .io import write_json
-
-    names = inputs.dataset.label_map.names
-    info["voxels_changed_total"] = int(sum(v["changed"] for v in info["cases"].values()))
-    info["voxels_changed_per_class"] = {
-        "from": {n: int(sum(v["changed_from"][n] for v in info["cases"].values())) for n in names},
-        "to": {n: int(sum(v["changed_to"][n] for v in info["cases"].values())) for n in names},
-    }
-    write_json(inputs.output / "refine.json", info)
-    return info
-
-
-# --------------------------------------------------------------------------- voxel mode
-
-
-def _refine_voxel(inputs: _Inputs, params: dict, *, device: str, threads, quiet: bool) -> dict:
-    from .io import write_json, write_label
-
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    label_map = inputs.dataset.label_map
-    names = label_map.names
-    n_cls = label_map.num_classes
-    cases = inputs.cases
-
-    # pass 1: the cohort-wide entropy threshold (entropy values only; labels and grids checked)
-    t0 = time.perf_counter()
-    values = []
-    digests = {}
-    for case in _progress(cases, quiet, "refine: entropy"):
-        _, _, ent = inputs.read_case(case)
-        values.append(ent.ravel())
-        digests[case] = [_file_digest(inputs.label_paths[case]), _file_digest(inputs.entropy_paths[case]),
-                         _store_digest(inputs.store, case)]
-    all_values = np.concatenate(values)
-    del values
-    threshold = float(np.quantile(all_values, params["quantile"]))
-    n_voxels = int(all_values.size)
-    del all_values
-    timings["threshold_s"] = time.perf_counter() - t0
-
-    # pass 2a: the bank plan (confident candidates per class per case; the template's real label)
-    t0 = time.perf_counter()
-    from .io import read_label
-
-    t_image = inputs.dataset.read_image(inputs.template)
-    t_label = read_label(inputs.template_label_path, label_map, reference=t_image).array
-    sources = [inputs.template] + cases
-    counts = np.zeros((len(sources), n_cls), np.int64)
-    counts[0] = np.bincount(t_label.ravel(), minlength=n_cls)[:n_cls]
-    query_counts = {}
-    for i, case in enumerate(_progress(cases, quiet, "refine: bank plan"), start=1):
-        _, lab, ent = inputs.read_case(case)
-        conf = ~query_mask(ent, threshold)
-        counts[i] = np.bincount(lab[conf].ravel(), minlength=n_cls)[:n_cls]
-        query_counts[case] = int((~conf).sum())
-    available = counts.sum(axis=0)
-    quotas = class_quotas(available, params["bank_size"])
-    rng = np.random.default_rng(params["seed"])
-    offsets = np.concatenate([np.zeros((1, n_cls), np.int64), np.cumsum(counts, axis=0)])
-    picks: list[list[np.ndarray]] = [[None] * n_cls for _ in sources]  # type: ignore[list-item]
-    for c in range(n_cls):
-        chosen = np.sort(rng.choice(int(available[c]), size=int(quotas[c]), replace=False)) if quotas[c] else \
-            np.zeros(0, np.int64)
-        bounds = np.searchsorted(chosen, offsets[:, c])
-        for i in range(len(sources)):
-            picks[i][c] = chosen[bounds[i]:bounds[i + 1]] - offsets[i, c]
-    bank_hash = hashlib.sha256()
-    for i in range(len(sources)):
-        for c in range(n_cls):
-            bank_hash.update(np.ascontiguousarray(picks[i][c], dtype=np.int64).tobytes())
-    sig_obj = dict(params, schema=SCHEMA, cases=cases, threshold=repr(threshold), inputs=digests,
-                   template_label=_file_digest(inputs.template_label_path),
-                   template_features=_store_digest(inputs.store, inputs.template), bank=bank_hash.hexdigest())
-    signature = hashlib.sha256(json.dumps(sig_obj, sort_keys=True).encode()).hexdigest()
-    timings["bank_plan_s"] = time.perf_counter() - t0
-
-    done = _load_previous(inputs.output, signature)
-    todo = [c for c in cases if c not in done]
-    bank_info = {
-        "size": int(sum(quotas)),
-        "per_class": {names[c]: int(quotas[c]) for c in range(n_cls)},
-        "from_template": {names[c]: int(len(picks[0][c])) for c in range(n_cls)},
-        "candidates": {names[c]: int(available[c]) for c in range(n_cls)},
-        "cases_contributing": int(sum(1 for i in range(1, len(sources)) if any(len(p) for p in picks[i]))),
-    }
-    info = {
-        "schema": SCHEMA,
-        "mode": "voxel",
-        "params": dict(params, device=device, threads=threads),
-        "signature": signature,
-        "threshold": threshold,
-        "threshold_units": "nats (voxel-wise softmax entropy)",
-        "voxels_in_cohort": n_voxels,
-        "queries_total": int(sum(query_counts.values())),
-        "bank": bank_info,
-        "cases": dict(done),
-        "resumed_cases": len(done),
-        "complete": False,
-    }
-    if not todo:
-        info["complete"] = True
-        info["timings"] = dict(timings, total_s=time.perf_counter() - t_start)
-        return _finish(inputs, info, quiet)
-
-    # pass 2b: the bank's features, case by case
-    t0 = time.perf_counter()
-    n_bank = int(sum(quotas))
-    bank = None
-    bank_labels = np.empty(n_bank, np.int32)
-    pos_w = float(params.get("position_weight", 0.0))
-    bank_pos = np.empty((n_bank, 3), np.float32) if pos_w else None
-    pos = 0
-    for i, case in enumerate(_progress(sources, quiet, "refine: bank features")):
-        if i == 0:
-            lab, conf, shape = t_label, np.ones(t_label.shape, bool), t_label.shape
-        else:
-            _, lab, ent = inputs.read_case(case)
-            conf, shape = ~query_mask(ent, threshold), lab.shape
-        n_here = sum(len(p) for p in picks[i])
-        if n_here == 0:
-            inputs.case_entry(case, shape)  # still validate the entry before writing anything
-            continue
-        feats = inputs.case_features(case, shape)
-        flat = feats.reshape(feats.shape[0], -1)
-        if bank is None:
-            bank = np.empty((n_bank, flat.shape[0]), np.float16)
-        lab_flat = lab.ravel()
-        conf_flat = conf.ravel()
-        for c in range(n_cls):
-            if len(picks[i][c]) == 0:
-                continue
-            where = np.flatnonzero(conf_flat & (lab_flat == c))[picks[i][c]]
-            bank[pos:pos + len(where)] = flat[:, where].T
-            bank_labels[pos:pos + len(where)] = c
-            if pos_w:
-                bank_pos[pos:pos + len(where)] = _positions(where, shape)
-            pos += len(where)
-        del feats, flat
-    assert pos == n_bank
-    timings["bank_features_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    projection = None
-    dim_in = int(bank.shape[1])
-    if params["project_dim"] and params["project_dim"] < dim_in:
-        fit_rows = np.arange(n_bank)
-        if n_bank > PCA_FIT_ROWS:  # the second moments of 192-768 dims are settled long before 65,536 rows
-            fit_rows = np.sort(np.random.default_rng(params["seed"] + 1).choice(n_bank, PCA_FIT_ROWS, replace=False))
-        mean, comps, explained = fit_projection(bank[fit_rows], params["project_dim"])
-        projection = (mean, comps)
-        bank_k = np.empty((n_bank, comps.shape[1]), np.float32)
-        for s in range(0, n_bank, 65536):
-            bank_k[s:s + 65536] = _project(bank[s:s + 65536], projection)
-        bank = bank_k
-        bank_info["projection"] = {"kind": "uncentred-pca", "dim_in": dim_in, "dim": int(comps.shape[1]),
-                                   "energy_kept": explained, "fit_rows": int(len(fit_rows))}
-    else:
-        bank_info["projection"] = {"kind": "none", "dim_in": dim_in, "dim": dim_in}
-    if pos_w:
-        from .propagate import augment_with_position
-
-        bank = augment_with_position(np.asarray(bank, np.float32), bank_pos, pos_w, "bank")
-        bank_info["position_weight"] = pos_w
-    knn_bank = _KnnBank(bank, bank_labels, device=device, threads=threads)
-    del bank
-    vote_w = None
-    if params.get("class_weights", "balanced") == "prior":
-        # undo the class-balanced sampling: a bank entry of class c stands for
-        # available[c] / quota[c] confident voxels, so the vote estimates the class
-        # posterior among the cohort's confident voxels instead of favouring rare classes
-        q_arr = np.asarray(quotas, np.float64)
-        vote_w = np.where(q_arr > 0, available / np.maximum(q_arr, 1), 0.0)
-        vote_w = (vote_w / vote_w[q_arr > 0].min()).astype(np.float32)
-        bank_info["vote_weight_per_class"] = {names[c]: float(vote_w[c]) for c in range(n_cls)}
-    timings["projection_s"] = time.perf_counter() - t0
-    k_eff = min(params["k"], n_bank)
-
-    # pass 3: queries, case by case
-    t0 = time.perf_counter()
-    knn_s = 0.0
-    inputs.output.mkdir(parents=True, exist_ok=True)
-    for case in _progress(todo, quiet, "refine: vote"):
-        tc = time.perf_counter()
-        image, lab, ent = inputs.read_case(case)
-        qmask = query_mask(ent, threshold)
-        new = lab.copy()
-        n_q = int(qmask.sum())
-        if n_q:
-            feats = inputs.case_features(case, lab.shape)
-            q = feats.reshape(feats.shape[0], -1)[:, np.flatnonzero(qmask.ravel())].T
-            del feats
-            q = np.ascontiguousarray(_project(q, projection), dtype=np.float32)
-            if pos_w:
-                from .propagate import augment_with_position
-
-                q = augment_with_position(q, _positions(np.flatnonzero(qmask.ravel()), lab.shape), pos_w, "query")
-            tk = time.perf_counter()
-            voted, share = knn_bank.vote(q, k_eff, label_weights=vote_w)
-            knn_s += time.perf_counter() - tk
-            voted = np.asarray(voted)
-            keep = np.asarray(share) <= 0  # every neighbour dissimilar: no evidence, keep the label
-            voted = np.where(keep, lab[qmask], voted).astype(np.uint8)
-            new[qmask] = voted
-        new = _apply_planes(new, params)
-        write_label(inputs.output / f"{case}.nii.gz", new, image, label_map)
-        entry = {"queries": n_q, **_change_stats(lab, new, names), "seconds": round(time.perf_counter() - tc, 4)}
-        info["cases"][case] = entry
-        write_json(inputs.output / "refine.json", info)  # progress, so a killed run resumes
-    timings["vote_s"] = time.perf_counter() - t0
-    timings["knn_kernel_s"] = knn_s
-    timings["total_s"] = time.perf_counter() - t_start
-    info["cases"] = {c: info["cases"][c] for c in cases}
-    info["complete"] = True
-    info["timings"] = timings
-    return _finish(inputs, info, quiet)
-
-
-# --------------------------------------------------------------------------- volume mode
-
-
-def _refine_volume(inputs: _Inputs, params: dict, *, device: str, threads, quiet: bool) -> dict:
-    from .io import read_label, write_json, write_label
-
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    label_map = inputs.dataset.label_map
-    names = label_map.names
-    n_cls = label_map.num_classes
-    cases = inputs.cases
-
-    # pass 1: mean entropy per case, and each case's mean-pooled descriptor
-    t0 = time.perf_counter()
-    means = {}
-    digests = {}
-    desc = {}
-    for case in _progress(cases, quiet, "refine: volumes"):
-        _, lab, ent = inputs.read_case(case)
-        means[case] = float(ent.astype(np.float64).mean())
-        digests[case] = [_file_digest(inputs.label_paths[case]), _file_digest(inputs.entropy_paths[case]),
-                         _store_digest(inputs.store, case)]
-        feats = inputs.case_features(case, lab.shape)
-        desc[case] = feats.reshape(feats.shape[0], -1).astype(np.float64).mean(axis=1).astype(np.float32)
-        del feats
-    t_image = inputs.dataset.read_image(inputs.template)
-    t_label = read_label(inputs.template_label_path, label_map, reference=t_image).array
-    feats = inputs.case_features(inputs.template, t_label.shape)
-    desc[inputs.template] = feats.reshape(feats.shape[0], -1).astype(np.float64).mean(axis=1).astype(np.float32)
-    del feats
-    threshold = float(np.quantile(np.array([means[c] for c in cases]), params["quantile"]))
-    uncertain = [c for c in cases if means[c] >= threshold]
-    confident = [inputs.template] + [c for c in cases if means[c] < threshold]
-    timings["describe_s"] = time.perf_counter() - t0
-
-    sig_obj = dict(params, schema=SCHEMA, cases=cases, threshold=repr(threshold), inputs=digests,
-                   template_label=_file_digest(inputs.template_label_path),
-                   template_features=_store_digest(inputs.store, inputs.template))
-    signature = hashlib.sha256(json.dumps(sig_obj, sort_keys=True).encode()).hexdigest()
-    done = _load_previous(inputs.output, signature)
-
-    # neighbours of the uncertain volumes among the confident ones (the kNN kernel, labels = bank index)
-    t0 = time.perf_counter()
-    neighbours: dict[str, list[tuple[str, float]]] = {}
-    if uncertain and confident:
-        q = np.stack([desc[c] for c in uncertain])
-        b = np.stack([desc[c] for c in confident])
-        k_eff = min(params["k"], len(confident))
-        knn_bank = _KnnBank(b, np.arange(len(confident), dtype=np.int32), device=device, threads=threads)
-        _, _, idx, sim = knn_bank.vote(q, k_eff, return_topk=True)
-        for qi, case in enumerate(uncertain):
-            neighbours[case] = [(confident[int(j)], float(s)) for j, s in zip(idx[qi], sim[qi])]
-    timings["neighbours_s"] = time.perf_counter() - t0
-
-    info = {
-        "schema": SCHEMA,
-        "mode": "volume",
-        "params": dict(params, device=device, threads=threads),
-        "signature": signature,
-        "threshold": threshold,
-        "threshold_units": "nats (mean voxel-wise softmax entropy of a volume)",
-        "mean_entropy": means,
-        "uncertain_cases": uncertain,
-        "confident_cases": confident,
-        "neighbours": {c: [{"case": n, "similarity": s} for n, s in v] for c, v in neighbours.items()},
-        "resize": "nearest neighbour in index space, centre-aligned: src = min(floor((i + 0.5) * n_src / n_dst), n_src - 1)",
-        "cases": dict(done),
-        "resumed_cases": len(done),
-        "complete": False,
-    }
-
-    t0 = time.perf_counter()
-    inputs.output.mkdir(parents=True, exist_ok=True)
-    label_cache: dict[str, np.ndarray] = {inputs.template: t_label}
-
-    def neighbour_label(case: str) -> np.ndarray:
-        if case not in label_cache:
-            label_cache[case] = inputs.read_case(case)[1]
-        return label_cache[case]
-
-    for case in _progress([c for c in cases if c not in done], quiet, "refine: vote"):
-        tc = time.perf_counter()
-        image, lab, _ = inputs.read_case(case)
-        new = lab
-        if case in neighbours:
-            new = volume_vote(lab, [(neighbour_label(n), s) for n, s in neighbours[case]], n_cls)
-        new = _apply_planes(new, params)
-        write_label(inputs.output / f"{case}.nii.gz", new, image, label_map)
-        entry = {"uncertain": case in neighbours, "mean_entropy": means[case],
-                 **_change_stats(lab, new, names), "seconds": round(time.perf_counter() - tc, 4)}
-        info["cases"][case] = entry
-        write_json(inputs.output / "refine.json", info)
-    timings["vote_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
-    info["cases"] = {c: info["cases"][c] for c in cases}
-    info["complete"] = True
-    info["timings"] = timings
-    return _finish(inputs, info, quiet)
+    mean, basis = projection
+    return (x.astype(np.float32, copy=False) - mean) @ basis
 
 
 def volume_vote(own: np.ndarray, neighbours: Sequence[tuple[np.ndarray, float]], n_classes: int) -> np.ndarray:
     """Per-voxel weighted vote of neighbour label maps on ``own``'s grid.
 
-    ``neighbours``: (label map (any 3D shape) of class indices, similarity).
-    Each map is resized with :func:`resize_nearest`; weights are
-    ``max(similarity, 0)``; each voxel takes the class with the largest sum of
-    weights (ties: lowest index). If every weight is 0, ``own`` is returned.
-    Returns uint8 (X, Y, Z).
+    Each map is resized with :func:`resize_nearest`; weights are ``max(similarity, 0)``;
+    each voxel takes the class with the largest sum of weights (ties: lowest index).
+
+    Args:
+        own: (X, Y, Z) class indices of the case.
+        neighbours: (label map (any 3D shape) of class indices, cosine similarity) pairs.
+        n_classes: number of classes (background included).
+
+    Returns:
+        (X, Y, Z) uint8; ``own`` (a copy) when every weight is 0.
     """
     votes = np.zeros((n_classes,) + own.shape, np.float64)
     total = 0.0
@@ -866,7 +297,565 @@ def volume_vote(own: np.ndarray, neighbours: Sequence[tuple[np.ndarray, float]],
     return votes.argmax(axis=0).astype(np.uint8)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    from .cli import main as cli_main
+def _change_stats(before: np.ndarray, after: np.ndarray, names: Sequence[str]) -> dict:
+    """Voxels changed between two label maps, in total and per class they left / joined."""
+    changed = before != after
+    n_cls = len(names)
+    frm = np.bincount(before[changed].ravel(), minlength=n_cls)
+    to = np.bincount(after[changed].ravel(), minlength=n_cls)
+    return {"changed": int(changed.sum()),
+            "changed_from": {names[c]: int(frm[c]) for c in range(n_cls)},
+            "changed_to": {names[c]: int(to[c]) for c in range(n_cls)}}
 
-    sys.exit(cli_main(["refine"] + sys.argv[1:]))
+
+class _KnnBank:
+    """A kNN bank on the chosen device: moved there once (:func:`semisam_o1.device.to_device`);
+    :func:`semisam_o1.kernels.knn_vote` dispatches on where the arrays are."""
+
+    def __init__(self, bank: np.ndarray, labels: np.ndarray, *, device: str, threads: int | None):
+        from .device import to_device
+
+        self.device, self.threads, self.n = device, threads, int(bank.shape[0])
+        self.bank = to_device(bank, device)
+        self.labels = to_device(np.asarray(labels, dtype=np.int32), device)
+
+    def vote(self, queries: np.ndarray, k: int, *, return_topk: bool = False, label_weights=None) -> tuple:
+        """:func:`semisam_o1.kernels.knn_vote` of host ``queries`` (Q, C) against the bank;
+        the results as NumPy arrays (labels (Q,) int32, share (Q,) float32[, topk index, sim])."""
+        from . import kernels
+        from .device import to_device, to_host
+
+        out = kernels.knn_vote(to_device(queries, self.device), self.bank, self.labels, min(int(k), self.n),
+                               threads=self.threads, return_topk=return_topk, label_weights=label_weights)
+        return tuple(to_host(o) for o in out)
+
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """Every input of a refine run, found and checked before anything is written."""
+
+    dataset: object  # semisam_o1.io.Dataset
+    store: object  # semisam_o1.store.FeatureStore
+    template: str
+    cases: list[str]
+    label_paths: dict[str, Path]
+    entropy_paths: dict[str, Path]
+    rule: object | None  # semisam_o1.class_planes.ClassPlanes
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.dataset.label_map.names)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.dataset.label_map.num_classes)
+
+    def read_case(self, case: str):
+        """``(image Volume, predicted class indices uint8 (X, Y, Z), entropy float32 (X, Y, Z))``.
+
+        Raises:
+            InputError: a label or entropy map off its image's grid, or a negative entropy.
+        """
+        from .io import check_same_grid, read_image, read_label
+
+        image = self.dataset.read_image(case)
+        label = read_label(self.label_paths[case], self.dataset.label_map, reference=image)
+        ent = read_image(self.entropy_paths[case])
+        check_same_grid(ent, image)
+        e = ent.array
+        if e.min(initial=0.0) < 0:
+            raise InputError(f"{ent.path}: negative entropy {float(e.min()):g}")
+        return image, label.array, e
+
+    def read_template(self) -> np.ndarray:
+        """The template's real label, (X, Y, Z) class indices on its image's grid."""
+        from .io import read_label
+
+        image = self.dataset.read_image(self.template)
+        return read_label(self.dataset.label_path(self.template), self.dataset.label_map, reference=image).array
+
+    def case_entry(self, case: str, shape):
+        """The store's entry of ``case``, its voxel grid checked against ``shape``."""
+        cf = self.store.load(case)
+        if tuple(cf.voxel_shape) != tuple(shape):
+            raise InputError(f"features of case {case}: voxel grid {tuple(cf.voxel_shape)} differs from its "
+                             f"image {tuple(shape)} (re-encode it)")
+        return cf
+
+    def case_features(self, case: str, shape) -> np.ndarray:
+        """(C, X, Y, Z) float32 voxel-grid features of ``case`` (``on_voxel_grid``), grid checked."""
+        return self.case_entry(case, shape).on_voxel_grid()
+
+    def digests(self) -> dict:
+        """What the result depends on besides the settings: SHA-256 of every predicted label and
+        entropy map and of the template's label, the digest of each store entry's meta.json (which
+        holds the encoded image's hash), and the class-planes rule."""
+        from .io import file_sha256
+        from .resume import digest
+
+        return {"cases": {c: {"label": file_sha256(self.label_paths[c]), "entropy": file_sha256(self.entropy_paths[c]),
+                              "features": digest(self.store.read_meta(c))} for c in self.cases},
+                "template_label": file_sha256(self.dataset.label_path(self.template)),
+                "template_features": digest(self.store.read_meta(self.template)),
+                "class_planes": None if self.rule is None else self.rule.to_json()}
+
+
+def _open_inputs(s: RefineSettings) -> _Inputs:
+    """Find every input of ``s``: dataset, template, cases (never the template), predicted labels,
+    entropy maps, store entries, class-planes rule; check the output folder can be written.
+
+    Raises:
+        InputError: a missing dataset, predictions folder, store, template, case, label, entropy
+            map or store entry; an unreadable rule; an output folder that is a file, not writable,
+            or the predictions folder itself.
+    """
+    from . import class_planes as planes
+    from .io import Dataset, find_case_file, load_split
+    from .resume import check_output_dir
+    from .settings import select_cases
+    from .store import FeatureStore
+
+    ds = Dataset(s.input)
+    if not s.pred.is_dir():
+        raise InputError(f"{s.pred}: predictions folder not found")
+    template = s.template
+    if template is None:
+        sp = load_split(s.split) if s.split is not None else {}
+        if "template" not in sp:
+            raise InputError("--template is needed (or a --split file with a 'template' entry)")
+        template = str(sp["template"])
+    ds.image_path(template)
+    ds.label_path(template)
+    cases = [c for c in select_cases(ds, s) if c != template]
+    if not cases:
+        raise InputError("no case to refine (the template keeps its real label and is not refined)")
+    labels = {c: find_case_file(s.pred, c, what="predicted label") for c in cases}
+    entropy = {c: find_case_file(s.pred, f"{c}_entropy", what=f"entropy map of case {c}") for c in cases}
+    if not s.features.is_dir():
+        raise InputError(f"{s.features}: feature store not found")
+    store = FeatureStore(s.features)
+    for c in [template, *cases]:
+        if not store.has(c):
+            raise InputError(f"{s.features}: no features for case {c} (run `semisam-o1 encode` on it)")
+    check_output_dir(s.output)
+    if s.output.resolve() == s.pred.resolve():
+        raise InputError(f"{s.output}: the output folder must differ from the predictions folder")
+    rule = planes.read(s.class_planes) if s.class_planes is not None else None
+    return _Inputs(ds, store, template, cases, labels, entropy, rule)
+
+
+# --------------------------------------------------------------------------- writing the cases
+
+
+def _write_cases(inputs: _Inputs, reuse: bool, output: Path, relabel: Callable[[str], tuple] | None,
+                 quiet: bool) -> dict:
+    """Write every case's refined label (class planes applied), keeping those already written
+    under the same signature.
+
+    Args:
+        inputs: the run's inputs.
+        reuse: the record's ``reuse``, read before :meth:`~semisam_o1.resume.StageRecord.start`
+            (the files in the folder were written with this signature).
+        output: the output folder.
+        relabel: ``case -> (image Volume, predicted label, refined label, extra stats dict)``.
+        quiet: no progress bar.
+
+    Returns:
+        {case: {"changed", "changed_from", "changed_to", ...extra, "seconds"}}; a kept case's
+        counts are recomputed from its file (``"reused": True``, no extra stats).
+    """
+    from .class_planes import apply
+    from .io import read_label, write_label
+    from .progress import progress
+
+    out = {}
+    for case in progress(inputs.cases, quiet=quiet, desc="refine: vote"):
+        path = output / f"{case}.nii.gz"
+        tc = time.perf_counter()
+        if reuse and path.is_file():
+            image, lab, _ = inputs.read_case(case)
+            new = read_label(path, inputs.dataset.label_map, reference=image).array
+            out[case] = {**_change_stats(lab, new, inputs.names), "reused": True}
+            continue
+        image, lab, new, extra = relabel(case)
+        if inputs.rule is not None:
+            new = apply(new, inputs.rule)
+        write_label(path, new, image, inputs.dataset.label_map)
+        out[case] = {**extra, **_change_stats(lab, new, inputs.names), "seconds": round(time.perf_counter() - tc, 4)}
+    return out
+
+
+def _todo(inputs: _Inputs, reuse: bool, output: Path) -> list[str]:
+    """The cases whose refined label is still to be written."""
+    return [c for c in inputs.cases if not (reuse and (output / f"{c}.nii.gz").is_file())]
+
+
+def _finish(inputs: _Inputs, record, output: Path, summary: dict) -> dict:
+    """Add the cohort's change counts to ``summary``, write it (``refine.json``) and finish the record."""
+    from .io import write_json
+
+    cases = summary["cases"]
+    names = inputs.names
+    summary["resumed_cases"] = sum(1 for v in cases.values() if v.get("reused"))
+    summary["voxels_changed_total"] = int(sum(v["changed"] for v in cases.values()))
+    summary["voxels_changed_per_class"] = {
+        "from": {n: int(sum(v["changed_from"][n] for v in cases.values())) for n in names},
+        "to": {n: int(sum(v["changed_to"][n] for v in cases.values())) for n in names}}
+    if inputs.rule is not None:
+        summary["class_planes"] = inputs.rule.to_json(names)
+    write_json(output / SUMMARY_JSON, summary)
+    record.finish(summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- voxel mode
+
+
+@dataclasses.dataclass
+class _BankPlan:
+    """Which confident voxels form the bank. Source 0 is the template, source i the i-th case.
+
+    Attributes:
+        available: (n_classes,) int64 candidates per class in the cohort (template included).
+        quotas: bank entries per class (:func:`class_quotas`).
+        picks: picks[i][c]: int64 indices, in increasing order, into source i's candidates of
+            class c (its confident voxels of class c in C order).
+        queries: {case: number of query voxels}.
+    """
+
+    available: np.ndarray
+    quotas: list[int]
+    picks: list[list[np.ndarray]]
+    queries: dict[str, int]
+
+    @property
+    def size(self) -> int:
+        return int(sum(self.quotas))
+
+
+def _entropy_threshold(inputs: _Inputs, quantile: float, quiet: bool) -> tuple[float, int]:
+    """The cohort-wide ``quantile`` of every case's voxel entropies (``numpy.quantile``, linear).
+
+    Returns:
+        (threshold in nats, number of voxels). Reads (and so checks) every case.
+    """
+    from .progress import progress
+
+    values = [inputs.read_case(case)[2].ravel() for case in progress(inputs.cases, quiet=quiet,
+                                                                     desc="refine: entropy")]
+    all_values = np.concatenate(values)
+    return float(np.quantile(all_values, quantile)), int(all_values.size)
+
+
+def _plan_bank(inputs: _Inputs, t_label: np.ndarray, threshold: float, bank_size: int, seed: int,
+               quiet: bool) -> _BankPlan:
+    """Draw the class-balanced bank over the whole cohort: per class, ``quotas[c]`` of the
+    cohort's candidates uniformly without replacement (``numpy.random.default_rng(seed)``).
+
+    Args:
+        inputs: the run's inputs.
+        t_label: (X, Y, Z) the template's real label (every voxel a candidate).
+        threshold: the entropy threshold (nats): a case's candidates are its confident voxels.
+        bank_size: entries asked for.
+        seed: seed of the draw.
+        quiet: no progress bar.
+    """
+    from .progress import progress
+
+    n_cls = inputs.n_classes
+    counts = np.zeros((len(inputs.cases) + 1, n_cls), np.int64)
+    counts[0] = np.bincount(t_label.ravel(), minlength=n_cls)[:n_cls]
+    queries = {}
+    for i, case in enumerate(progress(inputs.cases, quiet=quiet, desc="refine: bank plan"), start=1):
+        _, lab, ent = inputs.read_case(case)
+        conf = ~query_mask(ent, threshold)
+        counts[i] = np.bincount(lab[conf].ravel(), minlength=n_cls)[:n_cls]
+        queries[case] = int((~conf).sum())
+    available = counts.sum(axis=0)
+    quotas = class_quotas(available, bank_size)
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([np.zeros((1, n_cls), np.int64), np.cumsum(counts, axis=0)])
+    picks: list[list[np.ndarray]] = [[np.zeros(0, np.int64)] * n_cls for _ in range(len(counts))]
+    for c in range(n_cls):
+        chosen = np.sort(rng.choice(int(available[c]), size=int(quotas[c]), replace=False)) if quotas[c] else \
+            np.zeros(0, np.int64)
+        bounds = np.searchsorted(chosen, offsets[:, c])
+        for i in range(len(counts)):
+            picks[i][c] = chosen[bounds[i]:bounds[i + 1]] - offsets[i, c]
+    return _BankPlan(available, quotas, picks, queries)
+
+
+def _bank_features(inputs: _Inputs, plan: _BankPlan, t_label: np.ndarray, threshold: float, with_positions: bool,
+                   quiet: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Read the drawn voxels' features, case by case (every store entry's grid is checked).
+
+    Returns:
+        ``(bank (N, C) float16, labels (N,) int32, positions (N, 3) float32 or None)``, N = plan.size.
+    """
+    from .progress import progress
+
+    n = plan.size
+    bank, labels = None, np.empty(n, np.int32)
+    positions = np.empty((n, 3), np.float32) if with_positions else None
+    pos = 0
+    for i, case in enumerate(progress([inputs.template, *inputs.cases], quiet=quiet, desc="refine: bank features")):
+        if i == 0:
+            lab, conf = t_label, np.ones(t_label.shape, bool)
+        else:
+            _, lab, ent = inputs.read_case(case)
+            conf = ~query_mask(ent, threshold)
+        if sum(len(p) for p in plan.picks[i]) == 0:
+            inputs.case_entry(case, lab.shape)  # still checked before anything is written
+            continue
+        flat = inputs.case_features(case, lab.shape).reshape(-1, lab.size)
+        if bank is None:
+            bank = np.empty((n, flat.shape[0]), np.float16)
+        for c in range(inputs.n_classes):
+            if len(plan.picks[i][c]):
+                where = np.flatnonzero(conf.ravel() & (lab.ravel() == c))[plan.picks[i][c]]
+                bank[pos:pos + len(where)] = flat[:, where].T
+                labels[pos:pos + len(where)] = c
+                if with_positions:
+                    positions[pos:pos + len(where)] = _positions(where, lab.shape)
+                pos += len(where)
+    if pos != n:  # pragma: no cover - the plan counts the same voxels
+        raise RuntimeError(f"refine: bank holds {pos} entries, planned {n}")
+    return bank, labels, positions
+
+
+def _project_bank(bank: np.ndarray, project_dim: int, seed: int) -> tuple[np.ndarray, tuple | None, dict]:
+    """Fit the uncentred PCA (:func:`semisam_o1.linalg.pca_basis`) on at most :data:`PCA_FIT_ROWS`
+    bank rows (``numpy.random.default_rng(seed + 1)``) and project the bank.
+
+    Args:
+        bank: (N, C) float16 bank features.
+        project_dim: dimension kept; 0 or >= C: no projection.
+        seed: the run's seed.
+
+    Returns:
+        ``(bank (N, project_dim) float32 or the bank itself, (mean, basis) or None, description)``.
+    """
+    from .linalg import pca_basis
+
+    n, dim_in = bank.shape
+    if not project_dim or project_dim >= dim_in:
+        return bank, None, {"kind": "none", "dim_in": int(dim_in), "dim": int(dim_in)}
+    rows = np.arange(n)
+    if n > PCA_FIT_ROWS:
+        rows = np.sort(np.random.default_rng(seed + 1).choice(n, PCA_FIT_ROWS, replace=False))
+    mean, basis, kept = pca_basis(bank[rows], project_dim)
+    projected = np.empty((n, basis.shape[1]), np.float32)
+    for s in range(0, n, 65536):
+        projected[s:s + 65536] = _project(bank[s:s + 65536], (mean, basis))
+    return projected, (mean, basis), {"kind": "uncentred-pca", "dim_in": int(dim_in), "dim": int(basis.shape[1]),
+                                      "energy_kept": kept, "fit_rows": int(len(rows))}
+
+
+def _vote_queries(inputs: _Inputs, case: str, threshold: float, knn: _KnnBank, projection, position_weight: float,
+                  k: int, vote_weights: np.ndarray) -> tuple:
+    """Relabel the query voxels of ``case`` by the kNN vote against the bank.
+
+    Returns:
+        ``(image Volume, predicted label, refined label (X, Y, Z) uint8, {"queries": Q})``.
+    """
+    from .propagate import augment_with_position
+
+    image, lab, ent = inputs.read_case(case)
+    qmask = query_mask(ent, threshold)
+    new = lab.copy()
+    where = np.flatnonzero(qmask.ravel())
+    if len(where):
+        feats = inputs.case_features(case, lab.shape)
+        q = feats.reshape(feats.shape[0], -1)[:, where].T
+        del feats
+        q = np.ascontiguousarray(_project(q, projection), dtype=np.float32)
+        if position_weight:
+            q = augment_with_position(q, _positions(where, lab.shape), position_weight, "query")
+        voted, share = knn.vote(q, k, label_weights=vote_weights)
+        keep = share <= 0  # every neighbour dissimilar: no evidence, keep the label
+        new[qmask] = np.where(keep, lab[qmask], voted).astype(np.uint8)
+    return image, lab, new, {"queries": int(len(where))}
+
+
+def _refine_voxel(inputs: _Inputs, s: RefineSettings, record, device: str) -> dict:
+    """Voxel mode (module docstring): threshold, bank, projection, vote; returns the summary."""
+    from .propagate import augment_with_position
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    names = inputs.names
+    t0 = time.perf_counter()
+    threshold, n_voxels = _entropy_threshold(inputs, s.quantile, s.quiet)
+    timings["threshold_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    t_label = inputs.read_template()
+    plan = _plan_bank(inputs, t_label, threshold, s.bank_size, s.seed, s.quiet)
+    timings["bank_plan_s"] = time.perf_counter() - t0
+    bank_info = {"size": plan.size,
+                 "per_class": {names[c]: int(plan.quotas[c]) for c in range(inputs.n_classes)},
+                 "from_template": {names[c]: int(len(plan.picks[0][c])) for c in range(inputs.n_classes)},
+                 "candidates": {names[c]: int(plan.available[c]) for c in range(inputs.n_classes)},
+                 "cases_contributing": int(sum(1 for p in plan.picks[1:] if any(len(x) for x in p)))}
+    summary = {"mode": "voxel", "device": device, "threshold": threshold,
+               "threshold_units": "nats (voxel-wise softmax entropy)", "voxels_in_cohort": n_voxels,
+               "queries_total": int(sum(plan.queries.values())), "bank": bank_info}
+    relabel, reuse = None, record.reuse  # (read before start(), which marks the folder as this run's)
+    if _todo(inputs, reuse, s.output):
+        t0 = time.perf_counter()
+        pos_w = float(s.position_weight)
+        bank, bank_labels, bank_pos = _bank_features(inputs, plan, t_label, threshold, bool(pos_w), s.quiet)
+        timings["bank_features_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bank, projection, bank_info["projection"] = _project_bank(bank, s.project_dim, s.seed)
+        if pos_w:
+            bank = augment_with_position(np.asarray(bank, np.float32), bank_pos, pos_w, "bank")
+            bank_info["position_weight"] = pos_w
+        knn = _KnnBank(bank, bank_labels, device=device, threads=s.threads)
+        del bank
+        vote_weights = prior_vote_weights(plan.available, plan.quotas)
+        bank_info["vote_weight_per_class"] = {names[c]: float(vote_weights[c]) for c in range(inputs.n_classes)}
+        timings["projection_s"] = time.perf_counter() - t0
+        k = min(s.k, plan.size)
+
+        def relabel(case):
+            return _vote_queries(inputs, case, threshold, knn, projection, pos_w, k, vote_weights)
+
+    t0 = time.perf_counter()
+    record.start()
+    summary["cases"] = _write_cases(inputs, reuse, s.output, relabel, s.quiet)
+    timings["vote_s"] = time.perf_counter() - t0
+    summary["timings"] = dict(timings, total_s=time.perf_counter() - t_start)
+    return _finish(inputs, record, s.output, summary)
+
+
+# --------------------------------------------------------------------------- volume mode
+
+
+def _describe_volumes(inputs: _Inputs, t_label: np.ndarray, quiet: bool) -> tuple[dict, dict]:
+    """Each case's mean entropy, and each volume's mean-pooled feature vector (template included).
+
+    Returns:
+        ``({case: mean entropy (nats)}, {case: (C,) float32 mean of on_voxel_grid() over the voxels})``.
+    """
+    from .progress import progress
+
+    means, desc = {}, {}
+
+    def pooled(case, shape):
+        feats = inputs.case_features(case, shape)
+        return feats.reshape(feats.shape[0], -1).astype(np.float64).mean(axis=1).astype(np.float32)
+
+    for case in progress(inputs.cases, quiet=quiet, desc="refine: volumes"):
+        _, lab, ent = inputs.read_case(case)
+        means[case] = float(ent.astype(np.float64).mean())
+        desc[case] = pooled(case, lab.shape)
+    desc[inputs.template] = pooled(inputs.template, t_label.shape)
+    return means, desc
+
+
+def _volume_neighbours(uncertain: list[str], confident: list[str], desc: dict, k: int, device: str,
+                       threads: int | None) -> dict[str, list[tuple[str, float]]]:
+    """Each uncertain case's k most cosine-similar confident volumes (the kNN kernel, with the bank
+    index as the label), most similar first: ``{case: [(neighbour, similarity), ...]}``."""
+    if not uncertain or not confident:
+        return {}
+    knn = _KnnBank(np.stack([desc[c] for c in confident]), np.arange(len(confident), dtype=np.int32),
+                   device=device, threads=threads)
+    _, _, idx, sim = knn.vote(np.stack([desc[c] for c in uncertain]), min(k, len(confident)), return_topk=True)
+    return {case: [(confident[int(j)], float(x)) for j, x in zip(idx[qi], sim[qi])]
+            for qi, case in enumerate(uncertain)}
+
+
+def _refine_volume(inputs: _Inputs, s: RefineSettings, record, device: str) -> dict:
+    """Volume mode (module docstring; the official code's rule); returns the summary."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    t_label = inputs.read_template()
+    means, desc = _describe_volumes(inputs, t_label, s.quiet)
+    threshold = float(np.quantile(np.array([means[c] for c in inputs.cases]), s.quantile))
+    uncertain = [c for c in inputs.cases if means[c] >= threshold]
+    confident = [inputs.template] + [c for c in inputs.cases if means[c] < threshold]
+    timings["describe_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    neighbours = _volume_neighbours(uncertain, confident, desc, s.k, device, s.threads)
+    timings["neighbours_s"] = time.perf_counter() - t0
+    summary = {"mode": "volume", "device": device, "threshold": threshold,
+               "threshold_units": "nats (mean voxel-wise softmax entropy of a volume)", "mean_entropy": means,
+               "uncertain_cases": uncertain, "confident_cases": confident,
+               "neighbours": {c: [{"case": n, "similarity": x} for n, x in v] for c, v in neighbours.items()},
+               "resize": "nearest neighbour in index space, centre-aligned: "
+                         "src = min(floor((i + 0.5) * n_src / n_dst), n_src - 1)"}
+    reuse = record.reuse  # (read before start(), which marks the folder as this run's)
+    label_cache: dict[str, np.ndarray] = {inputs.template: t_label}
+
+    def neighbour_label(case: str) -> np.ndarray:
+        if case not in label_cache:
+            label_cache[case] = inputs.read_case(case)[1]
+        return label_cache[case]
+
+    def relabel(case):
+        image, lab, _ = inputs.read_case(case)
+        new = lab
+        if case in neighbours:
+            new = volume_vote(lab, [(neighbour_label(n), x) for n, x in neighbours[case]], inputs.n_classes)
+        return image, lab, new, {"uncertain": case in neighbours, "mean_entropy": means[case]}
+
+    t0 = time.perf_counter()
+    record.start()
+    summary["cases"] = _write_cases(inputs, reuse, s.output, relabel, s.quiet)
+    timings["vote_s"] = time.perf_counter() - t0
+    summary["timings"] = dict(timings, total_s=time.perf_counter() - t_start)
+    return _finish(inputs, record, s.output, summary)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def refine(settings: RefineSettings) -> dict:
+    """Refine the predicted labels in ``settings.pred`` into ``settings.output`` (module docstring).
+
+    Args:
+        settings: the stage's settings.
+
+    Returns:
+        the JSON-ready summary (also ``output/refine.json`` and the record's summary): ``mode``,
+        ``device``, ``threshold`` (nats) and ``threshold_units``, ``cases`` ({case: ``changed``,
+        ``changed_from``, ``changed_to`` per class, ``seconds``; voxel mode ``queries``; volume mode
+        ``uncertain``, ``mean_entropy``}), ``resumed_cases``, ``voxels_changed_total``,
+        ``voxels_changed_per_class``, ``timings`` (seconds); voxel mode also ``voxels_in_cohort``,
+        ``queries_total``, ``bank`` (size, per class, from the template, candidates, projection,
+        position weight, vote weights); volume mode ``mean_entropy``, ``uncertain_cases``,
+        ``confident_cases``, ``neighbours``; ``class_planes`` (the rule) when one is given.
+        A finished output folder with the same settings and inputs returns its recorded summary.
+
+    Raises:
+        InputError: unknown cases or template, a missing predicted label, entropy map or feature
+            entry, grids that differ, an output folder that is a file or not writable, a folder
+            written with other settings (without ``overwrite``), ``--device cuda`` where it cannot
+            run. Every input is checked (and the threshold and bank are built) before any output is
+            written.
+    """
+    from .device import resolve_device
+    from .resume import open_stage
+
+    device = resolve_device(settings.device, kernels=True)
+    inputs = _open_inputs(settings)
+    record = open_stage(settings.output, "refine", settings, inputs=inputs.digests(), overwrite=settings.overwrite)
+    if record.finished:
+        return record.summary()
+    run = _refine_voxel if settings.mode == "voxel" else _refine_volume
+    summary = run(inputs, settings, record, device)
+    if not settings.quiet:
+        print(f"refine ({summary['mode']}): {summary['voxels_changed_total']} voxels changed in "
+              f"{len(summary['cases'])} cases; threshold {summary['threshold']:.4g} nats; "
+              f"{summary['timings']['total_s']:.1f} s -> {settings.output}")
+    return summary
+
+
+SETTINGS = RefineSettings
+STAGE = refine
