@@ -1,35 +1,40 @@
-"""evaluate (issue 5, point 4): Dice / Jaccard / HD95 / ASD against hand-computed
-values and a brute-force NumPy / SciPy reference; the CLI's outputs and errors."""
+"""evaluate: Dice / Jaccard / HD95 / ASD against hand-computed values and a brute-force
+NumPy / SciPy reference; the empty-mask convention; the CLI's outputs and errors."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from helpers import small_filesystem, write_nifti
+from semisam_o1 import evaluate as evaluate_module
 from semisam_o1.cli import main as cli_main
-from semisam_o1.evaluate import evaluate
+from semisam_o1.errors import InputError
+from semisam_o1.evaluate import EvaluateSettings, evaluate
 
 SHAPE = (16, 16, 16)
 SPACING = (1.0, 2.0, 3.0)
 AFFINE = np.diag([*SPACING, 1.0])
+DIAGONAL = math.sqrt(sum((n * s) ** 2 for n, s in zip(SHAPE, SPACING)))  # 16 * sqrt(14) mm
 LABELS = {"0": "background", "1": "a", "2": "b"}
 
 
-def _save(path: Path, data, affine=AFFINE, dtype=np.uint8) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.to_filename(str(path))
-    return path
+def _score(pred, gt, **kwargs) -> dict:
+    return evaluate(EvaluateSettings(input=pred, gt=gt, quiet=True, **kwargs))
+
+
+def _label(path: Path, data, affine=AFFINE) -> Path:
+    return write_nifti(path, data, affine, dtype=np.uint8)
 
 
 def _cube(lo=(4, 4, 4), side=6, value=1, shape=SHAPE):
@@ -42,8 +47,8 @@ def _dataset(root: Path, gts: dict[str, np.ndarray], labels=LABELS, affine=AFFIN
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset.json").write_text(json.dumps({"name": "t", "labels": labels}))
     for case, lab in gts.items():
-        _save(root / "imagesTr" / f"{case}.nii.gz", np.full(lab.shape, 10.0), affine, dtype=np.float32)
-        _save(root / "labelsTr" / f"{case}.nii.gz", lab, affine)
+        write_nifti(root / "imagesTr" / f"{case}.nii.gz", np.full(lab.shape, 10.0), affine, dtype=np.float32)
+        _label(root / "labelsTr" / f"{case}.nii.gz", lab, affine)
     return root
 
 
@@ -72,9 +77,9 @@ def test_dice_1_for_identical_0_for_disjoint_and_known_jaccard(tmp_path):
     pred = _cube(lo=(2, 2, 2), side=4) + _cube(lo=(11, 9, 9), side=4, value=2)
     disjoint = _cube(lo=(9, 2, 2), side=4) + _cube(lo=(2, 9, 9), side=4, value=2)
     root = _dataset(tmp_path / "ds", {"c1": gt, "c2": gt})
-    _save(tmp_path / "pred" / "c1.nii.gz", pred)
-    _save(tmp_path / "pred" / "c2.nii.gz", disjoint)
-    res = evaluate(tmp_path / "pred", root)
+    _label(tmp_path / "pred" / "c1.nii.gz", pred)
+    _label(tmp_path / "pred" / "c2.nii.gz", disjoint)
+    res = _score(tmp_path / "pred", root)
     c1, c2 = res["cases"]["c1"], res["cases"]["c2"]
     assert c1["a"]["dice"] == pytest.approx(1.0) and c1["a"]["jaccard"] == pytest.approx(1.0)
     assert c1["a"]["hd95"] == 0.0 and c1["a"]["asd"] == 0.0
@@ -86,6 +91,25 @@ def test_dice_1_for_identical_0_for_disjoint_and_known_jaccard(tmp_path):
     assert res["per_class"]["b"]["dice"]["std"] == pytest.approx(0.25)
     assert res["summary"]["dice"] == {"a": pytest.approx(0.5), "b": pytest.approx(0.25)}
     assert res["mean_foreground"]["dice"] == pytest.approx(0.375)
+
+
+def test_dice_is_semisam_metrics_dice_and_monai_dice(tmp_path):
+    """One Dice: evaluate's equals semisam_o1.metrics.dice and MONAI's DiceMetric(ignore_empty=False)."""
+    import torch
+    from monai.metrics import DiceMetric
+
+    from semisam_o1.metrics import dice
+
+    rng = np.random.default_rng(1)
+    gt = (ndimage.gaussian_filter(rng.normal(size=SHAPE), 2.0) > 0.05).astype(np.uint8)
+    pred = (ndimage.gaussian_filter(rng.normal(size=SHAPE), 2.0) > 0.05).astype(np.uint8)
+    root = _dataset(tmp_path / "ds", {"c": gt}, labels={"0": "background", "1": "blob"})
+    _label(tmp_path / "pred" / "c.nii.gz", pred)
+    got = _score(tmp_path / "pred", root)["cases"]["c"]["blob"]["dice"]
+    monai_dice = float(DiceMetric(include_background=True, reduction="none", ignore_empty=False)(
+        y_pred=torch.from_numpy(pred)[None, None].float(), y=torch.from_numpy(gt)[None, None].float())[0, 0])
+    assert 0.05 < got < 0.95
+    assert got == pytest.approx(dice(pred == 1, gt == 1), abs=1e-12) == pytest.approx(monai_dice, rel=1e-6)
 
 
 # ------------------------------------------------------------------ distances
@@ -106,16 +130,16 @@ def test_hd95_and_asd_of_a_cube_shifted_with_anisotropic_spacing(tmp_path):
     gt = _cube(lo=(4, 4, 4))
     pred = _cube(lo=(4, 4, 6))
     root = _dataset(tmp_path / "ds", {"c": gt}, labels={"0": "background", "1": "cube"})
-    _save(tmp_path / "pred" / "c.nii.gz", pred)
-    res = evaluate(tmp_path / "pred", root)["cases"]["c"]["cube"]
+    _label(tmp_path / "pred" / "c.nii.gz", pred)
+    res = _score(tmp_path / "pred", root)["cases"]["c"]["cube"]
     assert res["hd95"] == pytest.approx(6.0, rel=1e-6)
     assert res["asd"] == pytest.approx(600 / 304, rel=1e-6)
     ref_hd95, ref_asd = _reference(pred, gt, SPACING)
     assert ref_hd95 == pytest.approx(6.0) and ref_asd == pytest.approx(600 / 304)
     assert res["dice"] == pytest.approx(2 * 144 / (216 + 216))  # 4 of 6 slices overlap
     # the same shift along axis 0 (1 mm voxels) is 2 mm: spacing is taken per axis
-    _save(tmp_path / "pred0" / "c.nii.gz", _cube(lo=(6, 4, 4)))
-    res0 = evaluate(tmp_path / "pred0", root)["cases"]["c"]["cube"]
+    _label(tmp_path / "pred0" / "c.nii.gz", _cube(lo=(6, 4, 4)))
+    res0 = _score(tmp_path / "pred0", root)["cases"]["c"]["cube"]
     assert res0["hd95"] == pytest.approx(2.0, rel=1e-6)
 
 
@@ -129,8 +153,8 @@ def test_distances_match_the_brute_force_reference_on_irregular_shapes(tmp_path)
         blobs.append(m.astype(np.uint8))
     gt, pred = blobs
     root = _dataset(tmp_path / "ds", {"c": gt}, labels={"0": "background", "1": "blob"})
-    _save(tmp_path / "pred" / "c.nii.gz", pred)
-    res = evaluate(tmp_path / "pred", root)["cases"]["c"]["blob"]
+    _label(tmp_path / "pred" / "c.nii.gz", pred)
+    res = _score(tmp_path / "pred", root)["cases"]["c"]["blob"]
     ref_hd95, ref_asd = _reference(pred, gt, SPACING)
     assert res["hd95"] == pytest.approx(ref_hd95, rel=1e-5)
     assert res["asd"] == pytest.approx(ref_asd, rel=1e-5)
@@ -145,43 +169,61 @@ def test_prediction_stored_flipped_gives_the_same_metrics(tmp_path):
     root = _dataset(tmp_path / "ds", {"c": gt}, labels={"0": "background", "1": "cube"})
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[0, 3], flip[1, 3] = SHAPE[0] - 1, SHAPE[1] - 1
-    _save(tmp_path / "pred" / "c.nii.gz", pred[::-1, ::-1, :], AFFINE @ flip)
-    res = evaluate(tmp_path / "pred", root)["cases"]["c"]["cube"]
+    _label(tmp_path / "pred" / "c.nii.gz", pred[::-1, ::-1, :], AFFINE @ flip)
+    res = _score(tmp_path / "pred", root)["cases"]["c"]["cube"]
     assert res["hd95"] == pytest.approx(6.0, rel=1e-6) and res["asd"] == pytest.approx(600 / 304, rel=1e-6)
 
 
 # ------------------------------------------------------------------ empty masks
 
 
-def test_empty_prediction_and_empty_ground_truth_are_recorded_not_crashing(tmp_path):
+@pytest.mark.parametrize("situation", ["both empty", "prediction empty", "ground truth empty"])
+def test_empty_mask_convention(tmp_path, situation):
+    """Both empty: a perfect score. Exactly one empty (a missed structure, or a false positive
+    on an empty ground truth): Dice 0 and the image diagonal in mm as HD95 and ASD."""
+    cube = _cube(lo=(2, 2, 2), side=4)
+    gt = np.zeros(SHAPE, np.uint8) if situation != "prediction empty" else cube
+    pred = np.zeros(SHAPE, np.uint8) if situation != "ground truth empty" else cube
+    root = _dataset(tmp_path / "ds", {"c": gt}, labels={"0": "background", "1": "x"})
+    _label(tmp_path / "pred" / "c.nii.gz", pred)
+    r = _score(tmp_path / "pred", root)["cases"]["c"]["x"]
+    if situation == "both empty":
+        assert (r["dice"], r["jaccard"], r["hd95"], r["asd"]) == (1.0, 1.0, 0.0, 0.0)
+    else:
+        assert (r["dice"], r["jaccard"]) == (0.0, 0.0)
+        assert r["hd95"] == pytest.approx(DIAGONAL) and r["asd"] == pytest.approx(DIAGONAL)
+    assert (r["empty_gt"], r["empty_pred"]) == (situation != "prediction empty", situation != "ground truth empty")
+
+
+def test_every_case_counts_in_every_mean_and_the_convention_is_stated(tmp_path, capsys):
     gt_full = _cube(lo=(2, 2, 2), side=4) + _cube(lo=(9, 9, 9), side=4, value=2)
     gt_no_b = _cube(lo=(2, 2, 2), side=4)
     root = _dataset(tmp_path / "ds", {"p_empty": gt_full, "g_empty": gt_no_b, "both": gt_no_b})
-    _save(tmp_path / "pred" / "p_empty.nii.gz", gt_no_b)  # class b predicted empty
-    _save(tmp_path / "pred" / "g_empty.nii.gz", gt_full)  # class b predicted, GT empty
-    _save(tmp_path / "pred" / "both.nii.gz", gt_no_b)  # class b empty in both
+    _label(tmp_path / "pred" / "p_empty.nii.gz", gt_no_b)  # class b predicted empty
+    _label(tmp_path / "pred" / "g_empty.nii.gz", gt_full)  # class b predicted, GT empty
+    _label(tmp_path / "pred" / "both.nii.gz", gt_no_b)  # class b empty in both
     out = tmp_path / "m" / "metrics.json"
-    res = evaluate(tmp_path / "pred", root, out=out)
+    res = evaluate(EvaluateSettings(input=tmp_path / "pred", gt=root, output=out))
     b = {c: res["cases"][c]["b"] for c in ("p_empty", "g_empty", "both")}
-    assert b["p_empty"]["dice"] == 0.0 and b["p_empty"]["jaccard"] == 0.0
-    assert math.isinf(b["p_empty"]["asd"]) and math.isnan(b["p_empty"]["hd95"])
-    assert math.isnan(b["g_empty"]["dice"]) and math.isnan(b["g_empty"]["jaccard"])
-    assert math.isinf(b["g_empty"]["asd"])
-    assert all(math.isnan(b["both"][m]) for m in ("dice", "jaccard", "hd95", "asd"))
     assert (b["p_empty"]["empty_pred"], b["p_empty"]["empty_gt"]) == (True, False)
     assert (b["g_empty"]["empty_pred"], b["g_empty"]["empty_gt"]) == (False, True)
     pc = res["per_class"]["b"]
     assert (pc["n_cases"], pc["n_empty_gt"], pc["n_empty_pred"], pc["n_both_empty"]) == (3, 2, 2, 1)
-    assert pc["dice"] == {"mean": 0.0, "std": 0.0, "n": 1, "n_nan": 2, "n_inf": 0}
-    assert pc["asd"]["n_inf"] == 2 and pc["asd"]["n_nan"] == 1 and pc["asd"]["mean"] is None
-    # class a is perfect everywhere
-    assert res["per_class"]["a"]["dice"]["mean"] == pytest.approx(1.0)
-    # strict JSON: NaN / inf written as strings
+    # every case in every mean: Dice (0 + 0 + 1) / 3, HD95 (D + D + 0) / 3
+    for m in ("dice", "jaccard", "hd95", "asd"):
+        assert pc[m]["n"] == 3
+    assert pc["dice"]["mean"] == pytest.approx(1 / 3) and pc["dice"]["std"] == pytest.approx(math.sqrt(2) / 3)
+    assert pc["hd95"]["mean"] == pytest.approx(2 * DIAGONAL / 3) and pc["asd"]["mean"] == pytest.approx(2 * DIAGONAL / 3)
+    assert res["summary"]["dice"]["b"] == pytest.approx(1 / 3)
+    assert res["per_class"]["a"]["dice"]["mean"] == pytest.approx(1.0)  # class a is perfect everywhere
+    # strict JSON, every value a number; the convention is in the file and under the table
     text = out.read_text()
     assert "NaN" not in text and "Infinity" not in text
     data = json.loads(text)
-    assert data["cases"]["p_empty"]["b"]["asd"] == "inf" and data["cases"]["both"]["b"]["dice"] == "nan"
-    assert data["per_class"]["b"]["asd"]["mean"] is None
+    assert data["cases"]["both"]["b"]["dice"] == 1.0 and data["cases"]["p_empty"]["b"]["asd"] == pytest.approx(DIAGONAL)
+    assert "both masks empty: Dice 1" in data["convention"] and "image diagonal" in data["convention"]
+    printed = capsys.readouterr().out
+    assert "empty masks: both masks empty: Dice 1" in printed and "every case counts" in printed
 
 
 # ------------------------------------------------------------------ CLI
@@ -191,18 +233,18 @@ def _two_case_setup(tmp_path: Path):
     gt = _cube(lo=(2, 2, 2), side=4) + _cube(lo=(9, 9, 9), side=4, value=2)
     pred = _cube(lo=(2, 2, 2), side=4) + _cube(lo=(11, 9, 9), side=4, value=2)
     root = _dataset(tmp_path / "ds", {"c1": gt, "c2": gt})
-    _save(tmp_path / "pred" / "c1.nii.gz", gt)
-    _save(tmp_path / "pred" / "c2.nii.gz", pred)
+    _label(tmp_path / "pred" / "c1.nii.gz", gt)
+    _label(tmp_path / "pred" / "c2.nii.gz", pred)
     return root
 
 
 def test_cli_writes_json_and_csv(tmp_path, capsys):
     root = _two_case_setup(tmp_path)
     out = tmp_path / "res" / "metrics.json"
-    rc = cli_main(["evaluate", "-p", str(tmp_path / "pred"), "-g", str(root), "-o", str(out)])
+    rc = cli_main(["evaluate", "-i", str(tmp_path / "pred"), "-g", str(root), "-o", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert data["command"].startswith("semisam-o1 evaluate -p ")
+    assert data["command"].startswith("semisam-o1 evaluate --input ")
     assert data["n_cases"] == 2 and set(data["cases"]) == {"c1", "c2"}
     assert data["classes"] == {"background": 0, "a": 1, "b": 2}
     assert data["cases"]["c2"]["b"]["dice"] == pytest.approx(0.5)
@@ -217,8 +259,15 @@ def test_cli_writes_json_and_csv(tmp_path, capsys):
     assert float(mean_b["dice"]) == pytest.approx(0.75)
     printed = capsys.readouterr().out
     assert "Dice" in printed and "0.750" in printed
+    # the recorded command reproduces the result
+    import shlex
+
+    argv = shlex.split(data["command"])[1:]
+    out.unlink()
+    assert cli_main(argv + ["--quiet"]) == 0 and json.loads(out.read_text())["per_class"] == data["per_class"]
     # without -o: PRED/metrics.json and PRED/metrics.csv; --quiet prints nothing
-    assert cli_main(["evaluate", "-p", str(tmp_path / "pred"), "-g", str(root), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli_main(["evaluate", "-i", str(tmp_path / "pred"), "-g", str(root), "--quiet"]) == 0
     assert capsys.readouterr().out == ""
     default = json.loads((tmp_path / "pred" / "metrics.json").read_text())
     assert default["per_class"] == data["per_class"] and (tmp_path / "pred" / "metrics.csv").is_file()
@@ -228,7 +277,7 @@ def test_cli_missing_prediction_is_exit_2_and_writes_nothing(tmp_path, capsys):
     root = _two_case_setup(tmp_path)
     (tmp_path / "pred" / "c2.nii.gz").unlink()
     out = tmp_path / "res" / "metrics.json"
-    rc = cli_main(["evaluate", "-p", str(tmp_path / "pred"), "-g", str(root), "--cases", "c1", "c2",
+    rc = cli_main(["evaluate", "-i", str(tmp_path / "pred"), "-g", str(root), "--cases", "c1", "c2",
                    "-o", str(out)])
     assert rc == 2
     err = capsys.readouterr().err.strip()
@@ -237,11 +286,47 @@ def test_cli_missing_prediction_is_exit_2_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "res").exists() or list((tmp_path / "res").iterdir()) == []
 
 
+@pytest.mark.parametrize("fault", ["output is a folder", "csv is a folder", "parent is a file", "read-only folder"])
+def test_unusable_output_is_one_line_exit_2_before_computing(tmp_path, capsys, monkeypatch, fault):
+    root = _two_case_setup(tmp_path)
+    out = tmp_path / "res" / "metrics.json"
+    named = out
+    if fault == "output is a folder":
+        out.mkdir(parents=True)
+    elif fault == "csv is a folder":
+        named = out.with_suffix(".csv")
+        named.mkdir(parents=True)
+    elif fault == "parent is a file":
+        (tmp_path / "res").write_text("x")
+        named = tmp_path / "res"
+    scored = []
+    monkeypatch.setattr(evaluate_module, "score_case", lambda *a, **k: scored.append(a) or {})
+
+    def call() -> str:
+        rc = cli_main(["evaluate", "-i", str(tmp_path / "pred"), "-g", str(root), "-o", str(out)])
+        assert rc == 2
+        return capsys.readouterr().err.strip()
+
+    if fault == "read-only folder":
+        if os.geteuid() == 0:  # root writes anywhere but on a read-only mount
+            with small_filesystem(tmp_path / "res", 64):
+                subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "res")], check=True)
+                err = call()
+        else:
+            (tmp_path / "res").mkdir(mode=0o555)
+            err = call()
+        named = tmp_path / "res"
+    else:
+        err = call()
+    assert len(err.splitlines()) == 1 and str(named) in err and "Traceback" not in err
+    assert scored == []
+
+
 def test_grid_mismatch_is_one_error_naming_the_case(tmp_path, capsys):
     root = _two_case_setup(tmp_path)
-    _save(tmp_path / "pred" / "c2.nii.gz", np.zeros((16, 16, 15), np.uint8))
+    _label(tmp_path / "pred" / "c2.nii.gz", np.zeros((16, 16, 15), np.uint8))
     out = tmp_path / "res" / "metrics.json"
-    rc = cli_main(["evaluate", "-p", str(tmp_path / "pred"), "-g", str(root), "-o", str(out)])
+    rc = cli_main(["evaluate", "-i", str(tmp_path / "pred"), "-g", str(root), "-o", str(out)])
     assert rc == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and err[0].startswith("semisam-o1 evaluate: error: case c2: ") and "shape" in err[0]
@@ -250,33 +335,36 @@ def test_grid_mismatch_is_one_error_naming_the_case(tmp_path, capsys):
 
 def test_plain_gt_folder_with_and_without_dataset_json(tmp_path):
     gt = _cube(lo=(2, 2, 2), side=4) + _cube(lo=(9, 9, 9), side=4, value=4)  # values 0, 1, 4
-    _save(tmp_path / "gt" / "c.nii.gz", gt)
-    _save(tmp_path / "pred" / "c.nii.gz", gt)
-    res = evaluate(tmp_path / "pred", tmp_path / "gt")
+    _label(tmp_path / "gt" / "c.nii.gz", gt)
+    _label(tmp_path / "pred" / "c.nii.gz", gt)
+    res = _score(tmp_path / "pred", tmp_path / "gt")
     assert res["classes"] == {"background": 0, "1": 1, "4": 4}
     assert res["summary"]["dice"] == {"1": pytest.approx(1.0), "4": pytest.approx(1.0)}
     meta = tmp_path / "meta" / "dataset.json"
     meta.parent.mkdir()
     meta.write_text(json.dumps({"labels": {"0": "background", "1": "x", "2": "y", "4": "z"}}))
-    res = evaluate(tmp_path / "pred", tmp_path / "gt", dataset=meta)
+    res = _score(tmp_path / "pred", tmp_path / "gt", dataset=meta)
     assert list(res["per_class"]) == ["x", "y", "z"]
     assert res["per_class"]["y"]["n_empty_gt"] == 1 and res["per_class"]["z"]["dice"]["mean"] == pytest.approx(1.0)
     # an undeclared value in a prediction is an error naming the case
-    _save(tmp_path / "pred" / "c.nii.gz", gt + (gt == 1) * 2)  # value 3
-    from semisam_o1.errors import InputError
-
+    _label(tmp_path / "pred" / "c.nii.gz", gt + (gt == 1) * 2)  # value 3
     with pytest.raises(InputError, match="case c: .*label value 3"):
-        evaluate(tmp_path / "pred", tmp_path / "gt", dataset=meta)
+        _score(tmp_path / "pred", tmp_path / "gt", dataset=meta)
 
 
-def test_real_hippocampus_labels_against_themselves(data_root, tmp_path):
-    import shutil
+def test_cohort_labels_against_themselves(cohort, tmp_path):
+    """The cohort's (real or synthetic) test labels scored against themselves: a perfect score."""
+    from semisam_o1.io import Dataset
 
-    cases = ["hippocampus_001", "hippocampus_003"]
+    ds = Dataset(cohort.root)
+    cases = cohort.test
     (tmp_path / "pred").mkdir()
     for c in cases:
-        shutil.copy(data_root / "labelsTr" / f"{c}.nii.gz", tmp_path / "pred" / f"{c}.nii.gz")
-    res = evaluate(tmp_path / "pred", data_root, cases=cases)
-    for name in ("Anterior", "Posterior"):
+        shutil.copy(ds.labels[c], tmp_path / "pred" / ds.labels[c].name)
+    res = _score(tmp_path / "pred", cohort.root, cases=cases)
+    names = [ds.label_map.names[c] for c in ds.label_map.foreground]
+    assert list(res["per_class"]) == names and len(names) >= 2
+    for name in names:
         pc = res["per_class"][name]
         assert pc["dice"]["mean"] == pytest.approx(1.0) and pc["hd95"]["mean"] == 0.0 and pc["n_cases"] == 2
+        assert pc["n_empty_gt"] == 0
