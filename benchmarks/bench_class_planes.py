@@ -10,7 +10,7 @@ re-splitting do to pseudo-labels and predictions?
    error of the Posterior/Anterior plane in slices (predicted minus real first slice of the
    second class in the rule's order; mean, standard deviation).
 
-    PYTHONPATH=python python benchmarks/bench_class_planes.py \\
+    python -m benchmarks.bench_class_planes \\
         --labels round0_off=work/exp/prop_off unet_r1_off=work/cpu_w1/round1/test \\
         --write benchmarks/results/quality.json
 
@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
+from semisam_o1 import class_planes as CP
+from semisam_o1.io import Dataset, find_case_file, load_split, read_label, write_json_key
+from semisam_o1.metrics import dice_per_class
 
-from semisam_o1 import class_planes as CP  # noqa: E402
-from semisam_o1.io import Dataset, find_case_file, load_split, read_label, write_json_key  # noqa: E402
-from semisam_o1.selection import dice_per_class  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 KEY = "class_planes"
 
@@ -45,14 +44,14 @@ def _first_slice(split: np.ndarray, rule: CP.ClassPlanes) -> int:
     return int(idx[0]) if len(idx) else split.shape[rule.axis]
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
     ap.add_argument("--split", default=None, help="default: DATA/splits.json")
     ap.add_argument("--max-cases", type=int, default=60, help="pool cases whose real labels are checked")
     ap.add_argument("--labels", nargs="*", default=[], metavar="NAME=FOLDER")
     ap.add_argument("--write", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     ds = Dataset(args.data)
     sp = load_split(args.split or Path(args.data) / "splits.json")
@@ -62,7 +61,8 @@ def main() -> int:
     if rule is None:
         print(f"the template's classes are not separated by planes (errors per axis {t_errors})")
         return 1
-    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    argv = sys.argv[1:] if argv is None else argv
+    result = {"command": "python -m benchmarks.bench_class_planes " + " ".join(shlex.quote(a) for a in argv),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "template": sp["template"], "rule": rule.to_json(ds.label_map.names),
               "template_misassigned_per_axis": [round(e, 5) for e in t_errors]}

@@ -119,6 +119,8 @@ __all__ = [
     "score_case",
     "smooth_scores",
     "labels_from_scores",
+    "pseudo_label",
+    "method_params",
     "largest_component",
 ]
 
@@ -148,12 +150,12 @@ class MethodOptions(Checked):
                          "centred mm scaled by the template's half-extent (mm)", choices=COORDS)
     bank_background: int = option(20000, "knn: background template voxels sampled into the bank (-1: all)")
     bank_ring: int = option(0, "knn: keep every background voxel within this many voxels of the foreground in "
-                            "the bank (measured, benchmarks/propagate.md, 19 pool cases, k=10 w=1.5, 5000 "
-                            "sampled: ring 3 mean Dice 0.768 with smoothing + largest component, vs 0.778 for "
-                            "the 20000-voxel bank without ring)")
+                            "the bank (benchmarks/propagate.md, 19 pool cases, k=10 w=1.5, 5000 sampled: ring 3 "
+                            "mean Dice 0.768 with smoothing + largest component, vs 0.778 for the 20000-voxel "
+                            "bank without ring)")
     bank_reweight: bool = option(False, "knn: weight sampled background voxels by the inverse sampling rate in "
-                                 "the vote (measured, benchmarks/propagate.md, 19 pool cases, k=10 w=1.5, 5000 "
-                                 "sampled: mean Dice 0.764, with ring 3 0.758, vs 0.778 unweighted with 20000)")
+                                 "the vote (benchmarks/propagate.md, 19 pool cases, k=10 w=1.5, 5000 sampled: mean "
+                                 "Dice 0.764, with ring 3 0.758, vs 0.778 unweighted with 20000)")
     recentre: int = option(1, "knn: passes that shift the case's coordinates so its predicted foreground "
                            "centroid meets the template's, then vote again (0: none)")
     query_stride: int = option(2, "knn: query every n-th voxel per axis, interpolate the vote shares")
@@ -747,6 +749,28 @@ def labels_from_scores(scores: np.ndarray, model: TemplateModel, smooth: bool = 
     return lab
 
 
+def pseudo_label(scores: np.ndarray, model: TemplateModel, rule=None) -> tuple[np.ndarray, np.ndarray]:
+    """A case's pseudo-label from its class scores, as the stage makes it: Gaussian smoothing
+    (``model.params.smooth``), argmax, largest component (``model.params.largest_component``), then
+    the class-planes re-split (:func:`semisam_o1.class_planes.apply`) when ``rule`` is given.
+
+    Args:
+        scores: (K, X, Y, Z) float32 from :func:`score_case`.
+        model: the template model (its ``params`` say the post-processing).
+        rule: a :class:`semisam_o1.class_planes.ClassPlanes`, or None.
+
+    Returns:
+        (smoothed scores (K, X, Y, Z) float32, label (X, Y, Z) uint8 class indices).
+    """
+    scores = smooth_scores(scores, float(model.params.smooth))
+    lab = labels_from_scores(scores, model, smooth=False)
+    if rule is not None:
+        from . import class_planes as planes
+
+        lab = planes.apply(lab, rule)
+    return scores, lab
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -858,17 +882,13 @@ def _label_case(s: PropagateSettings, inp: _Inputs, model: TemplateModel, rule, 
                 device: str) -> None:
     """Score one case, turn the scores into its pseudo-label (smoothing, argmax, largest component,
     class planes) and write it (and its scores with ``--save-scores``), atomically."""
-    from . import class_planes as planes
     from .io import write_label, write_map
 
     img = inp.ds.read_image(case)
     cf = inp.store.load(case)
     _check_grid(s, case, cf.voxel_shape, img.shape)
-    scores = score_case(model, cf, spacing=img.spacing, device=device, threads=s.threads)
-    scores = smooth_scores(scores, float(s.smooth))
-    lab = labels_from_scores(scores, model, smooth=False)
-    if rule is not None:
-        lab = planes.apply(lab, rule)
+    scores, lab = pseudo_label(score_case(model, cf, spacing=img.spacing, device=device, threads=s.threads),
+                               model, rule)
     if s.save_scores:
         write_map(out / "scores" / f"{case}.nii.gz",
                   np.moveaxis(np.where(np.isfinite(scores), scores, -1.0), 0, -1), img)
