@@ -29,59 +29,18 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from .errors import InputError
 from .io import Dataset, find_case_file, read_label, write_json
+from .metrics import mean_dice
 
 SELECTION_JSON = "selection.json"
 
 
-def dice_per_class(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> list[float]:
-    """Dice 2|A_c & B_c| / (|A_c| + |B_c|) of two label volumes for each class c.
-
-    Args:
-        a, b: (X, Y, Z) integer class-index arrays of the same shape.
-        classes: class indices.
-
-    Returns:
-        one float in [0, 1] per class; a class absent from both volumes counts 1.
-
-    Raises:
-        ValueError: shapes differ.
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"label shapes differ: {a.shape} vs {b.shape}")
-    scores = []
-    for c in classes:
-        x, y = a == c, b == c
-        denom = int(x.sum()) + int(y.sum())
-        scores.append(2.0 * int(np.logical_and(x, y).sum()) / denom if denom else 1.0)
-    return scores
-
-
-def label_agreement(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> float:
-    """Mean over ``classes`` of :func:`dice_per_class` of two label volumes.
-
-    Args:
-        a, b: (X, Y, Z) integer class-index arrays of the same shape.
-        classes: the foreground class indices to average over.
-
-    Returns:
-        float in [0, 1]; a class absent from both volumes counts 1 (they agree).
-
-    Raises:
-        ValueError: shapes differ, or ``classes`` is empty.
-    """
-    if not len(classes):
-        raise ValueError("classes: need at least one foreground class")
-    return float(np.mean(dice_per_class(a, b, classes)))
-
-
-def select_cases(dataset: Dataset, labels: str | Path, pred: str | Path, cases: Sequence[str],
-                 fraction: float, output: str | Path | None = None) -> dict:
-    """Rank ``cases`` by :func:`label_agreement` of ``labels/<case>`` (what a round
-    trained on) and ``pred/<case>`` (what it predicts) and keep the top ``fraction``.
+def select_by_agreement(dataset: Dataset, labels: str | Path, pred: str | Path, cases: Sequence[str],
+                        fraction: float, output: str | Path | None = None) -> dict:
+    """Rank ``cases`` by the agreement (:func:`semisam_o1.metrics.mean_dice` over the foreground
+    classes) of ``labels/<case>`` (what a round trained on) and ``pred/<case>`` (what it predicts)
+    and keep the top ``fraction``.
 
     Args:
         dataset: the dataset (its label map gives the foreground classes).
@@ -108,7 +67,7 @@ def select_cases(dataset: Dataset, labels: str | Path, pred: str | Path, cases: 
     for case in cases:
         lab = read_label(find_case_file(labels, case, what="pseudo-label"), lm)
         prd = read_label(find_case_file(pred, case, what="prediction"), lm, reference=lab)
-        agreement[case] = label_agreement(lab.array, prd.array, lm.foreground)
+        agreement[case] = mean_dice(lab.array, prd.array, lm.foreground)
     order = sorted(range(len(cases)), key=lambda i: (-agreement[cases[i]], i))
     n_keep = max(1, math.ceil(float(fraction) * len(cases) - 1e-9))
     selected = [cases[i] for i in order[:n_keep]]
