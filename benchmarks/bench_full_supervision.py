@@ -5,16 +5,20 @@ the split's template + the whole unlabeled pool (199 + 1 Hippocampus cases),
 predicts the split's 60 ``test`` cases and scores them with
 ``semisam_o1.evaluate`` (Dice, Jaccard, HD95, ASD per class, mm).
 
-    PYTHONPATH=python python benchmarks/bench_full_supervision.py \
-        --write benchmarks/results/quality.json
+    python -m benchmarks.bench_full_supervision --write benchmarks/results/quality.json
+
+(from the repository root). The stages are the package's own: ``train.STAGE``,
+``predict.STAGE`` and ``evaluate.STAGE`` called with their settings objects.
 
 Writes the key "full_supervision" of ``quality.json`` (read-modify-write of that
 key only, atomic): the command, the preset and its parameters, training and
 prediction times (wall and CPU seconds, iterations per second, the load average
-of the shared machine), and the test-set metrics per class. ``--spatial-aug P``
+of the shared machine), and the test-set metrics per class, and the commands that reproduce each stage
+alone (from the stage records). ``--spatial-aug P``
 trains with train's random affine augmentation (off by default, as in ``run``;
 key ``spatial_augmentation``). Re-running resumes: a finished model and finished
-predictions are reused (``--overwrite`` to redo).
+predictions of the same settings are reused (their stage records); other settings
+in the same ``--work`` folder are refused unless ``--overwrite``.
 This reference reads labels the one-label protocol never reads -- that is its
 point; it is never used for model selection.
 """
@@ -30,10 +34,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
+from semisam_o1 import evaluate, nets, predict, train
+from semisam_o1.io import write_json_key
+from semisam_o1.resume import read_record
 
-from semisam_o1.io import write_json_key  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 KEY = "full_supervision"
 
@@ -60,60 +65,79 @@ def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The benchmark's options (data, split, work folder, train settings, where to write)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
     ap.add_argument("--split", default=None, help="default: DATA/splits.json")
     ap.add_argument("--work", default=str(REPO / "work" / "full_supervision"), help="model, predictions, metrics")
-    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--preset", default="cpu", choices=tuple(nets.PRESETS), help="train's --preset")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--spatial-aug", type=float, default=0.0, metavar="P",
                     help="train's --spatial-aug (random affine of each drawn volume; default 0, off)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--write", default=None, help="quality.json to update (key --key)")
     ap.add_argument("--key", default=KEY, help="key of quality.json to write (default: %(default)s)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
-    from semisam_o1.evaluate import evaluate
-    from semisam_o1.predict import predict
-    from semisam_o1.train import train
 
+def run_stages(args: argparse.Namespace) -> dict:
+    """Train on the real labels, predict the test cases and score them, through the package's stages.
+
+    Returns:
+        {"split", "work", "command", "summary" (train's), "pred" (predict's), "metrics" (evaluate's),
+        "times" (t0 .. t3, s), "loads" (load averages at the start and after training)}.
+    """
     data = Path(args.data)
     split_path = Path(args.split or data / "splits.json")
     split = json.loads(split_path.read_text())
     work = Path(args.work)
-    command = "PYTHONPATH=python python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = "python -m benchmarks.bench_full_supervision " + shlex.join(sys.argv[1:])
+    compute = dict(device=args.device, threads=args.threads, quiet=True)
     load_start = os.getloadavg()
     t0 = time.time()
 
-    summary = train(data, data / "labelsTr", split["template"], work / "model", split=split_path,
-                    preset=args.preset, iterations=args.iterations, spatial_aug=args.spatial_aug,
-                    device=args.device, seed=args.seed,
-                    threads=args.threads, overwrite=args.overwrite, quiet=True,
-                    command=command + "  # stage: train on labelsTr (real labels)")
+    # the real labels of the split's template + unlabeled cases (train never reads 'test')
+    summary = train.STAGE(train.SETTINGS(input=data, labels=data / "labelsTr", split=split_path,
+                                         output=work / "model", preset=args.preset, iterations=args.iterations,
+                                         spatial_aug=args.spatial_aug, seed=args.seed, overwrite=args.overwrite,
+                                         **compute))
     t1 = time.time()
     load_after_train = os.getloadavg()
     test = list(split["test"])
-    pred = predict(data, work / "model", work / "test_pred", cases=test, device=args.device, threads=args.threads,
-                   overwrite=args.overwrite, quiet=True, command=command + "  # stage: predict test")
+    pred = predict.STAGE(predict.SETTINGS(input=data, model=work / "model", output=work / "test_pred",
+                                          cases=tuple(test), overwrite=args.overwrite, **compute))
     t2 = time.time()
-    metrics = evaluate(work / "test_pred", data, cases=test, out=work / "test_metrics.json", quiet=True)
+    metrics = evaluate.STAGE(evaluate.SETTINGS(input=work / "test_pred", gt=data, cases=tuple(test),
+                                               output=work / "test_metrics.json", quiet=True))
     t3 = time.time()
+    return dict(split=split, work=work, command=command, summary=summary, pred=pred, metrics=metrics,
+                times=(t0, t1, t2, t3), loads=(load_start, load_after_train))
 
+
+def make_entry(r: dict) -> dict:
+    """The quality.json entry of one benchmark run (``r``: :func:`run_stages`'s result)."""
+    summary, pred, metrics, work, command = r["summary"], r["pred"], r["metrics"], r["work"], r["command"]
+    test = list(r["split"]["test"])
+    t0, t1, t2, t3 = r["times"]
+    load_start, load_after_train = r["loads"]
     per_class = {}
     for name, info in metrics["per_class"].items():
         per_class[name] = {m: {"mean": info[m]["mean"], "std": info[m]["std"]} for m in ("dice", "jaccard", "hd95", "asd")}
         per_class[name]["n_empty_pred"] = info["n_empty_pred"]
     entry = {
         "command": command,
+        "stage_commands": {name: (read_record(work / folder) or {}).get("command")
+                           for name, folder in (("train", "model"), ("predict", "test_pred"))},
         "what": "train with the REAL labels of template + the whole unlabeled pool (upper bound), predict and score the test cases",
         "preset": summary["preset"],
         "preset_params": summary["preset_params"],
         "net": summary["net"],
         "iterations": summary["iterations"],
+        "round": summary["round"],
         "ssl": summary["ssl"],
         "seed": summary["seed"],
         "spatial_aug": summary["spatial_aug"],
@@ -147,7 +171,13 @@ def main() -> int:
                  "metrics_file": str(work / "test_metrics.json")},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    entry = _clean(entry)
+    return _clean(entry)
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; print the test metrics and times; write the entry with ``--write``."""
+    args = parse_args(argv)
+    entry = make_entry(run_stages(args))
     print(json.dumps(entry["test"], indent=1))
     print(f"train {entry['train_seconds']} s ({entry['iterations_per_second']} it/s), predict {entry['predict_seconds']} s, "
           f"wall {entry['wall_seconds']} s")
@@ -158,4 +188,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from semisam_o1.errors import InputError
+
+    try:
+        sys.exit(main())
+    except InputError as exc:
+        print(f"bench_full_supervision: error: {exc}", file=sys.stderr)
+        sys.exit(2)
