@@ -102,8 +102,12 @@ class StageRecord:
 
     @property
     def reuse(self) -> bool:
-        """Per-case files already in the folder were written with this signature."""
-        return bool(self.previous and self.previous.get("signature") == self.signature)
+        """Per-case files that were in the folder when it was opened were written with this
+        signature (unchanged by :meth:`start` and :meth:`finish`)."""
+        return self._reuse
+
+    def __post_init__(self):
+        self._reuse = bool(self.previous and self.previous.get("signature") == self.signature)
 
     def _write(self, finished: bool, summary: dict | None) -> None:
         from .io import write_json
@@ -174,6 +178,7 @@ def open_stage(folder: str | os.PathLike, stage: str, settings, *, inputs: dict 
                              f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); "
                              "use --overwrite to redo it, or another folder")
     record.previous = previous if not overwrite else None
+    record._reuse = bool(record.previous and record.previous.get("signature") == record.signature)
     return record
 
 
