@@ -590,17 +590,20 @@ def _plan_bank(inputs: _Inputs, t_label: np.ndarray, threshold: float, bank_size
 
 
 def _bank_features(inputs: _Inputs, plan: _BankPlan, t_label: np.ndarray, threshold: float, with_positions: bool,
-                   quiet: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                   quiet: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """Read the drawn voxels' features, case by case (every store entry's grid is checked).
 
     Returns:
-        ``(bank (N, C) float16, labels (N,) int32, positions (N, 3) float32 or None)``, N = plan.size.
+        ``(bank (N, C) float16, labels (N,) int32, positions (N, 3) float32 or None, origin (N, 2)
+        int64)``, N = plan.size; ``origin`` holds each entry's source (0: the template, i: the i-th
+        case) and flat voxel index.
     """
     from .progress import progress
 
     n = plan.size
     bank, labels = None, np.empty(n, np.int32)
     positions = np.empty((n, 3), np.float32) if with_positions else None
+    origin = np.empty((n, 2), np.int64)
     pos = 0
     for i, case in enumerate(progress([inputs.template, *inputs.cases], quiet=quiet, desc="refine: bank features")):
         if i == 0:
@@ -619,12 +622,13 @@ def _bank_features(inputs: _Inputs, plan: _BankPlan, t_label: np.ndarray, thresh
                 where = np.flatnonzero(conf.ravel() & (lab.ravel() == c))[plan.picks[i][c]]
                 bank[pos:pos + len(where)] = flat[:, where].T
                 labels[pos:pos + len(where)] = c
+                origin[pos:pos + len(where)] = np.stack([np.full(len(where), i), where], axis=1)
                 if with_positions:
                     positions[pos:pos + len(where)] = _positions(where, lab.shape)
                 pos += len(where)
     if pos != n:  # pragma: no cover - the plan counts the same voxels
         raise RuntimeError(f"refine: bank holds {pos} entries, planned {n}")
-    return bank, labels, positions
+    return bank, labels, positions, origin
 
 
 def _project_bank(bank: np.ndarray, project_dim: int, seed: int) -> tuple[np.ndarray, tuple | None, dict]:
@@ -655,6 +659,42 @@ def _project_bank(bank: np.ndarray, project_dim: int, seed: int) -> tuple[np.nda
                                       "energy_kept": kept, "fit_rows": int(len(rows))}
 
 
+def _kernel_bank(bank: np.ndarray, positions: np.ndarray | None, project_dim: int, seed: int,
+                 position_weight: float) -> tuple[np.ndarray, tuple | None, dict]:
+    """The kernel's bank vectors: :func:`_project_bank`, then the position term appended
+    (:func:`semisam_o1.propagate.augment_with_position`) when ``position_weight`` > 0.
+
+    Returns:
+        ``(bank (N, D) float16 or float32, projection or None, projection description)``.
+    """
+    from .propagate import augment_with_position
+
+    bank, projection, info = _project_bank(bank, project_dim, seed)
+    if position_weight:
+        bank = augment_with_position(np.asarray(bank, np.float32), positions, position_weight, "bank")
+    return bank, projection, info
+
+
+def _query_features(inputs: _Inputs, case: str, lab: np.ndarray, qmask: np.ndarray, projection,
+                    position_weight: float) -> np.ndarray:
+    """The kernel's query vectors of the ``qmask`` voxels of ``case``: features projected like the
+    bank, with the position term appended when ``position_weight`` > 0.
+
+    Returns:
+        (Q, D) float32, Q = qmask.sum(), D = the bank's dimension.
+    """
+    from .propagate import augment_with_position
+
+    where = np.flatnonzero(qmask.ravel())
+    feats = inputs.case_features(case, lab.shape)
+    q = feats.reshape(feats.shape[0], -1)[:, where].T
+    del feats
+    q = np.ascontiguousarray(_project(q, projection), dtype=np.float32)
+    if position_weight:
+        q = augment_with_position(q, _positions(where, lab.shape), position_weight, "query")
+    return q
+
+
 def _vote_queries(inputs: _Inputs, case: str, threshold: float, knn: _KnnBank, projection, position_weight: float,
                   k: int, vote_weights: np.ndarray) -> tuple:
     """Relabel the query voxels of ``case`` by the kNN vote against the bank.
@@ -662,29 +702,20 @@ def _vote_queries(inputs: _Inputs, case: str, threshold: float, knn: _KnnBank, p
     Returns:
         ``(image Volume, predicted label, refined label (X, Y, Z) uint8, {"queries": Q})``.
     """
-    from .propagate import augment_with_position
-
     image, lab, ent = inputs.read_case(case)
     qmask = query_mask(ent, threshold)
     new = lab.copy()
-    where = np.flatnonzero(qmask.ravel())
-    if len(where):
-        feats = inputs.case_features(case, lab.shape)
-        q = feats.reshape(feats.shape[0], -1)[:, where].T
-        del feats
-        q = np.ascontiguousarray(_project(q, projection), dtype=np.float32)
-        if position_weight:
-            q = augment_with_position(q, _positions(where, lab.shape), position_weight, "query")
+    n_q = int(qmask.sum())
+    if n_q:
+        q = _query_features(inputs, case, lab, qmask, projection, position_weight)
         voted, share = knn.vote(q, k, label_weights=vote_weights)
         keep = share <= 0  # every neighbour dissimilar: no evidence, keep the label
         new[qmask] = np.where(keep, lab[qmask], voted).astype(np.uint8)
-    return image, lab, new, {"queries": int(len(where))}
+    return image, lab, new, {"queries": n_q}
 
 
 def _refine_voxel(inputs: _Inputs, s: RefineSettings, record, device: str) -> dict:
     """Voxel mode (module docstring): threshold, bank, projection, vote; returns the summary."""
-    from .propagate import augment_with_position
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     names = inputs.names
@@ -707,12 +738,11 @@ def _refine_voxel(inputs: _Inputs, s: RefineSettings, record, device: str) -> di
     if _todo(inputs, reuse, s.output):
         t0 = time.perf_counter()
         pos_w = float(s.position_weight)
-        bank, bank_labels, bank_pos = _bank_features(inputs, plan, t_label, threshold, bool(pos_w), s.quiet)
+        bank, bank_labels, bank_pos, _ = _bank_features(inputs, plan, t_label, threshold, bool(pos_w), s.quiet)
         timings["bank_features_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        bank, projection, bank_info["projection"] = _project_bank(bank, s.project_dim, s.seed)
+        bank, projection, bank_info["projection"] = _kernel_bank(bank, bank_pos, s.project_dim, s.seed, pos_w)
         if pos_w:
-            bank = augment_with_position(np.asarray(bank, np.float32), bank_pos, pos_w, "bank")
             bank_info["position_weight"] = pos_w
         knn = _KnnBank(bank, bank_labels, device=device, threads=s.threads)
         del bank
