@@ -1,0 +1,91 @@
+"""report: report.json and the two pictures from a work folder laid out as `run` leaves it,
+on the cohort (real or synthetic)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from helpers import write_nifti
+from semisam_o1.evaluate import EvaluateSettings, evaluate
+from semisam_o1.io import Dataset
+from semisam_o1.report import write_report
+
+
+def _copy_labels(ds: Dataset, cases, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in cases:
+        shutil.copy(ds.labels[c], folder / ds.labels[c].name)
+
+
+def _work(tmp_path, cohort):
+    """round0/pseudo: the pool's real labels; round1/pred: the same with the last class erased
+    in the first pool case; round1/pseudo: real labels for all but the last pool case;
+    round1/test: the test labels, scored by evaluate into round1/test_metrics.json."""
+    ds = Dataset(cohort.root)
+    work = tmp_path / "work"
+    pool = cohort.unlabeled
+    _copy_labels(ds, pool, work / "round0" / "pseudo")
+    _copy_labels(ds, pool, work / "round1" / "pred")
+    last = ds.label_map.values[ds.label_map.foreground[-1]]
+    img = nib.load(str(ds.labels[pool[0]]))
+    data = np.asarray(img.dataobj).astype(np.uint8)
+    data[data == last] = 0
+    write_nifti(work / "round1" / "pred" / ds.labels[pool[0]].name, data, img.affine, dtype=np.uint8)
+    _copy_labels(ds, pool[:-1], work / "round1" / "pseudo")
+    (work / "round1" / "pseudo" / "refine.json").write_text(json.dumps({"voxels_changed_total": 7, "cases": {}}))
+    _copy_labels(ds, cohort.test, work / "round1" / "test")
+    evaluate(EvaluateSettings(input=work / "round1" / "test", gt=cohort.root, cases=tuple(cohort.test),
+                              output=work / "round1" / "test_metrics.json", quiet=True))
+    return ds, work
+
+
+def test_report_from_a_work_folder(tmp_path, cohort):
+    ds, work = _work(tmp_path, cohort)
+    pool = cohort.unlabeled
+    times = {"encode": 1.0, "propagate": 2.0, "round1/train": 3.0, "round1/predict": 4.0}
+    report = write_report(work, ds, template=cohort.template, unlabeled=pool, test=cohort.test, rounds=1,
+                          times=times, config={"rounds": 1}, selected=pool[:2])
+    assert json.loads((work / "report.json").read_text()) == report
+    names = [ds.label_map.names[c] for c in ds.label_map.foreground]
+    r0, r1 = report["rounds"]
+    assert r0["pseudo_label_dice_unlabeled"] == {"cases": 4, "dice": {n: 1.0 for n in names},
+                                                 "mean_foreground_dice": 1.0}
+    # the UNet's pool predictions: the last class missed in one of four cases -> 0.75
+    pred = r1["prediction_dice_unlabeled"]
+    assert pred["cases"] == 4 and pred["dice"][names[-1]] == pytest.approx(0.75)
+    assert all(pred["dice"][n] == 1.0 for n in names[:-1])
+    assert r1["pseudo_label_dice_unlabeled"]["cases"] == 3  # a case without a file is left out
+    assert r1["test_metrics"]["dice"] == {n: 1.0 for n in names}
+    assert r1["test_metrics"]["mean_foreground"]["hd95"] == 0.0
+    assert report["final_test_metrics"] == r1["test_metrics"]
+    assert r1["refinement"] == {"voxels_changed_total": 7}
+    assert r0["seconds"] == {"encode": 1.0, "propagate": 2.0}
+    assert r1["seconds"] == {"round1/train": 3.0, "round1/predict": 4.0} and report["seconds_total"] == 10.0
+    assert report["selection"]["n_selected"] == 2
+    assert report["selection"]["pseudo_label_dice_selected_round0"]["cases"] == 2
+    for name in ("report_dice_by_round.png", "report_montage.png"):
+        assert (work / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_pool_dice_is_semisam_metrics_dice(tmp_path, cohort):
+    """The report's pool Dice per class is the mean over cases of semisam_o1.metrics.dice_per_class."""
+    from semisam_o1.io import read_label
+    from semisam_o1.metrics import dice_per_class
+
+    ds, work = _work(tmp_path, cohort)
+    report = write_report(work, ds, template=cohort.template, unlabeled=cohort.unlabeled, test=cohort.test,
+                          rounds=1, times={}, config={})
+    lm = ds.label_map
+    rows = []
+    for c in cohort.unlabeled:
+        gt = ds.read_label(c)
+        pred = read_label(work / "round1" / "pred" / ds.labels[c].name, lm, reference=gt)
+        rows.append(dice_per_class(pred.array, gt.array, lm.foreground))
+    expected = dict(zip([lm.names[c] for c in lm.foreground], np.mean(rows, axis=0)))
+    assert report["rounds"][1]["prediction_dice_unlabeled"]["dice"] == pytest.approx(expected)
+    assert report["selection"] is None
