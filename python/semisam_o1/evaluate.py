@@ -66,7 +66,6 @@ import csv
 import dataclasses
 import io as _io
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -491,15 +490,13 @@ def format_csv(result: dict) -> str:
 
 
 def _csv_num(x) -> str:
+    """A CSV cell: the number's full repr, empty for None."""
     return "" if x is None else repr(float(x))
 
 
 def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else "inf"
-    return f"{x:.4f}" if isinstance(x, float) else str(x)
+    """A table cell: four decimals, ``-`` for None."""
+    return "-" if x is None else f"{x:.4f}"
 
 
 def format_table(result: dict) -> str:
