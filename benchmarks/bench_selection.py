@@ -13,8 +13,11 @@ From a finished ``semisam-o1 run`` work folder (its round-0 pseudo-labels and ro
    plus the top ``fraction`` of the pool with their round-0 labels, for every
    fraction x iteration count asked, predicts the split's test cases and scores them.
 
-    PYTHONPATH=python python benchmarks/bench_selection.py --run work/full \\
+    python -m benchmarks.bench_selection --run work/full \\
         --fractions 0.25 1.0 --iterations 1200 4800 --write benchmarks/results/quality.json
+
+(from the repository root). The stages are the package's own (``selection.select_by_agreement``,
+``train.STAGE``, ``predict.STAGE``, ``evaluate.STAGE`` with their settings objects).
 
 Writes the key "case_selection" of quality.json. Models and predictions go to
 ``--work`` and are reused on a re-run.
@@ -31,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
+from semisam_o1.io import Dataset, find_case_file, read_label, write_json_key
+from semisam_o1.metrics import mean_dice
+from semisam_o1.selection import select_by_agreement
 
-from semisam_o1.io import Dataset, find_case_file, read_label, write_json_key  # noqa: E402
-from semisam_o1.selection import label_agreement, select_cases  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 KEY = "case_selection"
 
@@ -53,9 +56,7 @@ def main() -> int:
     ap.add_argument("--write", default=None)
     args = ap.parse_args()
 
-    from semisam_o1.evaluate import evaluate
-    from semisam_o1.predict import predict
-    from semisam_o1.train import train
+    from semisam_o1 import evaluate, predict, train
 
     data = Path(args.data)
     split_path = Path(args.split or data / "splits.json")
@@ -65,18 +66,18 @@ def main() -> int:
     ds = Dataset(data)
     lm = ds.label_map
     pool = [c for c in split["unlabeled"] if c != split["template"]]
-    command = "PYTHONPATH=python python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = "python -m benchmarks.bench_selection " + shlex.join(sys.argv[1:])
     labels0, pred1 = run / "round0" / "pseudo", run / "round1" / "pred"
 
     # 1. the ranking against the real labels (diagnostic)
-    ranking = select_cases(ds, labels0, pred1, pool, 1.0)
+    ranking = select_by_agreement(ds, labels0, pred1, pool, 1.0)
     entropy = json.loads((pred1 / "entropy.json").read_text())
     entropy = entropy.get("entropy", entropy)
     real = {}
     for case in pool:
         gt = ds.read_label(case)
         lab = read_label(find_case_file(labels0, case, what="pseudo-label"), lm, reference=gt)
-        real[case] = label_agreement(lab.array, gt.array, lm.foreground)
+        real[case] = mean_dice(lab.array, gt.array, lm.foreground)
     ag = np.array([ranking["agreement"][c] for c in pool])
     ent = np.array([float(entropy[c]) for c in pool])
     rd = np.array([real[c] for c in pool])
@@ -104,13 +105,14 @@ def main() -> int:
         for it in args.iterations:
             name = f"top{n}_it{it}_seed{args.seed}"
             t0 = time.time()
-            summary = train(data, labels0, split["template"], work / name / "model", cases=chosen, preset="cpu",
-                            iterations=it, device="cpu", seed=args.seed, threads=args.threads, quiet=True,
-                            command=command + f"  # stage: train {name}")
-            predict(data, work / name / "model", work / name / "test", cases=list(split["test"]), device="cpu",
-                    threads=args.threads, quiet=True, command=command + f"  # stage: predict {name}")
-            m = evaluate(work / name / "test", data, cases=list(split["test"]), out=work / name / "test_metrics.json",
-                         quiet=True)
+            compute = dict(device="cpu", threads=args.threads, quiet=True)
+            summary = train.STAGE(train.SETTINGS(input=data, labels=labels0, template=split["template"],
+                                                 cases=(split["template"], *chosen), output=work / name / "model",
+                                                 preset="cpu", iterations=it, seed=args.seed, **compute))
+            predict.STAGE(predict.SETTINGS(input=data, model=work / name / "model", output=work / name / "test",
+                                           cases=tuple(split["test"]), **compute))
+            m = evaluate.STAGE(evaluate.SETTINGS(input=work / name / "test", gt=data, cases=tuple(split["test"]),
+                                                 output=work / name / "test_metrics.json", quiet=True))
             row = {"fraction": f, "n_cases": n, "iterations": it, "seed": args.seed,
                    "round0_real_dice_of_training_cases": round(float(np.mean([real[c] for c in chosen])), 4),
                    "test_dice": {k: round(v["dice"]["mean"], 4) for k, v in m["per_class"].items()},
