@@ -106,3 +106,33 @@ def test_real_datasets_when_present(cohort, tmp_path):
     fp = p["fingerprint"]["template"]
     assert p["decisions"]["flip_axes"]["value"] == [0, 2]  # real Hippocampus and the synthetic cohort: axis 1
     assert all(pp >= min(e, 16) for pp, e in zip(p["decisions"]["patch"]["value"], fp["foreground"]["extent_vox"]))
+
+
+def test_train_takes_the_plans_network_and_normalisation(tmp_path):
+    """train --plan: the model's config carries the plan's patch, strides, channels and CT
+    normalisation; --iterations still wins over the plan's."""
+    from semisam_o1 import nets, train
+
+    root = tmp_path / "ct"
+    split = helpers.make_cohort(root, n_unlabeled=2, n_test=0)
+    _set_modality(root, "CT")
+    plan = _plan(root, tmp_path, max_patch_voxels=16 ** 3)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    import shutil
+
+    for case in split["unlabeled"]:
+        shutil.copy(root / "labelsTr" / f"{case}.nii.gz", labels)
+    train.train(train.TrainSettings(input=root, labels=labels, template=split["template"],
+                                    cases=tuple(split["unlabeled"]), output=tmp_path / "model", preset="quick",
+                                    plan=tmp_path / "plan.json", iterations=2, quiet=True, threads=1))
+    cfg = json.loads((tmp_path / "model" / nets.CONFIG_NAME).read_text())
+    d = plan["decisions"]
+    assert cfg["patch"] == d["patch"]["value"] and cfg["iterations"] == 2
+    assert cfg["net"]["channels"] == d["channels"]["value"]
+    assert [list(s) for s in cfg["net"]["strides"]] == d["strides"]["value"]
+    assert cfg["normalisation"] == d["normalisation"]["value"]
+    x = np.array([-5000.0, d["normalisation"]["value"]["mean"], 1e9])
+    y = nets.normalise(x, cfg["normalisation"])
+    assert y[1] == pytest.approx(0.0, abs=1e-5) and y[0] == pytest.approx(
+        (d["normalisation"]["value"]["lower"] - d["normalisation"]["value"]["mean"]) / d["normalisation"]["value"]["sd"], rel=1e-5)

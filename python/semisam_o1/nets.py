@@ -114,7 +114,10 @@ def preset(name: str) -> dict:
 
 
 def normalise(array: np.ndarray, params: dict | None = None) -> np.ndarray:
-    """Per-volume intensity normalisation, the same in ``train`` and ``predict``.
+    """Intensity normalisation, the same in ``train`` and ``predict``.
+
+    ``method`` ``fixed_clip_zscore`` (CT, from a plan): clip to ``[lower, upper]`` and z-score
+    with the fixed ``mean`` and ``sd``. Default ``percentile_clip_zscore``, per volume:
 
     Clip to the ``lower_percentile`` / ``upper_percentile`` (default 0.5 / 99.5)
     percentiles of the volume, then subtract the clipped volume's mean and
@@ -131,8 +134,12 @@ def normalise(array: np.ndarray, params: dict | None = None) -> np.ndarray:
     np.ndarray, same shape, float32, zero mean and unit variance (unless constant).
     """
     params = params or NORMALISATION
-    if params.get("method", "percentile_clip_zscore") != "percentile_clip_zscore":
-        raise InputError(f"unknown normalisation method {params.get('method')!r} in the model config")
+    method = params.get("method", "percentile_clip_zscore")
+    if method == "fixed_clip_zscore":  # CT (semisam_o1.plan): one clip and z-score for every volume
+        a = np.clip(np.asarray(array, dtype=np.float64), params["lower"], params["upper"])
+        return ((a - params["mean"]) / max(float(params["sd"]), 1e-8)).astype(np.float32)
+    if method != "percentile_clip_zscore":
+        raise InputError(f"unknown normalisation method {method!r} in the model config")
     a = np.asarray(array, dtype=np.float64)
     lo, hi = np.percentile(a, [params["lower_percentile"], params["upper_percentile"]])
     a = np.clip(a, lo, hi)

@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import io as _io
 import math
 import sys
@@ -99,7 +100,7 @@ from .device import torch_device
 from .errors import InputError
 from .io import Dataset, atomic_path, case_id_from_path, file_sha256, find_case_file, load_split, read_label, \
     write_json
-from .resume import StageRecord, open_stage
+from .resume import digest, StageRecord, open_stage
 from .settings import CaseOptions, ComputeOptions, check_range, option, select_cases
 
 SSL_MODES = ("none", "mt")
@@ -137,6 +138,9 @@ class TrainSettings(CaseOptions, ComputeOptions):
                                           "equally likely)", type=float, metavar="F")
     spatial_aug: float = option(0.0, "probability of a random rotation (+-15 deg) and scaling (+-15%%) of each "
                                 "drawn volume (MONAI RandAffined; 0: off, as in run)", metavar="P")
+    plan: Path | None = option(None, "plan file written by `semisam-o1 plan`: its UNet decisions (patch, strides, "
+                               "channels, batch, iterations, flip axes, normalisation) replace the preset's "
+                               "(--iterations still wins)", type=Path, metavar="PLAN.json")
     seed: int = option(0, "seed of the initial weights, sampling and augmentation")
     round: int = option(0, "round of the loop this model belongs to: with --seed, it keys every random stream "
                         "(semisam_o1.seeds), so no two (seed, round) pairs share one")
@@ -348,7 +352,7 @@ def model_config(settings: TrainSettings, cfg: dict, ds: Dataset, template: str,
         "ssl": settings.ssl,
         "net_class": "monai.networks.nets.UNet",
         "net": nets.net_params(cfg, ds.label_map.num_classes),
-        "normalisation": dict(nets.NORMALISATION),
+        "normalisation": dict(cfg["normalisation"]),
         "patch": list(cfg["patch"]),
         "label_map": {"values": list(ds.label_map.values), "names": list(ds.label_map.names)},
         "dataset": str(ds.root.resolve()),
@@ -367,6 +371,26 @@ def model_config(settings: TrainSettings, cfg: dict, ds: Dataset, template: str,
     }
 
 
+def preset_config(settings: TrainSettings) -> dict:
+    """The UNet preset, with a plan's decisions laid over it and ``--iterations`` over both.
+
+    Raises:
+        InputError: the plan file cannot be read or is not a plan.
+    """
+    cfg = nets.preset(settings.preset)
+    cfg.setdefault("normalisation", dict(nets.NORMALISATION))
+    if settings.plan is not None:
+        from .plan import unet_overrides
+
+        try:
+            cfg.update(unet_overrides(json.loads(Path(settings.plan).read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{settings.plan}: not a readable plan file ({type(exc).__name__}: {exc})") from None
+    if settings.iterations is not None:
+        cfg["iterations"] = int(settings.iterations)
+    return cfg
+
+
 def prepare(settings: TrainSettings) -> _Plan | dict:
     """Check every input and the output folder, and read the training data; nothing is written.
 
@@ -378,15 +402,13 @@ def prepare(settings: TrainSettings) -> _Plan | dict:
         InputError: bad input (module docstring) or an output folder that is a file, is not
             writable, or holds a model from other settings or inputs (without ``overwrite``).
     """
-    cfg = nets.preset(settings.preset)
-    if settings.iterations is not None:
-        cfg["iterations"] = int(settings.iterations)
+    cfg = preset_config(settings)
     ds = Dataset(settings.input)
     if not settings.labels.is_dir():
         raise InputError(f"{settings.labels}: labels folder not found")
     template, cases = training_cases(ds, settings)
     labels = label_paths(ds, settings.labels, template, cases)
-    record = open_stage(settings.output, "train", settings, inputs=stage_inputs(ds, template, cases, labels),
+    record = open_stage(settings.output, "train", settings, inputs={**stage_inputs(ds, template, cases, labels), "unet": digest(cfg)},
                         overwrite=settings.overwrite)
     if record.finished:
         if not settings.quiet:
@@ -394,7 +416,7 @@ def prepare(settings: TrainSettings) -> _Plan | dict:
                   file=sys.stderr)
         return {**(record.summary() or {}), "skipped": True}
     t0 = time.time()
-    data = load_training_data(ds, labels, cases, dict(nets.NORMALISATION), quiet=settings.quiet)
+    data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), quiet=settings.quiet)
     return _Plan(cfg=cfg, config=model_config(settings, cfg, ds, template, cases), data=data, record=record,
                  load_seconds=time.time() - t0)
 
