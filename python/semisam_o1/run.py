@@ -90,6 +90,12 @@ class RunSettings(ComputeOptions):
     class_planes: str = option("auto", "auto: if the template's foreground classes follow each other along one "
                                "axis, separated by planes (MSD Hippocampus: Anterior | Posterior), every "
                                "pseudo-label and prediction gets the same structure", choices=("auto", "off"))
+    plan: str = option("off", "auto: plan the UNet from the data first (semisam-o1 plan into WORK/plan.json: "
+                       "patch from the template structure's extent, strides from the spacing, iterations from "
+                       "--budget-minutes, flips and normalisation from the template and modality) instead of "
+                       "the preset's network", choices=("off", "auto"))
+    budget_minutes: float = option(8.0, "with --plan auto: UNet training minutes per round on this machine",
+                                   metavar="MIN")
     seed: int = option(0, "seed of every random stream (independent streams per round: semisam_o1.seeds)")
 
     def __post_init__(self):
@@ -110,6 +116,7 @@ class RunSettings(ComputeOptions):
         check_range("spatial_aug", self.spatial_aug, 0.0, 1.0)
         check_range("k", self.k, 1)
         check_range("quantile", self.quantile, 0.0, 1.0, hi_open=True)
+        check_range("budget_minutes", self.budget_minutes, 0.0, lo_open=True)
 
     @property
     def unet(self) -> str:
@@ -271,7 +278,22 @@ def _propagate(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, feats
     return rule if rule.is_file() else None
 
 
-def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[str]) -> Path:
+def _plan(stages: Stages, s: RunSettings) -> Path | None:
+    """``WORK/plan.json`` (with ``--plan auto``; planned once, reused on a re-run)."""
+    if s.plan == "off":
+        return None
+    from . import plan
+
+    path = stages.work / "plan.json"
+    if not path.is_file():
+        settings = plan.SETTINGS(input=s.input, split=s.split, output=path, budget_minutes=s.budget_minutes,
+                                 device=s.device, threads=s.threads, quiet=s.quiet)
+        print(f"[run] plan: {command_line('plan', settings)}", flush=True)
+        plan.STAGE(settings)
+    return path
+
+
+def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[str], plan: Path | None) -> Path:
     from . import train
 
     rd = stages.work / f"round{r}"
@@ -281,6 +303,7 @@ def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[s
                                template=cohort.template, cases=(cohort.template, *cases), output=model,
                                ssl=s.ssl, preset=s.unet, iterations=s.iterations,
                                template_share=s.template_share, spatial_aug=s.spatial_aug, seed=s.seed, round=r,
+                               plan=plan,
                                **_compute(s)), model)
     return model
 
@@ -351,12 +374,13 @@ def copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
                 shutil.copyfile(f, tmp)
 
 
-def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path, rule: Path | None) -> list[str] | None:
+def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path, rule: Path | None,
+            plan: Path | None) -> list[str] | None:
     """Rounds 1..R of train / predict / refine / evaluate; returns the selected cases (or None)."""
     train_cases = list(cohort.unlabeled)
     for r in range(1, s.rounds + 1):
         rd = stages.work / f"round{r}"
-        model = _train(stages, s, cohort, r, train_cases)
+        model = _train(stages, s, cohort, r, train_cases, plan)
         _predict(stages, s, f"round{r}/predict", model, rd / "pred", cohort.unlabeled, rule)
         _refine(stages, s, cohort, r, feats, rule)
         if r == 1 and s.selecting:
@@ -395,9 +419,10 @@ def run(settings: RunSettings) -> dict:
     with FolderLock(work):
         stages = Stages(work, s)
         stages.save()
+        plan = _plan(stages, s)
         feats = _encode(stages, s, cohort, work)
         rule = _propagate(stages, s, cohort, work, feats)
-        selected = _rounds(dataset, stages, s, cohort, feats, rule)
+        selected = _rounds(dataset, stages, s, cohort, feats, rule, plan)
         return _report(dataset, stages, s, cohort, rule, selected)
 
 
