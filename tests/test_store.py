@@ -1,4 +1,5 @@
-"""Feature store: layout, memory mapping, cell -> voxel mapping and on_voxel_grid, against NumPy."""
+"""Feature store: layout, memory mapping, cell -> voxel mapping and on_voxel_grid, against NumPy;
+verification of finished cases; exclusive creation of a store's files by parallel shards."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ import json
 import numpy as np
 import pytest
 
-from semisam_o1.encode import _write_case
+import helpers
+from semisam_o1 import store as store_module
 from semisam_o1.errors import InputError
 from semisam_o1.store import FeatureStore, config_signature, linear_weights, voxel_features
 
 
 def _make_store(root, grids, maps, voxel_shape, case="c1"):
-    config = {"format": 1, "axes": sorted(grids), "channels": next(iter(grids.values())).shape[0]}
-    config["signature"] = config_signature(config)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "store.json").write_text(json.dumps(config))
+    """A store of one case with the given per-axis grids and cell -> voxel maps, written by the
+    store's own writers."""
+    config = store_module.write_config(root, {"format": 1, "axes": sorted(grids),
+                                              "channels": next(iter(grids.values())).shape[0]})
     meta = {"case": case, "voxel_shape": list(voxel_shape), "affine": np.eye(4).tolist(),
             "axes": sorted(grids), "store_signature": config["signature"], "input_sha256": "x"}
-    _write_case(root, case, grids, maps, meta)
+    store_module.write_case(root, case, grids, maps, meta)
     return FeatureStore(root)
 
 
@@ -92,8 +94,8 @@ def test_store_roundtrip_memmap_and_on_voxel_grid(tmp_path):
 def test_store_errors(tmp_path):
     with pytest.raises(InputError, match="not a feature store"):
         FeatureStore(tmp_path)
-    grids = {0: np.zeros((2, 3, 2, 2), np.float16)}
-    store = _make_store(tmp_path / "s", grids, {0: ([0, 0, 0], [1, 1, 1])}, (3, 2, 2))
+    store = FeatureStore(helpers.write_feature_store(tmp_path / "s", {"c1": np.zeros((2, 3, 2, 2), np.float16)}))
+    assert store.cases() == ["c1"]
     with pytest.raises(InputError, match="case nope"):
         store.load("nope")
     # a case written with another signature is not finished for this store
@@ -104,3 +106,40 @@ def test_store_errors(tmp_path):
     assert store.cases() == [] and not store.has("c1")
     with pytest.raises(InputError, match="case c1.*signature"):
         store.load("c1")
+
+
+def test_check_case_finds_damaged_files(tmp_path):
+    rng = np.random.default_rng(2)
+    feats = {0: rng.normal(size=(3, 5, 4, 6)).astype(np.float16), 2: rng.normal(size=(3, 5, 4, 6)).astype(np.float16)}
+    store = FeatureStore(helpers.write_feature_store(tmp_path / "s", {"c1": feats}))
+    assert store.check_case("c1") is None
+    path = store.case_dir("c1") / "axis2.npy"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 10])  # cut short
+    assert "axis2.npy" in store.check_case("c1") and "cannot be read" in store.check_case("c1")
+    np.save(path, np.zeros((3, 5, 4, 5), np.float16))  # another shape
+    assert "meta.json says float16 (3, 5, 4, 6)" in store.check_case("c1")
+    np.save(path, np.zeros((3, 5, 4, 6), np.float32))  # another dtype
+    assert "float32" in store.check_case("c1")
+    path.unlink()
+    assert "axis2.npy" in store.check_case("c1")
+    path.write_bytes(raw)
+    assert store.check_case("c1") is None
+    assert "axis 1 missing" in store.check_case("c1", axes=(0, 1))
+    assert "meta.json" in store.check_case("nope")
+
+
+def test_exclusive_writes_keep_the_first_shards_files(tmp_path):
+    root = tmp_path / "s"
+    first = store_module.write_config(root, {"format": 1, "axes": [0], "channels": 2, "created": "a"},
+                                      exclusive=True)
+    second = store_module.write_config(root, {"format": 1, "axes": [0], "channels": 3, "created": "b"},
+                                       exclusive=True)
+    assert second == first and FeatureStore(root).channels == 2
+    # the creation time, notes and command are not signed
+    assert first["signature"] == config_signature({"format": 1, "axes": [0], "channels": 2, "command": "x"})
+    basis = store_module.write_reduction(root, np.eye(3, 2, dtype=np.float32))
+    again = store_module.write_reduction(root, np.ones((3, 2), np.float32))
+    np.testing.assert_array_equal(again, np.eye(3, 2))
+    np.testing.assert_array_equal(basis, again)
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]

