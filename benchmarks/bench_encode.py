@@ -11,10 +11,13 @@ Hippocampus slices, all runs in one process with the same thread count:
   percentile
 * seconds per Hippocampus volume (all three axes; slices per volume from the cohort's shapes)
 
-Writes ``benchmarks/results/encode.json`` (with the command) and prints a Markdown table
-(``benchmarks/encode.md``). Usage::
+The slices are prepared and packed by the stage's own functions (:mod:`semisam_o1.encoders`'
+``intensity_range`` / ``scale_volume`` / ``SlicePlan`` / ``resize_slices``, :func:`semisam_o1.encode.pack_tiles`
+and :func:`semisam_o1.encode.tile_cells`); the encoder is the one ``encode`` loads. Writes
+``benchmarks/results/encode.json`` (with the command) and prints a Markdown table (``benchmarks/encode.md``).
+Run from the repository root::
 
-    python benchmarks/bench_encode.py --threads 2 [--slices 16] [--write]
+    python -m benchmarks.bench_encode --threads 2 [--slices 16] [--write]
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
 DATA = Path(os.environ.get("SEMISAM_DATA", REPO.parent / "shared" / "data" / "hippocampus"))
 
 
@@ -44,19 +46,12 @@ def slices_of(case: str, axis: int):
 
 
 def canvases(sl: np.ndarray, tile: int, size: int = 256):
+    """``sl`` (N, su, sv) resized and packed as ``encode`` does: (canvases, SlicePlan)."""
+    from semisam_o1.encode import pack_tiles
     from semisam_o1.encoders import SlicePlan, resize_slices
 
     plan = SlicePlan(sl.shape[1], sl.shape[2], tile, 4)
-    res = resize_slices(sl, plan)
-    per_side = size // tile
-    per = per_side ** 2
-    n_can = -(-len(sl) // per)
-    out = np.zeros((n_can, 3, size, size), np.float32)
-    for t in range(len(sl)):
-        c, pos = divmod(t, per)
-        ty, tx = divmod(pos, per_side)
-        out[c, :, ty * tile: ty * tile + plan.ru, tx * tile: tx * tile + plan.rv] = res[t]
-    return out, plan
+    return pack_tiles(list(resize_slices(sl, plan)), tile, size), plan
 
 
 def timed(fn, batches, repeats=1):
@@ -94,6 +89,50 @@ def speedups(res: dict) -> dict:
     }
 
 
+def measure(run_torch, run_ort, full: np.ndarray, packed: np.ndarray):
+    """Slices/s of torch eager and ONNX Runtime on unpacked canvases and of ONNX Runtime on packed
+    ones, at batch 1 and 8, interleaved (torch, ORT, packed at batch 1, then at batch 8) so that load
+    from other processes on a shared machine falls on every configuration alike.
+
+    Returns:
+        ``(runs {name: {slices, seconds, slices_per_s}}, ORT unpacked features, ORT packed features)``.
+    """
+    res = {}
+    configs = (("torch eager, unpacked", run_torch, full, 1), ("ONNX Runtime, unpacked", run_ort, full, 1),
+               ("ONNX Runtime, packed 2x2", run_ort, packed, 4))
+    for bs in (1, 8):
+        for name, fn, x, per in configs:
+            secs, outs = timed(fn, split(x, bs))
+            key = f"{name}, batch {bs}"
+            res[key] = {"slices": len(x) * per, "seconds": round(secs, 3),
+                        "slices_per_s": round(len(x) * per / secs, 3)}
+            print(f"{key}: {res[key]['slices_per_s']} slices/s (load {os.getloadavg()[0]:.1f})", flush=True)
+            if name == "ONNX Runtime, unpacked" and bs == 8:
+                f_full = np.concatenate(outs)
+            if name == "ONNX Runtime, packed 2x2" and bs == 8:
+                f_packed = np.concatenate(outs)
+    names = [c[0] for c in configs]
+    res = {k: res[k] for k in sorted(res, key=lambda k: (names.index(k.rsplit(", batch", 1)[0]), k))}
+    return res, f_full, f_packed
+
+
+def packed_vs_unpacked(f_full: np.ndarray, f_packed: np.ndarray, n: int, cell: int, plan_packed) -> np.ndarray:
+    """Per-cell cosine similarity of the packed features of the first ``n`` slices with their unpacked
+    features average-pooled 2x2 onto the packed cell size (the same voxels)."""
+    from semisam_o1.encode import tile_cells
+
+    cos_all = []
+    nu, nv = plan_packed.nu, plan_packed.nv
+    for t in range(n):
+        p = tile_cells(f_packed, t, 128, cell, plan_packed)
+        u = f_full[t, :, : 2 * nu, : 2 * nv]
+        u = u.reshape(u.shape[0], nu, 2, nv, 2).mean((2, 4))
+        num = (p * u).sum(0)
+        den = np.linalg.norm(p, axis=0) * np.linalg.norm(u, axis=0) + 1e-12
+        cos_all.append((num / den).ravel())
+    return np.concatenate(cos_all)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -126,50 +165,21 @@ def main(argv=None) -> int:
     n = len(sl)
     full, plan_full = canvases(sl, 256)
     packed, plan_packed = canvases(np.concatenate([sl] * 4), 128)  # 4n slices -> n canvases
-    res = {}
-    # interleaved (torch, ORT, packed at batch 1, then at batch 8) so that load from other processes on a
-    # shared machine falls on every configuration alike
-    configs = (("torch eager, unpacked", run_torch, full, 1), ("ONNX Runtime, unpacked", enc.run, full, 1),
-               ("ONNX Runtime, packed 2x2", enc.run, packed, 4))
-    for bs in (1, 8):
-        for name, fn, x, per in configs:
-            secs, outs = timed(fn, split(x, bs))
-            key = f"{name}, batch {bs}"
-            res[key] = {"slices": len(x) * per, "seconds": round(secs, 3),
-                        "slices_per_s": round(len(x) * per / secs, 3)}
-            print(f"{key}: {res[key]['slices_per_s']} slices/s (load {os.getloadavg()[0]:.1f})", flush=True)
-            if name == "ONNX Runtime, unpacked" and bs == 8:
-                f_full = np.concatenate(outs)
-            if name == "ONNX Runtime, packed 2x2" and bs == 8:
-                f_packed = np.concatenate(outs)
-    res = {k: res[k] for k in sorted(res, key=lambda k: ([c[0] for c in configs].index(k.rsplit(", batch", 1)[0]), k))}
-
-    # packed vs unpacked features of the same slices
-    cos_all = []
-    nu, nv = plan_packed.nu, plan_packed.nv
-    for t in range(n):
-        c, pos = divmod(t, 4)
-        ty, tx = divmod(pos, 2)
-        p = f_packed[c, :, ty * 32: ty * 32 + nu, tx * 32: tx * 32 + nv]
-        u = f_full[t, :, : 2 * nu, : 2 * nv]
-        u = u.reshape(u.shape[0], nu, 2, nv, 2).mean((2, 4))
-        num = (p * u).sum(0)
-        den = np.linalg.norm(p, axis=0) * np.linalg.norm(u, axis=0) + 1e-12
-        cos_all.append((num / den).ravel())
-    cos_all = np.concatenate(cos_all)
+    res, f_full, f_packed = measure(run_torch, enc.run, full, packed)
+    cos_all = packed_vs_unpacked(f_full, f_packed, n, enc.cell, plan_packed)
     spv = cohort_slices_per_volume()
     t_b = res["torch eager, unpacked, batch 1"]["slices_per_s"]
     o_b = max(res["ONNX Runtime, unpacked, batch 1"]["slices_per_s"], res["ONNX Runtime, unpacked, batch 8"]["slices_per_s"])
     p_b = max(res["ONNX Runtime, packed 2x2, batch 1"]["slices_per_s"], res["ONNX Runtime, packed 2x2, batch 8"]["slices_per_s"])
     result = {
-        "command": "python benchmarks/bench_encode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.bench_encode " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "processor": platform.processor() or platform.machine(),
                     "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
                     "torch": torch.__version__, "onnxruntime": ort.__version__},
         "encoder": {"name": "litemedsam", "layers": list(enc.layers), "channels": enc.channels},
         "slices": {"case": args.case, "axis": args.axis, "shape": list(sl.shape[1:]),
-                   "unpacked_cells": [plan_full.nu, plan_full.nv], "packed_cells": [nu, nv]},
+                   "unpacked_cells": [plan_full.nu, plan_full.nv], "packed_cells": [plan_packed.nu, plan_packed.nv]},
         "runs": res,
         **speedups(res),
         "cosine_packed_vs_unpacked": {"mean": round(float(cos_all.mean()), 4),

@@ -118,6 +118,49 @@ class EncodeSettings(CaseOptions, ComputeOptions):
 # --------------------------------------------------------------------------- the encoder over slices
 
 
+def pack_tiles(tiles: Sequence[np.ndarray], tile: int, size: int) -> np.ndarray:
+    """Pack resized slices into encoder canvases (module docstring, steps 3-4).
+
+    Args:
+        tiles: 2D float32 0-255 slices, each at most ``tile`` x ``tile`` pixels.
+        tile: tile side in pixels (divides ``size``).
+        size: canvas side in pixels.
+
+    Returns:
+        (ceil(n / per_canvas), 3, size, size) float32: slice t in canvas ``t // per_canvas``, tile
+        ``t % per_canvas`` in row-major order, at its tile's top-left corner, repeated to 3
+        channels, zero elsewhere (``per_canvas = (size / tile)^2``).
+    """
+    per_side = size // tile
+    per_canvas = per_side ** 2
+    canvases = np.zeros((-(-len(tiles) // per_canvas), 3, size, size), np.float32)
+    for t, sl2d in enumerate(tiles):
+        c, pos = divmod(t, per_canvas)
+        ty, tx = divmod(pos, per_side)
+        canvases[c, :, ty * tile: ty * tile + sl2d.shape[0], tx * tile: tx * tile + sl2d.shape[1]] = sl2d
+    return canvases
+
+
+def tile_cells(feats: np.ndarray, t: int, tile: int, cell: int, plan) -> np.ndarray:
+    """The valid feature cells of tile ``t`` of :func:`pack_tiles`' canvases.
+
+    Args:
+        feats: (B, C, size / cell, size / cell) encoder output for the canvases.
+        t: the tile's index (as in :func:`pack_tiles`).
+        tile, cell: tile side and pixels per feature cell.
+        plan: the slice's :class:`semisam_o1.encoders.SlicePlan` (``nu`` x ``nv`` valid cells).
+
+    Returns:
+        (C, nu, nv) view of ``feats``.
+    """
+    per_side = feats.shape[-1] * cell // tile
+    c, pos = divmod(t, per_side ** 2)
+    ty, tx = divmod(pos, per_side)
+    tc = tile // cell
+    return feats[c, :, ty * tc: ty * tc + plan.nu, tx * tc: tx * tc + plan.nv]
+
+
+
 class _Encoding:
     """Encodes volumes with one encoder and one packing (see the module docstring, steps 2-6)."""
 
@@ -156,23 +199,12 @@ class _Encoding:
             ``({axis: SlicePlan}, number of slices)``.
         """
         plans, tiles = self._tiles(array)
-        S, cell = self.enc.input_size, self.enc.cell
-        tc = self.tile // cell
         step = self.per_canvas * self.batch_size
         for start in range(0, len(tiles), step):
             chunk = tiles[start:start + step]
-            canv = np.zeros((-(-len(chunk) // self.per_canvas), 3, S, S), np.float32)
-            for t, (_, _, sl2d) in enumerate(chunk):
-                c, pos = divmod(t, self.per_canvas)
-                ty, tx = divmod(pos, self.per_side)
-                canv[c, :, ty * self.tile: ty * self.tile + sl2d.shape[0],
-                     tx * self.tile: tx * self.tile + sl2d.shape[1]] = sl2d
-            feats = self.enc.run(canv)
+            feats = self.enc.run(pack_tiles([t[2] for t in chunk], self.tile, self.enc.input_size))
             for t, (axis, k, _) in enumerate(chunk):
-                c, pos = divmod(t, self.per_canvas)
-                ty, tx = divmod(pos, self.per_side)
-                p = plans[axis]
-                sink(axis, k, feats[c, :, ty * tc: ty * tc + p.nu, tx * tc: tx * tc + p.nv])
+                sink(axis, k, tile_cells(feats, t, self.tile, self.enc.cell, plans[axis]))
         return plans, len(tiles)
 
     def encode_case(self, array: np.ndarray, basis: np.ndarray | None):
