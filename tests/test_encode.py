@@ -290,7 +290,7 @@ def test_resume_signature_overwrite_and_sharding(pool_onnx, dataset, tmp_path, c
     assert FeatureStore(out).cases() == sorted(cases)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "deleted", "wrong shape"])
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "wrong shape", "meta.json"])
 def test_a_damaged_case_is_encoded_again(pool_onnx, dataset, tmp_path, cases, capsys, damage):
     """A finished case whose axis file was cut short (or removed, or replaced) is found by the skip
     check, named on stderr and encoded again; the others are skipped; the store then loads."""
@@ -302,13 +302,16 @@ def test_a_damaged_case_is_encoded_again(pool_onnx, dataset, tmp_path, cases, ca
         path.write_bytes(raw[: len(raw) // 2])
     elif damage == "deleted":
         path.unlink()
-    else:
+    elif damage == "wrong shape":
         np.save(path, np.zeros((2, 3, 3, 3), np.float16))
+    else:
+        (path.parent / "meta.json").write_text("{ cut")
     capsys.readouterr()
     s = _pool(dataset, out, pool_onnx, cases=cases, channels=2)
     err = capsys.readouterr().err
     assert s["encoded"] == 1 and s["skipped"] == 2 and list(s["damaged"]) == [cases[1]]
-    assert f"case {cases[1]}" in err and "axis1.npy" in err and "encoding it again" in err
+    assert f"case {cases[1]}" in err and ("meta.json" if damage == "meta.json" else "axis1.npy") in err
+    assert "encoding it again" in err
     assert path.read_bytes() == raw  # the same features as before
     store = FeatureStore(out)
     assert store.check_case(cases[1]) is None

@@ -447,14 +447,17 @@ def _cases_to_encode(plan: _Plan, overwrite: bool) -> tuple[list, int, dict, dic
         if store is None:
             raise InputError(f"case {case}: already in {plan.root} but the store has no configuration; "
                              "use --overwrite")
-        meta = store.read_meta(case) or {}
-        if meta.get("input_sha256") != input_hash[case]:
+        meta = store.read_meta(case)
+        if meta is None:
+            problem = f"{meta_path}: cannot be parsed"
+        elif meta.get("input_sha256") != input_hash[case]:
             raise InputError(f"case {case}: already in {plan.root} with another input file; use --overwrite "
                              "to re-encode")
-        if meta.get("store_signature") != plan.existing.get("signature"):
+        elif meta.get("store_signature") != plan.existing.get("signature"):
             raise InputError(f"case {case}: already in {plan.root} with another store signature; use "
                              "--overwrite to re-encode")
-        problem = store.check_case(case, plan.existing["axes"])
+        else:
+            problem = store.check_case(case, plan.existing["axes"])
         if problem is None:
             skipped += 1
             continue
