@@ -623,6 +623,10 @@ def encode(settings: EncodeSettings) -> dict:
         + f"; store {plan.root}: {summary['cases_in_store']} cases, {summary['store_bytes'] / 1e6:.1f} MB")
     if failed:
         raise ReportedError(f"{len(failed)} of {len(plan.mine)} cases could not be encoded", 2)
+    if s.num_parts == 1 and (plan.root / CONFIG_FILE).is_file():
+        from .resume import write_finished
+
+        write_finished(plan.root, "encode", s, inputs={"cases": sorted(plan.mine)}, summary=summary)
     return summary
 
 

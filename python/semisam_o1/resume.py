@@ -222,3 +222,18 @@ class FolderLock:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def write_finished(folder: str | os.PathLike, stage: str, settings, *, inputs: dict | None = None,
+                   summary: dict | None = None) -> StageRecord:
+    """Write a finished record for a stage that checks its own outputs case by case (``encode``,
+    whose store verifies every entry it skips, so that a store may grow by new cases): no refusal
+    of an earlier record, the same record format as :func:`open_stage`'s."""
+    from .settings import command_line
+
+    signed = {"stage": stage, "settings": result_settings(settings), "inputs": inputs or {}}
+    record = StageRecord(folder=Path(folder), stage=stage, signed=signed, signature=digest(signed),
+                         command=command_line(stage, settings), previous=None)
+    record.folder.mkdir(parents=True, exist_ok=True)
+    record.finish(summary)
+    return record
