@@ -58,10 +58,14 @@ ENTROPY_JSON = "entropy.json"
 class PredictSettings(CaseOptions, ComputeOptions):
     """Settings of ``semisam-o1 predict`` (see the module docstring)."""
 
-    model: Path = option(help="model folder written by `semisam-o1 train`", flags=("-m", "--model"), type=Path,
-                         metavar="MODEL")
+    input: Path = option(help="an MSD / nnU-Net dataset folder, a plain folder of scans (.nii.gz, .nii, .nrrd, "
+                         ".mha) or one scan", flags=("-i", "--input"), type=Path, metavar="DATASET|DIR|FILE")
+    model: Path = option(help="model folder written by `semisam-o1 train`, or a run's bundle (WORK/final/model)",
+                         flags=("-m", "--model"), type=Path, metavar="MODEL")
     output: Path = option(help="prediction folder to write", flags=("-o", "--output"), type=Path, metavar="PRED",
                           neutral=True)
+    mirror: bool = option(False, "average the softmax over mirrored copies of the image along the axes the model "
+                          "was trained to flip (config flip_axes; 2 passes for the default [0])")
     probabilities: bool = option(False, "also write <case>_probs.nii.gz (X, Y, Z, K)")
     class_planes: Path | None = option(None, "class_planes.json written by `semisam-o1 propagate`: re-split each "
                                        "label's foreground into the template's classes by slices along the "
@@ -106,7 +110,17 @@ def entropy_map(probs: np.ndarray) -> np.ndarray:
     return np.clip(h, 0.0, math.log(p.shape[0])).astype(np.float32)
 
 
-def predict_volume(net, image: np.ndarray, config: dict, device) -> np.ndarray:
+def mirror_sets(config: dict) -> list[tuple[int, ...]]:
+    """The flips of test-time mirroring: every subset of the model's training ``flip_axes``
+    (canonical axes), the empty one first (nnU-Net's test-time mirroring, Isensee et al.,
+    Nat. Methods 2021, restricted to the flips the model saw)."""
+    from itertools import combinations
+
+    axes = [int(a) for a in config["preset_params"].get("flip_axes", [])]
+    return [c for n in range(len(axes) + 1) for c in combinations(axes, n)]
+
+
+def predict_volume(net, image: np.ndarray, config: dict, device, mirror: bool = False) -> np.ndarray:
     """Softmax probabilities of one image (MONAI ``sliding_window_inference``, Gaussian blending).
 
     Args:
@@ -114,6 +128,7 @@ def predict_volume(net, image: np.ndarray, config: dict, device) -> np.ndarray:
         image: (X, Y, Z) canonical image array, raw intensities.
         config: the model's config.json (normalisation, patch, preset parameters).
         device: the torch.device of ``net``.
+        mirror: average the softmax over the flips of :func:`mirror_sets` (each flipped back).
 
     Returns:
         (K, X, Y, Z) float32 probabilities.
@@ -123,12 +138,20 @@ def predict_volume(net, image: np.ndarray, config: dict, device) -> np.ndarray:
 
     cfg = config["preset_params"]
     x = torch.as_tensor(nets.normalise(image, config["normalisation"])[None, None]).to(device)
+    flips = mirror_sets(config) if mirror else [()]
+    total = None
     with torch.inference_mode():
-        logits = sliding_window_inference(x, roi_size=list(config["patch"]), sw_batch_size=int(cfg["sw_batch_size"]),
-                                          predictor=net, overlap=float(cfg["sw_overlap"]), mode="gaussian",
-                                          padding_mode="constant", cval=0.0)
-        probs = torch.softmax(logits.float(), dim=1)[0]
-    return probs.cpu().numpy().astype(np.float32)
+        for axes in flips:
+            dims = [2 + a for a in axes]
+            xi = torch.flip(x, dims) if dims else x
+            logits = sliding_window_inference(xi, roi_size=list(config["patch"]),
+                                              sw_batch_size=int(cfg["sw_batch_size"]), predictor=net,
+                                              overlap=float(cfg["sw_overlap"]), mode="gaussian",
+                                              padding_mode="constant", cval=0.0)
+            probs = torch.softmax(logits.float(), dim=1)[0]
+            probs = torch.flip(probs, [a + 1 for a in axes]) if axes else probs
+            total = probs if total is None else total + probs
+    return (total / len(flips)).cpu().numpy().astype(np.float32)
 
 
 def _mean_entropy_from_file(path: Path) -> float:
@@ -166,6 +189,7 @@ def prepare(settings: PredictSettings, dev) -> _Plan:
     ds = Dataset(settings.input)
     cases = select_cases(ds, settings)
     net, config = nets.load_model(settings.model, dev)
+    settings = _with_bundle_rule(settings)
     if list(config["label_map"]["values"]) != list(ds.label_map.values):
         raise InputError(f"{settings.model}: trained on label values {config['label_map']['values']}, "
                          f"the dataset declares {list(ds.label_map.values)}")
@@ -189,7 +213,7 @@ def predict_case(plan: _Plan, settings: PredictSettings, case: str, dev) -> floa
 
     out = settings.output
     img = plan.ds.read_image(case)
-    probs = predict_volume(plan.net, img.array, plan.config, dev)
+    probs = predict_volume(plan.net, img.array, plan.config, dev, mirror=settings.mirror)
     ent = entropy_map(probs)
     if settings.probabilities:
         write_map(probs_file(out, case), np.moveaxis(probs, 0, -1), img)
@@ -231,6 +255,8 @@ def predict(settings: PredictSettings) -> dict:
 
     nets.set_threads(settings.threads)
     dev = torch_device(settings.device)
+    if input_kind(settings.input) != "dataset":
+        return predict_files(settings, dev)
     plan = prepare(settings, dev)
     if plan.record.finished:
         summary = plan.record.summary() or {}
@@ -261,5 +287,160 @@ def predict(settings: PredictSettings) -> dict:
     return summary
 
 
+# --------------------------------------------------------------------------- plain folders and files
+
+
+def _plain_cases(settings: PredictSettings) -> dict[str, Path]:
+    """Case id -> scan for ``-i`` a plain folder or one file (``--cases`` narrows a folder).
+
+    Raises:
+        InputError: no scan, an unsupported file, ``--split`` or ``--probabilities`` given, an
+            unknown ``--cases`` id, or an output that would overwrite an input.
+    """
+    from .folder_input import ENDINGS, case_id, ending, list_images
+
+    src = Path(settings.input)
+    if settings.split is not None:
+        raise InputError(f"{src}: --split applies to a dataset folder (with dataset.json), not to plain scans")
+    if settings.probabilities:
+        raise InputError(f"{src}: --probabilities is written for a dataset folder only")
+    if src.is_file():
+        if ending(src) is None:
+            raise InputError(f"{src}: not a scan file ({', '.join(ENDINGS)} expected)")
+        found = {case_id(src): src}
+    else:
+        found = list_images(src, "-i")
+    if settings.cases:
+        unknown = [c for c in settings.cases if c not in found]
+        if unknown:
+            raise InputError(f"{src}: no scan named {unknown[0]}")
+        found = {c: found[c] for c in settings.cases}
+    out = Path(settings.output).resolve()
+    for p in found.values():
+        if (out / p.name).resolve() == p.resolve():
+            raise InputError(f"{settings.output}: writing the labels there would overwrite the scans; use another -o")
+    return found
+
+
+def _read_scan(path: Path, tmp: Path):
+    """The scan as a :class:`semisam_o1.io.Volume` (.nrrd / .mha through a NIfTI conversion in ``tmp``)."""
+    from .folder_input import _place, is_nifti
+    from .io import read_image
+
+    return read_image(path if is_nifti(path) else _place(path, tmp, "scan"))
+
+
+def _predict_file(plan: _Plan, settings: PredictSettings, case: str, source: Path, label_map, dev) -> float:
+    """Predict one scan and write ``PRED/<scan name>`` in its format and grid; returns its mean entropy."""
+    import tempfile
+
+    from . import class_planes as planes
+    from .folder_input import is_nifti, write_label_like
+
+    with tempfile.TemporaryDirectory() as tmp:
+        img = _read_scan(source, Path(tmp))
+        probs = predict_volume(plan.net, img.array, plan.config, dev, mirror=settings.mirror)
+        lab = np.argmax(probs, axis=0).astype(np.uint8)
+        lab = lab if plan.rule is None else planes.apply(lab, plan.rule)
+        target = Path(settings.output) / source.name
+        if is_nifti(source):
+            write_label(target, lab, img, label_map)
+        else:
+            write_label_like(write_label(Path(tmp) / "label.nii.gz", lab, img, label_map), source, target)
+    return float(entropy_map(probs).astype(np.float64).mean())
+
+
+def _prepare_files(settings: PredictSettings, dev) -> tuple[_Plan, dict[str, Path], object]:
+    """Check scans, model, rule and output (nothing written); returns the plan, the scans and the label map."""
+    from . import class_planes as planes
+    from .folder_input import geometry
+    from .io import LabelMap
+
+    scans = _plain_cases(settings)
+    net, config = nets.load_model(settings.model, dev)
+    settings = _with_bundle_rule(settings)
+    rule = planes.read(settings.class_planes) if settings.class_planes is not None else None
+    label_map = LabelMap.from_values(config["label_map"]["values"], config["label_map"]["names"])
+    for path in scans.values():
+        geometry(path)
+    inputs = {"model_sha256": file_sha256(settings.model / nets.WEIGHTS_NAME),
+              "class_planes": None if rule is None else rule.to_json(),
+              "images": {c: file_sha256(p) for c, p in scans.items()}}
+    record = open_stage(settings.output, "predict", settings, inputs=inputs, overwrite=settings.overwrite)
+    return _Plan(ds=None, cases=list(scans), net=net, config=config, rule=rule, record=record), scans, label_map
+
+
+def predict_files(settings: PredictSettings, dev) -> dict:
+    """:func:`predict` for ``-i`` a plain folder of scans or one scan: ``PRED/<scan name>`` per scan
+    (the scan's format, grid and affine), ``PRED/entropy.json`` and the stage record; no entropy maps.
+
+    Returns:
+        ``"output"``, ``"labels"`` ({case: file}), ``"entropy"`` ({case: mean nats}),
+        ``"seconds_per_case"`` ({case: s}), ``"predicted"`` / ``"skipped"``, ``"seconds"``,
+        ``"device"``, ``"mirror"``.
+    """
+    from .progress import progress
+
+    plan, scans, label_map = _prepare_files(settings, dev)
+    labels = {c: str(Path(settings.output) / p.name) for c, p in scans.items()}
+    if plan.record.finished:
+        return {**(plan.record.summary() or {}), "predicted": 0, "skipped": len(scans)}
+    plan.record.start()
+    ent_path = settings.output / ENTROPY_JSON
+    entropies = _read_entropies(ent_path) if plan.record.reuse and ent_path.is_file() else {}
+    per_case: dict[str, float] = {}
+    t0 = time.time()
+    bar = progress(list(scans), desc="predict", quiet=settings.quiet)
+    for case in bar:
+        if plan.record.reuse and not settings.overwrite and Path(labels[case]).is_file() and case in entropies:
+            continue
+        t = time.perf_counter()
+        entropies[case] = _predict_file(plan, settings, case, scans[case], label_map, dev)
+        per_case[case] = round(time.perf_counter() - t, 3)
+        write_json(ent_path, entropies)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(s_per_case=f"{per_case[case]:.1f}")
+    summary = {"output": str(settings.output), "labels": labels, "entropy": {c: entropies[c] for c in scans},
+               "seconds_per_case": per_case, "predicted": len(per_case), "skipped": len(scans) - len(per_case),
+               "seconds": round(time.time() - t0, 3), "device": str(dev), "mirror": bool(settings.mirror)}
+    plan.record.finish(summary)
+    if not settings.quiet:
+        mean = sum(per_case.values()) / max(len(per_case), 1)
+        print(f"predict: {len(per_case)} scans in {summary['seconds']:.0f} s ({mean:.1f} s per case) -> "
+              f"{settings.output}", file=sys.stderr)
+    return summary
+
+
+def input_kind(path: Path) -> str:
+    """``"dataset"`` (a folder with dataset.json), ``"folder"`` (a plain folder) or ``"file"``.
+
+    Raises:
+        InputError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "dataset" if (path / "dataset.json").is_file() else "folder"
+    if path.is_file():
+        return "file"
+    raise InputError(f"{path}: -i not found (a dataset folder, a folder of scans or one scan)")
+
+
+def _with_bundle_rule(settings: PredictSettings) -> PredictSettings:
+    """``settings`` with the bundle's class-planes rule when the model is a bundle that carries one
+    and no ``--class-planes`` was given."""
+    from .bundle import bundle_rule
+
+    if settings.class_planes is None:
+        rule = bundle_rule(settings.model)
+        if rule is not None:
+            return dataclasses.replace(settings, class_planes=rule)
+    return settings
+
+
 SETTINGS = PredictSettings
 STAGE = predict
+
+
+from .api import make_callable as _make_callable  # noqa: E402
+
+_make_callable(__name__, "predict")

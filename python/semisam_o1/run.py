@@ -56,9 +56,23 @@ SETTINGS_JSON = "run.json"
 class RunSettings(ComputeOptions):
     """Settings of ``semisam-o1 run``; None fields take the preset's value."""
 
-    input: Path = option(help="MSD / nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json)",
-                         flags=("-i", "--input"), type=Path, metavar="DATASET")
-    split: Path = option(help="split JSON with 'template', 'unlabeled' and 'test'", type=Path, metavar="FILE")
+    input: Path | None = option(None, "MSD / nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json); or "
+                                "give --images, --template-image and --template-label instead",
+                                flags=("-i", "--input"), type=Path, metavar="DATASET")
+    split: Path | None = option(None, "split JSON with 'template', 'unlabeled' and 'test' (with -i)", type=Path,
+                                metavar="FILE")
+    images: Path | None = option(None, "a plain folder of scans (.nii.gz, .nii, .nrrd, .mha): the cohort to label "
+                                 "(instead of -i and --split; written as an MSD dataset into WORK/dataset)",
+                                 type=Path, metavar="DIR")
+    template_image: Path | None = option(None, "with --images: the one labelled scan (inside DIR or not)",
+                                         type=Path, metavar="FILE")
+    template_label: Path | None = option(None, "with --images: the template's label, on its image's grid",
+                                         type=Path, metavar="FILE")
+    labels: str | None = option(None, "with --images: class names, VALUE=NAME,... (default: each label value "
+                                "of the template names its class)", metavar="1=NAME,2=NAME")
+    test_images: Path | None = option(None, "with --images: a folder of scans to evaluate the model on (needs "
+                                      "--test-labels, files named like their images)", type=Path, metavar="DIR")
+    test_labels: Path | None = option(None, "with --test-images: their labels", type=Path, metavar="DIR")
     output: Path = option(help="work folder: every stage's output, report.json and pictures",
                           flags=("-o", "--output"), type=Path, metavar="WORK", neutral=True)
     preset: str = option("cpu", "quick: tests (3 unlabeled, 2 test cases, 1 round, seconds of training); "
@@ -100,7 +114,8 @@ class RunSettings(ComputeOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        self.input, self.split, self.output = Path(self.input), Path(self.split), Path(self.output)
+        self.output = Path(self.output)
+        self._check_input_kind()
         preset = RUN_PRESETS.get(self.preset)
         if preset is None:
             raise InputError(f"--preset {self.preset}: choose one of {', '.join(RUN_PRESETS)}")
@@ -117,6 +132,43 @@ class RunSettings(ComputeOptions):
         check_range("k", self.k, 1)
         check_range("quantile", self.quantile, 0.0, 1.0, hi_open=True)
         check_range("budget_minutes", self.budget_minutes, 0.0, lo_open=True)
+
+    def _check_input_kind(self) -> None:
+        """Either ``-i DATASET --split FILE`` or ``--images DIR --template-image FILE --template-label
+        FILE``; with the latter, ``input`` / ``split`` become ``WORK/dataset`` and its split."""
+        from .folder_input import DATASET
+
+        for key in ("input", "split", "images", "template_image", "template_label", "test_images", "test_labels"):
+            if getattr(self, key) is not None:
+                setattr(self, key, Path(getattr(self, key)))
+        if self.images is None:
+            extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels")
+                     if getattr(self, k) is not None]
+            if extra:
+                raise InputError(f"--{extra[0].replace('_', '-')} goes with --images DIR")
+            if self.input is None or self.split is None:
+                raise InputError("give -i DATASET and --split FILE, or --images DIR with --template-image FILE "
+                                 "and --template-label FILE")
+            return
+        derived = self.output / DATASET
+        if self.input not in (None, derived) or self.split not in (None, derived / "splits.json"):
+            raise InputError("--images replaces -i and --split: give one or the other")
+        if self.template_image is None:
+            raise InputError("--images needs --template-image FILE (the labelled scan) and --template-label FILE")
+        if self.template_label is None:
+            raise InputError(f"--template-image {self.template_image}: needs its label, --template-label FILE")
+        self.input, self.split = derived, derived / "splits.json"
+
+    @property
+    def folder_input(self):
+        """The plain-folder inputs (a :class:`semisam_o1.folder_input.FolderInput`), or None with -i."""
+        if self.images is None:
+            return None
+        from .folder_input import FolderInput
+
+        return FolderInput(images=self.images, template_image=self.template_image,
+                           template_label=self.template_label, labels=self.labels,
+                           test_images=self.test_images, test_labels=self.test_labels)
 
     @property
     def unet(self) -> str:
@@ -412,6 +464,10 @@ def run(settings: RunSettings) -> dict:
     s = settings
     work = check_output_dir(s.output, "work folder")
     resolve_device(s.device)  # --device cuda without a GPU: refused before anything is written
+    if s.folder_input is not None:  # a plain folder: checked, then written as WORK/dataset
+        from .folder_input import materialise
+
+        materialise(s.folder_input, work)
     dataset = Dataset(s.input)
     cohort = case_lists(dataset, s)
     check_settings(work, s)
@@ -423,7 +479,9 @@ def run(settings: RunSettings) -> dict:
         feats = _encode(stages, s, cohort, work)
         rule = _propagate(stages, s, cohort, work, feats)
         selected = _rounds(dataset, stages, s, cohort, feats, rule, plan)
-        return _report(dataset, stages, s, cohort, rule, selected)
+        report = _report(dataset, stages, s, cohort, rule, selected)
+        _final(dataset, stages, s, cohort, rule)
+        return report
 
 
 def _report(dataset, stages: Stages, s: RunSettings, cohort: Cohort, rule: Path | None,
@@ -446,5 +504,22 @@ def _report_config(s: RunSettings) -> dict:
     return dict(as_dict(s), unet=s.unet)
 
 
+def _final(dataset, stages: Stages, s: RunSettings, cohort: Cohort, rule: Path | None) -> None:
+    """``WORK/final``: the kept round's labels under the images' own names, the model bundle,
+    the per-case quality table and the report page (:mod:`semisam_o1.bundle`)."""
+    from .bundle import write_final
+    from .rounds import choose_round
+
+    r, reason = choose_round(stages.work, s.rounds)
+    out = write_final(stages.work, dataset, template=cohort.template, unlabeled=cohort.unlabeled, round_=r,
+                      reason=reason, rule=rule, settings=_report_config(s))
+    print(f"[run] final: round {r} ({reason}) -> {out}", flush=True)
+
+
 SETTINGS = RunSettings
 STAGE = run
+
+
+from .api import make_callable as _make_callable  # noqa: E402
+
+_make_callable(__name__, "run")
