@@ -83,9 +83,37 @@ inline float inv_norm_from_sumsq(float sumsq, const void* row, DType dt, int64_t
     return static_cast<float>(1.0 / n);
 }
 
-// CPU dispatch: true when AVX2 + FMA + F16C are usable (checked once).
+// ---- CPU dispatch (isa.cpp) ----------------------------------------------------------
+// The instruction-set paths of the CPU kernels, in increasing order:
+//   Scalar  portable C++ (any CPU)
+//   AVX2    AVX2 + FMA + F16C (256-bit)
+//   AVX512  AVX-512 F/BW/VL/DQ + FMA + F16C (512-bit registers; float16 widened with
+//           vcvtph2ps on zmm); the kNN vote and prototype similarity have one.
+// Every path accumulates in float32. The AVX code is compiled with target attributes, so
+// the module runs on any x86-64-v2 CPU; which path runs is decided at call time.
+enum class Isa : int { Scalar = 0, AVX2 = 1, AVX512 = 2 };
+
+// Target attribute of the AVX-512 functions (x86 only; never inlined into other code).
+#define SEMISAM_AVX512 \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+const char* isa_name(Isa isa);
+// Parses "scalar" | "avx2" | "avx512" (also "generic" = scalar); false if unknown.
+bool parse_isa(const char* name, Isa* out);
+// True when this CPU (and OS) can run `isa` (detected once).
+bool cpu_supports(Isa isa);
+// The path the kernels use now: the override set by set_isa_override() if any, else the
+// environment variable SEMISAM_ISA (read at every call: scalar|avx2|avx512|auto; a path
+// the CPU lacks falls back to the best one it has; an unknown value throws
+// std::invalid_argument), else the best path the CPU supports.
+Isa active_isa();
+// Process-wide override; `on` false clears it (back to SEMISAM_ISA / detection).
+// Throws std::invalid_argument when the CPU cannot run `isa`.
+void set_isa_override(bool on, Isa isa = Isa::Scalar);
+
+// Back-compatible helpers: active_isa() >= AVX2; force_generic_kernels(true) is
+// set_isa_override(true, Scalar), (false) clears the override.
 bool cpu_has_avx2_fma_f16c();
-// Testing aid: force the portable (non-AVX2) code paths.
 void force_generic_kernels(bool on);
 
 }  // namespace semisam

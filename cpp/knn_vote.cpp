@@ -10,9 +10,15 @@
 //   for each bank super-block of kSuperRows rows: normalise + transpose it into panels
 //   of NR rows (panel[c][r]), then for sub-chunks of kSubQueries queries (L2 resident),
 //   for each panel (L1 resident), for each MR-query tile: an MR x NR register-blocked
-//   micro-kernel (AVX2/FMA: 12 ymm accumulators) over all C, and a streaming top-k
-//   update (vector compare against each query's current k-th best; a binary heap only
-//   when a candidate beats it).
+//   micro-kernel over all C, and a streaming top-k update (vector compare against each
+//   query's current k-th best; a binary heap only when a candidate beats it).
+// Paths (chosen per call by active_isa(), isa.cpp):
+//   AVX-512  MR 14 x NR 32 (28 zmm accumulators, broadcasts from queries packed 14-wide,
+//            so one contiguous stream), float16 widened with vcvtph2ps on zmm, C tails by
+//            masked loads;
+//   AVX2     MR 6 x NR 16 (12 ymm accumulators), queries row-major;
+//   scalar   the same tiles as AVX2 in portable C++.
+// All paths accumulate every dot product in float32, c = 0..C-1 in order.
 // Memory: O(Q*k) for the heaps and results + O(threads * block) buffers; the Q x N
 // similarity matrix is never formed.
 #include <immintrin.h>
@@ -30,13 +36,16 @@ namespace semisam {
 
 namespace {
 
-constexpr int MR = 6;                      // queries per micro-kernel tile
+constexpr int MR = 6;                      // queries per micro-kernel tile (AVX2, scalar)
 constexpr int NR = 16;                     // bank rows per micro-kernel tile (2 x ymm)
-constexpr int64_t kSuperRows = 2048;       // bank rows packed at a time (multiple of NR)
 constexpr int64_t kSubQueries = 192;       // queries per L2-resident sub-chunk (multiple of MR)
+constexpr int MR5 = 14;                    // queries per tile, AVX-512 (14 x 2 zmm accumulators)
+constexpr int NR5 = 32;                    // bank rows per tile, AVX-512 (2 x zmm)
+constexpr int64_t kSubQueries5 = 14 * MR5; // AVX-512 sub-chunk (196 queries, 196 KiB at C=256)
+constexpr int64_t kSuperRows = 2048;       // bank rows packed at a time (multiple of NR, NR5)
 constexpr int64_t kMaxItemQueries = 4096;  // queries per work item
 
-// Aligned float buffer (32-byte alignment for the packed panels).
+// Aligned float buffer (64-byte alignment: the packed panels are read with aligned zmm/ymm loads).
 struct FBuf {
     float* p = nullptr;
     size_t n = 0;
@@ -164,27 +173,71 @@ __attribute__((target("avx2,fma,f16c"))) void normalise_rows_avx2(const void* sr
 }
 #endif
 
-void normalise_rows(bool fast, const void* src, DType dt, int64_t C, int64_t r0, int64_t r1,
+#if defined(__x86_64__) || defined(__i386__)
+// 16 lanes of row c.. (float16 widened by vcvtph2ps zmm); `tail` masks a partial load.
+SEMISAM_AVX512 inline __m512 load16(const char* row, DType dt, int64_t c, __mmask16 tail) {
+    if (dt == DType::F16) {
+        const uint16_t* h = reinterpret_cast<const uint16_t*>(row) + c;
+        return _mm512_cvtph_ps(tail == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h))
+                                              : _mm256_maskz_loadu_epi16(tail, h));
+    }
+    const float* f = reinterpret_cast<const float*>(row) + c;
+    return tail == 0xFFFF ? _mm512_loadu_ps(f) : _mm512_maskz_loadu_ps(tail, f);
+}
+
+SEMISAM_AVX512 void normalise_rows_avx512(const void* src, DType dt, int64_t C, int64_t r0,
+                                          int64_t r1, float* dst, int64_t ld) {
+    const size_t esz = dt == DType::F16 ? 2 : 4;
+    const int64_t C16 = C & ~int64_t(15);
+    const __mmask16 tail = static_cast<__mmask16>((1u << (C - C16)) - 1u);
+    for (int64_t r = r0; r < r1; ++r) {
+        const char* row = static_cast<const char*>(src) + static_cast<size_t>(r * C) * esz;
+        float* d = dst + (r - r0) * ld;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C16; c += 16) {
+            const __m512 x = load16(row, dt, c, 0xFFFF);
+            _mm512_storeu_ps(d + c, x);
+            acc = _mm512_fmadd_ps(x, x, acc);
+        }
+        if (tail) {
+            const __m512 x = load16(row, dt, C16, tail);
+            _mm512_mask_storeu_ps(d + C16, tail, x);
+            acc = _mm512_fmadd_ps(x, x, acc);
+        }
+        const __m512 inv = _mm512_set1_ps(inv_norm_from_sumsq(_mm512_reduce_add_ps(acc), row, dt, C));
+        for (int64_t c = 0; c < C16; c += 16)
+            _mm512_storeu_ps(d + c, _mm512_mul_ps(_mm512_loadu_ps(d + c), inv));
+        if (tail)
+            _mm512_mask_storeu_ps(d + C16, tail,
+                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, d + C16), inv));
+    }
+}
+#endif
+
+void normalise_rows(Isa isa, const void* src, DType dt, int64_t C, int64_t r0, int64_t r1,
                     float* dst, int64_t ld) {
 #if defined(__x86_64__) || defined(__i386__)
-    if (fast) return normalise_rows_avx2(src, dt, C, r0, r1, dst, ld);
+    if (isa == Isa::AVX512) return normalise_rows_avx512(src, dt, C, r0, r1, dst, ld);
+    if (isa == Isa::AVX2) return normalise_rows_avx2(src, dt, C, r0, r1, dst, ld);
 #endif
     normalise_rows_generic(src, dt, C, r0, r1, dst, ld);
 }
 
-// Transposes normalised rows tmp (rows x C, row-major) into NR-row panels:
-// panel p holds element (r, c) at [p * C * NR + c * NR + r]; missing rows are zero.
+// Transposes normalised rows tmp (rows x C, row-major) into W-row panels:
+// panel p holds element (r, c) at [p * C * W + c * W + r]; missing rows are zero.
+// (W = NR for the bank; the AVX-512 path also packs its queries this way with W = MR5.)
+template <int W>
 void pack_panels(const float* tmp, int64_t rows, int64_t C, float* panels) {
-    const int64_t np = (rows + NR - 1) / NR;
+    const int64_t np = (rows + W - 1) / W;
     for (int64_t p = 0; p < np; ++p) {
-        float* dst = panels + p * C * NR;
-        const int64_t nr = std::min<int64_t>(NR, rows - p * NR);
+        float* dst = panels + p * C * W;
+        const int64_t nr = std::min<int64_t>(W, rows - p * W);
         for (int64_t r = 0; r < nr; ++r) {
-            const float* s = tmp + (p * NR + r) * C;
-            for (int64_t c = 0; c < C; ++c) dst[c * NR + r] = s[c];
+            const float* s = tmp + (p * W + r) * C;
+            for (int64_t c = 0; c < C; ++c) dst[c * W + r] = s[c];
         }
-        for (int64_t r = nr; r < NR; ++r)
-            for (int64_t c = 0; c < C; ++c) dst[c * NR + r] = 0.f;
+        for (int64_t r = nr; r < W; ++r)
+            for (int64_t c = 0; c < C; ++c) dst[c * W + r] = 0.f;
     }
 }
 
@@ -277,10 +330,51 @@ __attribute__((target("avx2,fma,f16c"))) inline unsigned micro_avx2(
 }
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+// AVX-512 tile: 14 queries (packed: qp[c * MR5 + m]) x 32 bank rows (panel[c * NR5 + n]).
+// 28 zmm accumulators + 2 bank vectors + 1 broadcast = 31 of the 32 registers. The tile is
+// stored to `out` only when some row beats its threshold (rare once the heaps are full).
+SEMISAM_AVX512 inline unsigned micro_avx512(const float* qp, const float* panel, int64_t C,
+                                            const float* thr, float out[MR5][NR5]) {
+    __m512 acc0[MR5], acc1[MR5];
+#pragma GCC unroll 14
+    for (int m = 0; m < MR5; ++m) {
+        acc0[m] = _mm512_setzero_ps();
+        acc1[m] = _mm512_setzero_ps();
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const __m512 b0 = _mm512_load_ps(panel + c * NR5);
+        const __m512 b1 = _mm512_load_ps(panel + c * NR5 + 16);
+        const float* a = qp + c * MR5;
+#pragma GCC unroll 14
+        for (int m = 0; m < MR5; ++m) {
+            const __m512 av = _mm512_set1_ps(a[m]);
+            acc0[m] = _mm512_fmadd_ps(av, b0, acc0[m]);
+            acc1[m] = _mm512_fmadd_ps(av, b1, acc1[m]);
+        }
+    }
+    unsigned mask = 0;
+#pragma GCC unroll 14
+    for (int m = 0; m < MR5; ++m) {
+        const __m512 t = _mm512_set1_ps(thr[m]);
+        const unsigned hit = static_cast<unsigned>(_mm512_cmp_ps_mask(acc0[m], t, _CMP_GT_OQ)) |
+                             static_cast<unsigned>(_mm512_cmp_ps_mask(acc1[m], t, _CMP_GT_OQ));
+        mask |= (hit != 0u ? 1u : 0u) << m;
+    }
+    if (mask) {
+#pragma GCC unroll 14
+        for (int m = 0; m < MR5; ++m) {
+            _mm512_storeu_ps(out[m], acc0[m]);
+            _mm512_storeu_ps(out[m] + 16, acc1[m]);
+        }
+    }
+    return mask;
+}
+#endif
 
 // Streams one packed bank super-block past the work item's queries, updating the heaps.
 struct Scan {
-    const float* qb;  // normalised queries (nq_pad, C)
+    const float* qb;  // normalised queries (nq_pad, C); AVX-512: packed in MR5-row panels
     int64_t nq, nq_pad, C;
     const float* panels;
     int64_t b0, nb;  // super-block rows [b0, b0 + nb)
@@ -329,6 +423,38 @@ __attribute__((always_inline)) inline void scan_impl(const Scan& a) {
 void scan_generic(const Scan& a) { scan_impl<false>(a); }
 #if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2,fma,f16c"))) void scan_avx2(const Scan& a) { scan_impl<true>(a); }
+
+// The AVX-512 scan: the same loop nest with 14 x 32 tiles (queries in MR5-row panels).
+SEMISAM_AVX512 void scan_avx512(const Scan& a) {
+    alignas(64) float tile[MR5][NR5];
+    const int64_t C = a.C;
+    const int64_t npanels = (a.nb + NR5 - 1) / NR5;
+    for (int64_t s0 = 0; s0 < a.nq_pad; s0 += kSubQueries5) {
+        const int64_t s1 = std::min(a.nq_pad, s0 + kSubQueries5);
+        for (int64_t p = 0; p < npanels; ++p) {
+            const float* panel = a.panels + p * C * NR5;
+            const int64_t j0 = a.b0 + p * NR5;
+            const int valid = static_cast<int>(std::min<int64_t>(NR5, a.b0 + a.nb - j0));
+            for (int64_t t = s0; t < s1; t += MR5) {
+                unsigned rows = micro_avx512(a.qb + t * C, panel, C, a.thr + t, tile);
+                while (rows) {
+                    const int m = __builtin_ctz(rows);
+                    rows &= rows - 1;
+                    const int64_t q = t + m;
+                    float th = a.thr[q];
+                    TopK& h = a.heaps[q];
+                    for (int n = 0; n < valid; ++n) {
+                        if (tile[m][n] > th) {
+                            h.push(tile[m][n], j0 + n);
+                            th = h.threshold();
+                        }
+                    }
+                    a.thr[q] = th;
+                }
+            }
+        }
+    }
+}
 #endif
 
 }  // namespace
@@ -378,12 +504,15 @@ void knn_vote_cpu(const void* queries, DType qdt, int64_t Q, const void* bank, D
                   float* topk_sim, int threads) {
     if (Q <= 0) return;
     const int nt = resolve_threads(threads);
-    const bool fast = cpu_has_avx2_fma_f16c();
+    const Isa isa = active_isa();
+    const bool wide = isa == Isa::AVX512;
+    const int mr = wide ? MR5 : MR;  // tile shape of the chosen path
+    const int nr = wide ? NR5 : NR;
     // Work items: at least one per thread, at most kMaxItemQueries queries each.
     int64_t items = std::max<int64_t>(1, (Q + kMaxItemQueries - 1) / kMaxItemQueries);
     items = ((items + nt - 1) / nt) * nt;
     int64_t per_item = (Q + items - 1) / items;
-    per_item = std::max<int64_t>(MR, ((per_item + MR - 1) / MR) * MR);
+    per_item = std::max<int64_t>(mr, ((per_item + mr - 1) / mr) * mr);
     items = (Q + per_item - 1) / per_item;
 
     // Heap storage for every query: O(Q * k). When the caller wants the top-k we keep
@@ -403,7 +532,7 @@ void knn_vote_cpu(const void* queries, DType qdt, int64_t Q, const void* bank, D
 
     const int64_t workers = std::min<int64_t>(nt, items);
     struct Scratch {
-        FBuf qbuf, tmp, panels;
+        FBuf qbuf, qpack, tmp, panels;
     };
     std::vector<Scratch> scratch(static_cast<size_t>(workers));
 
@@ -412,11 +541,16 @@ void knn_vote_cpu(const void* queries, DType qdt, int64_t Q, const void* bank, D
         const int64_t q0 = item * per_item;
         const int64_t q1 = std::min(Q, q0 + per_item);
         const int64_t nq = q1 - q0;
-        const int64_t nq_pad = ((nq + MR - 1) / MR) * MR;
+        const int64_t nq_pad = ((nq + mr - 1) / mr) * mr;
         sc.qbuf.resize(static_cast<size_t>(nq_pad * C));
         float* qb = sc.qbuf.p;
-        normalise_rows(fast, queries, qdt, C, q0, q1, qb, C);
+        normalise_rows(isa, queries, qdt, C, q0, q1, qb, C);
         std::fill(qb + nq * C, qb + nq_pad * C, 0.f);
+        if (wide) {  // MR5-row panels: the micro-kernel's broadcasts read one stream
+            sc.qpack.resize(static_cast<size_t>(nq_pad * C));
+            pack_panels<MR5>(qb, nq_pad, C, sc.qpack.p);
+            qb = sc.qpack.p;
+        }
 
         std::vector<TopK> heaps;
         heaps.reserve(static_cast<size_t>(nq));
@@ -424,16 +558,23 @@ void knn_vote_cpu(const void* queries, DType qdt, int64_t Q, const void* bank, D
         std::vector<float> thr(static_cast<size_t>(nq_pad), std::numeric_limits<float>::infinity());
         for (int64_t a = 0; a < nq; ++a) thr[a] = heaps[a].threshold();
 
-        const int64_t super = std::min<int64_t>(kSuperRows, ((N + NR - 1) / NR) * NR);
+        const int64_t super = std::min<int64_t>(kSuperRows, ((N + nr - 1) / nr) * nr);
         sc.tmp.resize(static_cast<size_t>(super * C));
         sc.panels.resize(static_cast<size_t>(super * C));
         for (int64_t b0 = 0; b0 < N; b0 += super) {
             const int64_t nb = std::min(super, N - b0);
-            normalise_rows(fast, bank, bdt, C, b0, b0 + nb, sc.tmp.p, C);
-            pack_panels(sc.tmp.p, nb, C, sc.panels.p);
+            normalise_rows(isa, bank, bdt, C, b0, b0 + nb, sc.tmp.p, C);
+            if (wide)
+                pack_panels<NR5>(sc.tmp.p, nb, C, sc.panels.p);
+            else
+                pack_panels<NR>(sc.tmp.p, nb, C, sc.panels.p);
             const Scan sc_args{qb, nq, nq_pad, C, sc.panels.p, b0, nb, thr.data(), heaps.data()};
 #if defined(__x86_64__) || defined(__i386__)
-            if (fast) {
+            if (isa == Isa::AVX512) {
+                scan_avx512(sc_args);
+                continue;
+            }
+            if (isa == Isa::AVX2) {
                 scan_avx2(sc_args);
                 continue;
             }

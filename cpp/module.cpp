@@ -144,8 +144,37 @@ PYBIND11_MODULE(_core, m) {
           "return_topk=False, label_weights=None (L,) float32) -> (labels (Q,) int32, share "
           "(Q,) float32[, topk_index (Q,k) int64, topk_sim (Q,k) float32])");
     m.def("has_avx2", &semisam::cpu_has_avx2_fma_f16c,
-          "True when the AVX2/FMA/F16C kernels are used on this CPU");
+          "True when the active path is AVX2 or AVX-512 (see isa())");
     m.def("_force_generic", &semisam::force_generic_kernels, py::arg("on"),
-          "Testing aid: use the portable scalar kernels even when AVX2 is available.");
+          "Testing aid: _force_generic(True) is set_isa('scalar'), (False) set_isa('auto').");
+    m.def(
+        "isa", []() { return std::string(semisam::isa_name(semisam::active_isa())); },
+        "The instruction-set path the CPU kernels use now: 'avx512', 'avx2' or 'scalar' "
+        "(set_isa() override, else the SEMISAM_ISA environment variable read at every call, "
+        "else the best path this CPU supports).");
+    m.def(
+        "supported_isas",
+        []() {
+            py::list out;
+            for (auto i : {semisam::Isa::Scalar, semisam::Isa::AVX2, semisam::Isa::AVX512})
+                if (semisam::cpu_supports(i)) out.append(semisam::isa_name(i));
+            return out;
+        },
+        "The paths this CPU can run, e.g. ['scalar', 'avx2', 'avx512'].");
+    m.def(
+        "set_isa",
+        [](const std::string& name) {
+            if (name == "auto") return semisam::set_isa_override(false);
+            semisam::Isa i;
+            if (!semisam::parse_isa(name.c_str(), &i))
+                fail("isa: expected 'auto', 'scalar', 'avx2' or 'avx512', got '" + name + "'");
+            if (!semisam::cpu_supports(i))
+                fail("isa: this CPU cannot run the " + name + " kernels (supported: see "
+                     "supported_isas())");
+            semisam::set_isa_override(true, i);
+        },
+        py::arg("name"),
+        "Force the CPU kernels' path for this process: 'scalar', 'avx2', 'avx512' (ValueError "
+        "if the CPU lacks it), or 'auto' (clear: SEMISAM_ISA, else the best supported).");
     m.attr("__version__") = "0.1.0";
 }

@@ -1,6 +1,7 @@
 // Prototype similarity: cosine scores of N feature rows against K class prototypes,
 // plus the argmax label. Memory bound (one pass over the features); float16 rows are
-// widened with F16C and accumulated in float32 with AVX2/FMA when the CPU has them.
+// widened (F16C / vcvtph2ps) and accumulated in float32 with AVX2/FMA or AVX-512 (the
+// path active_isa() picks at call time, isa.cpp).
 #include <immintrin.h>
 
 #include <vector>
@@ -8,21 +9,6 @@
 #include "kernels.hpp"
 
 namespace semisam {
-
-static std::atomic<bool> g_force_generic{false};
-
-void force_generic_kernels(bool on) { g_force_generic.store(on); }
-
-bool cpu_has_avx2_fma_f16c() {
-    if (g_force_generic.load(std::memory_order_relaxed)) return false;
-#if defined(__x86_64__) || defined(__i386__)
-    static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c");
-    return ok;
-#else
-    return false;
-#endif
-}
 
 namespace {
 
@@ -140,6 +126,77 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const void* feat, int64_
         labels[r] = best;
     }
 }
+
+// AVX-512: the same computation 16 lanes wide; the C tail by masked loads (no scalar tail).
+template <DType FDT>
+SEMISAM_AVX512 inline __m512 load16(const void* row, int64_t c, __mmask16 m) {
+    if constexpr (FDT == DType::F16) {
+        const uint16_t* h = static_cast<const uint16_t*>(row) + c;
+        return _mm512_cvtph_ps(m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h))
+                                           : _mm256_maskz_loadu_epi16(m, h));
+    } else {
+        const float* f = static_cast<const float*>(row) + c;
+        return m == 0xFFFF ? _mm512_loadu_ps(f) : _mm512_maskz_loadu_ps(m, f);
+    }
+}
+
+template <DType FDT, int G>
+SEMISAM_AVX512 inline void row_group512(const void* row, int64_t C, const float* P, int64_t p0,
+                                        bool want_norm, float* dots, float* sumsq) {
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    __m512 accn = _mm512_setzero_ps();
+    const int64_t C16 = C & ~int64_t(15);
+    for (int64_t c = 0; c < C16; c += 16) {
+        const __m512 x = load16<FDT>(row, c, 0xFFFF);
+        if (want_norm) accn = _mm512_fmadd_ps(x, x, accn);
+        for (int g = 0; g < G; ++g)
+            acc[g] = _mm512_fmadd_ps(x, _mm512_loadu_ps(P + (p0 + g) * C + c), acc[g]);
+    }
+    if (C16 < C) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (C - C16)) - 1u);
+        const __m512 x = load16<FDT>(row, C16, m);
+        if (want_norm) accn = _mm512_fmadd_ps(x, x, accn);
+        for (int g = 0; g < G; ++g)
+            acc[g] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, P + (p0 + g) * C + C16), acc[g]);
+    }
+    for (int g = 0; g < G; ++g) dots[g] = _mm512_reduce_add_ps(acc[g]);
+    if (want_norm) *sumsq = _mm512_reduce_add_ps(accn);
+}
+
+template <DType FDT>
+SEMISAM_AVX512 void rows_avx512(const void* feat, int64_t r0, int64_t r1, int64_t C,
+                                const float* P, int64_t K, float* scores, int32_t* labels) {
+    const size_t esz = FDT == DType::F16 ? 2 : 4;
+    float dots[kGroup];
+    for (int64_t r = r0; r < r1; ++r) {
+        const void* row = static_cast<const char*>(feat) + static_cast<size_t>(r * C) * esz;
+        float* out = scores + r * K;
+        float ss = 0.f;
+        for (int64_t p0 = 0; p0 < K; p0 += kGroup) {
+            const int64_t g = std::min<int64_t>(kGroup, K - p0);
+            const bool first = p0 == 0;
+            switch (g) {
+                case 8: row_group512<FDT, 8>(row, C, P, p0, first, dots, &ss); break;
+                case 7: row_group512<FDT, 7>(row, C, P, p0, first, dots, &ss); break;
+                case 6: row_group512<FDT, 6>(row, C, P, p0, first, dots, &ss); break;
+                case 5: row_group512<FDT, 5>(row, C, P, p0, first, dots, &ss); break;
+                case 4: row_group512<FDT, 4>(row, C, P, p0, first, dots, &ss); break;
+                case 3: row_group512<FDT, 3>(row, C, P, p0, first, dots, &ss); break;
+                case 2: row_group512<FDT, 2>(row, C, P, p0, first, dots, &ss); break;
+                default: row_group512<FDT, 1>(row, C, P, p0, first, dots, &ss); break;
+            }
+            for (int64_t i = 0; i < g; ++i) out[p0 + i] = dots[i];
+        }
+        const float inv = inv_norm_from_sumsq(ss, row, FDT, C);
+        int32_t best = 0;
+        for (int64_t p = 0; p < K; ++p) {
+            out[p] *= inv;
+            if (out[p] > out[best]) best = static_cast<int32_t>(p);
+        }
+        labels[r] = best;
+    }
+}
 #endif
 
 }  // namespace
@@ -163,12 +220,19 @@ void prototype_similarity_cpu(const void* features, DType fdt, int64_t N, int64_
             P[p * C + c] = static_cast<float>(load_elem(prow, pdt, c) * inv);
     }
     const int64_t items = (N + kRowsPerItem - 1) / kRowsPerItem;
-    const bool fast = cpu_has_avx2_fma_f16c();
+    const Isa isa = active_isa();
     parallel_items(items, resolve_threads(threads), [&](int64_t item, int) {
         const int64_t r0 = item * kRowsPerItem;
         const int64_t r1 = std::min(N, r0 + kRowsPerItem);
 #if defined(__x86_64__) || defined(__i386__)
-        if (fast) {
+        if (isa == Isa::AVX512) {
+            if (fdt == DType::F16)
+                rows_avx512<DType::F16>(features, r0, r1, C, P.data(), K, scores, labels);
+            else
+                rows_avx512<DType::F32>(features, r0, r1, C, P.data(), K, scores, labels);
+            return;
+        }
+        if (isa == Isa::AVX2) {
             if (fdt == DType::F16)
                 rows_avx2<DType::F16>(features, r0, r1, C, P.data(), K, scores, labels);
             else

@@ -8,6 +8,10 @@ most similar neighbour, share 0.
 Non-contiguous inputs: the ``semisam_o1.kernels`` wrappers copy them (tested here to
 give the same result); the raw ``_core`` functions raise ValueError naming the argument.
 
+Instruction-set paths: the CPU kernels have a scalar, an AVX2 and an AVX-512 path, picked
+at call time (``_core.isa()``); the ``isa`` fixture forces each one with ``_core.set_isa``
+and runs the reference tests on it, skipping (with the reason) a path this CPU lacks.
+
 CUDA: the kernels' per-thread code is run on the CPU through
 ``_core_cuda._emulate_*`` (needs the CUDA module to be built, not a GPU); the real
 device path runs only where a GPU exists and is skipped with a reason otherwise.
@@ -77,13 +81,37 @@ def rand(rng, shape, dtype=np.float32, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
+# ---- instruction-set paths ------------------------------------------------------------------
+
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+def _force_isa(name):
+    """Forces the CPU kernels' path; pytest.skip (with the reason) where the CPU lacks it."""
+    supported = core.supported_isas()
+    if name not in supported:
+        pytest.skip(f"this CPU cannot run the {name} kernels (it supports {supported})")
+    core.set_isa(name)
+    assert core.isa() == name
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs the test once per instruction-set path (scalar, AVX2, AVX-512)."""
+    _force_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        core.set_isa("auto")
+
+
 # ---- prototype similarity -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fdt", [np.float16, np.float32])
 @pytest.mark.parametrize("pdt", [np.float16, np.float32])
 @pytest.mark.parametrize("C", [256, 37, 3])
-def test_prototype_random(fdt, pdt, C):
+def test_prototype_random(fdt, pdt, C, isa):
     rng = np.random.default_rng(C)
     f = rand(rng, (3001, C), fdt)
     p = rand(rng, (11, C), pdt)  # K=11: one group of 8 + a group of 3
@@ -115,7 +143,7 @@ def test_prototype_threads_and_generic_path_agree():
     np.testing.assert_allclose(sg, ref_prototype(f, p)[0], atol=2e-6)
 
 
-def test_prototype_zero_vectors_ties_and_float16_range():
+def test_prototype_zero_vectors_ties_and_float16_range(isa):
     rng = np.random.default_rng(2)
     C = 40
     f = rand(rng, (20, C), np.float16)
@@ -225,7 +253,7 @@ def check_knn(out, q, b, bl, k, label_weights=None):
 
 @pytest.mark.parametrize("qdt", [np.float16, np.float32])
 @pytest.mark.parametrize("bdt", [np.float16, np.float32])
-def test_knn_random(qdt, bdt):
+def test_knn_random(qdt, bdt, isa):
     rng = np.random.default_rng(10)
     # N crosses the 2048-row bank super-block and is not a multiple of 16; C not of 8
     q = rand(rng, (61, 37), qdt)
@@ -256,7 +284,7 @@ def test_knn_c256_threads_and_generic_path():
     check_knn(og, q, b, bl, 5)
 
 
-def test_knn_large_k_and_k_equals_n():
+def test_knn_large_k_and_k_equals_n(isa):
     rng = np.random.default_rng(12)
     q = rand(rng, (30, 16))
     b = rand(rng, (150, 16))
@@ -268,7 +296,7 @@ def test_knn_large_k_and_k_equals_n():
 
 
 @pytest.mark.parametrize("k", [5, 100])  # k <= 64: vote.hpp's rank-order rule; k > 64: the sort path
-def test_knn_label_weights(k):
+def test_knn_label_weights(k, isa):
     """Per-label vote weights against the float64 reference; weights of 1 = no weights."""
     rng = np.random.default_rng(13)
     q = rand(rng, (80, 24), np.float16)
@@ -296,7 +324,7 @@ def test_knn_label_weights(k):
         kernels.knn_vote(q, b, bl, k, label_weights=np.ones((2, 2)))
 
 
-def test_knn_ties_duplicates_zero_vectors():
+def test_knn_ties_duplicates_zero_vectors(isa):
     C = 8
     e = np.eye(C, dtype=np.float32)
     # bank: rows 0, 2, 3 are the same vector; 1 and 4 other directions
@@ -327,7 +355,7 @@ def test_knn_ties_duplicates_zero_vectors():
     np.testing.assert_allclose(sims[0], [0, 0, -1, -1, -1], atol=1e-6)
 
 
-def test_knn_vote_label_tie_and_weights():
+def test_knn_vote_label_tie_and_weights(isa):
     C = 4
     e = np.eye(C, dtype=np.float32)
     b = np.stack([e[0], e[0], e[0] + e[1], e[0] + e[1]])
@@ -342,7 +370,7 @@ def test_knn_vote_label_tie_and_weights():
     assert lab[0] == 3 and abs(share[0] - 0.5) < 1e-6
 
 
-def test_knn_float16_near_range_and_many_work_items():
+def test_knn_float16_near_range_and_many_work_items(isa):
     rng = np.random.default_rng(13)
     q = (rng.uniform(-1, 1, (700, 256)) * 60000).astype(np.float16)
     b = (rng.uniform(-1, 1, (2100, 256)) * 60000).astype(np.float16)
@@ -403,6 +431,188 @@ def test_knn_empty_queries_and_threads_error():
     assert lab.shape == (0,) and idx.shape == (0, 2)
     with pytest.raises(ValueError, match="threads"):
         kernels.knn_vote(b, b, [0, 1, 2, 3], 1, threads=0)
+
+
+# ---- instruction-set paths: selection, odd shapes, ties at tile boundaries ------------------
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_isa_detection_matches_cpu_flags():
+    supported = core.supported_isas()
+    assert supported[0] == "scalar" and set(supported) <= set(ISAS)
+    assert core.isa() in supported
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags line: cannot cross-check the detection")
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert ("avx2" in supported) == avx2
+    assert ("avx512" in supported) == avx512
+    # with no override and no SEMISAM_ISA the best path the CPU has is used
+    assert core.isa() == supported[-1] or "SEMISAM_ISA" in __import__("os").environ
+    assert core.has_avx2() == (core.isa() != "scalar")
+
+
+def test_isa_override_and_environment(monkeypatch):
+    supported = core.supported_isas()
+    best = supported[-1]
+    monkeypatch.delenv("SEMISAM_ISA", raising=False)
+    try:
+        assert core.isa() == best
+        for name in supported:
+            core.set_isa(name)
+            assert core.isa() == name
+        core.set_isa("auto")
+        assert core.isa() == best
+        with pytest.raises(ValueError, match="isa: expected"):
+            core.set_isa("sse9")
+        for name in set(ISAS) - set(supported):
+            with pytest.raises(ValueError, match=f"cannot run the {name} kernels"):
+                core.set_isa(name)
+        # SEMISAM_ISA is read at every call; set_isa() takes precedence over it
+        monkeypatch.setenv("SEMISAM_ISA", "scalar")
+        assert core.isa() == "scalar" and not core.has_avx2()
+        core.set_isa(best)
+        assert core.isa() == best
+        core.set_isa("auto")
+        assert core.isa() == "scalar"
+        # a path the CPU lacks falls back to the best one it has below it
+        monkeypatch.setenv("SEMISAM_ISA", "avx512")
+        assert core.isa() == ("avx512" if "avx512" in supported else best)
+        monkeypatch.setenv("SEMISAM_ISA", "auto")
+        assert core.isa() == best
+        monkeypatch.setenv("SEMISAM_ISA", "avx3")
+        with pytest.raises(ValueError, match="SEMISAM_ISA: expected scalar, avx2, avx512 or auto"):
+            core.isa()
+        q = np.eye(4, dtype=np.float32)
+        with pytest.raises(ValueError, match="SEMISAM_ISA"):
+            kernels.knn_vote(q, q, [0, 1, 2, 3], 1)
+        # _force_generic (older testing aid) is set_isa('scalar') / set_isa('auto')
+        monkeypatch.delenv("SEMISAM_ISA")
+        core._force_generic(True)
+        assert core.isa() == "scalar"
+        core._force_generic(False)
+        assert core.isa() == best
+    finally:
+        core.set_isa("auto")
+
+
+def test_isa_environment_variable_selects_the_path(monkeypatch):
+    """SEMISAM_ISA=<path> gives exactly the result of set_isa(<path>), for every path."""
+    rng = np.random.default_rng(40)
+    q = rand(rng, (45, 40), np.float16)
+    b = rand(rng, (700, 40), np.float16)
+    bl = rng.integers(0, 3, 700).astype(np.int32)
+    for name in core.supported_isas():
+        core.set_isa(name)
+        try:
+            forced = kernels.knn_vote(q, b, bl, 4, threads=2, return_topk=True)
+        finally:
+            core.set_isa("auto")
+        monkeypatch.setenv("SEMISAM_ISA", name)
+        assert core.isa() == name
+        env = kernels.knn_vote(q, b, bl, 4, threads=2, return_topk=True)
+        for a, c in zip(forced, env):
+            np.testing.assert_array_equal(a, c)
+        check_knn(env, q, b, bl, 4)
+
+
+@pytest.mark.parametrize("bdt", [np.float16, np.float32])
+@pytest.mark.parametrize("C", [17, 37, 256])  # 17, 37: C not a multiple of 16 (masked tails)
+def test_knn_isa_odd_shapes(isa, bdt, C):
+    """Q not a multiple of the tile rows (6 / 14), N not of the bank tile (16 / 32) nor of
+    the 2048-row super-block, k > 1, float16 queries: each path against the reference."""
+    rng = np.random.default_rng(41 + C)
+    Q, N, k = 71, 4133, 6
+    q = rand(rng, (Q, C), np.float16)
+    b = rand(rng, (N, C), bdt)
+    bl = rng.integers(0, 5, N).astype(np.int32)
+    out = kernels.knn_vote(q, b, bl, k, threads=2, return_topk=True)
+    check_knn(out, q, b, bl, k)
+    # label weights on this path too
+    w = np.array([2.0, 0.5, 1.0, 3.0, 0.0], np.float32)
+    out_w = kernels.knn_vote(q, b, bl, k, threads=2, return_topk=True, label_weights=w)
+    check_knn(out_w, q, b, bl, k, label_weights=w)
+    np.testing.assert_array_equal(out_w[2], out[2])  # same neighbours, another vote
+    assert not np.any((out_w[0] == 4) & (out_w[1] > 0))  # weight 0: label 4 never wins
+    # one query, one thread: the padded tile and the partial last bank tile
+    one = kernels.knn_vote(q[:1], b[: N - 3], bl[: N - 3], k, threads=1, return_topk=True)
+    check_knn(one, q[:1], b[: N - 3], bl[: N - 3], k)
+
+
+@pytest.mark.parametrize("bdt", [np.float16, np.float32])
+def test_knn_isa_ties_across_tile_and_block_boundaries(isa, bdt):
+    """Exact duplicates of one bank row placed on both sides of the tile (16, 32) and
+    super-block (2048) boundaries: the top-k keeps the lowest indices, in index order."""
+    rng = np.random.default_rng(42)
+    N, C = 4200, 37
+    b = rand(rng, (N, C), bdt)
+    dup = [5, 15, 16, 31, 32, 47, 2047, 2048, 4127]
+    b[dup] = b[5]
+    bl = rng.integers(0, 4, N).astype(np.int32)
+    q = np.stack([b[5], b[5] * 3, -b[5]]).astype(np.float32)
+    lab, share, idx, sims = kernels.knn_vote(q, b, bl, 8, threads=2, return_topk=True)
+    for i in (0, 1):  # the same direction: 9 exact ties at similarity 1, lowest 8 kept
+        np.testing.assert_array_equal(idx[i], dup[:8])
+        np.testing.assert_allclose(sims[i], 1.0, atol=1e-6)
+        assert (sims[i] == sims[i][0]).all()  # duplicates give bit-identical similarities
+        exp_lab, exp_share = ref_vote(sims[i].astype(np.float64), idx[i], bl)
+        assert lab[i] == exp_lab and abs(share[i] - exp_share) < 1e-6
+    assert not np.isin(idx[2], dup).any()  # the opposite direction: none of them
+    check_knn((lab, share, idx, sims), q, b, bl, 8)
+
+
+def test_knn_isa_paths_agree():
+    """Every supported path on the same C=256 float16 problem: the same neighbours where
+    the similarities are separated, similarities within 1e-6 of each other."""
+    rng = np.random.default_rng(43)
+    q = rand(rng, (150, 256), np.float16)
+    b = rand(rng, (5000, 256), np.float16)
+    bl = rng.integers(0, 3, 5000).astype(np.int32)
+    outs = {}
+    try:
+        for name in core.supported_isas():
+            core.set_isa(name)
+            outs[name] = kernels.knn_vote(q, b, bl, 5, threads=2, return_topk=True)
+    finally:
+        core.set_isa("auto")
+    if len(outs) < 2:
+        pytest.skip("only the scalar path runs on this CPU")
+    ref = outs["scalar"]
+    rl, rs, ridx, rsims, _ = ref_knn(q, b, bl, 5)
+    for name, out in outs.items():
+        np.testing.assert_allclose(out[3], ref[3], atol=1e-6)
+        np.testing.assert_allclose(out[3], rsims, atol=3e-6)
+        same = (out[2] == ridx).all(axis=1)
+        assert same.mean() > 0.97, name
+        np.testing.assert_array_equal(out[0][same], rl[same])
+
+
+def test_prototype_isa_paths(isa):
+    """Prototype similarity on each path: C with a masked tail, K over two groups."""
+    rng = np.random.default_rng(44)
+    for fdt in (np.float16, np.float32):
+        f = rand(rng, (2500, 45), fdt)
+        f[10] = 0
+        p = rand(rng, (10, 45))
+        s, lab = kernels.prototype_similarity(f, p, threads=2)
+        rs, rl = ref_prototype(f, p)
+        np.testing.assert_allclose(s, rs, atol=2e-6)
+        np.testing.assert_array_equal(s[10], 0)
+        assert lab[10] == 0
+        srt = np.sort(rs, axis=1)
+        clear = srt[:, -1] - srt[:, -2] > 1e-5
+        np.testing.assert_array_equal(lab[clear], rl[clear])
 
 
 # ---- CUDA kernels: host emulation of the per-thread code, and the device path ---------------

@@ -1,7 +1,9 @@
 """Hot loops of SemiSAM-O1: prototype similarity and the fused kNN vote.
 
 Both functions run in the C++ core (``semisam_o1._core``: multi-threaded, GIL
-released, AVX2/FMA/F16C when the CPU has them) for host arrays (NumPy arrays,
+released, AVX-512 or AVX2/FMA/F16C when the CPU has them, chosen at call time:
+``_core.isa()`` names the active path, ``_core.set_isa("avx2")`` or the environment
+variable ``SEMISAM_ISA=scalar|avx2|avx512|auto`` forces one) for host arrays (NumPy arrays,
 anything ``numpy.asarray`` accepts, torch CPU tensors), and in the CUDA module
 (``semisam_o1._core_cuda``) for device arrays (CuPy arrays, torch CUDA tensors,
 anything exposing ``__cuda_array_interface__``); results come back on the same
