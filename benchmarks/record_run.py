@@ -1,7 +1,7 @@
 """Record a finished `semisam-o1 run` (its WORK/report.json) in benchmarks/results/quality.json.
 
 Usage:
-    python benchmarks/record_run.py WORK --command "semisam-o1 run ..." [--key semisam_o1_demo]
+    python -m benchmarks.record_run WORK --command "semisam-o1 run ..." [--key semisam_o1_demo]
 
 Writes, under the key (default ``semisam_o1_<preset>``): the command, the configuration,
 per round the pseudo-label Dice on the unlabeled pool (diagnostic) and the test-set
@@ -17,10 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
+from semisam_o1.io import write_json_key
 
-from semisam_o1.io import write_json_key  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
