@@ -78,7 +78,8 @@ class RunSettings(ComputeOptions):
     preset: str = option("cpu", "quick: tests (3 unlabeled, 2 test cases, 1 round, seconds of training); "
                          "demo: 20 unlabeled, 20 test cases, 2 rounds of 500 UNet iterations (under 30 minutes "
                          "on 2 cores); cpu: the whole split, 3 rounds, UNet sized for a CPU; paper: the whole "
-                         "split, GPU-sized UNet", choices=tuple(RUN_PRESETS))
+                         "split, GPU-sized UNet (with --images the cases are every image of DIR and --test-images, whatever "
+                         "the preset)", choices=tuple(RUN_PRESETS))
     rounds: int | None = option(None, "rounds of train / predict / refine (default: the preset's; may grow on a "
                                 "re-run)", type=int, neutral=True)
     max_unlabeled: int | None = option(None, "use only the first N cases of the unlabeled pool", type=int,
@@ -120,6 +121,8 @@ class RunSettings(ComputeOptions):
         if preset is None:
             raise InputError(f"--preset {self.preset}: choose one of {', '.join(RUN_PRESETS)}")
         for key in ("rounds", "max_unlabeled", "max_test", "iterations", "select"):
+            if key in ("max_unlabeled", "max_test") and self.images is not None:
+                continue  # with --images the cohort is every image of the folder
             if getattr(self, key) is None:
                 setattr(self, key, preset[key])
         check_range("rounds", self.rounds, 1)
