@@ -50,7 +50,7 @@ import numpy as np
 
 from . import __version__
 from .encoders import DEFAULT_ENCODER, ENCODERS
-from .errors import InputError, ReportedError
+from .errors import InputError, OutputError, ReportedError
 from .settings import REQUIRED, CaseOptions, ComputeOptions, check_range, command_line, option, select_cases
 from .store import CASES_DIR, CONFIG_FILE, REDUCTION_FILE, UNSIGNED_KEYS, FeatureStore
 
@@ -569,6 +569,8 @@ def _encode_cases(plan: _Plan, job: _Encoding, store: _Store, todo: list, input_
         try:
             mine = first if first is not None and case == plan.reduction_case else None
             n, dt = _encode_one(case, plan, job, store, input_hash, mine)
+        except OutputError:  # a full disk or read-only store: every other case would fail the same way
+            raise
         except InputError as exc:
             msg = str(exc) if case in str(exc) else f"case {case}: {exc}"
             failed[case] = msg

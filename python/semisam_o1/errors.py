@@ -19,3 +19,8 @@ class ReportedError(Exception):
     def __init__(self, message: str, code: int = 2):
         super().__init__(message)
         self.code = int(code)
+
+
+class OutputError(InputError):
+    """An output that could not be written (disk full, read-only file system, no permission):
+    one line naming the file; a stage stops at once instead of trying its other cases."""

@@ -42,7 +42,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 FLOAT_LABEL_TOLERANCE = 1e-3
@@ -102,16 +102,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.replace(tmp_path, path)
     except BaseException as exc:
+        full = is_write_failure(exc, path.parent)
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
-            raise InputError(write_error_message(path, exc)) from None
+        if full:
+            raise OutputError(write_error_message(path, exc)) from None
         raise
 
 
-def write_error_message(path, exc: OSError) -> str:
+def is_write_failure(exc: BaseException, folder: Path) -> bool:
+    """``exc`` is a failed write into ``folder``: an OSError of a full disk, a read-only file system
+    or a refused permission, or any writer's error (numpy's ``tofile`` and ``torch.save`` hide
+    ENOSPC behind their own) raised while the file system has less than 64 KiB left."""
+    if isinstance(exc, (InputError, KeyboardInterrupt)):
+        return False
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return True
+    return isinstance(exc, (OSError, RuntimeError, ValueError)) and _disk_full(folder)
+
+
+def _disk_full(folder: Path) -> bool:
+    """Less than 64 KiB left on the file system of ``folder``."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (64 << 10)
+
+
+def write_error_message(path, exc: BaseException) -> str:
     """One line for an output that could not be written (disk full, read-only, no permission)."""
-    return (f"{path}: cannot write ({exc.strerror or exc}); nothing half-written is left and finished outputs "
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror and exc.errno in _WRITE_ERRNOS else None
+    reason = reason or os.strerror(errno.ENOSPC)  # only full disks reach here without an errno
+    return (f"{path}: cannot write ({reason}); nothing half-written is left and finished outputs "
             "are kept: free space or fix the folder, then run the same command again to resume")
 
 

@@ -365,6 +365,12 @@ def write_case(store_root: str | os.PathLike, case: str, grids: dict, maps: dict
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
+        from .errors import OutputError
+        from .io import is_write_failure, write_error_message
+
+        failed_write = is_write_failure(exc, cases_dir)  # before the temporary folder frees its space
         shutil.rmtree(tmp, ignore_errors=True)
+        if failed_write:
+            raise OutputError(write_error_message(cases_dir / case, exc)) from None
         raise
