@@ -67,7 +67,11 @@ def _flags(f: dataclasses.Field) -> tuple[str, ...]:
 
 
 def _cli_fields(cls) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False)]
+    """The command-line fields of ``cls``: the stage's own and the cases first, --device /
+    --threads / --quiet last (the order of ``--help``)."""
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False)]
+    compute = {"device", "threads", "quiet"}
+    return sorted(fields, key=lambda f: f.name in compute)
 
 
 def add_options(parser: argparse.ArgumentParser, cls) -> None:
