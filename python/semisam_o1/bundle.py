@@ -138,18 +138,20 @@ def _foreground_entropy(pred_dir: Path, case: str, label: np.ndarray) -> float |
     return float(ent[fg].mean(dtype=np.float64)) if fg.any() else float(ent.mean(dtype=np.float64))
 
 
-def quality_rows(work: Path, dataset, unlabeled: list[str], round_: int) -> list[dict]:
+def quality_rows(work: Path, dataset, unlabeled: list[str], round_: int, model_round: int | None = None) -> list[dict]:
     """The label-free quality score of every pool case, lowest agreement first.
 
     Args:
         work: the run's work folder (``round0/pseudo``, ``round{r}/pred``).
         dataset: the run's dataset.
         unlabeled: the pool cases.
-        round_: the kept round (0: no network prediction, agreement None).
+        round_: the round whose labels are kept.
+        model_round: the round whose network is handed back (default ``round_``; 0: no network
+            prediction, agreement None).
 
     Returns:
         one dict per case: ``case``, ``agreement`` (mean foreground Dice of round-0 label vs
-        round ``round_``'s prediction), ``foreground_entropy`` (nats) and, as a diagnostic
+        round ``model_round``'s prediction), ``foreground_entropy`` (nats) and, as a diagnostic
         where the dataset has the case's real label, ``dice_real`` (mean foreground Dice of
         the kept label against it).
     """
@@ -157,13 +159,14 @@ def quality_rows(work: Path, dataset, unlabeled: list[str], round_: int) -> list
     from .metrics import mean_dice
 
     lm = dataset.label_map
+    model_round = round_ if model_round is None else model_round
     rows = []
     for case in unlabeled:
         img = dataset.read_image(case)
         kept = read_label(find_case_file(work / f"round{round_}" / "pseudo", case), lm, reference=img).array
         row = {"case": case, "agreement": None, "foreground_entropy": None, "dice_real": None}
-        if round_ > 0:
-            pred_dir = work / f"round{round_}" / "pred"
+        if model_round > 0:
+            pred_dir = work / f"round{model_round}" / "pred"
             pred = read_label(find_case_file(pred_dir, case, what="prediction"), lm, reference=img).array
             r0 = read_label(find_case_file(work / "round0" / "pseudo", case), lm, reference=img).array
             row["agreement"] = mean_dice(r0, pred, lm.foreground)
@@ -224,8 +227,11 @@ def write_cases_csv(path: Path, rows: list[dict], template: str, labels: dict, s
 
 
 def write_final(work: Path, dataset, *, template: str, unlabeled: list[str], round_: int, reason: str,
-                rule: Path | None, settings: dict) -> Path:
+                rule: Path | None, settings: dict, model_round: int | None = None) -> Path:
     """Write ``WORK/final`` (see the module docstring); returns its path.
+
+    ``round_`` is the round whose pool labels are kept (0: the propagated ones), ``model_round``
+    the round whose network becomes the bundle (default ``round_``; none when both are 0).
 
     Raises:
         InputError: a label or model file of the kept round is missing or unreadable.
@@ -236,17 +242,19 @@ def write_final(work: Path, dataset, *, template: str, unlabeled: list[str], rou
     final = work / "final"
     final.mkdir(parents=True, exist_ok=True)
     labels = write_labels(work, dataset, final, template, unlabeled, round_)
-    if round_ > 0:
-        write_bundle(work / f"round{round_}" / "model", final / "model", rule=rule,
-                     spacing=median_spacing(dataset, [template, *unlabeled]), round_=round_, template=template)
-    rows = quality_rows(work, dataset, unlabeled, round_)
+    model_round = round_ if model_round is None else model_round
+    if model_round > 0:
+        write_bundle(work / f"round{model_round}" / "model", final / "model", rule=rule,
+                     spacing=median_spacing(dataset, [template, *unlabeled]), round_=model_round,
+                     template=template)
+    rows = quality_rows(work, dataset, unlabeled, round_, model_round)
     sources = _sources(dataset, [template, *unlabeled])
     write_cases_csv(final / CASES_CSV, rows, template, labels, sources, final)
     for name in ("report.json", "report_dice_by_round.png", "report_montage.png"):
         if (work / name).is_file():
             _copy(work / name, final / name)
     report = json.loads((work / "report.json").read_text())
-    report["final"] = {"round": round_, "reason": reason, "quality": rows,
+    report["final"] = {"round": round_, "model_round": model_round, "reason": reason, "quality": rows,
                        "labels": {c: p.relative_to(final).as_posix() for c, p in labels.items()}}
     from .io import write_json
 

@@ -103,7 +103,8 @@ def _round_entry(work: Path, dataset: Dataset, r: int, unlabeled: list[str], tim
 
 
 def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list[str], test: list[str],
-                 rounds: int, times: dict, config: dict, selected: list[str] | None = None) -> dict:
+                 rounds: int, times: dict, config: dict, selected: list[str] | None = None,
+                 chosen: tuple[int, int, str] | None = None) -> dict:
     """Assemble ``WORK/report.json`` and the two pictures from the stages' outputs.
 
     Args:
@@ -115,6 +116,8 @@ def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list
         config: the run's settings, recorded as they are.
         selected: the pool cases the rounds after the first trained on (``run --select``),
             or None when every round trained on the whole pool.
+        chosen: ``(labels round, model round, reason)`` of :func:`semisam_o1.rounds.choose_round`
+            (default: the last round for both); ``final_test_metrics`` are the model round's.
 
     Returns:
         the report (also written to ``WORK/report.json``). The pictures are left out
@@ -125,6 +128,7 @@ def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list
     """
     work = Path(work)
     per_round = [_round_entry(work, dataset, r, unlabeled, times) for r in range(rounds + 1)]
+    labels_round, model_round, reason = chosen or (rounds, rounds, "the last round")
     report = {
         "method": "SemiSAM-O1 (Zhang et al., arXiv 2604.24109)",
         "dataset": str(dataset.root),
@@ -133,7 +137,9 @@ def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list
         "n_test": len(test),
         "config": config,
         "rounds": per_round,
-        "final_test_metrics": per_round[-1].get("test_metrics"),
+        "chosen": {"labels_round": labels_round, "model_round": model_round, "reason": reason},
+        "final_test_metrics": per_round[model_round].get("test_metrics"),
+        "final_pool_dice": per_round[labels_round].get("pseudo_label_dice_unlabeled"),
         "selection": None if selected is None else {
             "n_selected": len(selected), "n_unlabeled": len(unlabeled),
             "file": str(work / "round1" / SELECTION_JSON),

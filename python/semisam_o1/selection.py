@@ -36,6 +36,26 @@ from .metrics import mean_dice
 SELECTION_JSON = "selection.json"
 
 
+def label_agreement(dataset: Dataset, a: str | Path, b: str | Path, cases: Sequence[str],
+                    what: tuple[str, str] = ("label", "label")) -> dict[str, float]:
+    """Per case, the mean foreground Dice (:func:`semisam_o1.metrics.mean_dice`) of the label
+    files ``a/<case>`` and ``b/<case>`` (same grid).
+
+    Returns:
+        ``{case: Dice}`` in the order of ``cases`` (``what`` names the two kinds of file in errors).
+
+    Raises:
+        InputError: a missing or unreadable label file (naming it), or grids that differ.
+    """
+    lm = dataset.label_map
+    out = {}
+    for case in cases:
+        la = read_label(find_case_file(a, case, what=what[0]), lm)
+        lb = read_label(find_case_file(b, case, what=what[1]), lm, reference=la)
+        out[case] = float(mean_dice(la.array, lb.array, lm.foreground))
+    return out
+
+
 def select_by_agreement(dataset: Dataset, labels: str | Path, pred: str | Path, cases: Sequence[str],
                         fraction: float, output: str | Path | None = None) -> dict:
     """Rank ``cases`` by the agreement (:func:`semisam_o1.metrics.mean_dice` over the foreground
@@ -62,12 +82,7 @@ def select_by_agreement(dataset: Dataset, labels: str | Path, pred: str | Path, 
         raise InputError(f"--select {fraction}: must be in (0, 1]")
     if not cases:
         raise InputError("case selection: no pool cases")
-    lm = dataset.label_map
-    agreement = {}
-    for case in cases:
-        lab = read_label(find_case_file(labels, case, what="pseudo-label"), lm)
-        prd = read_label(find_case_file(pred, case, what="prediction"), lm, reference=lab)
-        agreement[case] = mean_dice(lab.array, prd.array, lm.foreground)
+    agreement = label_agreement(dataset, labels, pred, cases, what=("pseudo-label", "prediction"))
     order = sorted(range(len(cases)), key=lambda i: (-agreement[cases[i]], i))
     n_keep = max(1, math.ceil(float(fraction) * len(cases) - 1e-9))
     selected = [cases[i] for i in order[:n_keep]]
