@@ -219,27 +219,6 @@ def case_lists(dataset, settings: RunSettings) -> Cohort:
     return Cohort(template, unlabeled, test)
 
 
-def check_inputs(dataset, cohort: Cohort, quiet: bool = False) -> None:
-    """Before anything is written: the template's label against its image (non-empty, declared
-    classes only, same grid), then every other case's image read in full (readable, 3D, finite
-    voxels), so a bad file stops the run at once instead of after hours of encoding.
-
-    Raises:
-        InputError: naming the first bad file and its problem.
-    """
-    import numpy as np
-
-    from .io import read_image
-    from .progress import progress
-
-    image = dataset.read_image(cohort.template)
-    label = dataset.read_label(cohort.template, reference=image)
-    if not np.any(label.array > 0):
-        raise InputError(f"{dataset.label_path(cohort.template)}: the template's label has no foreground voxel")
-    for case in progress(cohort.unlabeled + cohort.test, quiet=quiet, desc="check inputs"):
-        read_image(dataset.image_path(case))
-
-
 def check_settings(work: Path, settings: RunSettings) -> None:
     """Refuse to resume ``work`` with settings that differ from the ones it was started with
     (``rounds`` may differ: later rounds only add stages). InputError naming the file."""
@@ -463,6 +442,7 @@ def run(settings: RunSettings) -> dict:
     from .device import resolve_device
     from .io import Dataset
     from .resume import FolderLock, check_output_dir
+    from .validate import validate_run
 
     s = settings
     work = check_output_dir(s.output, "work folder")
@@ -474,7 +454,8 @@ def run(settings: RunSettings) -> dict:
     dataset = Dataset(s.input)
     cohort = case_lists(dataset, s)
     check_settings(work, s)
-    check_inputs(dataset, cohort, quiet=s.quiet)
+    validate_run(dataset, cohort.template, cohort.unlabeled, cohort.test, work, rounds=s.rounds,
+                 quiet=s.quiet)
     with FolderLock(work):
         stages = Stages(work, s)
         stages.save()
