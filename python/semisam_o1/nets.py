@@ -150,6 +150,43 @@ def normalise(array: np.ndarray, params: dict | None = None) -> np.ndarray:
     return ((a - mean) / std).astype(np.float32)
 
 
+def working_shape(shape, spacing, working_spacing) -> tuple[int, int, int]:
+    """The voxel shape of a volume of ``shape`` voxels at ``spacing`` mm resampled to
+    ``working_spacing`` mm (the same physical extent; at least 1 voxel per axis)."""
+    return tuple(max(1, int(round(n * s / w))) for n, s, w in zip(shape, spacing, working_spacing))
+
+
+def resample(array: np.ndarray, shape, mode: str) -> np.ndarray:
+    """Resample (C, X, Y, Z) channels to (C, *shape) with MONAI's ``Resize`` (voxel centres of
+    the two grids aligned, ``align_corners=False``; shrinking by 2 with ``trilinear`` averages each
+    pair of voxels per axis; no Gaussian anti-aliasing, whose zero padding darkens the borders).
+
+    Args:
+        array: (C, X, Y, Z) float array (images, one-hot labels or probabilities).
+        shape: the (X, Y, Z) output shape.
+        mode: ``trilinear`` (images, probabilities) or ``nearest-exact``.
+
+    Returns:
+        (C, *shape) float32.
+    """
+    from monai.transforms import Resize
+
+    if tuple(array.shape[1:]) == tuple(shape):
+        return np.asarray(array, np.float32)
+    out = Resize(spatial_size=tuple(int(n) for n in shape), mode=mode)(np.asarray(array, np.float32))
+    return np.asarray(out, np.float32)
+
+
+def resample_label(label: np.ndarray, shape, num_classes: int) -> np.ndarray:
+    """A (X, Y, Z) label map of class indices resampled to ``shape``: each class's one-hot mask
+    is resampled trilinearly and every voxel takes the class of the largest share (less aliasing
+    than nearest-neighbour when shrinking). Returns (X', Y', Z') uint8."""
+    if tuple(label.shape) == tuple(shape):
+        return np.asarray(label, np.uint8)
+    onehot = np.stack([label == c for c in range(num_classes)]).astype(np.float32)
+    return np.argmax(resample(onehot, shape, "trilinear"), axis=0).astype(np.uint8)
+
+
 def net_params(cfg: dict, num_classes: int) -> dict:
     """Keyword arguments of ``monai.networks.nets.UNet`` for a preset dict."""
     return {

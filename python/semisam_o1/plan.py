@@ -290,7 +290,10 @@ def unet_overrides(plan: dict) -> dict:
     ``iterations``, ``flip_axes``) and the normalisation, as one dict to lay over a preset."""
     d = plan["decisions"]
     keys = ("patch", "strides", "channels", "batch_size", "iterations", "flip_axes")
-    return {**{k: d[k]["value"] for k in keys}, "normalisation": d["normalisation"]["value"]}
+    out = {**{k: d[k]["value"] for k in keys}, "normalisation": d["normalisation"]["value"]}
+    if "spacing" in d:
+        out["spacing"] = d["spacing"]["value"]
+    return out
 
 
 def make_plan(settings: PlanSettings) -> dict:

@@ -46,6 +46,7 @@ import numpy as np
 
 from . import nets
 from .device import torch_device
+from .engine import EngineOptions
 from .errors import InputError
 from .io import Dataset, canonical_shape, file_sha256, write_json, write_label, write_map
 from .resume import StageRecord, open_stage
@@ -55,7 +56,7 @@ ENTROPY_JSON = "entropy.json"
 
 
 @dataclasses.dataclass(kw_only=True)
-class PredictSettings(CaseOptions, ComputeOptions):
+class PredictSettings(CaseOptions, ComputeOptions, EngineOptions):
     """Settings of ``semisam-o1 predict`` (see the module docstring)."""
 
     input: Path = option(help="an MSD / nnU-Net dataset folder, a plain folder of scans (.nii.gz, .nii, .nrrd, "
@@ -120,24 +121,38 @@ def mirror_sets(config: dict) -> list[tuple[int, ...]]:
     return [c for n in range(len(axes) + 1) for c in combinations(axes, n)]
 
 
-def predict_volume(net, image: np.ndarray, config: dict, device, mirror: bool = False) -> np.ndarray:
+def predict_volume(net, image: np.ndarray, config: dict, device, mirror: bool = False,
+                   spacing=None) -> np.ndarray:
     """Softmax probabilities of one image (MONAI ``sliding_window_inference``, Gaussian blending).
 
     Args:
         net: the UNet in eval mode on ``device``.
         image: (X, Y, Z) canonical image array, raw intensities.
-        config: the model's config.json (normalisation, patch, preset parameters).
+        config: the model's config.json (normalisation, patch, preset parameters, and ``spacing``:
+            the working spacing in mm the network was trained at, or None for the image's own).
         device: the torch.device of ``net``.
         mirror: average the softmax over the flips of :func:`mirror_sets` (each flipped back).
+        spacing: (3,) mm of ``image``; needed when the model has a working spacing: the image is
+            resampled to it and the probabilities back to the image's grid
+            (:func:`semisam_o1.nets.resample`, trilinear).
 
     Returns:
-        (K, X, Y, Z) float32 probabilities.
+        (K, X, Y, Z) float32 probabilities on the image's own grid.
+
+    Raises:
+        ValueError: a model with a working spacing and no ``spacing`` given.
     """
     import torch
     from monai.inferers import sliding_window_inference
 
     cfg = config["preset_params"]
-    x = torch.as_tensor(nets.normalise(image, config["normalisation"])[None, None]).to(device)
+    norm = nets.normalise(image, config["normalisation"])[None]
+    working = config.get("spacing")
+    if working is not None:
+        if spacing is None:
+            raise ValueError("the model works at a resampled spacing: give the image's spacing")
+        norm = nets.resample(norm, nets.working_shape(image.shape, spacing, working), "trilinear")
+    x = torch.as_tensor(norm[None]).to(device)
     flips = mirror_sets(config) if mirror else [()]
     total = None
     with torch.inference_mode():
@@ -151,7 +166,11 @@ def predict_volume(net, image: np.ndarray, config: dict, device, mirror: bool = 
             probs = torch.softmax(logits.float(), dim=1)[0]
             probs = torch.flip(probs, [a + 1 for a in axes]) if axes else probs
             total = probs if total is None else total + probs
-    return (total / len(flips)).cpu().numpy().astype(np.float32)
+    probs = (total / len(flips)).cpu().numpy().astype(np.float32)
+    if working is not None:
+        probs = nets.resample(probs, image.shape, "trilinear")
+        probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-12)
+    return probs
 
 
 def _mean_entropy_from_file(path: Path) -> float:
@@ -213,7 +232,7 @@ def predict_case(plan: _Plan, settings: PredictSettings, case: str, dev) -> floa
 
     out = settings.output
     img = plan.ds.read_image(case)
-    probs = predict_volume(plan.net, img.array, plan.config, dev, mirror=settings.mirror)
+    probs = predict_volume(plan.net, img.array, plan.config, dev, mirror=settings.mirror, spacing=img.spacing)
     ent = entropy_map(probs)
     if settings.probabilities:
         write_map(probs_file(out, case), np.moveaxis(probs, 0, -1), img)
@@ -251,11 +270,17 @@ def predict(settings: PredictSettings) -> dict:
     Raises:
         InputError: see :func:`prepare`; found before the output folder is created.
     """
+    from functools import partial
+
+    from .engine import predict_worker, run_cases
     from .progress import progress
 
     nets.set_threads(settings.threads)
     dev = torch_device(settings.device)
     if input_kind(settings.input) != "dataset":
+        if settings.engine != "local":
+            raise InputError(f"{settings.input}: --engine {settings.engine} predicts a dataset folder (with "
+                             "dataset.json); plain scans are predicted with --engine local")
         return predict_files(settings, dev)
     plan = prepare(settings, dev)
     if plan.record.finished:
@@ -266,12 +291,21 @@ def predict(settings: PredictSettings) -> dict:
     entropies = _read_entropies(ent_path) if plan.record.reuse and ent_path.is_file() else {}
     t0 = time.time()
     n_pred = n_skip = 0
-    for case in progress(plan.cases, desc="predict", quiet=settings.quiet):
+    todo = []
+    for case in plan.cases:
         if plan.record.reuse and not settings.overwrite and _done(settings, case):
             entropies.setdefault(case, _mean_entropy_from_file(entropy_file(settings.output, case)))
             n_skip += 1
-            continue
-        entropies[case] = predict_case(plan, settings, case, dev)
+        else:
+            todo.append(case)
+    # settings.engine: here, or on Ray actors that load the network once and call predict_case too
+    worker = partial(predict_worker, plan=dataclasses.replace(plan, net=None, record=None))
+    results = run_cases(settings, todo, lambda case: predict_case(plan, settings, case, dev), worker)
+    for case, ent in progress(results, desc="predict", quiet=settings.quiet, total=len(todo)):
+        if isinstance(ent, InputError):  # as the local engine always did: the first bad case stops the stage
+            results.close()
+            raise ent
+        entropies[case] = ent
         n_pred += 1
         if n_pred % 25 == 0:
             write_json(ent_path, entropies)
@@ -339,7 +373,7 @@ def _predict_file(plan: _Plan, settings: PredictSettings, case: str, source: Pat
 
     with tempfile.TemporaryDirectory() as tmp:
         img = _read_scan(source, Path(tmp))
-        probs = predict_volume(plan.net, img.array, plan.config, dev, mirror=settings.mirror)
+        probs = predict_volume(plan.net, img.array, plan.config, dev, mirror=settings.mirror, spacing=img.spacing)
         lab = np.argmax(probs, axis=0).astype(np.uint8)
         lab = lab if plan.rule is None else planes.apply(lab, plan.rule)
         target = Path(settings.output) / source.name

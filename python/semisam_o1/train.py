@@ -227,7 +227,8 @@ def stage_inputs(ds: Dataset, template: str, cases: list[str], labels: dict[str,
             "labels": {c: file_sha256(labels[c]) for c in cases}}
 
 
-def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], norm: dict, quiet: bool = True):
+def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], norm: dict, quiet: bool = True,
+                       working_spacing=None):
     """Read and check every training image / label, normalise, keep in memory.
 
     Args:
@@ -235,9 +236,13 @@ def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], n
         labels: {case: label file} (:func:`label_paths`).
         cases: training case ids.
         norm: normalisation parameters (:data:`semisam_o1.nets.NORMALISATION`).
+        working_spacing: (3,) mm, or None: the network's grid (a plan's ``spacing``); images are
+            resampled to it after normalisation (:func:`semisam_o1.nets.resample`) and labels
+            with :func:`semisam_o1.nets.resample_label`.
 
     Returns:
-        a list of dicts ``{"case", "image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}``.
+        a list of dicts ``{"case", "image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}``
+        (on the working grid).
 
     Raises:
         InputError: naming the case for a label on another grid or undeclared label values.
@@ -248,8 +253,12 @@ def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], n
     for case in progress(cases, desc="load", quiet=quiet):
         img = ds.read_image(case)
         lab = read_label(labels[case], ds.label_map, reference=img)
-        data.append({"case": case, "image": nets.normalise(img.array, norm)[None],
-                     "label": np.ascontiguousarray(lab.array)[None]})
+        image, label = nets.normalise(img.array, norm)[None], np.ascontiguousarray(lab.array)
+        if working_spacing is not None:
+            shape = nets.working_shape(img.shape, img.spacing, working_spacing)
+            image = nets.resample(image, shape, "trilinear")
+            label = nets.resample_label(label, shape, ds.label_map.num_classes)
+        data.append({"case": case, "image": image, "label": label[None]})
     return data
 
 
@@ -354,6 +363,7 @@ def model_config(settings: TrainSettings, cfg: dict, ds: Dataset, template: str,
         "net": nets.net_params(cfg, ds.label_map.num_classes),
         "normalisation": dict(cfg["normalisation"]),
         "patch": list(cfg["patch"]),
+        "spacing": None if cfg.get("spacing") is None else [float(x) for x in cfg["spacing"]],
         "label_map": {"values": list(ds.label_map.values), "names": list(ds.label_map.names)},
         "dataset": str(ds.root.resolve()),
         "labels": str(settings.labels.resolve()),
@@ -416,7 +426,8 @@ def prepare(settings: TrainSettings) -> _Plan | dict:
                   file=sys.stderr)
         return {**(record.summary() or {}), "skipped": True}
     t0 = time.time()
-    data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), quiet=settings.quiet)
+    data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), quiet=settings.quiet,
+                              working_spacing=cfg.get("spacing"))
     return _Plan(cfg=cfg, config=model_config(settings, cfg, ds, template, cases), data=data, record=record,
                  load_seconds=time.time() - t0)
 
