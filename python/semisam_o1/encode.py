@@ -50,7 +50,8 @@ import numpy as np
 
 from . import __version__
 from .encoders import DEFAULT_ENCODER, ENCODERS
-from .errors import InputError, OutputError, ReportedError
+from .engine import EngineOptions
+from .errors import InputError, ReportedError
 from .settings import REQUIRED, CaseOptions, ComputeOptions, check_range, command_line, option, select_cases
 from .store import CASES_DIR, CONFIG_FILE, REDUCTION_FILE, UNSIGNED_KEYS, FeatureStore
 
@@ -58,7 +59,7 @@ PERCENTILES = (0.5, 99.5)
 
 
 @dataclasses.dataclass(kw_only=True)
-class EncodeSettings(CaseOptions, ComputeOptions):
+class EncodeSettings(CaseOptions, ComputeOptions, EngineOptions):
     """Settings of ``semisam-o1 encode``."""
 
     output: Path = option(REQUIRED, "feature store folder", flags=("-o", "--output"), type=Path,
@@ -555,27 +556,35 @@ def _encode_one(case: str, plan: _Plan, job: _Encoding, store: _Store, input_has
 
 
 def _encode_cases(plan: _Plan, job: _Encoding, store: _Store, todo: list, input_hash: dict, first,
-                  quiet: bool) -> tuple[int, int, float, dict]:
-    """Encode ``todo``; a case that cannot be read is reported (one line) and left out.
+                  s: EncodeSettings) -> tuple[int, int, float, dict]:
+    """Encode ``todo`` with ``s.engine`` (:mod:`semisam_o1.engine`: here, or on Ray actors that
+    write their cases with :func:`_encode_one` too); a case that cannot be read is reported (one
+    line) and left out. The reduction case, already encoded by the fit (``first``), is written here.
 
     Returns:
-        ``(encoded, slices, encoder seconds, failed {case: message})``.
+        ``(encoded, slices, encoder seconds summed over cases, failed {case: message})``.
     """
+    from functools import partial
+
+    from .engine import encode_worker, for_actors_encode, run_cases
     from .progress import progress
 
+    def local(case):
+        mine = first if first is not None and case == plan.reduction_case else None
+        return _encode_one(case, plan, job, store, input_hash, mine)
+
+    job_a, store_a = for_actors_encode(job, store)  # what the actors get: no session, no plan
+    worker = partial(encode_worker, job=job_a, store=store_a, input_hash=input_hash)
     encoded, n_slices, t_enc, failed = 0, 0, 0.0, {}
-    bar = progress(todo, quiet=quiet, desc="encode")
-    for case in bar:
-        try:
-            mine = first if first is not None and case == plan.reduction_case else None
-            n, dt = _encode_one(case, plan, job, store, input_hash, mine)
-        except OutputError:  # a full disk or read-only store: every other case would fail the same way
-            raise
-        except InputError as exc:
-            msg = str(exc) if case in str(exc) else f"case {case}: {exc}"
+    results = run_cases(s, todo, local, worker, here=[plan.reduction_case] if first is not None else [])
+    bar = progress(results, quiet=s.quiet, desc="encode", total=len(todo))
+    for case, out in bar:
+        if isinstance(out, InputError):
+            msg = str(out) if case in str(out) else f"case {case}: {out}"
             failed[case] = msg
             print(f"semisam-o1 encode: error: {msg}", file=sys.stderr, flush=True)
             continue
+        n, dt = out
         encoded, n_slices, t_enc = encoded + 1, n_slices + n, t_enc + dt
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{case} {n_slices / max(t_enc, 1e-9):.1f} slices/s")
@@ -616,7 +625,7 @@ def encode(settings: EncodeSettings) -> dict:
     first, t_fit = None, 0.0
     if store.config is None and todo and s.channels:
         first, t_fit = _fit_first(plan, job, store, log)
-    encoded, n_slices, t_enc, failed = _encode_cases(plan, job, store, todo, input_hash, first, s.quiet)
+    encoded, n_slices, t_enc, failed = _encode_cases(plan, job, store, todo, input_hash, first, s)
     if plan.reduction_case not in todo:  # the reduction case was encoded for the fit only
         t_enc += t_fit
     summary = _summary(plan, encoded, skipped, damaged, failed, n_slices, t_enc, time.perf_counter() - t_start)

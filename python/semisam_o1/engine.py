@@ -1,0 +1,273 @@
+"""Where a stage's cases are computed: in this process or on a Ray cluster.
+
+``--engine local`` (the default) computes the cases one after the other in this process.
+``--engine ray`` computes them on Ray actors (Ray Core, https://docs.ray.io; ``pip install
+"semisam-o1[ray]"``): each actor is started once, loads the model once (``encode``: the ONNX
+Runtime session; ``predict``: the network) and then computes the cases the driver sends it,
+one at a time (:class:`ray.util.ActorPool`, ``map_unordered``). An actor writes each case
+itself into the stage's output with the local engine's own function (``encode._encode_one`` /
+``store.write_case``, ``predict.predict_case``), so outputs are atomic and resumable exactly as
+with the local engine; only a small summary per case (slices and seconds, or the mean entropy)
+comes back to the driver. The driver decides which cases are left to do (the stage's resume
+logic) and sends only those.
+
+Cluster: ``--ray-address`` unset starts a local Ray instance for the call (and shuts it down
+afterwards); ``auto`` or ``HOST:PORT`` joins a running cluster (``ray start``), whose machines
+must see the dataset and the output folder at the same paths and have semisam-o1 installed. A
+process that is already connected (``ray.init`` called by the caller) is used as it is.
+
+Sizing: ``--threads T`` is the CPU threads of each actor (ONNX Runtime intra-op and torch
+threads); ``--workers N`` the number of actors. Defaults: N = the cluster's CPUs // T (T = 1
+when not given), or, with ``--workers`` given, T = the cluster's CPUs // N. On a GPU cluster
+(``--device cuda``, or ``auto`` when the cluster has GPUs) each actor holds one GPU
+(``num_gpus=1``) and N defaults to the cluster's GPUs. N is never more than the cases to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from .errors import InputError, OutputError
+from .settings import Checked, check_range, option
+
+ENGINES = ("local", "ray")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EngineOptions(Checked):
+    """Where a stage's cases are computed (see the module docstring). None of these options
+    changes a result, so none enters a stage's resume signature."""
+
+    engine: str = option("local", "local: this process; ray: Ray actors, one model load per actor, each "
+                         "writing its cases into the same output", choices=ENGINES, neutral=True)
+    ray_address: str | None = option(None, "Ray cluster to join: auto (the one `ray start` runs on this machine) or "
+                                     "HOST:PORT (default: start a local one for this call)", metavar="ADDR",
+                                     neutral=True)
+    workers: int | None = option(None, "Ray actors (default: the cluster's CPUs // --threads, or its GPUs)",
+                                 type=int, metavar="N", neutral=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.engine not in ENGINES:
+            raise InputError(f"--engine {self.engine}: choose one of {', '.join(ENGINES)}")
+        check_range("workers", self.workers, 1)
+        if self.engine == "local":
+            for name in ("ray_address", "workers"):
+                if getattr(self, name) is not None:
+                    raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: only with --engine ray")
+
+
+def run_cases(settings, cases: Sequence[str], local: Callable[[str], Any],
+              make_worker: Callable[[Any], Callable[[str], Any]] | None = None, *,
+              here: Iterable[str] = ()) -> Iterator[tuple[str, Any]]:
+    """Compute ``cases`` with ``settings.engine``; yields ``(case, outcome)`` as each finishes.
+
+    Args:
+        settings: a stage's settings with :class:`EngineOptions` and
+            :class:`semisam_o1.settings.ComputeOptions` (``device``, ``threads``, ``quiet``).
+        cases: the case ids left to do (the stage's resume logic decided).
+        local: ``local(case)`` computes one case in this process (the local engine).
+        make_worker: ``make_worker(actor_settings)`` runs once in each Ray actor and returns the
+            actor's ``fn(case)``; picklable (a module-level function or a ``functools.partial``
+            of one). ``actor_settings`` is ``settings`` with the actor's ``threads`` and ``device``.
+        here: cases computed by ``local`` in this process whatever the engine (encode's
+            reduction case, already encoded for the fit).
+
+    Yields:
+        ``(case, outcome)``: outcome is what the case's function returned (keep it small: it
+        travels through Ray's object store), or the :class:`InputError` it raised, so one bad
+        case does not stop the others. Order: ``here`` first, then as cases finish.
+
+    Raises:
+        OutputError: an output could not be written (stops everything: every case would fail).
+        InputError: a bad ``--ray-address``, a cluster too small for ``--workers`` x ``--threads``,
+            ``--device cuda`` on a cluster without GPUs, or an actor that could not start.
+    """
+    here = [c for c in here if c in cases]
+    for case in here:
+        yield case, _outcome(local, case)
+    rest = [c for c in cases if c not in here]
+    if settings.engine == "local":
+        for case in rest:
+            yield case, _outcome(local, case)
+    elif rest:
+        if make_worker is None:  # pragma: no cover - every stage on the engine passes one
+            raise InputError(f"--engine {settings.engine}: this stage runs on the local engine only")
+        yield from _ray_cases(settings, rest, make_worker)
+
+
+def _outcome(fn: Callable[[str], Any], case: str) -> Any:
+    """``fn(case)``, or the InputError it raised (an OutputError is raised on)."""
+    try:
+        return fn(case)
+    except OutputError:
+        raise
+    except InputError as exc:
+        return exc
+
+
+class _Worker:
+    """The Ray actor: builds its case function once (``make_worker``), then computes cases."""
+
+    def __init__(self, make_worker, settings):
+        self._fn = make_worker(settings)
+
+    def run(self, case: str) -> tuple[str, Any]:
+        return case, _outcome(self._fn, case)
+
+
+def _ray_cases(settings, cases: list[str], make_worker) -> Iterator[tuple[str, Any]]:
+    """:func:`run_cases` on Ray actors (connect, size, start the actors, map, clean up)."""
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError:
+        raise InputError("--engine ray: Ray is not installed (pip install 'semisam-o1[ray]')") from None
+    started = _connect(ray, settings)
+    actors = []
+    try:
+        workers, threads, gpus = _size(settings, ray.cluster_resources(), len(cases))
+        actor_settings = dataclasses.replace(settings, threads=threads, device="cpu" if not gpus else settings.device)
+        remote = ray.remote(_Worker).options(num_cpus=threads, num_gpus=gpus)
+        actors = [remote.remote(make_worker, actor_settings) for _ in range(workers)]
+        if not settings.quiet:
+            print(f"ray: {workers} workers x {threads} threads" + (" x 1 GPU" if gpus else "")
+                  + f" for {len(cases)} cases", file=sys.stderr, flush=True)
+        pool = ActorPool(actors)
+        for case, outcome in pool.map_unordered(lambda actor, case: actor.run.remote(case), cases):
+            yield case, outcome
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, InputError):
+            raise cause from None
+        raise
+    except ray.exceptions.RayActorError as exc:
+        raise InputError(f"--engine ray: a worker stopped: {_first_line(exc)}") from None
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(cause).__name__
+
+
+def _connect(ray, settings) -> bool:
+    """Connect this process to Ray; True when this call started the (local) instance.
+
+    Raises:
+        InputError: ``--ray-address`` names no reachable cluster.
+    """
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = dict(log_to_driver=not settings.quiet, logging_level="warning")
+    if settings.ray_address is None:
+        # a local instance: enough CPUs for what was asked, even beyond the cores (the user's choice)
+        cpus = os.cpu_count() or 1
+        asked = (settings.workers or 1) * (settings.threads or 1)
+        kwargs.update(num_cpus=max(cpus, asked), include_dashboard=False)
+    try:
+        ray.init(address=settings.ray_address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise InputError(f"--ray-address {settings.ray_address}: cannot connect ({_first_line(exc)})") from None
+    return True
+
+
+def _size(settings, resources: dict, n_cases: int) -> tuple[int, int, int]:
+    """``(workers, threads per worker, GPUs per worker)`` for this cluster (module docstring).
+
+    Args:
+        settings: with ``workers``, ``threads`` and ``device``.
+        resources: ``ray.cluster_resources()`` (``CPU``, ``GPU`` counts).
+        n_cases: cases to compute (no more workers than that).
+
+    Raises:
+        InputError: the cluster lacks the CPUs or GPUs asked for.
+    """
+    cpus = max(1, int(resources.get("CPU", 1)))
+    gpus = int(resources.get("GPU", 0))
+    if settings.device == "cuda" and gpus == 0:
+        raise InputError("--device cuda: the Ray cluster has no GPU (use --device cpu)")
+    if settings.device != "cpu" and gpus > 0:
+        workers = settings.workers or gpus
+        if workers > gpus:
+            raise InputError(f"--workers {workers}: one GPU per worker, the Ray cluster has {gpus}")
+        threads = settings.threads or max(1, cpus // workers)
+        return min(workers, n_cases), min(threads, max(1, cpus // workers)), 1
+    workers = settings.workers or max(1, cpus // (settings.threads or 1))
+    threads = settings.threads or max(1, cpus // workers)
+    if workers * threads > cpus:
+        raise InputError(f"--workers {workers} x --threads {threads}: needs {workers * threads} CPUs, the Ray "
+                         f"cluster has {cpus}")
+    return min(workers, n_cases), threads, 0
+
+
+# --------------------------------------------------------------------------- the stages' actors
+
+
+def encode_worker(settings, job, store, input_hash: dict) -> Callable[[str], tuple[int, float]]:
+    """An encode actor's case function (runs once per actor).
+
+    The actor plans exactly as the driver did (``encode._plan``: the same dataset, store and
+    encoder, exported into this machine's cache when missing, its session opened here with the
+    actor's threads) and writes each case with ``encode._encode_one``.
+
+    Args:
+        settings: the actor's :class:`semisam_o1.encode.EncodeSettings`.
+        job: the driver's ``encode._Encoding`` without its encoder (``enc`` None).
+        store: the driver's ``encode._Store`` (its configuration and basis) without its plan.
+        input_hash: {case: input SHA-256} as the driver found it.
+
+    Returns:
+        ``fn(case) -> (slices, seconds)``; it raises InputError for a case that cannot be read.
+    """
+    import copy
+
+    from . import encode as E
+
+    plan = E._plan(settings, lambda msg: None)
+    if settings.threads:
+        import torch  # the slice resize runs in torch
+
+        torch.set_num_threads(int(settings.threads))
+    job, store = copy.copy(job), copy.copy(store)
+    job.enc, store.plan = plan.enc, plan
+    return lambda case: E._encode_one(case, plan, job, store, input_hash, None)
+
+
+def for_actors_encode(job, store):
+    """``(job, store)`` as shipped to the encode actors: without the encoder session and the plan."""
+    import copy
+
+    job, store = copy.copy(job), copy.copy(store)
+    job.enc, store.plan = None, None
+    return job, store
+
+
+def predict_worker(settings, plan) -> Callable[[str], float]:
+    """A predict actor's case function (runs once per actor): loads the network once on the
+    actor's device and predicts each case with ``predict.predict_case``.
+
+    Args:
+        settings: the actor's :class:`semisam_o1.predict.PredictSettings`.
+        plan: the driver's ``predict._Plan`` without its network and record.
+
+    Returns:
+        ``fn(case) -> mean voxel entropy (nats)``.
+    """
+    from . import nets
+    from . import predict as P
+    from .device import torch_device
+
+    nets.set_threads(settings.threads)
+    dev = torch_device(settings.device)
+    net, _ = nets.load_model(settings.model, dev)
+    plan = dataclasses.replace(plan, net=net)
+    return lambda case: P.predict_case(plan, settings, case, dev)

@@ -1,0 +1,208 @@
+"""The Ray engine (semisam_o1.engine): encode and predict on a local two-worker Ray cluster equal
+the local engine's outputs; the Ray engine resumes (only unfinished cases are sent) and reports a
+bad case as one line while the others are written.
+
+Data: three cases of the ``cohort`` fixture (the template and two pool cases; real Hippocampus
+when present, else the synthetic cohort) plus, for the error test, one corrupt image. Encoder: a
+tiny random convolutional ONNX model (8x8 patches, stride 4, 16 channels, ReLU, 1x1 conv), reduced
+to 8 channels by the PCA basis fitted on the template, so both the driver's fit and the actors'
+projection run; LiteMedSAM would take minutes here. Network: the ``quick`` UNet preset trained for
+a few iterations. One Ray cluster (2 CPUs) serves the module, except the first test, where the
+engine starts (and shuts down) its own instance as the command line does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import ray  # the `ray` extra: CI installs it (scripts/setup.sh), so this test never skips
+
+from semisam_o1 import cli
+from semisam_o1.encode import EncodeSettings, encode
+from semisam_o1.errors import InputError, ReportedError
+from semisam_o1.io import read_image
+from semisam_o1.predict import PredictSettings, entropy_file, label_file, predict
+from semisam_o1.store import FeatureStore
+from semisam_o1.train import TrainSettings, train
+
+THREADS = 1  # per worker, and the local engine's, so the driver's PCA fit is the same bit for bit
+CHANNELS = 8
+# Features are float16 roundings of float32 values; two float32 results that agree to float32
+# rounding round to float16 values at most one float16 ulp apart: <= eps16 |x| (eps16 = 2^-10)
+# for normal numbers, 2^-24 (the smallest subnormal step) near 0.
+F16_RTOL, F16_ATOL = 2.0 ** -10, 2.0 ** -24
+
+
+@pytest.fixture(scope="module")
+def conv_onnx(tmp_path_factory) -> Path:
+    """(B, 3, 256, 256) -> (B, 16, 64, 64): Conv 8x8 stride 4 pad 2 (3 -> 16), ReLU, Conv 1x1 (16 -> 16)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((rng.standard_normal((16, 3, 8, 8)) / 40).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((16, 16, 1, 1)) / 4).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["image", "w1"], ["h"], kernel_shape=[8, 8], strides=[4, 4], pads=[2, 2, 2, 2]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["features"], kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                            ["batch", 3, 256, 256])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 16, 64, 64])],
+                              initializer=[w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("conv") / "conv.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, cohort) -> dict:
+    """A dataset folder with the template, two pool cases (images and labels) and one corrupt image."""
+    root = tmp_path_factory.mktemp("engine") / "data"
+    cases = [cohort.template, *cohort.unlabeled[:2]]
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+        for c in cases:
+            shutil.copy(cohort.root / sub / f"{c}.nii.gz", root / sub / f"{c}.nii.gz")
+    meta = json.loads((cohort.root / "dataset.json").read_text())
+    meta.pop("training", None)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "imagesTr" / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    return {"root": root, "cases": cases, "template": cohort.template}
+
+
+def _encode(data, onnx, out, cases, **kw) -> dict:
+    kw = {"encoder": "onnx", "checkpoint": onnx, "channels": CHANNELS, "reduction_case": data["template"],
+          "threads": THREADS, "quiet": True, **kw}
+    return encode(EncodeSettings(input=data["root"], output=out, cases=tuple(cases), **kw))
+
+
+def _assert_same_store(a: Path, b: Path, cases) -> None:
+    """Same store signature, same cases with the same meta (but seconds), features within float16 rounding."""
+    sa, sb = FeatureStore(a), FeatureStore(b)
+    assert sa.config["signature"] == sb.config["signature"]
+    assert sorted(sa.cases()) == sorted(sb.cases()) == sorted(cases)
+    for case in cases:
+        ma, mb = sa.read_meta(case), sb.read_meta(case)
+        for m in (ma, mb):
+            m.pop("seconds")
+        assert ma == mb
+        fa, fb = sa.load(case), sb.load(case)
+        for axis in fa.axes:
+            ga, gb = np.asarray(fa.grid(axis)), np.asarray(fb.grid(axis))
+            assert ga.dtype == gb.dtype == np.float16 and ga.shape == gb.shape
+            assert np.abs(ga).max() > 0
+            np.testing.assert_allclose(gb.astype(np.float32), ga.astype(np.float32), rtol=F16_RTOL, atol=F16_ATOL)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, data, conv_onnx) -> dict:
+    """The local engine's store of the three cases, and the Ray engine's from the command line (its
+    own local instance of 2 workers, started and shut down by the call) of the same cases and the
+    corrupt one: ``{"local", "ray", "ray_rc" (exit status), "ray_stderr" (its error lines)}``."""
+    root = tmp_path_factory.mktemp("stores")
+    local = _encode(data, conv_onnx, root / "local", data["cases"])
+    assert local["encoded"] == 3
+    assert not ray.is_initialized()
+    argv = ["encode", "-i", str(data["root"]), "-o", str(root / "ray"), "--cases", *data["cases"], "broken",
+            "--encoder", "onnx", "--checkpoint", str(conv_onnx), "--channels", str(CHANNELS),
+            "--reduction-case", data["template"], "--threads", str(THREADS), "--quiet",
+            "--engine", "ray", "--workers", "2"]
+    with _stderr_lines() as err:
+        rc = cli.main(argv)
+    assert not ray.is_initialized()  # the engine shut down the instance it started
+    return {"local": root / "local", "ray": root / "ray", "ray_rc": rc,
+            "ray_stderr": [ln for ln in err if "error" in ln]}
+
+
+@contextlib.contextmanager
+def _stderr_lines():
+    """Collect what is written to sys.stderr inside the block, as a list of lines (filled on exit)."""
+    lines: list[str] = []
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        yield lines
+    lines.extend(buf.getvalue().splitlines())
+
+
+@pytest.fixture(scope="module")
+def cluster(stores):
+    """One local Ray cluster of 2 CPUs for the rest of the module (the engine uses a connected process as is)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+def test_ray_encode_equals_local_and_reports_a_bad_case(stores, data):
+    """Same store as the local engine's; the corrupt case is one error line (exit 2), the others are written."""
+    _assert_same_store(stores["local"], stores["ray"], data["cases"])
+    assert stores["ray_rc"] == 2
+    assert len(stores["ray_stderr"]) == 1 and stores["ray_stderr"][0].startswith("semisam-o1 encode: error: ")
+    assert "broken" in stores["ray_stderr"][0]
+
+
+def test_ray_encode_resumes(stores, data, conv_onnx, cluster):
+    again = _encode(data, conv_onnx, stores["ray"], data["cases"], engine="ray", workers=2)
+    assert (again["encoded"], again["skipped"]) == (0, 3)
+    shutil.rmtree(stores["ray"] / "cases" / data["cases"][2])
+    before = (stores["ray"] / "cases" / data["cases"][1] / "meta.json").stat().st_mtime_ns
+    once = _encode(data, conv_onnx, stores["ray"], data["cases"], engine="ray", workers=2)
+    assert (once["encoded"], once["skipped"]) == (1, 2)
+    assert (stores["ray"] / "cases" / data["cases"][1] / "meta.json").stat().st_mtime_ns == before
+    _assert_same_store(stores["local"], stores["ray"], data["cases"])
+
+
+def test_engine_options_are_checked(data, conv_onnx, tmp_path):
+    with pytest.raises(InputError, match="--workers 2: only with --engine ray"):
+        EncodeSettings(input=data["root"], output=tmp_path / "x", workers=2)
+    with pytest.raises(InputError, match="--engine dask"):
+        PredictSettings(input=data["root"], model=tmp_path, output=tmp_path / "x", engine="dask")
+
+
+def test_ray_encode_refuses_more_than_the_cluster(data, conv_onnx, cluster, tmp_path):
+    with pytest.raises(InputError, match="needs 4 CPUs, the Ray cluster has 2"):
+        _encode(data, conv_onnx, tmp_path / "s", data["cases"], engine="ray", workers=2, threads=2)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, data) -> Path:
+    """A quick UNet trained on the template and the two pool cases' real labels."""
+    out = tmp_path_factory.mktemp("model") / "model"
+    train(TrainSettings(input=data["root"], labels=data["root"] / "labelsTr", template=data["template"],
+                        cases=tuple(data["cases"]), output=out, preset="quick", iterations=4, device="cpu",
+                        threads=2, quiet=True))
+    return out
+
+
+def _voxels(path: Path) -> np.ndarray:
+    """The stored voxel values of a NIfTI file (no scaling, the file's voxel order)."""
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_ray_predict_equals_local(data, model, cluster, tmp_path):
+    kw = dict(input=data["root"], model=model, cases=tuple(data["cases"]), device="cpu", threads=THREADS, quiet=True)
+    local = predict(PredictSettings(output=tmp_path / "local", **kw))
+    remote = predict(PredictSettings(output=tmp_path / "ray", engine="ray", workers=2, **kw))
+    assert local["predicted"] == remote["predicted"] == 3
+    labels = set()
+    for case in data["cases"]:
+        a = _voxels(label_file(tmp_path / "local", case))
+        b = _voxels(label_file(tmp_path / "ray", case))
+        np.testing.assert_array_equal(b, a)
+        labels |= set(np.unique(a).tolist())
+        # the same float32 network on the same threads: entropies equal to float32 rounding (ln 3 < 1.1 nats)
+        ea = read_image(entropy_file(tmp_path / "local", case)).array
+        eb = read_image(entropy_file(tmp_path / "ray", case)).array
+        np.testing.assert_allclose(eb, ea, rtol=0, atol=1e-6)
+        assert ea.max() > ea.min()
+        assert remote["entropy"][case] == pytest.approx(local["entropy"][case], abs=1e-6)
+    assert len(labels) > 1  # the labels compared are not one constant value
