@@ -258,6 +258,44 @@ def test_packing_and_mapping_reproduce_the_image(pool_onnx, dataset, tmp_path, c
             assert abs(rec.mean() - img.mean()) < 0.05 * img.mean() + 1.0
 
 
+def test_slice_stride_and_int8_storage_against_the_full_float16_store(pool_onnx, dataset, tmp_path, cases):
+    """--slice-stride n stores the centred every-n-th slice of each axis, with the mapping's step n
+    along the slicing axis; --storage int8 stores store.quantise_int8 of the float16 features. The
+    pooling encoder's features of a slice do not depend on the slices sharing its canvas, so both
+    are checked against the full float16 store's cells."""
+    from semisam_o1.encode import strided_slices
+    from semisam_o1.store import quantise_int8
+
+    full, sub = tmp_path / "full", tmp_path / "sub"
+    _pool(dataset, full, pool_onnx, cases=cases[:2], channels=0, storage="float16")
+    s = _pool(dataset, sub, pool_onnx, cases=cases[:2], channels=0, slice_stride=3, storage="int8")
+    fs, ss = FeatureStore(full), FeatureStore(sub)
+    assert "slice_stride" not in fs.config and ss.config["slice_stride"] == 3
+    assert (fs.config["storage"], ss.config["storage"], ss.config["format"]) == ("float16", "int8", 2)
+    n_full = sum(canonical_shape(dataset / "imagesTr" / f"{c}.nii.gz")[a] for c in cases[:2] for a in range(3))
+    assert s["slices"] == sum(strided_slices(canonical_shape(dataset / "imagesTr" / f"{c}.nii.gz")[a], 3)[1]
+                              for c in cases[:2] for a in range(3)) < n_full / 2.5
+    for case in cases[:2]:
+        cf, cs = fs.load(case), ss.load(case)
+        for axis in range(3):
+            first, m = strided_slices(cf.voxel_shape[axis], 3)
+            ref = np.take(np.asarray(cf.grid(axis)), first + 3 * np.arange(m), axis=1 + axis)
+            q, scale = cs.stored(axis)
+            assert q.dtype == np.int8 and q.shape == ref.shape
+            rq, rscale = quantise_int8(ref)
+            np.testing.assert_array_equal(scale, rscale)
+            assert np.abs(q.astype(int) - rq.astype(int)).max() <= 1  # float16 ties may round either way
+            off_f, step_f = cf.cell_to_voxel(axis)
+            off_s, step_s = cs.cell_to_voxel(axis)
+            assert (off_s[axis], step_s[axis]) == (first, 3.0)
+            others = [d for d in range(3) if d != axis]
+            np.testing.assert_array_equal(off_s[others], off_f[others])
+            np.testing.assert_array_equal(step_s[others], step_f[others])
+    # the stride is part of the configuration: another one is refused on the same store
+    with pytest.raises(InputError, match="another configuration.*slice_stride"):
+        _pool(dataset, sub, pool_onnx, cases=cases[:2], channels=0, slice_stride=2, storage="int8")
+
+
 def test_resume_signature_overwrite_and_sharding(pool_onnx, dataset, tmp_path, cases):
     out = tmp_path / "f"
     kw = dict(cases=cases, channels=2)

@@ -143,3 +143,59 @@ def test_exclusive_writes_keep_the_first_shards_files(tmp_path):
     np.testing.assert_array_equal(again, np.eye(3, 2))
     np.testing.assert_array_equal(basis, again)
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_quantise_int8_error_bound_and_zero_channel():
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(5, 4, 3, 6)).astype(np.float32) * np.array([1, 10, 0.01, 0, 3])[:, None, None, None]
+    q, scale = store_module.quantise_int8(g)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (5,)
+    ref = np.abs(g.reshape(5, -1)).max(1) / 127.0
+    np.testing.assert_allclose(scale[[0, 1, 2, 4]], ref[[0, 1, 2, 4]], rtol=1e-6)
+    assert scale[3] == 1.0 and not q[3].any()  # an all-zero channel stays zero
+    err = np.abs(q.astype(np.float32) * scale[:, None, None, None] - g)
+    assert (err <= scale[:, None, None, None] / 2 + 1e-7).all()
+    assert int(np.abs(q).max()) == 127
+
+
+def test_int8_store_memmaps_and_on_voxel_grid_equals_the_dequantised_reference(tmp_path):
+    rng = np.random.default_rng(4)
+    shape = (6, 9, 8)
+    grids = {1: rng.normal(size=(4, 5, 3, 4)).astype(np.float16)}
+    maps = {1: ([0.5, 1.0, 0.25], [1.2, 3.0, 2.0])}  # stride 3 along the slicing axis, first slice 1
+    config = store_module.write_config(tmp_path / "s", {"format": 2, "storage": "int8", "axes": [1], "channels": 4})
+    meta = {"case": "c1", "voxel_shape": list(shape), "affine": np.eye(4).tolist(), "axes": [1],
+            "store_signature": config["signature"], "input_sha256": "x"}
+    store_module.write_case(tmp_path / "s", "c1", grids, maps, meta, storage="int8")
+    store = FeatureStore(tmp_path / "s")
+    assert store.check_case("c1") is None
+    cf = store.load("c1")
+    arr, scale = cf.stored(1)
+    assert isinstance(arr, np.memmap) and arr.dtype == np.int8 and scale.shape == (4,)
+    q, ref_scale = store_module.quantise_int8(grids[1])
+    np.testing.assert_array_equal(np.asarray(arr), q)
+    np.testing.assert_array_equal(scale, ref_scale)
+    deq = q.astype(np.float32) * ref_scale[:, None, None, None]
+    np.testing.assert_allclose(cf.grid(1).astype(np.float32), deq, rtol=1e-3, atol=1e-4)
+    ref = voxel_features(deq, *map(np.asarray, maps[1]), shape)
+    ref /= np.linalg.norm(ref, axis=0, keepdims=True)
+    np.testing.assert_allclose(cf.on_voxel_grid(), ref, atol=1e-5)
+    # the voxel features are within the int8 rounding of the float16 ones
+    f16 = voxel_features(grids[1], *map(np.asarray, maps[1]), shape)
+    f16 /= np.linalg.norm(f16, axis=0, keepdims=True)
+    assert float(np.abs(cf.on_voxel_grid() - f16).max()) < 0.05
+    # a scale list that does not match the channels is found
+    meta_path = store.case_dir("c1") / "meta.json"
+    m = json.loads(meta_path.read_text())
+    m["grids"]["1"]["scale"] = m["grids"]["1"]["scale"][:3]
+    meta_path.write_text(json.dumps(m))
+    assert "3 channel scales" in store.check_case("c1")
+
+
+def test_format_1_is_read_and_an_unknown_format_refused_in_one_line(tmp_path):
+    store = _make_store(tmp_path / "old", {0: np.ones((2, 3, 2, 2), np.float16)}, {0: ([0, 0, 0], [1, 1, 1])},
+                        (3, 2, 2))
+    assert store.config["format"] == 1 and store.load("c1").grid(0).dtype == np.float16
+    store_module.write_config(tmp_path / "new", {"format": 99, "axes": [0], "channels": 2})
+    with pytest.raises(InputError, match=r"store.json: feature store format 99 is not one this version reads"):
+        FeatureStore(tmp_path / "new")

@@ -53,7 +53,7 @@ from .encoders import DEFAULT_ENCODER, ENCODERS
 from .engine import EngineOptions
 from .errors import InputError, ReportedError
 from .settings import REQUIRED, CaseOptions, ComputeOptions, check_range, command_line, option, select_cases
-from .store import CASES_DIR, CONFIG_FILE, REDUCTION_FILE, UNSIGNED_KEYS, FeatureStore
+from .store import CASES_DIR, CONFIG_FILE, REDUCTION_FILE, STORE_FORMAT, UNSIGNED_KEYS, FeatureStore
 
 PERCENTILES = (0.5, 99.5)
 
@@ -73,6 +73,10 @@ class EncodeSettings(CaseOptions, ComputeOptions, EngineOptions):
                                             nargs="+", metavar="LAYER")
     axes: tuple[int, ...] = option((0, 1, 2), "canonical (RAS) axes to slice along", nargs="+", type=int,
                                    choices=(0, 1, 2))
+    slice_stride: int = option(1, "encode every n-th slice along each axis (centred), the features between "
+                                  "encoded slices interpolated linearly (benchmarks/encode.md)")
+    storage: str = option("float16", "dtype of the stored features: int8 (one scale per channel and axis file) or "
+                                  "float16 (benchmarks/encode.md)", choices=("int8", "float16"))
     channels: int = option(64, "reduce features to this many channels with a PCA basis fitted on the "
                                "reduction case (0: keep all)")
     reduction_case: str | None = option(None, "case to fit the channel reduction on (default: the split's "
@@ -109,6 +113,9 @@ class EncodeSettings(CaseOptions, ComputeOptions, EngineOptions):
             if len(self.window) != 2 or not self.window[1] > self.window[0]:
                 raise InputError(f"--window {' '.join(map(str, self.window))}: give LOW HIGH with HIGH above LOW")
         check_range("channels", self.channels, 0)
+        if self.storage not in ("int8", "float16"):
+            raise InputError(f"--storage {self.storage}: choose int8 or float16")
+        check_range("slice_stride", self.slice_stride, 1)
         check_range("tile_size", self.tile_size, 0)
         check_range("batch_size", self.batch_size, 1)
         check_range("input_size", self.input_size, 1)
@@ -162,51 +169,81 @@ def tile_cells(feats: np.ndarray, t: int, tile: int, cell: int, plan) -> np.ndar
 
 
 
+def strided_slices(n_slices: int, stride: int) -> tuple[int, int]:
+    """Which slices ``--slice-stride`` encodes: every ``stride``-th of ``n_slices``, centred.
+
+    Returns:
+        ``(first, count)``: slices ``first + stride * j`` for ``j < count``, with
+        ``count = (n_slices - 1) // stride + 1`` and ``first = ((n_slices - 1) - stride (count - 1)) // 2``
+        (stride 1: ``(0, n_slices)``).
+    """
+    stride = max(1, int(stride))
+    count = (int(n_slices) - 1) // stride + 1
+    return ((int(n_slices) - 1) - stride * (count - 1)) // 2, count
+
+
 class _Encoding:
     """Encodes volumes with one encoder and one packing (see the module docstring, steps 2-6)."""
 
-    def __init__(self, enc, tile: int, axes: Sequence[int], batch_size: int, window=None):
+    def __init__(self, enc, tile: int, axes: Sequence[int], batch_size: int, window=None, slice_stride: int = 1):
         self.enc = enc
         self.tile = int(tile)
         self.axes = tuple(axes)
         self.batch_size = max(1, int(batch_size))
         self.window = window
+        self.slice_stride = max(1, int(slice_stride))
         self.per_side = enc.input_size // self.tile
         self.per_canvas = self.per_side ** 2
+        #: seconds spent per phase since construction (benchmarks/bench_encode_profile.py reads them)
+        self.timings = {"resample": 0.0, "pack": 0.0, "onnx": 0.0, "reduce": 0.0}
 
     def _tiles(self, array: np.ndarray):
-        """Every slice of every axis, scaled and resized: ``(plans {axis: SlicePlan}, [(axis, k, (ru, rv))])``."""
+        """The encoded slices of every axis (every ``slice_stride``-th, :func:`strided_slices`),
+        scaled and resized: ``(plans {axis: SlicePlan}, first {axis: first slice}, [(axis, j, (ru, rv))])``
+        with ``j`` the slice's index among the encoded ones."""
         from .encoders import SlicePlan, intensity_range, resize_slices, scale_volume
 
+        t0 = time.perf_counter()
         lo, hi = intensity_range(array, PERCENTILES, self.window)
         img = scale_volume(array, lo, hi)
-        plans, tiles = {}, []
+        plans, firsts, tiles = {}, {}, []
         for axis in self.axes:
-            sl = np.moveaxis(img, axis, 0)
+            first, m = strided_slices(array.shape[axis], self.slice_stride)
+            sl = np.moveaxis(img, axis, 0)[first: first + self.slice_stride * (m - 1) + 1: self.slice_stride]
             plan = SlicePlan(int(sl.shape[1]), int(sl.shape[2]), self.tile, self.enc.cell)
-            plans[axis] = plan
+            plans[axis], firsts[axis] = plan, first
             resized = resize_slices(sl, plan)
             tiles.extend((axis, k, resized[k]) for k in range(sl.shape[0]))
-        return plans, tiles
+        self.timings["resample"] += time.perf_counter() - t0
+        return plans, firsts, tiles
 
     def case_raw(self, array: np.ndarray, sink: Callable) -> tuple[dict, int]:
         """Run the encoder over every slice of every axis of one volume.
 
         Args:
             array: (X, Y, Z) float32 canonical volume.
-            sink: ``sink(axis, k, feats)`` receives the (C, nu, nv) float32 valid cells of slice k of axis.
+            sink: ``sink(axis, j, feats)`` receives the (C, nu, nv) float32 valid cells of the j-th
+                encoded slice of axis (slice ``first + j * slice_stride``).
 
         Returns:
-            ``({axis: SlicePlan}, number of slices)``.
+            ``({axis: SlicePlan}, {axis: first encoded slice}, number of slices encoded)``.
         """
-        plans, tiles = self._tiles(array)
+        plans, firsts, tiles = self._tiles(array)
         step = self.per_canvas * self.batch_size
+        clock = time.perf_counter
         for start in range(0, len(tiles), step):
             chunk = tiles[start:start + step]
-            feats = self.enc.run(pack_tiles([t[2] for t in chunk], self.tile, self.enc.input_size))
+            t0 = clock()
+            canvases = pack_tiles([t[2] for t in chunk], self.tile, self.enc.input_size)
+            t1 = clock()
+            feats = self.enc.run(canvases)
+            t2 = clock()
             for t, (axis, k, _) in enumerate(chunk):
                 sink(axis, k, tile_cells(feats, t, self.tile, self.enc.cell, plans[axis]))
-        return plans, len(tiles)
+            self.timings["pack"] += t1 - t0
+            self.timings["onnx"] += t2 - t1
+            self.timings["reduce"] += clock() - t2
+        return plans, firsts, len(tiles)
 
     def encode_case(self, array: np.ndarray, basis: np.ndarray | None):
         """Features of one volume.
@@ -216,8 +253,9 @@ class _Encoding:
             basis: (C_encoder, C) float32 projection, or None to keep the encoder's channels.
 
         Returns:
-            ``(grids, maps, n_slices)``: grids {axis: float16 (C, a, b, c), the slice index at
-            position 1 + axis}; maps {axis: (offset [3], step [3])}, cell index -> canonical voxel.
+            ``(grids, maps, n_slices)``: grids {axis: float16 (C, a, b, c), the encoded slice's index
+            at position 1 + axis}; maps {axis: (offset [3], step [3])}, cell index -> canonical voxel
+            (along the slicing axis: offset = first encoded slice, step = ``slice_stride``).
         """
         out: dict[int, np.ndarray] = {}
         C = basis.shape[1] if basis is not None else self.enc.channels
@@ -225,18 +263,20 @@ class _Encoding:
 
         def sink(axis, k, f):
             if axis not in out:  # in-plane cell counts are constant per axis: allocate on the first slice
-                out[axis] = np.empty((C, array.shape[axis]) + f.shape[1:], np.float16)
+                n_enc = strided_slices(array.shape[axis], self.slice_stride)[1]
+                out[axis] = np.empty((C, n_enc) + f.shape[1:], np.float16)
             if basis32 is not None:
                 f = np.tensordot(basis32, f, axes=([0], [0]))
             out[axis][:, k] = f
 
-        plans, n = self.case_raw(array, sink)
+        plans, firsts, n = self.case_raw(array, sink)
         grids, maps = {}, {}
         for axis in self.axes:
             grids[axis] = np.ascontiguousarray(np.moveaxis(out[axis], 1, 1 + axis))
             (ou, ov), (su, sv) = plans[axis].mapping()
             others = [d for d in range(3) if d != axis]
             offset, stepv = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+            offset[axis], stepv[axis] = float(firsts[axis]), float(self.slice_stride)
             offset[others[0]], offset[others[1]] = ou, ov
             stepv[others[0]], stepv[others[1]] = su, sv
             maps[axis] = (offset, stepv)
@@ -331,7 +371,8 @@ def _choose_tile(s: EncodeSettings, enc, ds, red_case: str, chosen: list, existi
 def _new_config(s: EncodeSettings, enc, tile: int, red_case: str) -> dict:
     channels = int(min(s.channels, enc.channels)) if s.channels else enc.channels
     return {
-        "format": 1,
+        "format": STORE_FORMAT,
+        "storage": s.storage,
         "package": f"semisam-o1 {__version__}",
         "encoder": enc.signature(),
         "preprocessing": {
@@ -343,6 +384,7 @@ def _new_config(s: EncodeSettings, enc, tile: int, red_case: str) -> dict:
         "packing": {"tile": tile, "per_canvas": (enc.input_size // tile) ** 2},
         "reduction": {"method": "uncentred-pca", "channels": channels, "case": red_case} if s.channels else None,
         "axes": list(s.axes),
+        **({"slice_stride": int(s.slice_stride)} if s.slice_stride != 1 else {}),  # stores of stride 1 keep their signature
         "channels": channels,
         "command": command_line("encode", s),
     }
@@ -551,7 +593,7 @@ def _encode_one(case: str, plan: _Plan, job: _Encoding, store: _Store, input_has
     meta = {"case": case, "image": str(plan.dataset.image_path(case)), "input_sha256": input_hash[case],
             "voxel_shape": list(vol.shape), "affine": vol.affine.tolist(), "axes": list(job.axes),
             "store_signature": store.signature, "slices": n, "seconds": round(dt, 3)}
-    write_case(plan.root, case, grids, maps, meta)
+    write_case(plan.root, case, grids, maps, meta, storage=plan.config["storage"])
     return n, dt
 
 
@@ -620,7 +662,7 @@ def encode(settings: EncodeSettings) -> dict:
         import torch  # the slice resize runs in torch
 
         torch.set_num_threads(int(s.threads))
-    job = _Encoding(plan.enc, plan.tile, s.axes, s.batch_size, s.window)
+    job = _Encoding(plan.enc, plan.tile, s.axes, s.batch_size, s.window, s.slice_stride)
     store = _Store(plan)
     first, t_fit = None, 0.0
     if store.config is None and todo and s.channels:

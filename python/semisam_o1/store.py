@@ -8,17 +8,24 @@ Layout of a store folder::
     reduction.npy              (C_encoder, C) float32 projection basis (when channels are reduced)
     cases/<case>/meta.json     per case: input file hash, voxel shape, canonical affine, per axis
                                the grid shape and its cell -> voxel mapping, the store signature
-    cases/<case>/axis<a>.npy   float16 (C, a, b, c) features on axis a's feature-cell grid
+    cases/<case>/axis<a>.npy   (C, a, b, c) features on axis a's feature-cell grid: int8 with one
+                               scale per channel in meta.json (format 2, ``storage`` int8: value =
+                               scale[c] * q, scale[c] = max |x_c| / 127 over the file), or float16
+                               (format 1, and format 2 with ``storage`` float16)
 
 A case folder is written under a temporary name and renamed into place when complete, so a
 case is either absent or finished; :meth:`FeatureStore.check_case` verifies its files (a file
 damaged afterwards, e.g. cut short by a copy, is found before ``encode`` skips the case). ``.npy`` files are memory-mapped on load (no copy), which is
 what the C++ core needs.
 
-Grid of axis ``a``: the 2D encoder ran on the slices ``index a = k``; the grid has one cell per
-slice along ``a`` (step 1 voxel, offset 0) and the encoder's feature cells in-plane. Cell index
-``i`` (3-vector) maps to canonical voxel coordinate ``offset + step * i`` (voxel centres at
-integers), see :meth:`CaseFeatures.cell_to_voxel`.
+Grid of axis ``a``: the 2D encoder ran on the slices ``index a = first + stride * j``; the grid has
+one cell per encoded slice along ``a`` (step ``stride`` voxels, offset ``first``; 1 and 0 without
+``--slice-stride``) and the encoder's feature cells in-plane. Cell index ``i`` (3-vector) maps to
+canonical voxel coordinate ``offset + step * i`` (voxel centres at integers), see
+:meth:`CaseFeatures.cell_to_voxel`.
+
+Formats: 1 (float16 files, every store written before int8 storage) and 2 (``storage`` in
+store.json says the files' dtype) are both read; any other is refused with one line.
 """
 
 from __future__ import annotations
@@ -37,13 +44,35 @@ import numpy as np
 
 from .errors import InputError
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
+READ_FORMATS = (1, 2)
+STORAGE_DTYPES = ("int8", "float16")
 CONFIG_FILE = "store.json"
 REDUCTION_FILE = "reduction.npy"
 CASES_DIR = "cases"
 
 
 UNSIGNED_KEYS = ("signature", "created", "notes", "command")
+
+
+def quantise_int8(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 quantisation of a (C, ...) feature grid.
+
+    Returns:
+        ``(q, scale)``: int8 (C, ...) ``round(x / scale[c])`` clipped to [-127, 127], and float32
+        (C,) ``scale[c] = max |x_c| / 127`` (1 for an all-zero channel), so that
+        ``|scale[c] * q - x| <= scale[c] / 2``.
+    """
+    g = np.asarray(grid, np.float32)
+    scale = (np.abs(g.reshape(g.shape[0], -1)).max(1) if g.size else np.zeros(g.shape[0])) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(g / scale.reshape(-1, *([1] * (g.ndim - 1)))), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _file_dtype(am: dict) -> np.dtype:
+    """The dtype an axis entry of meta.json says its file holds (float16 when it says none: format 1)."""
+    return np.dtype(am.get("dtype", "float16"))
 
 
 def config_signature(config: dict) -> str:
@@ -81,8 +110,13 @@ class CaseFeatures:
         except KeyError:
             raise InputError(f"case {self.case}: axis {axis} was not encoded (axes: {self.axes})") from None
 
-    def grid(self, axis: int) -> np.ndarray:
-        """float16 (C, a, b, c) features on ``axis``'s feature-cell grid, memory-mapped (read-only)."""
+    def stored(self, axis: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``axis``'s file as stored: ``(array (C, a, b, c) memory-mapped read-only, int8 or float16;
+        scale (C,) float32 for int8, else None)``; features = ``scale[c] * array[c]``.
+
+        Raises:
+            InputError: the file cannot be read or is not the shape / dtype meta.json says.
+        """
         axis = int(axis)
         if axis not in self._grids:
             am = self._axis_meta(axis)
@@ -91,11 +125,26 @@ class CaseFeatures:
                 arr = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:
                 raise InputError(f"case {self.case}: cannot read {path} ({exc})") from None
-            if list(arr.shape) != list(am["shape"]) or arr.dtype != np.float16:
+            want = _file_dtype(am)
+            if list(arr.shape) != list(am["shape"]) or arr.dtype != want:
                 raise InputError(f"case {self.case}: {path} has shape {arr.shape} {arr.dtype}, "
-                                 f"expected {tuple(am['shape'])} float16")
-            self._grids[axis] = arr
+                                 f"expected {tuple(am['shape'])} {want}")
+            scale = None
+            if want == np.int8:
+                scale = np.asarray(am.get("scale", ()), np.float32)
+                if scale.shape != (arr.shape[0],):
+                    raise InputError(f"case {self.case}: {self.folder / 'meta.json'}: axis {axis} needs "
+                                     f"{arr.shape[0]} channel scales, has {scale.size}")
+            self._grids[axis] = (arr, scale)
         return self._grids[axis]
+
+    def grid(self, axis: int) -> np.ndarray:
+        """float16 (C, a, b, c) features on ``axis``'s feature-cell grid: the memory-mapped file
+        (read-only) of a float16 store, ``scale[c] * q`` of an int8 one (a copy on the cell grid)."""
+        arr, scale = self.stored(axis)
+        if scale is None:
+            return arr
+        return (arr.astype(np.float32) * scale.reshape(-1, 1, 1, 1)).astype(np.float16)
 
     def cell_to_voxel(self, axis: int) -> tuple[np.ndarray, np.ndarray]:
         """(offset (3,), step (3,)) float64: cell index i -> canonical voxel coordinate offset + step * i."""
@@ -115,7 +164,10 @@ class CaseFeatures:
         parts = []
         scale = 1.0 / np.sqrt(len(axes))
         for axis in axes:
-            f = voxel_features(self.grid(axis), *self.cell_to_voxel(axis), self.voxel_shape)
+            arr, channel_scale = self.stored(axis)  # int8 scales commute with the (linear) interpolation
+            f = voxel_features(arr, *self.cell_to_voxel(axis), self.voxel_shape)
+            if channel_scale is not None:
+                f *= channel_scale.reshape(-1, 1, 1, 1)
             norm = np.sqrt(np.einsum("cxyz,cxyz->xyz", f, f))
             f *= (scale / np.maximum(norm, 1e-12))[None]
             parts.append(f)
@@ -165,6 +217,10 @@ class FeatureStore:
             self.config = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot parse ({exc})") from None
+        fmt = self.config.get("format", 1) if isinstance(self.config, dict) else None
+        if fmt not in READ_FORMATS:
+            raise InputError(f"{path}: feature store format {fmt} is not one this version reads "
+                             f"({', '.join(map(str, READ_FORMATS))}); re-encode it with this version")
         self.signature = self.config.get("signature") or config_signature(self.config)
 
     @property
@@ -204,7 +260,8 @@ class FeatureStore:
         """What is wrong with the finished files of ``case`` (None when nothing is).
 
         Each axis file named in its meta.json must open as a memory-mapped ``.npy`` with the
-        shape meta.json records and dtype float16, and every axis of ``axes`` (default: the
+        shape and dtype meta.json records (float16 when it names none; int8 with one scale per
+        channel), and every axis of ``axes`` (default: the
         store's) must be there. Cheap: only the ``.npy`` headers are read.
 
         Returns:
@@ -226,8 +283,11 @@ class FeatureStore:
                 arr = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:
                 return f"{path}: cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-            if list(arr.shape) != list(am["shape"]) or arr.dtype != np.float16:
-                return f"{path}: holds {arr.dtype} {tuple(arr.shape)}, meta.json says float16 {tuple(am['shape'])}"
+            want = _file_dtype(am)
+            if list(arr.shape) != list(am["shape"]) or arr.dtype != want:
+                return f"{path}: holds {arr.dtype} {tuple(arr.shape)}, meta.json says {want} {tuple(am['shape'])}"
+            if want == np.int8 and len(am.get("scale", ())) != arr.shape[0]:
+                return f"{folder / 'meta.json'}: axis {axis} has {len(am.get('scale', ()))} channel scales, not {arr.shape[0]}"
         return None
 
     def load(self, case: str) -> CaseFeatures:
@@ -332,17 +392,21 @@ def write_reduction(root: str | os.PathLike, basis: np.ndarray) -> np.ndarray:
     return np.load(path)
 
 
-def write_case(store_root: str | os.PathLike, case: str, grids: dict, maps: dict, meta: dict) -> None:
+def write_case(store_root: str | os.PathLike, case: str, grids: dict, maps: dict, meta: dict,
+               storage: str = "float16") -> None:
     """Write one case folder atomically (temporary folder + rename), replacing an older one.
 
     Args:
         store_root: the store folder.
         case: case id.
-        grids: {axis: (C, a, b, c) float16 features on that axis's cell grid}.
+        grids: {axis: (C, a, b, c) features on that axis's cell grid} (float16 or float32).
         maps: {axis: (offset (3,), step (3,))}: cell index i -> canonical voxel offset + step * i.
         meta: the case's meta.json fields (``case``, ``voxel_shape``, ``affine``, ``axes``,
             ``store_signature``, input hash ...); ``grids`` is filled in here.
+        storage: ``"float16"``, or ``"int8"`` (:func:`quantise_int8`, the scales in meta.json).
     """
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage {storage!r}: choose one of {STORAGE_DTYPES}")
     cases_dir = Path(store_root) / CASES_DIR
     cases_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case}-", dir=cases_dir))
@@ -351,10 +415,13 @@ def write_case(store_root: str | os.PathLike, case: str, grids: dict, maps: dict
         meta["grids"] = {}
         for axis, g in grids.items():
             name = f"axis{axis}.npy"
-            np.save(tmp / name, np.ascontiguousarray(g, dtype=np.float16))
-            meta["grids"][str(axis)] = {"file": name, "shape": list(g.shape),
-                                        "offset": [float(x) for x in maps[axis][0]],
-                                        "step": [float(x) for x in maps[axis][1]]}
+            entry = {"file": name, "shape": list(g.shape), "offset": [float(x) for x in maps[axis][0]],
+                     "step": [float(x) for x in maps[axis][1]]}
+            if storage == "int8":
+                g, scale = quantise_int8(g)
+                entry.update(dtype="int8", scale=[float(x) for x in scale])
+            np.save(tmp / name, np.ascontiguousarray(g, dtype=np.int8 if storage == "int8" else np.float16))
+            meta["grids"][str(axis)] = entry
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         os.chmod(tmp, 0o755)
         final = cases_dir / case
