@@ -1,0 +1,176 @@
+"""`run` validates every input before any stage starts (semisam_o1.validate): each bad input is one
+line naming the file, exit 2, and no work folder; the feature-store size estimate against a store
+that encode really wrote; the free-disk check (a monkeypatched shutil.disk_usage and a small tmpfs).
+
+Runs ``semisam_o1.cli.main`` in-process on a damaged copy of the ``cohort`` fixture (real
+Hippocampus cases, or the synthetic cohort)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import helpers
+from semisam_o1 import cli, validate
+
+
+def _copy_cohort(cohort, root: Path) -> Path:
+    """A copy of the cohort's files (template, pool, test) that a test may damage."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    shutil.copy(cohort.root / "dataset.json", root)
+    for case in [cohort.template, *cohort.unlabeled, *cohort.test]:
+        shutil.copy(cohort.root / "imagesTr" / f"{case}.nii.gz", root / "imagesTr")
+        shutil.copy(cohort.root / "labelsTr" / f"{case}.nii.gz", root / "labelsTr")
+    return root
+
+
+def _run_main(capsys, root: Path, split: Path, work: Path) -> str:
+    """``semisam-o1 run`` in-process; asserts exit 2 and one stderr line (warnings aside), returns it."""
+    rc = cli.main(["run", "-i", str(root), "--split", str(split), "-o", str(work), "--preset", "quick", "--quiet"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "warning" not in line]
+    assert rc == 2, err
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _rewrite(path: Path, change) -> None:
+    """Rewrite a NIfTI file with ``change(data)`` applied, same affine."""
+    img = nib.load(str(path))
+    data = change(np.asarray(img.dataobj))
+    nib.save(nib.Nifti1Image(data, img.affine), str(path))
+
+
+def _nan(data):
+    data = data.astype(np.float32)
+    data[1, 2, 3] = np.nan
+    return data
+
+
+def _undeclared(data):
+    data = data.copy()
+    data[tuple(np.argwhere(data > 0)[0])] = 7  # dataset.json declares 0, 1, 2
+    return data
+
+
+FAULTS = {  # fault -> (file to damage: (folder, which case), change or None for a cut file, words of the line)
+    "corrupt pool image": (("imagesTr", "pool"), None, ""),
+    "template label off its image": (("labelsTr", "template"), lambda d: d[:-2], "shape"),
+    "empty template label": (("labelsTr", "template"), np.zeros_like, "no foreground"),
+    "template label with a class not in dataset.json": (("labelsTr", "template"), _undeclared, "7"),
+    "NaN in a test image": (("imagesTr", "test"), _nan, "NaN"),
+    "test label off its image": (("labelsTr", "test"), lambda d: d[:, :-1], "shape"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_run_checks_inputs_before_writing(tmp_path, cohort, capsys, fault):
+    """A corrupt pool image, a template label on another grid, without foreground or with an
+    undeclared class, a NaN voxel in a test image, a test label on another grid: one line naming the
+    file, exit 2, and no work folder (nothing encoded first)."""
+    root = _copy_cohort(cohort, tmp_path / "ds")
+    (folder, which), change, words = FAULTS[fault]
+    case = {"pool": cohort.unlabeled[1], "template": cohort.template, "test": cohort.test[-1]}[which]
+    bad = root / folder / f"{case}.nii.gz"
+    if change is None:
+        bad.write_bytes(bad.read_bytes()[:300])
+    else:
+        _rewrite(bad, change)
+    line = _run_main(capsys, root, cohort.split_file, tmp_path / "w")
+    assert str(bad) in line and words in line, line
+    assert not (tmp_path / "w").exists()
+
+
+def test_run_refuses_a_test_case_without_label(tmp_path, cohort, capsys):
+    root = _copy_cohort(cohort, tmp_path / "ds")
+    (root / "labelsTr" / f"{cohort.test[0]}.nii.gz").unlink()
+    line = _run_main(capsys, root, cohort.split_file, tmp_path / "w")
+    assert f"{cohort.test[0]}.nii.gz" in line and "scored" in line
+    assert not (tmp_path / "w").exists()
+
+
+def test_run_refuses_too_little_free_disk(tmp_path, cohort, capsys, monkeypatch):
+    """A file system with less room than the feature store needs (shutil.disk_usage says 1 MB free):
+    one line with the folder, the needed and the free bytes; no work folder."""
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(validate.shutil, "disk_usage",
+                        lambda p: usage(10**9, 10**9 - 10**6, 10**6) if str(p).startswith(str(tmp_path)) else real(p))
+    work = tmp_path / "w"
+    line = _run_main(capsys, cohort.root, cohort.split_file, work)
+    assert line.startswith(f"semisam-o1 run: error: {work}: not enough free disk")
+    assert "(1000000 bytes) free" in line and str(tmp_path) in line
+    needed = int(line.split("need about ")[1].split("(")[1].split(" bytes")[0])
+    assert needed > 10**6
+    assert not work.exists()
+
+
+def test_free_disk_check_on_a_small_filesystem(tmp_path, cohort):
+    """The same check against a real 1 MiB tmpfs (root only; skipped elsewhere)."""
+    from semisam_o1.errors import InputError
+    from semisam_o1.io import Dataset
+
+    with helpers.small_filesystem(tmp_path / "fs", 1024) as fs:
+        with pytest.raises(InputError, match="not enough free disk") as exc:
+            validate.validate_run(Dataset(cohort.root), cohort.template, cohort.unlabeled[:3], cohort.test,
+                                  fs.path / "work", rounds=1, quiet=True)
+        assert str(fs.path) in str(exc.value)
+        assert list(fs.path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def pool_store(tmp_path_factory, cohort):
+    """A feature store encode really wrote: the pooling ONNX encoder (4x4 average pooling of the 256 px
+    canvas: LiteMedSAM's canvas and cell, 3 channels) reduced to 2 channels, on template + 2 pool cases."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from semisam_o1.encode import EncodeSettings, encode
+
+    root = tmp_path_factory.mktemp("vstore")
+    node = helper.make_node("AveragePool", ["image"], ["features"], kernel_shape=[4, 4], strides=[4, 4])
+    graph = helper.make_graph(
+        [node], "pool", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 256, 256])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 3, 64, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(root / "pool.onnx"))
+    cases = (cohort.template, *cohort.unlabeled[:2])
+    encode(EncodeSettings(input=cohort.root, output=root / "features", cases=cases, encoder="onnx",
+                          checkpoint=root / "pool.onnx", channels=2, quiet=True, threads=2))
+    return root / "features", cases
+
+
+def test_store_estimate_matches_a_written_store(pool_store, cohort):
+    """estimate_store_bytes from the images' headers and encode's settings against the bytes of a store
+    encode wrote (per-case grids exactly; meta.json and the records within their allowance)."""
+    from semisam_o1.io import Dataset, canonical_shape
+    from semisam_o1.store import FeatureStore
+
+    features, cases = pool_store
+    ds = Dataset(cohort.root)
+    shapes = {c: canonical_shape(ds.image_path(c)) for c in cases}
+    geo = validate.StoreGeometry(input_size=256, cell=4, raw_channels=3, channels=2, axes=(0, 1, 2))
+    tile = validate.auto_tile(shapes[cohort.template], geo)
+    assert tile == json.loads((features / "store.json").read_text())["packing"]["tile"]
+    for c in cases:  # the grids: exact
+        grids = sum((features / "cases" / c / f"axis{a}.npy").stat().st_size for a in range(3))
+        assert validate.case_store_bytes(shapes[c], tile, geo) - validate.META_BYTES == grids
+        assert (features / "cases" / c / "meta.json").stat().st_size <= validate.META_BYTES
+    est = validate.estimate_store_bytes(shapes, shapes[cohort.template], geo)
+    real = FeatureStore(features).size_bytes()
+    assert real <= est <= real + validate.RECORD_BYTES + len(cases) * validate.META_BYTES
+
+
+def test_run_store_geometry_is_the_run_store():
+    """run's store: LiteMedSAM (256 px canvas, 4 px cells, 800 channels of stage1-3) reduced to
+    encode's default 64 channels on the three axes (the values store.json records)."""
+    geo = validate.run_store_geometry()
+    assert (geo.input_size, geo.cell, geo.raw_channels, geo.stored_channels, geo.axes) == (256, 4, 800, 64, (0, 1, 2))
+    assert validate.auto_tile((35, 51, 35), geo) == 128 and validate.auto_tile((320, 320, 88), geo) == 256
