@@ -11,10 +11,11 @@ with the local engine; only a small summary per case (slices and seconds, or the
 comes back to the driver. The driver decides which cases are left to do (the stage's resume
 logic) and sends only those.
 
-Cluster: ``--ray-address`` unset starts a local Ray instance for the call (and shuts it down
-afterwards); ``auto`` or ``HOST:PORT`` joins a running cluster (``ray start``), whose machines
-must see the dataset and the output folder at the same paths and have semisam-o1 installed. A
-process that is already connected (``ray.init`` called by the caller) is used as it is.
+Cluster: ``--ray-address`` unset starts a new local Ray instance for the call (and shuts it down
+afterwards); ``auto`` (``$RAY_ADDRESS``, else the cluster ``ray start`` runs on this machine) or
+``HOST:PORT`` joins a running cluster, whose machines must see the dataset and the output folder
+at the same paths and have semisam-o1 installed. A process that is already connected
+(``ray.init`` called by the caller) is used as it is.
 
 Sizing: ``--threads T`` is the CPU threads of each actor (ONNX Runtime intra-op and torch
 threads); ``--workers N`` the number of actors. Defaults: N = the cluster's CPUs // T (T = 1
@@ -43,9 +44,9 @@ class EngineOptions(Checked):
 
     engine: str = option("local", "local: this process; ray: Ray actors, one model load per actor, each "
                          "writing its cases into the same output", choices=ENGINES, neutral=True)
-    ray_address: str | None = option(None, "Ray cluster to join: auto (the one `ray start` runs on this machine) or "
-                                     "HOST:PORT (default: start a local one for this call)", metavar="ADDR",
-                                     neutral=True)
+    ray_address: str | None = option(None, "Ray cluster to join: auto ($RAY_ADDRESS, else the one `ray start` runs "
+                                     "on this machine) or HOST:PORT (default: start a new local one for this call)",
+                                     metavar="ADDR", neutral=True)
     workers: int | None = option(None, "Ray actors (default: the cluster's CPUs // --threads, or its GPUs)",
                                  type=int, metavar="N", neutral=True)
 
@@ -173,8 +174,8 @@ def _connect(ray, settings) -> bool:
         cpus = os.cpu_count() or 1
         asked = (settings.workers or 1) * (settings.threads or 1)
         kwargs.update(num_cpus=max(cpus, asked), include_dashboard=False)
-    try:
-        ray.init(address=settings.ray_address, **kwargs)
+    try:  # "local": a new instance even where `ray start` runs or RAY_ADDRESS is set
+        ray.init(address=settings.ray_address or "local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise InputError(f"--ray-address {settings.ray_address}: cannot connect ({_first_line(exc)})") from None
     return True

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .engine import EngineOptions
 from .settings import ComputeOptions, check_range, command_line, option
 
 # Presets of the whole loop: cohort size, rounds, UNet preset (semisam_o1.nets.PRESETS) and
@@ -53,7 +54,7 @@ SETTINGS_JSON = "run.json"
 
 
 @dataclasses.dataclass(kw_only=True)
-class RunSettings(ComputeOptions):
+class RunSettings(ComputeOptions, EngineOptions):
     """Settings of ``semisam-o1 run``; None fields take the preset's value."""
 
     input: Path | None = option(None, "MSD / nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json); or "
@@ -289,13 +290,18 @@ def _compute(settings: RunSettings) -> dict:
     return dict(device=settings.device, threads=settings.threads, quiet=settings.quiet)
 
 
+def _engine(settings: RunSettings) -> dict:
+    """The --engine options, for the stages that take them (encode, predict: semisam_o1.engine)."""
+    return dict(engine=settings.engine, ray_address=settings.ray_address, workers=settings.workers)
+
+
 def _encode(stages: Stages, s: RunSettings, cohort: Cohort, work: Path) -> Path:
     from . import encode
 
     feats = work / "features"
     stages.call("encode", "encode", encode,
                 encode.SETTINGS(input=s.input, output=feats, cases=(cohort.template, *cohort.unlabeled),
-                                **_compute(s)), feats)
+                                **_compute(s), **_engine(s)), feats)
     return feats
 
 
@@ -348,7 +354,7 @@ def _predict(stages: Stages, s: RunSettings, name: str, model: Path, out: Path, 
 
     stages.call(name, "predict", predict,
                 predict.SETTINGS(input=s.input, model=model, output=out, cases=tuple(cases), class_planes=rule,
-                                 **_compute(s)), out)
+                                 **_compute(s), **_engine(s)), out)
 
 
 def _refine(stages: Stages, s: RunSettings, cohort: Cohort, r: int, feats: Path, rule: Path | None) -> None:

@@ -67,11 +67,12 @@ def _flags(f: dataclasses.Field) -> tuple[str, ...]:
 
 
 def _cli_fields(cls) -> list[dataclasses.Field]:
-    """The command-line fields of ``cls``: the stage's own and the cases first, --device /
-    --threads / --quiet last (the order of ``--help``)."""
+    """The command-line fields of ``cls``: the stage's own and the cases first, then --engine /
+    --ray-address / --workers (:mod:`semisam_o1.engine`), --device / --threads / --quiet last
+    (the order of ``--help``)."""
     fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False)]
-    compute = {"device", "threads", "quiet"}
-    return sorted(fields, key=lambda f: f.name in compute)
+    late = ("engine", "ray_address", "workers", "device", "threads", "quiet")
+    return sorted(fields, key=lambda f: late.index(f.name) + 1 if f.name in late else 0)
 
 
 def add_options(parser: argparse.ArgumentParser, cls) -> None:
