@@ -122,11 +122,14 @@ __all__ = [
     "pseudo_label",
     "method_params",
     "largest_component",
+    "registered_positions",
+    "case_label",
 ]
 
 METHODS = ("knn", "prototype")
 COORDS = ("extent", "mm")
 CLASS_PLANES = ("auto", "off")
+PRIORS = ("none", "registration", "position", "choose")
 
 # --------------------------------------------------------------------------- settings
 
@@ -165,6 +168,12 @@ class MethodOptions(Checked):
     smooth: float = option(1.0, "Gaussian smoothing (sigma, voxels) of the class scores before the argmax; "
                            "0: none")
     seed: int = option(0, "seed of the background sample (knn) and of k-means (prototype)")
+    prior: str = option("none", "where a case voxel sits, for the position term: none: its normalised box "
+                        "coordinates; registration: no vote, the template's label warped to the case by ANTs SyN "
+                        "(semisam_o1.registration); position: knn with the voxel's position taken in the "
+                        "template's frame through that warp (no recentring); choose: per case, the label-free "
+                        "choice between the position and registration labels (benchmarks/propagate.md). Warps "
+                        "are cached in OUTPUT/registration/", choices=PRIORS)
 
     def __post_init__(self):
         super().__post_init__()
@@ -181,6 +190,10 @@ class MethodOptions(Checked):
         check_range("prototypes_per_class", self.prototypes_per_class, 1)
         check_range("background_prototypes", self.background_prototypes, 1)
         check_range("smooth", self.smooth, 0)
+        if self.prior not in PRIORS:
+            raise InputError(f"--prior {self.prior}: choose one of {', '.join(PRIORS)}")
+        if self.prior in ("position", "choose") and self.method != "knn":
+            raise InputError(f"--prior {self.prior}: needs --method knn (the position term is the kNN vote's)")
 
 
 def method_params(options: MethodOptions) -> dict:
@@ -352,17 +365,35 @@ def normalised_coords(shape: Sequence[int], mode: str = "extent", spacing: Seque
     ``mm``: p = (i - (n - 1) / 2) * spacing / scale_mm (scale_mm: the template's half-extent in mm).
     Returns three 1-D float32 arrays.
     """
-    out = []
-    for d in range(3):
-        n = int(shape[d])
-        i = np.arange(n, dtype=np.float64)
-        if mode == "extent":
-            out.append(((2 * i + 1) / n - 1).astype(np.float32))
-        elif mode == "mm":
-            out.append(((i - (n - 1) / 2) * float(spacing[d]) / float(scale_mm[d])).astype(np.float32))
-        else:
-            raise InputError(f"--coords must be 'extent' or 'mm', not {mode!r}")
-    return out
+    return [_normalise_index(np.arange(int(shape[d]), dtype=np.float64), int(shape[d]), mode, float(spacing[d]),
+                             None if scale_mm is None else float(scale_mm[d])) for d in range(3)]
+
+
+def _normalise_index(i: np.ndarray, n: int, mode: str, spacing: float, scale_mm: float | None) -> np.ndarray:
+    """:func:`normalised_coords` of (continuous) voxel indices ``i`` along an axis of ``n`` voxels."""
+    if mode == "extent":
+        return ((2 * i + 1) / n - 1).astype(np.float32)
+    if mode == "mm":
+        return ((i - (n - 1) / 2) * spacing / scale_mm).astype(np.float32)
+    raise InputError(f"--coords must be 'extent' or 'mm', not {mode!r}")
+
+
+def registered_positions(coords: np.ndarray, model: "TemplateModel") -> np.ndarray:
+    """Normalised positions of a case's voxels in the template's frame (``--prior position``).
+
+    Args:
+        coords: (X, Y, Z, 3) float32 template voxel coordinates of each case voxel (the registration's
+            :attr:`semisam_o1.registration.Warp.coords`).
+        model: the kNN template model (its coordinate mode, template shape and mm scale).
+
+    Returns:
+        (X, Y, Z, 3) float32: each voxel's template coordinate normalised as the bank's
+        (:func:`normalised_coords` of the template, continuous).
+    """
+    p, shape = model.params, model.template_shape
+    spacing = [2 * model.coord_scale_mm[d] / shape[d] for d in range(3)]
+    return np.stack([_normalise_index(coords[..., d].astype(np.float64), shape[d], p.coords, spacing[d],
+                                      model.coord_scale_mm[d]) for d in range(3)], -1)
 
 
 def augment_with_position(features: np.ndarray, coords: np.ndarray, weight: float, role: str,
@@ -478,6 +509,7 @@ class TemplateModel:
         fg_centroid: knn: (3,) normalised position of the template's foreground centroid.
         bank_norm: knn: the bank rows' common norm.
         coord_scale_mm: the template's half-extent in mm per axis (``--coords mm``).
+        template_shape: knn: the template's (X, Y, Z) shape.
     """
 
     method: str
@@ -492,6 +524,7 @@ class TemplateModel:
     fg_centroid: np.ndarray | None = None
     bank_norm: float | None = None
     coord_scale_mm: tuple[float, float, float] | None = None
+    template_shape: tuple[int, int, int] | None = None
 
 
 def _fg_check(label: np.ndarray, label_path) -> None:
@@ -596,6 +629,7 @@ def _build_knn_bank(model: TemplateModel, cf, label: np.ndarray, spacing, class_
     n_fg = int((label > 0).sum())
     f = feats.reshape(C, -1)[:, idx].T
     model.coord_scale_mm = tuple(float(n) * float(s) / 2 for n, s in zip(shape, spacing))
+    model.template_shape = tuple(int(n) for n in shape)
     cx, cy, cz = normalised_coords(shape, p.coords, spacing, model.coord_scale_mm)
     ii, jj, kk = np.unravel_index(idx, shape)
     pos = np.stack([cx[ii], cy[jj], cz[kk]], 1)
@@ -609,7 +643,7 @@ def _build_knn_bank(model: TemplateModel, cf, label: np.ndarray, spacing, class_
 
 
 def score_case(model: TemplateModel, cf, *, spacing: Sequence[float] = (1.0, 1.0, 1.0), device: str = "cpu",
-               threads: int | None = None) -> np.ndarray:
+               threads: int | None = None, positions: np.ndarray | None = None) -> np.ndarray:
     """Per-class scores of one case from its store entry ``cf``.
 
     prototype: the best prototype's cosine per class, trilinear to the voxel grid, mean
@@ -624,13 +658,15 @@ def score_case(model: TemplateModel, cf, *, spacing: Sequence[float] = (1.0, 1.0
         device: ``"cpu"`` or ``"cuda"`` (a :func:`semisam_o1.device.resolve_device` result): where
             the kernels run.
         threads: CPU threads of the kernels (default: all).
+        positions: knn: (X, Y, Z, 3) normalised positions of the case's voxels to use instead of its own
+            box coordinates (:func:`registered_positions`); no recentring then.
 
     Returns:
         (K, X, Y, Z) float32 on the case's canonical voxel grid.
     """
     if model.method == "prototype":
         return _score_prototypes(model, cf, device, threads)
-    return _score_knn(model, cf, spacing, device, threads)
+    return _score_knn(model, cf, spacing, device, threads, positions)
 
 
 def _score_prototypes(model: TemplateModel, cf, device: str, threads: int | None) -> np.ndarray:
@@ -688,7 +724,8 @@ def _vote_shares(model: TemplateModel, q: np.ndarray, positions: np.ndarray, dev
     return share
 
 
-def _score_knn(model: TemplateModel, cf, spacing, device: str, threads: int | None) -> np.ndarray:
+def _score_knn(model: TemplateModel, cf, spacing, device: str, threads: int | None,
+               positions: np.ndarray | None = None) -> np.ndarray:
     p, K = model.params, model.num_classes
     shape = tuple(int(s) for s in cf.voxel_shape)
     stride = max(1, int(p.query_stride))
@@ -696,11 +733,14 @@ def _score_knn(model: TemplateModel, cf, spacing, device: str, threads: int | No
     feats = cf.on_voxel_grid(axes=list(model.axes))
     C = feats.shape[0]
     q = feats[:, sub[0]][:, :, sub[1]][:, :, :, sub[2]].reshape(C, -1).T
-    cx, cy, cz = normalised_coords(shape, p.coords, spacing, model.coord_scale_mm)
-    gx, gy, gz = np.meshgrid(cx[sub[0]], cy[sub[1]], cz[sub[2]], indexing="ij")
-    pos = np.stack([gx.ravel(), gy.ravel(), gz.ravel()], 1)
+    if positions is None:
+        cx, cy, cz = normalised_coords(shape, p.coords, spacing, model.coord_scale_mm)
+        gx, gy, gz = np.meshgrid(cx[sub[0]], cy[sub[1]], cz[sub[2]], indexing="ij")
+        pos = np.stack([gx.ravel(), gy.ravel(), gz.ravel()], 1)
+    else:
+        pos = np.ascontiguousarray(positions[np.ix_(*sub)].reshape(-1, 3), dtype=np.float32)
     share = _vote_shares(model, q, pos, device, threads)
-    for _ in range(int(p.recentre) if p.position_weight > 0 else 0):
+    for _ in range(int(p.recentre) if p.position_weight > 0 and positions is None else 0):
         # translate the case's coordinates so that its predicted foreground centroid lands on the
         # template's foreground centroid, and vote again
         fgq = np.argmax(share, 1) > 0
@@ -783,6 +823,7 @@ class _Inputs:
     cases: list[str]
     axes: tuple[int, ...]
     signed: dict
+    registration: object = None  # a _Registration with --prior (set by propagate once the folder is open)
 
 
 def _open_inputs(s: PropagateSettings) -> _Inputs:
@@ -878,21 +919,109 @@ def _class_planes(s: PropagateSettings, inp: _Inputs, label: np.ndarray, out: Pa
     return rule
 
 
+@dataclass
+class _Registration:
+    """The template as ``--prior`` registers it (:mod:`semisam_o1.registration`), warps cached in
+    ``folder``; ITK runs on 1 thread, the only setting with reproducible warps (measured)."""
+
+    folder: Path
+    image: object  # semisam_o1.io.Volume
+    label: object  # semisam_o1.io.Volume (class indices)
+    label_map: object
+
+    def warp(self, case: str, img):
+        from .registration import cached_warp
+
+        return cached_warp(self.folder, self.image, self.label, case, img, self.label_map, threads=1)
+
+
+def _registration(s: PropagateSettings, inp: _Inputs, out: Path) -> _Registration | None:
+    if s.prior == "none":
+        return None
+    t_img = inp.ds.read_image(s.template)
+    return _Registration(out / "registration", t_img, inp.ds.read_label(s.template, reference=t_img),
+                         inp.ds.label_map)
+
+
+def case_label(model: TemplateModel, rule, cf, img, warp=None, *, device: str = "cpu",
+               threads: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One case's pseudo-label as ``propagate`` makes it, for every ``model.params.prior``.
+
+    Args:
+        model, rule: the template model and class-planes rule (or None).
+        cf: the case's store entry; img: its image (:class:`semisam_o1.io.Volume`).
+        warp: the template's :class:`semisam_o1.registration.Warp` to the case (any prior but none).
+
+    Returns:
+        (scores (K, X, Y, Z) float32 (registration: the warped label's one-hot), label (X, Y, Z) uint8,
+        what was chosen: ``{"source": "knn" | "registration"[, criterion values]}``).
+    """
+    prior = model.params.prior
+    if prior == "registration":
+        onehot = (warp.label[None] == np.arange(model.num_classes)[:, None, None, None]).astype(np.float32)
+        return onehot, warp.label.astype(np.uint8), {"source": "registration"}
+    positions = None if prior == "none" else registered_positions(warp.coords, model)
+    scores, lab = pseudo_label(score_case(model, cf, spacing=img.spacing, device=device, threads=threads,
+                                          positions=positions), model, rule)
+    if prior != "choose":
+        return scores, lab, {"source": "knn"}
+    return _choose(scores, lab, warp, img, model)
+
+
+def separation(image: np.ndarray, labels: Sequence[np.ndarray]) -> list[float]:
+    """Otsu's criterion (Otsu 1979) of each candidate label: the between-class share of the image's
+    intensity variance, eta^2 = n_f n_b (mu_f - mu_b)^2 / (n^2 var), foreground (any class > 0)
+    against background, over one region for all candidates: the bounding box of their foregrounds'
+    union, grown by half its extent on every side (clipped to the volume). A label that follows the
+    image's edges separates its intensities best. image: (X, Y, Z) float; labels: (X, Y, Z) each.
+    Returns one value in [0, 1] per label (0 for an empty one or a flat region)."""
+    union = np.any([np.asarray(lab) > 0 for lab in labels], 0)
+    if not union.any():
+        return [0.0] * len(labels)
+    box = []
+    for d, idx in enumerate(np.nonzero(union)):
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        grow = (hi - lo) // 2
+        box.append(slice(max(0, lo - grow), min(union.shape[d], hi + grow)))
+    x = np.asarray(image, np.float64)[tuple(box)]
+    var, out = x.var(), []
+    for lab in labels:
+        fg = np.asarray(lab)[tuple(box)] > 0
+        nf, n = int(fg.sum()), fg.size
+        if var <= 0 or nf in (0, n):
+            out.append(0.0)
+            continue
+        out.append(float(nf * (n - nf) * (x[fg].mean() - x[~fg].mean()) ** 2 / (n * n * var)))
+    return out
+
+
+def _choose(scores: np.ndarray, lab: np.ndarray, warp, img, model: TemplateModel):
+    """``--prior choose``: the kNN (registered positions) label or the registration's, whichever
+    separates the image's intensities better (:func:`separation`)."""
+    knn, reg = separation(img.array, [lab, warp.label])
+    chosen = {"knn_separation": round(knn, 5), "registration_separation": round(reg, 5)}
+    if reg > knn:
+        onehot = (warp.label[None] == np.arange(model.num_classes)[:, None, None, None]).astype(np.float32)
+        return onehot, warp.label.astype(np.uint8), {"source": "registration", **chosen}
+    return scores, lab, {"source": "knn", **chosen}
+
+
 def _label_case(s: PropagateSettings, inp: _Inputs, model: TemplateModel, rule, case: str, out: Path,
-                device: str) -> None:
-    """Score one case, turn the scores into its pseudo-label (smoothing, argmax, largest component,
-    class planes) and write it (and its scores with ``--save-scores``), atomically."""
+                device: str) -> dict:
+    """Score one case, turn the scores into its pseudo-label (:func:`case_label`) and write it (and its
+    scores with ``--save-scores``), atomically. Returns what :func:`case_label` chose."""
     from .io import write_label, write_map
 
     img = inp.ds.read_image(case)
     cf = inp.store.load(case)
     _check_grid(s, case, cf.voxel_shape, img.shape)
-    scores, lab = pseudo_label(score_case(model, cf, spacing=img.spacing, device=device, threads=s.threads),
-                               model, rule)
+    warp = None if inp.registration is None else inp.registration.warp(case, img)
+    scores, lab, chosen = case_label(model, rule, cf, img, warp, device=device, threads=s.threads)
     if s.save_scores:
         write_map(out / "scores" / f"{case}.nii.gz",
                   np.moveaxis(np.where(np.isfinite(scores), scores, -1.0), 0, -1), img)
     write_label(out / f"{case}.nii.gz", lab, img, inp.ds.label_map)
+    return chosen
 
 
 def _done(s: PropagateSettings, out: Path, case: str) -> bool:
@@ -934,17 +1063,19 @@ def propagate(settings: PropagateSettings) -> dict:
     record.start()
     out = record.folder
     rule = _class_planes(s, inp, t_label, out)
+    inp.registration = _registration(s, inp, out)
     todo = [c for c in inp.cases if not (reuse and _done(s, out, c))]
-    seconds = []
+    seconds, chosen = [], {}
     for case in progress(todo, quiet=s.quiet, desc="propagate"):
         t0 = time.perf_counter()
-        _label_case(s, inp, model, rule, case, out, device)
+        chosen[case] = _label_case(s, inp, model, rule, case, out, device)
         seconds.append(time.perf_counter() - t0)
     summary = dict(written=len(todo), skipped=len(inp.cases) - len(todo), template=s.template, method=s.method,
                    params=method_params(s), axes=list(model.axes),
                    class_planes=None if rule is None else rule.to_json(inp.ds.label_map.names), device=device,
                    seconds=round(time.perf_counter() - t_start, 2),
-                   seconds_per_case=round(float(np.mean(seconds)), 3) if seconds else None)
+                   seconds_per_case=round(float(np.mean(seconds)), 3) if seconds else None,
+                   **({"chosen": chosen} if s.prior == "choose" else {}))
     record.finish(summary)
     if not s.quiet:
         print(f"propagate: {summary['written']} cases written, {summary['skipped']} already done, into {out} "
