@@ -95,8 +95,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()  # else an open bar redraws itself at exit, after this line
         print(f"semisam-o1 {args.command}: interrupted; finished outputs are kept, re-run to resume", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an interrupt left open (a stage's loop left by the exception)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":  # pragma: no cover
