@@ -64,6 +64,14 @@ used). ``--coords mm`` instead centres each volume and scales millimetres by
 the template's half-extent, so it keeps physical size but still assumes a
 common centre.
 
+**Registration prior** (``--prior``, :mod:`semisam_o1.registration`): the template is registered
+to each case by ANTs SyN (antspyx) and ``registration`` writes the warped template label alone;
+``position`` keeps the kNN vote but takes each case voxel's position in the template's frame
+through the warp (the bank's own normalised coordinates; no recentring); ``choose`` picks per case
+between those two labels by a label-free rule (:func:`separation`). Warps are cached in
+``OUTPUT/registration/`` (resumable). Measured on both datasets' 20 pool cases
+(benchmarks/propagate.md): not better than ``none``, which stays the default.
+
 Post-processing: ``--smooth SIGMA`` smooths each class's score map with a Gaussian
 before the argmax; ``--largest-component`` keeps the largest 26-connected
 component of every foreground class (other voxels of the class become
