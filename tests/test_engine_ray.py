@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -137,6 +138,7 @@ def _stderr_lines():
 @pytest.fixture(scope="module")
 def cluster(stores):
     """One local Ray cluster of 2 CPUs for the rest of the module (the engine uses a connected process as is)."""
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as the engine's own instance: not niced below the test
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
     yield
     ray.shutdown()
@@ -169,7 +171,7 @@ def test_engine_options_are_checked(data, conv_onnx, tmp_path):
 
 
 def test_ray_encode_refuses_more_than_the_cluster(data, conv_onnx, cluster, tmp_path):
-    with pytest.raises(InputError, match="needs 4 CPUs, the Ray cluster has 2"):
+    with pytest.raises(InputError, match=r"\(CPUs: 2\) have room for 1"):
         _encode(data, conv_onnx, tmp_path / "s", data["cases"], engine="ray", workers=2, threads=2)
 
 
@@ -206,3 +208,29 @@ def test_ray_predict_equals_local(data, model, cluster, tmp_path):
         assert ea.max() > ea.min()
         assert remote["entropy"][case] == pytest.approx(local["entropy"][case], abs=1e-6)
     assert len(labels) > 1  # the labels compared are not one constant value
+
+
+def test_workers_threads_and_gpus_from_the_cluster(data, tmp_path):
+    """engine._size: CPU actors fill the machines' CPUs; on a GPU cluster one GPU per actor; an actor
+    never spans machines."""
+    from semisam_o1.engine import _size
+
+    def s(**kw):
+        return EncodeSettings(input=data["root"], output=tmp_path / "x", engine="ray", **kw)
+
+    two = [{"CPU": 8.0}, {"CPU": 8.0}]  # two 8-CPU machines
+    gpus = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 2.0}]
+    assert _size(s(), two, 100) == (16, 1, 0)  # T = 1: one actor per CPU
+    assert _size(s(threads=3), two, 100) == (4, 3, 0)  # 8 // 3 = 2 per machine
+    assert _size(s(workers=4), two, 100) == (4, 4, 0)  # T = CPUs // N
+    assert _size(s(workers=1), two, 100) == (1, 8, 0)  # at most one machine's CPUs
+    assert _size(s(), two, 5) == (5, 1, 0)  # no more actors than cases
+    assert _size(s(device="cpu"), gpus, 100) == (24, 1, 0)  # --device cpu leaves the GPUs alone
+    assert _size(s(), gpus, 100) == (3, 8, 1)  # auto on a GPU cluster: one actor per GPU
+    assert _size(s(device="cuda", workers=2, threads=2), gpus, 100) == (2, 2, 1)
+    with pytest.raises(InputError, match=r"\(GPUs: 1, 2\) have room for 3"):
+        _size(s(workers=4), gpus, 100)
+    with pytest.raises(InputError, match=r"\(CPUs: 8, 8\) have room for 2"):
+        _size(s(workers=3, threads=5), two, 100)
+    with pytest.raises(InputError, match="the Ray cluster has no GPU"):
+        _size(s(device="cuda"), two, 100)

@@ -17,11 +17,15 @@ afterwards); ``auto`` (``$RAY_ADDRESS``, else the cluster ``ray start`` runs on 
 at the same paths and have semisam-o1 installed. A process that is already connected
 (``ray.init`` called by the caller) is used as it is.
 
+A local instance runs its actors at the caller's priority (``RAY_worker_niceness=0`` unless set;
+Ray's default, 15, starves them beside other jobs on a shared machine).
+
 Sizing: ``--threads T`` is the CPU threads of each actor (ONNX Runtime intra-op and torch
-threads); ``--workers N`` the number of actors. Defaults: N = the cluster's CPUs // T (T = 1
-when not given), or, with ``--workers`` given, T = the cluster's CPUs // N. On a GPU cluster
-(``--device cuda``, or ``auto`` when the cluster has GPUs) each actor holds one GPU
-(``num_gpus=1``) and N defaults to the cluster's GPUs. N is never more than the cases to do.
+threads, ``num_cpus=T``); ``--workers N`` the number of actors. Defaults: T = 1 and N = as many
+as the machines hold (sum over machines of CPUs // T); with ``--workers`` given, T = the
+cluster's CPUs // N (at most one machine's CPUs). On a GPU cluster (``--device cuda``, or
+``auto`` when the cluster has GPUs) each actor holds one GPU (``num_gpus=1``), N defaults to the
+cluster's GPUs and T to a GPU's share of its machine's CPUs. N is never more than the cases to do.
 """
 
 from __future__ import annotations
@@ -130,7 +134,8 @@ def _ray_cases(settings, cases: list[str], make_worker) -> Iterator[tuple[str, A
     started = _connect(ray, settings)
     actors = []
     try:
-        workers, threads, gpus = _size(settings, ray.cluster_resources(), len(cases))
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        workers, threads, gpus = _size(settings, nodes, len(cases))
         actor_settings = dataclasses.replace(settings, threads=threads, device="cpu" if not gpus else settings.device)
         remote = ray.remote(_Worker).options(num_cpus=threads, num_gpus=gpus)
         actors = [remote.remote(make_worker, actor_settings) for _ in range(workers)]
@@ -170,7 +175,10 @@ def _connect(ray, settings) -> bool:
         return False
     kwargs: dict[str, Any] = dict(log_to_driver=not settings.quiet, logging_level="warning")
     if settings.ray_address is None:
-        # a local instance: enough CPUs for what was asked, even beyond the cores (the user's choice)
+        # a local instance: its actors at this process's priority (Ray nices workers to 15 by default,
+        # which starves them beside other jobs on a shared machine), and enough CPUs for what was
+        # asked, even beyond the cores (the user's choice)
+        os.environ.setdefault("RAY_worker_niceness", "0")
         cpus = os.cpu_count() or 1
         asked = (settings.workers or 1) * (settings.threads or 1)
         kwargs.update(num_cpus=max(cpus, asked), include_dashboard=False)
@@ -181,33 +189,43 @@ def _connect(ray, settings) -> bool:
     return True
 
 
-def _size(settings, resources: dict, n_cases: int) -> tuple[int, int, int]:
+def _size(settings, nodes: Sequence[dict], n_cases: int) -> tuple[int, int, int]:
     """``(workers, threads per worker, GPUs per worker)`` for this cluster (module docstring).
+
+    An actor runs on one machine, so the threads default to what one machine can give and the
+    workers must fit the machines: machine i holds ``floor(CPU_i / T)`` CPU actors, or
+    ``min(GPU_i, floor(CPU_i / T))`` GPU actors.
 
     Args:
         settings: with ``workers``, ``threads`` and ``device``.
-        resources: ``ray.cluster_resources()`` (``CPU``, ``GPU`` counts).
+        nodes: each alive machine's Ray resources (``CPU``, ``GPU`` counts; ``ray.nodes()``).
         n_cases: cases to compute (no more workers than that).
 
     Raises:
-        InputError: the cluster lacks the CPUs or GPUs asked for.
+        InputError: the machines lack the CPUs or GPUs asked for.
     """
-    cpus = max(1, int(resources.get("CPU", 1)))
-    gpus = int(resources.get("GPU", 0))
-    if settings.device == "cuda" and gpus == 0:
+    cpu = [int(n.get("CPU", 0)) for n in nodes]
+    gpu = [int(n.get("GPU", 0)) for n in nodes]
+    if settings.device == "cuda" and not sum(gpu):
         raise InputError("--device cuda: the Ray cluster has no GPU (use --device cpu)")
-    if settings.device != "cpu" and gpus > 0:
-        workers = settings.workers or gpus
-        if workers > gpus:
-            raise InputError(f"--workers {workers}: one GPU per worker, the Ray cluster has {gpus}")
-        threads = settings.threads or max(1, cpus // workers)
-        return min(workers, n_cases), min(threads, max(1, cpus // workers)), 1
-    workers = settings.workers or max(1, cpus // (settings.threads or 1))
-    threads = settings.threads or max(1, cpus // workers)
-    if workers * threads > cpus:
-        raise InputError(f"--workers {workers} x --threads {threads}: needs {workers * threads} CPUs, the Ray "
-                         f"cluster has {cpus}")
-    return min(workers, n_cases), threads, 0
+    use_gpu = settings.device != "cpu" and sum(gpu) > 0
+    if use_gpu:  # one GPU per actor; its threads: the CPUs of a GPU's share of its machine
+        workers = settings.workers or sum(gpu)
+        threads = settings.threads or max(1, min(c // g for c, g in zip(cpu, gpu) if g))
+        fit = sum(min(g, c // threads) for c, g in zip(cpu, gpu))
+    else:
+        if settings.threads or not settings.workers:
+            threads = settings.threads or 1
+        else:
+            threads = max(1, min(max(cpu), sum(cpu) // settings.workers))
+        fit = sum(c // threads for c in cpu)
+        workers = settings.workers or max(1, fit)
+    if workers > fit:
+        what = "GPUs" if use_gpu else "CPUs"
+        have = ", ".join(f"{g if use_gpu else c}" for c, g in zip(cpu, gpu))
+        raise InputError(f"--workers {workers} x --threads {threads}: the Ray cluster's machines ({what}: {have}) "
+                         f"have room for {fit}")
+    return min(workers, n_cases), threads, int(use_gpu)
 
 
 # --------------------------------------------------------------------------- the stages' actors
