@@ -93,13 +93,20 @@ def _patched_cli(setup: str, *args) -> list[str]:
     return [sys.executable, "-c", code, *[str(a) for a in args]]
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, so Python turns it into KeyboardInterrupt even when
+    pytest itself runs in the background (a shell starts background jobs with SIGINT ignored, and an
+    ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(cmd: list[str], ready, tmp: Path, sig=signal.SIGINT, timeout: float = 600) -> tuple[int, str]:
     """Start ``cmd`` in its own process group, wait until ``ready()`` is true (polled every 20 ms),
     send ``sig`` to the whole group (a terminal's Ctrl-C reaches every process of the foreground
     group), and return ``(exit status, stderr)``."""
     err_path = tmp / f"stderr_{time.monotonic_ns()}.txt"
     with open(err_path, "wb") as err, open(os.devnull, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True,
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True, preexec_fn=_default_sigint,
                                 env=dict(os.environ, OMP_NUM_THREADS=THREADS))
         deadline = time.monotonic() + timeout
         try:
