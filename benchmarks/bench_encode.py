@@ -14,7 +14,7 @@ Hippocampus slices, all runs in one process with the same thread count:
 The slices are prepared and packed by the stage's own functions (:mod:`semisam_o1.encoders`'
 ``intensity_range`` / ``scale_volume`` / ``SlicePlan`` / ``resize_slices``, :func:`semisam_o1.encode.pack_tiles`
 and :func:`semisam_o1.encode.tile_cells`); the encoder is the one ``encode`` loads. Writes
-``benchmarks/results/encode.json`` (with the command) and prints a Markdown table (``benchmarks/encode.md``).
+the key ``packing`` of ``benchmarks/results/encode.json`` (with the command) and prints a Markdown table (``benchmarks/encode.md``).
 Run from the repository root::
 
     python -m benchmarks.bench_encode --threads 2 [--slices 16] [--write]
@@ -195,10 +195,11 @@ def main(argv=None) -> int:
         table.append(f"| {name} | {bs} | {v['slices_per_s']} |")
     print("\n".join(table))
     if args.write:
+        from semisam_o1.io import write_json_key
+
         out = REPO / "benchmarks" / "results" / "encode.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}")
+        write_json_key(out, "packing", result)  # the file's other keys: bench_encode_levers / _ort / _profile
+        print(f"wrote {out} (key packing)")
     return 0
 
 

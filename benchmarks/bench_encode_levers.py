@@ -13,7 +13,8 @@ after the fact and give the same features a cheaper encode would have written:
   benchmarks/encode.md);
 - ``channels``: keep the first k of the stored PCA channels (the basis is ordered by energy, so
   this is a k-channel reduction fitted on the same template);
-- ``dtype``: int8 with one scale per channel and axis file (max |x| / 127), dequantised on read.
+- ``dtype``: int8 with one scale per channel and axis file (:func:`semisam_o1.store.quantise_int8`),
+  read as the store reads it (``CaseFeatures.stored``).
 
 Each variant's round-0 pool labels come from propagate's own functions (the template model,
 ``score_case``, ``pseudo_label`` with the class-planes rule learned from the template), with
@@ -44,8 +45,9 @@ import numpy as np
 from semisam_o1 import class_planes as CP
 from semisam_o1 import propagate as P
 from semisam_o1.io import Dataset, atomic_path, write_json_key
+from semisam_o1.encode import strided_slices
 from semisam_o1.metrics import dice_per_class
-from semisam_o1.store import CaseFeatures, FeatureStore
+from semisam_o1.store import CaseFeatures, FeatureStore, quantise_int8
 
 
 def parse_variant(text: str) -> dict:
@@ -66,21 +68,6 @@ def parse_variant(text: str) -> dict:
     return v
 
 
-def strided_slices(n_slices: int, stride: int) -> tuple[int, int]:
-    """(first slice, count) of the centred every-``stride``-th selection of ``n_slices`` slices."""
-    m = (n_slices - 1) // stride + 1
-    return ((n_slices - 1) - stride * (m - 1)) // 2, m
-
-
-def quantise_int8(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(C, ...) -> (int8 (C, ...), float32 (C,) scale): symmetric per-channel, scale = max|x| / 127."""
-    g = np.asarray(grid, np.float32)
-    scale = np.abs(g.reshape(g.shape[0], -1)).max(1) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(g / scale.reshape(-1, *([1] * (g.ndim - 1)))), -127, 127).astype(np.int8)
-    return q, scale
-
-
 class VariantFeatures(CaseFeatures):
     """A store entry with a variant applied (see the module docstring); reads like CaseFeatures."""
 
@@ -92,30 +79,30 @@ class VariantFeatures(CaseFeatures):
         self._maps: dict = {}
         self.bytes = 0
 
-    def grid(self, axis: int) -> np.ndarray:
+    def stored(self, axis: int):
+        """The variant's (array, scale) as the store would hold it (int8 + per-channel scale, or float16)."""
         axis = int(axis)
         if axis not in self._grids:
-            g = super().grid(axis)
+            g, _ = CaseFeatures.stored(self, axis)  # the full store's float16 file
             if self.variant["channels"]:
                 g = g[: self.variant["channels"]]
             first, m = strided_slices(g.shape[1 + axis], self.variant["stride"])
             idx = [slice(None)] * 4
             idx[1 + axis] = slice(first, first + self.variant["stride"] * (m - 1) + 1, self.variant["stride"])
             g = np.ascontiguousarray(g[tuple(idx)])
+            scale = None
             if self.variant["dtype"] == "int8":
-                q, scale = quantise_int8(g)
-                self.bytes += q.nbytes + scale.nbytes
-                g = (q.astype(np.float32) * scale.reshape(-1, 1, 1, 1)).astype(np.float16)
-            else:
-                self.bytes += g.nbytes
+                g, scale = quantise_int8(g)
+                self.bytes += scale.nbytes
+            self.bytes += g.nbytes
             offset, step = super().cell_to_voxel(axis)
             offset[axis], step[axis] = float(first), float(self.variant["stride"])
             self._maps[axis] = (offset, step)
-            self._grids[axis] = g
+            self._grids[axis] = (g, scale)
         return self._grids[axis]
 
     def cell_to_voxel(self, axis: int):
-        self.grid(axis)
+        self.stored(axis)
         return tuple(a.copy() for a in self._maps[int(axis)])
 
 

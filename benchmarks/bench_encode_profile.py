@@ -71,7 +71,7 @@ def encoder_flops(layers, input_size: int) -> dict:
     return out
 
 
-def profile_case(ds, case: str, job, basis, out_dir: Path) -> dict:
+def profile_case(ds, case: str, job, basis, out_dir: Path, storage: str) -> dict:
     """Seconds per phase of one case, as ``encode`` runs it."""
     from semisam_o1.store import write_case
 
@@ -82,14 +82,26 @@ def profile_case(ds, case: str, job, basis, out_dir: Path) -> dict:
     t_read = time.perf_counter() - t0
     grids, maps, n = job.encode_case(vol.array, basis)
     t1 = time.perf_counter()
-    write_case(out_dir, case, grids, maps, {"case": case, "voxel_shape": list(vol.shape), "axes": list(job.axes)})
+    write_case(out_dir, case, grids, maps, {"case": case, "voxel_shape": list(vol.shape), "axes": list(job.axes)},
+               storage=storage)
     t_write = time.perf_counter() - t1
     split = {"read": t_read, **dict(job.timings), "write": t_write}
     total = sum(split.values())
     canv = -(-n // job.per_canvas)
-    return {"case": case, "shape": list(vol.shape), "slices": n, "canvases": canv,
+    nbytes = sum(f.stat().st_size for f in (out_dir / "cases" / case).iterdir())
+    return {"case": case, "shape": list(vol.shape), "slices": n, "canvases": canv, "case_bytes": nbytes,
             "seconds": {k: round(v, 3) for k, v in split.items()}, "total_seconds": round(total, 2),
             "share": {k: round(v / total, 4) for k, v in split.items()}}
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    """``"NAME tile=64 stride=2 storage=int8"`` -> (NAME, options); tile 0: the store's."""
+    name, *parts = text.split()
+    opts = {"tile": 0, "stride": 1, "storage": "float16"}
+    for part in parts:
+        k, _, v = part.partition("=")
+        opts[k] = v if k == "storage" else int(v)
+    return name, opts
 
 
 def main(argv=None) -> int:
@@ -97,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", nargs=3, metavar=("NAME", "DATA", "STORE"), action="append", required=True)
     ap.add_argument("--cases", nargs="+", action="append", required=True, help="one list per --dataset")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--config", action="append", default=[],
+                    help='"NAME tile=T stride=N storage=int8|float16" (default: one "store" config, the store\'s)')
     ap.add_argument("--write", type=Path)
     a = ap.parse_args(argv)
     import warnings
@@ -109,27 +123,44 @@ def main(argv=None) -> int:
     from semisam_o1.io import Dataset
     from semisam_o1.store import FeatureStore
 
+    configs = [parse_config(c) for c in (a.config or ["store"])]
     torch.set_num_threads(a.threads)
     enc = load_encoder("litemedsam", threads=a.threads)
     flops = encoder_flops(enc.layers, enc.input_size)
     print(f"FLOPs per canvas: {flops['total'] / 1e9:.2f} GFLOP", flush=True)
     gemm_before = gemm_gflops(a.threads)
-    result = {"command": "python -m benchmarks.bench_encode_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": "python -m benchmarks.bench_encode_profile " + " ".join(
+                  f"'{x}'" if " " in x else x for x in (argv if argv is not None else sys.argv[1:])),
               "cpu": cpu_model(), "threads": a.threads, "flops_per_canvas": flops, "datasets": {}}
     onnx_s = canv_total = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for (name, data, store_dir), cases in zip(a.dataset, a.cases):
             store = FeatureStore(store_dir)
-            job = _Encoding(enc, int(store.config["packing"]["tile"]), store.axes, 4)
-            rows = [profile_case(Dataset(data), c, job, store.reduction(), Path(tmp) / name) for c in cases]
-            for r in rows:
-                r["onnx_gflops"] = round(r["canvases"] * flops["total"] / r["seconds"]["onnx"] / 1e9, 1)
-                onnx_s += r["seconds"]["onnx"]
-                canv_total += r["canvases"]
-                print(f"{name} {r['case']}: {r['total_seconds']} s, {r['canvases']} canvases, "
-                      + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["share"].items())
-                      + f"; ONNX Runtime {r['onnx_gflops']} GFLOP/s (load {os.getloadavg()[0]:.1f})", flush=True)
-            result["datasets"][name] = {"store": store_dir, "tile": job.tile, "cases": rows}
+            ds = Dataset(data)
+            jobs = {cn: _Encoding(enc, opts["tile"] or int(store.config["packing"]["tile"]), store.axes, 4,
+                                  slice_stride=opts["stride"]) for cn, opts in configs}
+            rows = {cn: [] for cn, _ in configs}
+            for c in cases:  # configurations interleaved case by case
+                for cn, opts in configs:
+                    r = profile_case(ds, c, jobs[cn], store.reduction(), Path(tmp) / name / cn, opts["storage"])
+                    r["onnx_gflops"] = round(r["canvases"] * flops["total"] / r["seconds"]["onnx"] / 1e9, 1)
+                    rows[cn].append(r)
+                    if cn == configs[0][0]:
+                        onnx_s += r["seconds"]["onnx"]
+                        canv_total += r["canvases"]
+                    print(f"{name} {cn} {r['case']}: {r['total_seconds']} s, {r['canvases']} canvases, "
+                          + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["share"].items())
+                          + f"; ONNX Runtime {r['onnx_gflops']} GFLOP/s; {r['case_bytes'] / 1e6:.2f} MB "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            entry = {"store": store_dir, "configs": {cn: dict(opts, tile=jobs[cn].tile) for cn, opts in configs},
+                     "cases": rows,
+                     "seconds_per_volume": {cn: round(float(np.mean([r["total_seconds"] for r in rs])), 2)
+                                            for cn, rs in rows.items()},
+                     "bytes_per_volume": {cn: int(np.mean([r["case_bytes"] for r in rs])) for cn, rs in rows.items()}}
+            first = configs[0][0]
+            entry["speedup_vs_" + first] = {cn: round(entry["seconds_per_volume"][first] / v, 3)
+                                            for cn, v in entry["seconds_per_volume"].items()}
+            result["datasets"][name] = entry
     gemm_after = gemm_gflops(a.threads)
     achieved = canv_total * flops["total"] / onnx_s / 1e9
     result.update(gemm_gflops={"before": round(gemm_before, 1), "after": round(gemm_after, 1)},

@@ -296,6 +296,31 @@ def test_slice_stride_and_int8_storage_against_the_full_float16_store(pool_onnx,
         _pool(dataset, sub, pool_onnx, cases=cases[:2], channels=0, slice_stride=2, storage="int8")
 
 
+def test_a_format_1_store_is_refused_for_int8_and_extended_with_float16(pool_onnx, dataset, tmp_path, cases):
+    """A store written before int8 storage (format 1, float16, no ``storage`` key): encoding into it
+    with int8 storage is refused in one line that says how to match it; --storage float16 adds cases
+    under its own signature."""
+    from semisam_o1.store import write_config
+
+    out = tmp_path / "f"
+    _pool(dataset, out, pool_onnx, cases=cases[:2], channels=0, storage="float16")
+    old = json.loads((out / "store.json").read_text())
+    old = {k: v for k, v in old.items() if k not in ("storage", "signature")}
+    old["format"] = 1
+    (out / "store.json").unlink()
+    sig = write_config(out, old)["signature"]
+    for c in cases[:2]:
+        meta_path = out / "cases" / c / "meta.json"
+        meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), store_signature=sig)))
+    with pytest.raises(InputError, match=r"changed: storage\) \(it holds float16 features: pass --storage"):
+        _pool(dataset, out, pool_onnx, cases=cases, channels=0, storage="int8")
+    s = _pool(dataset, out, pool_onnx, cases=cases, channels=0, storage="float16")
+    assert (s["skipped"], s["encoded"]) == (2, 1)
+    store = FeatureStore(out)
+    assert store.signature == sig and store.cases() == sorted(cases)
+    assert store.load(cases[2]).grid(0).dtype == np.float16
+
+
 def test_resume_signature_overwrite_and_sharding(pool_onnx, dataset, tmp_path, cases):
     out = tmp_path / "f"
     kw = dict(cases=cases, channels=2)

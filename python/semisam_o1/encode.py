@@ -21,14 +21,18 @@ Preprocessing (MedSAM / LiteMedSAM's, per volume then per slice):
    SAM ViTs subtract ``pixel_mean`` and divide by ``pixel_std``.
 6. Only the feature cells that overlap the resized slice are kept. Voxel coordinate of cell ``j`` along
    an in-plane axis of size ``s`` resized to ``r`` pixels: ``(j + 0.5) * cell * s / r - 0.5``; along the
-   slicing axis the cell is the slice.
+   slicing axis the cell is the slice. With ``--slice-stride n`` only every n-th slice is encoded
+   (:func:`strided_slices`, centred) and cell ``j`` along the slicing axis is slice ``first + n j``;
+   readers interpolate between encoded slices (:func:`semisam_o1.store.voxel_features`).
 
 Features: the layers given by ``--layers`` (LiteMedSAM default ``stage1,stage2,stage3``: each
 L2-normalised per cell, concatenated, 800 channels on the 64x64 grid), then reduced to ``--channels``
 (default 64) by an uncentred PCA basis (:func:`semisam_o1.linalg.pca_basis`: top eigenvectors of the
 second-moment matrix of all the reduction case's feature cells, which best preserves dot products in the
 least-squares sense) fitted on the reduction case (the split's template by default), which is encoded
-first. The basis is stored in the store (``reduction.npy``) and is part of its signature. float16 on disk.
+first. The basis is stored in the store (``reduction.npy``) and is part of its signature. On disk
+(``--storage``): int8 with one scale per channel and axis file (:func:`semisam_o1.store.quantise_int8`),
+or float16. What each lever costs and gains on both datasets: benchmarks/encode.md.
 
 Resume: the store's ``store.json`` is this stage's record (its configuration, signature and command).
 A case already in the store is skipped when it was written with the same store signature from the same
@@ -392,6 +396,8 @@ def _new_config(s: EncodeSettings, enc, tile: int, red_case: str) -> dict:
 
 def _comparable(config: dict) -> dict:
     c = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in UNSIGNED_KEYS}
+    if c.get("format") == 1:  # a format-1 store is a float16 store of format 2: it can be added to
+        c["format"], c["storage"] = STORE_FORMAT, "float16"
     if isinstance(c.get("reduction"), dict):
         c["reduction"].pop("basis_sha256", None)
     return c
@@ -420,8 +426,11 @@ def _keep_existing(root: Path, existing: dict | None, config: dict, overwrite: b
         return False
     diff = _diff_keys(_comparable(existing), _comparable(config))
     if diff and not overwrite:
+        hint = ""
+        if "storage" in diff:
+            hint = f" (it holds {_comparable(existing)['storage']} features: pass --storage to match)"
         raise InputError(f"{root}: the store was written with another configuration (changed: "
-                         f"{', '.join(diff)}); use --overwrite to rebuild it, or another -o")
+                         f"{', '.join(diff)}){hint}; use --overwrite to rebuild it, or another -o")
     if existing.get("reduction") and not diff:
         from .io import file_sha256
 
