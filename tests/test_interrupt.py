@@ -226,7 +226,7 @@ def test_interrupt_refine(inputs, tmp_path):
     _check_per_case_stage(cmd, "refine", out, v["pool"], lambda: _label_files(out, v["pool"]), tmp_path)
 
 
-ITERATIONS, EVERY = 20, 4
+ITERATIONS, EVERY = 12, 4
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "kill-9"])
