@@ -163,6 +163,19 @@ def test_ray_encode_resumes(stores, data, conv_onnx, cluster):
     _assert_same_store(stores["local"], stores["ray"], data["cases"])
 
 
+def test_a_worker_that_cannot_start_stops_the_stage_with_one_line(cluster, tmp_path):
+    """A worker whose machine does not see the dataset: its InputError, naming the machine, comes
+    back through Ray and stops the stage (the driver never got to the case)."""
+    from functools import partial
+
+    from semisam_o1.engine import encode_worker, run_cases
+
+    s = EncodeSettings(input=tmp_path / "not-here", output=tmp_path / "store", engine="ray", workers=1, quiet=True)
+    never = partial(pytest.fail, "the case ran in the driver")
+    with pytest.raises(InputError, match=r"^a Ray worker on .+: .*not-here"):
+        list(run_cases(s, ["case"], never, partial(encode_worker, job=None, store=None, input_hash={})))
+
+
 def test_engine_options_are_checked(data, conv_onnx, tmp_path):
     with pytest.raises(InputError, match="--workers 2: only with --engine ray"):
         EncodeSettings(input=data["root"], output=tmp_path / "x", workers=2)

@@ -115,12 +115,22 @@ def _outcome(fn: Callable[[str], Any], case: str) -> Any:
 
 
 class _Worker:
-    """The Ray actor: builds its case function once (``make_worker``), then computes cases."""
+    """The Ray actor: builds its case function once (``make_worker``), then computes cases. A worker
+    that cannot start (e.g. its machine does not see the dataset) stops the stage with its
+    InputError, naming the machine, at its first case."""
 
     def __init__(self, make_worker, settings):
-        self._fn = make_worker(settings)
+        self._fn, self._error = None, None
+        try:
+            self._fn = make_worker(settings)
+        except InputError as exc:
+            import socket
+
+            self._error = type(exc)(f"a Ray worker on {socket.gethostname()}: {exc}")
 
     def run(self, case: str) -> tuple[str, Any]:
+        if self._error is not None:
+            raise self._error
         return case, _outcome(self._fn, case)
 
 
@@ -169,7 +179,8 @@ def _connect(ray, settings) -> bool:
     """Connect this process to Ray; True when this call started the (local) instance.
 
     Raises:
-        InputError: ``--ray-address`` names no reachable cluster.
+        InputError: ``--ray-address`` names no reachable cluster, or the local instance did not start
+            (Ray waits 30 s for its raylet: a heavily loaded machine can exceed that).
     """
     if ray.is_initialized():
         return False
@@ -184,7 +195,9 @@ def _connect(ray, settings) -> bool:
         kwargs.update(num_cpus=max(cpus, asked), include_dashboard=False)
     try:  # "local": a new instance even where `ray start` runs or RAY_ADDRESS is set
         ray.init(address=settings.ray_address or "local", **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception when its processes do not start in time
+        if settings.ray_address is None:
+            raise InputError(f"--engine ray: the local Ray instance did not start ({_first_line(exc)})") from None
         raise InputError(f"--ray-address {settings.ray_address}: cannot connect ({_first_line(exc)})") from None
     return True
 
