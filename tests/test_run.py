@@ -50,7 +50,7 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, cohort):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     cmd = _cli("run", "-i", str(cohort.root), "--split", str(cohort.split_file), "-o", str(work),
                "--preset", "quick", "--rounds", "2", "--select", "0.5", "--refine-mode", "voxel", "--threads", "2",
-               "--quiet")
+               "--referee", "none", "--quiet")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 900
     while not _finished(work / "round0" / "pseudo"):
@@ -99,6 +99,33 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, cohort):
         data = (work / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     _check_outputs_keep_grid(work, cohort)
+    _check_referee_keeps_round0(cmd, env, work, cohort, pool)
+
+
+def _check_referee_keeps_round0(cmd, env, work: Path, cohort, pool: list[str]) -> None:
+    """The same run again with the registration referee (a neutral setting: every stage is done
+    earlier): the quick preset's 4-iteration UNets label far worse than the propagated labels, so
+    the label-free rule keeps round 0's labels, stops after round 1, and hands back the better of
+    the networks by the referee; final/ and the report follow the choice."""
+    cmd = [c for c in cmd if c not in ("--referee", "none")]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=1800)
+    log = out.stdout.decode()
+    assert out.returncode == 0, log
+    assert "round1/train: done earlier" in log and "no further rounds" in log
+    report = json.loads((work / "report.json").read_text())
+    assert report["chosen"]["labels_round"] == 0 and report["chosen"]["model_round"] == 1
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    assert report["final_test_metrics"] == report["rounds"][1]["test_metrics"]
+    for r in (0, 1):
+        ev = json.loads((work / f"round{r}" / "round.json").read_text())
+        assert sorted(ev["referee"]) == sorted(pool) and all(0.0 <= v <= 1.0 for v in ev["referee"].values())
+    e0, e1 = (json.loads((work / f"round{r}" / "round.json").read_text())["referee"] for r in (0, 1))
+    assert np.mean(list(e0.values())) > np.mean(list(e1.values()))
+    for case in pool:  # WORK/final's labels are round 0's
+        kept = nib.load(str(work / "final" / "labels" / f"{case}.nii.gz"))
+        r0 = nib.load(str(work / "round0" / "pseudo" / f"{case}.nii.gz"))
+        np.testing.assert_array_equal(np.asarray(kept.dataobj), np.asarray(r0.dataobj))
+    assert json.loads((work / "final" / "report.json").read_text())["final"]["model_round"] == 1
 
 
 def _check_stage_records(work: Path) -> None:

@@ -20,9 +20,15 @@ so a killed run resumes where it stopped, and the stages skip finished cases)::
                                 last round, the predictions themselves)
       round{r}/test/            predict the test cases with round r's model
       round{r}/test_metrics.json  evaluate round r's test predictions
+      referee/                  the template's label registered to every pool case (--referee)
+      round{r}/round.json       label-free evidence of round r: its labels' agreement with the
+                                referee, the network's fit to its training labels, the change
+      final/                    the kept round's labels, model bundle, cases.csv, report page
       report.json, report_dice_by_round.png, report_montage.png
 
-The final model is the last round's; ``report.json`` gives per round the test-set
+The rounds stop early when a round's labels do not agree better with the referee than the
+best earlier round's, and the labels and model handed back are the best round's
+(:mod:`semisam_o1.rounds`, label-free); ``report.json`` gives per round the test-set
 Dice, Jaccard, HD95 and ASD per class and the seconds per stage. As a diagnostic, and
 only in the report, it also scores each round's pseudo-labels on the unlabeled pool
 against the real labels where they exist; no stage ever reads those labels.
@@ -112,6 +118,11 @@ class RunSettings(ComputeOptions, EngineOptions):
                        "the preset's network", choices=("off", "auto"))
     budget_minutes: float = option(8.0, "with --plan auto: UNet training minutes per round on this machine",
                                    metavar="MIN")
+    referee: str = option("registration", "label-free choice of the round handed back and early stopping: "
+                          "registration: each round's pool labels are compared with the template's label warped "
+                          "to every pool case (ANTs SyN; semisam_o1.rounds); none: every round runs and the last "
+                          "one is kept (it changes no stage's output, so a finished run may be re-run with "
+                          "another value)", choices=("registration", "none"), neutral=True)
     seed: int = option(0, "seed of every random stream (independent streams per round: semisam_o1.seeds)")
 
     def __post_init__(self):
@@ -414,10 +425,30 @@ def copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
                 shutil.copyfile(f, tmp)
 
 
+def _referee(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> Path | None:
+    """``WORK/referee``: the template's label registered to every pool case (``--referee``)."""
+    if s.referee == "none":
+        return None
+    from .registration import registration_labels
+
+    out = stages.work / "referee"
+    print(f"[run] referee: the template's label registered to {len(cohort.unlabeled)} pool cases", flush=True)
+    t0 = time.perf_counter()
+    # one ITK thread: warps are then identical from run to run (two threads differ by up to a voxel)
+    paths = registration_labels(dataset, cohort.template, list(cohort.unlabeled), out, threads=1)
+    stages.times.setdefault("referee", time.perf_counter() - t0)
+    return next(iter(paths.values())).parent if paths else None
+
+
 def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path, rule: Path | None,
-            plan: Path | None) -> list[str] | None:
-    """Rounds 1..R of train / predict / refine / evaluate; returns the selected cases (or None)."""
+            plan: Path | None, referee: Path | None) -> tuple[int, list[str] | None]:
+    """Rounds 1..R of train / predict / refine / evaluate, stopping early when a round does not
+    help (:func:`semisam_o1.rounds.keep_going`); returns ``(rounds done, selected cases or None)``."""
+    from .rounds import keep_going, round_evidence
+
     train_cases = list(cohort.unlabeled)
+    round_evidence(dataset, stages.work, 0, cohort.unlabeled, referee)
+    done = 0
     for r in range(1, s.rounds + 1):
         rd = stages.work / f"round{r}"
         model = _train(stages, s, cohort, r, train_cases, plan)
@@ -428,7 +459,14 @@ def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path
         if cohort.test:
             _predict(stages, s, f"round{r}/predict_test", model, rd / "test", cohort.test, rule)
             _evaluate(stages, s, cohort, r)
-    return train_cases if s.selecting else None
+        trained = train_cases if r > 1 else list(cohort.unlabeled)
+        round_evidence(dataset, stages.work, r, cohort.unlabeled, referee, trained_on=trained)
+        done = r
+        if r < s.rounds and not keep_going(stages.work, r):
+            print(f"[run] round{r}: by the referee, its labels are worse than round 0's or no better than "
+                  f"round {r - 1}'s (semisam_o1.rounds): no further rounds", flush=True)
+            break
+    return done, (train_cases if s.selecting else None)
 
 
 def run(settings: RunSettings) -> dict:
@@ -468,22 +506,31 @@ def run(settings: RunSettings) -> dict:
         plan = _plan(stages, s)
         feats = _encode(stages, s, cohort, work)
         rule = _propagate(stages, s, cohort, work, feats)
-        selected = _rounds(dataset, stages, s, cohort, feats, rule, plan)
-        report = _report(dataset, stages, s, cohort, rule, selected)
-        _final(dataset, stages, s, cohort, rule)
+        referee = _referee(stages, s, dataset, cohort)
+        done, selected = _rounds(dataset, stages, s, cohort, feats, rule, plan, referee)
+        choice = _choose(stages, done)
+        report = _report(dataset, stages, s, cohort, rule, selected, done, choice)
+        _final(dataset, stages, s, cohort, rule, choice)
         return report
 
 
+def _choose(stages: Stages, done: int) -> tuple[int, int, str]:
+    """``(labels round, model round, reason)``: :func:`semisam_o1.rounds.choose_round`."""
+    from .rounds import choose_round
+
+    return choose_round(stages.work, done)
+
+
 def _report(dataset, stages: Stages, s: RunSettings, cohort: Cohort, rule: Path | None,
-            selected: list[str] | None) -> dict:
+            selected: list[str] | None, done: int, choice: tuple[int, int, str]) -> dict:
     """Write ``WORK/report.json`` and its pictures; returns the report."""
     from .report import write_report
 
     work = stages.work
     report = write_report(work, dataset, template=cohort.template, unlabeled=cohort.unlabeled, test=cohort.test,
-                          rounds=s.rounds, times=stages.times,
+                          rounds=done, times=stages.times,
                           config=dict(_report_config(s), class_planes_rule=json.loads(rule.read_text()) if rule else None),
-                          selected=selected)
+                          selected=selected, chosen=choice)
     print(f"[run] report: {work / 'report.json'}", flush=True)
     return report
 
@@ -494,16 +541,16 @@ def _report_config(s: RunSettings) -> dict:
     return dict(as_dict(s), unet=s.unet)
 
 
-def _final(dataset, stages: Stages, s: RunSettings, cohort: Cohort, rule: Path | None) -> None:
+def _final(dataset, stages: Stages, s: RunSettings, cohort: Cohort, rule: Path | None,
+           choice: tuple[int, int, str]) -> None:
     """``WORK/final``: the kept round's labels under the images' own names, the model bundle,
     the per-case quality table and the report page (:mod:`semisam_o1.bundle`)."""
     from .bundle import write_final
-    from .rounds import choose_round
 
-    r, reason = choose_round(stages.work, s.rounds)
-    out = write_final(stages.work, dataset, template=cohort.template, unlabeled=cohort.unlabeled, round_=r,
-                      reason=reason, rule=rule, settings=_report_config(s))
-    print(f"[run] final: round {r} ({reason}) -> {out}", flush=True)
+    labels, model, reason = choice
+    out = write_final(stages.work, dataset, template=cohort.template, unlabeled=cohort.unlabeled, round_=labels,
+                      model_round=model, reason=reason, rule=rule, settings=_report_config(s))
+    print(f"[run] final: labels of round {labels}, model of round {model} ({reason}) -> {out}", flush=True)
 
 
 SETTINGS = RunSettings
