@@ -161,7 +161,7 @@ def _ray_cases(settings, cases: list[str], make_worker) -> Iterator[tuple[str, A
             raise cause from None
         raise
     except ray.exceptions.RayActorError as exc:
-        raise InputError(f"--engine ray: a worker stopped: {_first_line(exc)}") from None
+        raise InputError(f"--engine ray: a worker stopped: {_message_line(exc)}") from None
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -169,7 +169,8 @@ def _ray_cases(settings, cases: list[str], make_worker) -> Iterator[tuple[str, A
             ray.shutdown()
 
 
-def _first_line(exc: BaseException) -> str:
+def _message_line(exc: BaseException) -> str:
+    """The last non-empty line of a (Ray) error's message: the original error's own line."""
     cause = getattr(exc, "cause", None) or exc
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     return lines[-1] if lines else type(cause).__name__
@@ -197,8 +198,8 @@ def _connect(ray, settings) -> bool:
         ray.init(address=settings.ray_address or "local", **kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception when its processes do not start in time
         if settings.ray_address is None:
-            raise InputError(f"--engine ray: the local Ray instance did not start ({_first_line(exc)})") from None
-        raise InputError(f"--ray-address {settings.ray_address}: cannot connect ({_first_line(exc)})") from None
+            raise InputError(f"--engine ray: the local Ray instance did not start ({_message_line(exc)})") from None
+        raise InputError(f"--ray-address {settings.ray_address}: cannot connect ({_message_line(exc)})") from None
     return True
 
 
