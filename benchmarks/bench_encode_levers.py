@@ -7,10 +7,10 @@ after the fact and give the same features a cheaper encode would have written:
 - ``stride``: encode every n-th slice along each slicing axis (centred: the first encoded slice
   is ``((S - 1) - n (m - 1)) // 2``, ``m = (S - 1) // n + 1``), the store's cell -> voxel map
   then has step n along the slicing axis and :func:`semisam_o1.store.voxel_features`
-  interpolates between encoded slices (clamped beyond the first and last) -- exactly what
-  ``encode --slice-stride n`` writes (the encoder sees one slice at a time: a slice's features
-  do not depend on its neighbours, only on the other slices packed into its canvas, see
-  benchmarks/encode.md);
+  interpolates between encoded slices (clamped beyond the first and last), as for a store
+  ``encode --slice-stride n`` writes. Not bit for bit: a slice's features depend on the other
+  slices packed into its canvas (benchmarks/encode.md: median per-cell cosine 0.93 between two
+  packing orders), and a strided encode packs other companions;
 - ``channels``: keep the first k of the stored PCA channels (the basis is ordered by energy, so
   this is a k-channel reduction fitted on the same template);
 - ``dtype``: int8 with one scale per channel and axis file (:func:`semisam_o1.store.quantise_int8`),
