@@ -138,7 +138,7 @@ def _foreground_entropy(pred_dir: Path, case: str, label: np.ndarray) -> float |
     return float(ent[fg].mean(dtype=np.float64)) if fg.any() else float(ent.mean(dtype=np.float64))
 
 
-def quality_rows(work: Path, dataset, unlabeled: list[str], round_: int, model_round: int | None = None) -> list[dict]:
+def quality_rows(work: Path, dataset, unlabeled: list[str], round_: int, model_round: int) -> list[dict]:
     """The label-free quality score of every pool case, lowest agreement first.
 
     Args:
@@ -146,8 +146,8 @@ def quality_rows(work: Path, dataset, unlabeled: list[str], round_: int, model_r
         dataset: the run's dataset.
         unlabeled: the pool cases.
         round_: the round whose labels are kept.
-        model_round: the round whose network is handed back (default ``round_``; 0: no network
-            prediction, agreement None).
+        model_round: the round whose network is handed back (0: no network prediction,
+            agreement None).
 
     Returns:
         one dict per case: ``case``, ``agreement`` (mean foreground Dice of round-0 label vs
@@ -159,7 +159,6 @@ def quality_rows(work: Path, dataset, unlabeled: list[str], round_: int, model_r
     from .metrics import mean_dice
 
     lm = dataset.label_map
-    model_round = round_ if model_round is None else model_round
     rows = []
     for case in unlabeled:
         img = dataset.read_image(case)

@@ -166,9 +166,9 @@ def choose_round(work: Path, rounds: int) -> tuple[int, int, str]:
     labels, reason = best_labels_round(work, rounds)
     if labels > 0:
         return labels, labels, reason
-    evidence = [read_evidence(work, r) for r in range(1, rounds + 1)]
+    evidence = _evidence(work, rounds)  # labels round 0 only ever comes from the referee's evidence
     model = 1  # the first network, unless a later one agrees better with the referee
     for r in range(2, rounds + 1):
-        if better(evidence[r - 1]["referee_pred"], evidence[model - 1]["referee_pred"]):
+        if better(evidence[r]["referee_pred"], evidence[model]["referee_pred"]):
             model = r
     return 0, model, f"{reason}; the model is round {model}'s network"

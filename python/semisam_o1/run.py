@@ -486,6 +486,7 @@ def run(settings: RunSettings) -> dict:
     from .device import resolve_device
     from .io import Dataset
     from .resume import FolderLock, check_output_dir
+    from .rounds import choose_round
     from .validate import validate_run
 
     s = settings
@@ -508,17 +509,10 @@ def run(settings: RunSettings) -> dict:
         rule = _propagate(stages, s, cohort, work, feats)
         referee = _referee(stages, s, dataset, cohort)
         done, selected = _rounds(dataset, stages, s, cohort, feats, rule, plan, referee)
-        choice = _choose(stages, done)
+        choice = choose_round(work, done)
         report = _report(dataset, stages, s, cohort, rule, selected, done, choice)
         _final(dataset, stages, s, cohort, rule, choice)
         return report
-
-
-def _choose(stages: Stages, done: int) -> tuple[int, int, str]:
-    """``(labels round, model round, reason)``: :func:`semisam_o1.rounds.choose_round`."""
-    from .rounds import choose_round
-
-    return choose_round(stages.work, done)
 
 
 def _report(dataset, stages: Stages, s: RunSettings, cohort: Cohort, rule: Path | None,
