@@ -136,3 +136,78 @@ def test_train_takes_the_plans_network_and_normalisation(tmp_path):
     y = nets.normalise(x, cfg["normalisation"])
     assert y[1] == pytest.approx(0.0, abs=1e-5) and y[0] == pytest.approx(
         (d["normalisation"]["value"]["lower"] - d["normalisation"]["value"]["mean"]) / d["normalisation"]["value"]["sd"], rel=1e-5)
+
+
+def _fingerprint(root):
+    from semisam_o1.io import Dataset, load_split
+    from semisam_o1.plan import fingerprint
+
+    sp = load_split(root / "splits.json")
+    return fingerprint(Dataset(root), sp["template"], [sp["template"], *sp["unlabeled"]])
+
+
+def _geometry_fingerprint(spacing, shape, classes, spacing_max=None):
+    """The parts of a fingerprint the spacing rule reads: the cohort's median shape and spacing
+    (and their range), the template's classes' extents in mm and their union's."""
+    fg = [max(c[a] for c in classes) * 1.5 for a in range(3)]
+    return {"cohort": {"shape": {"median": shape},
+                       "spacing_mm": {"median": spacing, "min": spacing, "max": spacing_max or spacing}},
+            "template": {"foreground": {"extent_mm": fg},
+                         "classes": {str(i + 1): {"extent_mm": c} for i, c in enumerate(classes)}}}
+
+
+def _voxel_cost(unet):
+    """A stand-in for the measured seconds per iteration: 1 s per 10,000 patch voxels."""
+    return float(np.prod(unet["patch"])) / 1e4
+
+
+def test_working_spacing_follows_the_budget(tmp_path):
+    """A budget that affords MIN_AFFORDED_ITERATIONS at the data's spacing keeps it (no resampling);
+    a smaller one coarsens the spacing until the network affords them; the patch still covers the
+    structure at the working spacing; a class is never planned below MIN_CLASS_EDGE voxels across."""
+    from semisam_o1 import plan
+
+    fp = _geometry_fingerprint(spacing=[0.8] * 3, shape=[96, 96, 80], classes=[[40.0, 32.0, 28.0], [24.0, 28.0, 20.0]])
+    native = plan.plan_network(fp, [0.8, 0.8, 0.8], 64 ** 3)[0]
+    need = plan.MIN_AFFORDED_ITERATIONS * _voxel_cost(native)
+    keep = plan.plan_spacing(fp, need * 1.01, _voxel_cost, 64 ** 3)
+    assert keep["native"] and keep["spacing"] == [0.8, 0.8, 0.8] and len(keep["tried"]) == 1
+    coarse = plan.plan_spacing(fp, need / 3, _voxel_cost, 64 ** 3)
+    assert not coarse["native"] and coarse["spacing"][0] > 0.8
+    assert coarse["tried"][-1]["affords"] >= plan.MIN_AFFORDED_ITERATIONS
+    assert all(t["affords"] < plan.MIN_AFFORDED_ITERATIONS for t in coarse["tried"][:-1])
+    extent = [e / w for e, w in zip(fp["template"]["foreground"]["extent_mm"], coarse["spacing"])]
+    assert all(p >= e for p, e in zip(coarse["unet"]["patch"], extent))
+    hopeless = plan.plan_spacing(fp, 1e-6, _voxel_cost, 64 ** 3)
+    assert "coarsest allowed" in hopeless["reason"]
+    assert plan.smallest_class_edge(fp, hopeless["spacing"]) >= plan.MIN_CLASS_EDGE
+    nxt = plan.working_spacings([0.8] * 3)[len(hopeless["tried"])]
+    assert plan.smallest_class_edge(fp, nxt) < plan.MIN_CLASS_EDGE  # it stopped at the floor, not before
+
+
+def test_anisotropic_data_coarsens_the_fine_axes_first(tmp_path):
+    from semisam_o1 import plan
+
+    cands = plan.working_spacings([0.7, 0.7, 3.0])
+    assert cands[0] == [0.7, 0.7, 3.0]
+    assert all(c[2] == 3.0 for c in cands if max(c[:2]) <= 3.0)  # the coarse axis is never refined
+    assert all(a[0] < b[0] for a, b in zip(cands, cands[1:]))
+
+
+def test_cohort_of_mixed_spacings_is_resampled_to_the_median(tmp_path):
+    """Volumes at different spacings: the plan resamples every one to the working spacing even when
+    the budget affords the finest (nnU-Net's target spacing), so the network sees one voxel size."""
+    from semisam_o1 import plan
+
+    root = tmp_path / "mixed"
+    helpers.make_cohort(root, n_unlabeled=2, n_test=0, shape=(32, 32, 32), spacing=(1.0, 1.0, 1.0))
+    other = tmp_path / "other"
+    helpers.make_cohort(other, n_unlabeled=2, n_test=0, shape=(32, 32, 32), spacing=(1.5, 1.5, 1.5), seed=1)
+    import shutil
+
+    for sub in ("imagesTr", "labelsTr"):
+        shutil.copy(other / sub / "syn_002.nii.gz", root / sub / "syn_002.nii.gz")
+    fp = _fingerprint(root)
+    assert fp["cohort"]["spacing_mm"]["max"] == [1.5, 1.5, 1.5]
+    out = plan.plan_spacing(fp, 1e9, _voxel_cost, 64 ** 3)
+    assert not out["native"] and out["spacing"] == fp["cohort"]["spacing_mm"]["median"]

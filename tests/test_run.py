@@ -90,7 +90,7 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, cohort):
     assert min(ag[c] for c in sel["selected"]) >= max(ag[c] for c in pool if c not in sel["selected"])
     cfg2 = json.loads((work / "round2" / "model" / "config.json").read_text())
     assert sorted(cfg2["training_cases"]) == sorted([cohort.template] + sel["selected"])
-    assert cfg2["template_share"] == 0.1  # run's share of patches from the template's real label
+    assert cfg2["template_share"] is None  # run's default: the template is one volume among the others
     assert cfg2["spatial_aug"] == 0.0  # run's default: no random affine of the training volumes
     assert report["selection"]["n_selected"] == 2
     _check_stage_records(work)
@@ -246,7 +246,7 @@ def test_run_settings_generate_the_command_line():
 
     s = RunSettings(input=Path("/data/my set"), split=Path("s.json"), output=Path("w"), preset="demo",
                     refine_mode="voxel", select=0.5, seed=3)
-    assert s.rounds == 2 and s.iterations == 500  # the preset's
+    assert s.rounds == 2 and s.iterations is None and (s.plan, s.budget_minutes) == ("auto", 4.0)  # the preset's
     argv = shlex.split(command_line("run", s))[1:]
     back = from_namespace(RunSettings, build_parser().parse_args(argv))
     assert back == s

@@ -48,13 +48,15 @@ from .errors import InputError
 from .engine import EngineOptions
 from .settings import ComputeOptions, check_range, command_line, option
 
-# Presets of the whole loop: cohort size, rounds, UNet preset (semisam_o1.nets.PRESETS) and
-# its iterations (None: the UNet preset's), and the fraction of the pool kept after round 1.
+# Presets of the whole loop: cohort size, rounds, and the UNet's training time per round. With
+# ``plan="auto"`` the network is planned from the data (semisam_o1.plan: working spacing, patch,
+# depth, iterations from ``budget_minutes``); ``unet`` (semisam_o1.nets.PRESETS) then gives only the
+# optimiser and inference settings. ``quick`` keeps a fixed tiny network (seconds, for tests).
 RUN_PRESETS = {
-    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, unet="quick", iterations=None, select=1.0),
-    "demo": dict(rounds=2, max_unlabeled=20, max_test=20, unet="cpu", iterations=500, select=1.0),
-    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, unet="cpu", iterations=None, select=0.25),
-    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, unet="paper", iterations=None, select=0.25),
+    "quick": dict(rounds=1, max_unlabeled=3, max_test=2, unet="quick", plan="off", budget_minutes=None),
+    "demo": dict(rounds=2, max_unlabeled=20, max_test=20, unet="cpu", plan="auto", budget_minutes=4.0),
+    "cpu": dict(rounds=3, max_unlabeled=None, max_test=None, unet="cpu", plan="auto", budget_minutes=8.0),
+    "paper": dict(rounds=3, max_unlabeled=None, max_test=None, unet="paper", plan="auto", budget_minutes=30.0),
 }
 SETTINGS_JSON = "run.json"
 
@@ -83,16 +85,17 @@ class RunSettings(ComputeOptions, EngineOptions):
     output: Path = option(help="work folder: every stage's output, report.json and pictures",
                           flags=("-o", "--output"), type=Path, metavar="WORK", neutral=True)
     preset: str = option("cpu", "quick: tests (3 unlabeled, 2 test cases, 1 round, seconds of training); "
-                         "demo: 20 unlabeled, 20 test cases, 2 rounds of 500 UNet iterations (under 30 minutes "
-                         "on 2 cores); cpu: the whole split, 3 rounds, UNet sized for a CPU; paper: the whole "
-                         "split, GPU-sized UNet (with --images the cases are every image of DIR and --test-images, whatever "
+                         "demo: 20 unlabeled, 20 test cases, 2 rounds of 4 minutes of UNet training (under 30 "
+                         "minutes on 2 cores); cpu: the whole split, 3 rounds of 8 minutes; paper: the whole "
+                         "split, 3 rounds of 30 minutes (a GPU's); the network is planned from the data for each (with --images the cases are every image of DIR and --test-images, whatever "
                          "the preset)", choices=tuple(RUN_PRESETS))
     rounds: int | None = option(None, "rounds of train / predict / refine (default: the preset's; may grow on a "
                                 "re-run)", type=int, neutral=True)
     max_unlabeled: int | None = option(None, "use only the first N cases of the unlabeled pool", type=int,
                                        metavar="N")
     max_test: int | None = option(None, "evaluate only the first N test cases", type=int, metavar="N")
-    iterations: int | None = option(None, "UNet optimiser steps per round (default: the preset's)", type=int)
+    iterations: int | None = option(None, "UNet optimiser steps per round (default: the plan's, from the time "
+                                    "budget; with --plan off the UNet preset's)", type=int)
     ssl: str = option("none", "semi-supervised consistency of the UNet (train --ssl)", choices=("none", "mt"))
     refine_mode: str = option("none", "between rounds: voxel (the paper's kNN relabelling of uncertain voxels), "
                               "volume (the official code's), or none: the network's predictions are the next "
@@ -100,24 +103,23 @@ class RunSettings(ComputeOptions, EngineOptions):
                               choices=("none", "voxel", "volume"))
     k: int = option(5, "neighbours in the refinement vote")
     quantile: float = option(0.9, "entropy quantile above which voxels are refined")
-    select: float | None = option(None, "rounds after the first train on the template plus this fraction of the "
-                                  "pool whose round-0 pseudo-labels agree best (Dice) with round 1's prediction; "
-                                  "1 keeps every case (default: the preset's: 1 for quick and demo, 0.25 for cpu "
-                                  "and paper)", type=float, metavar="FRACTION")
-    template_share: float = option(0.1, "probability that a UNet training patch comes from the template's real "
-                                   "label (train --template-share; negative: every volume equally likely)",
+    select: float = option(1.0, "rounds after the first train on the template plus this fraction of the "
+                           "pool whose round-0 pseudo-labels agree best (Dice) with round 1's prediction; 1 keeps "
+                           "every case", metavar="FRACTION")
+    template_share: float = option(-1.0, "probability that a UNet training patch comes from the template's real "
+                                   "label (train --template-share); negative: every volume equally likely",
                                    metavar="F")
     spatial_aug: float = option(0.0, "probability of a random rotation / scaling of each UNet training volume "
                                 "(train --spatial-aug; 0: off)", metavar="P")
     class_planes: str = option("auto", "auto: if the template's foreground classes follow each other along one "
                                "axis, separated by planes (MSD Hippocampus: Anterior | Posterior), every "
                                "pseudo-label and prediction gets the same structure", choices=("auto", "off"))
-    plan: str = option("off", "auto: plan the UNet from the data first (semisam-o1 plan into WORK/plan.json: "
+    plan: str | None = option(None, "auto: plan the UNet from the data first (semisam-o1 plan into WORK/plan.json: "
                        "patch from the template structure's extent, strides from the spacing, iterations from "
                        "--budget-minutes, flips and normalisation from the template and modality) instead of "
-                       "the preset's network", choices=("off", "auto"))
-    budget_minutes: float = option(8.0, "with --plan auto: UNet training minutes per round on this machine",
-                                   metavar="MIN")
+                       "the preset's network; default: the preset's (off only for quick)", choices=("off", "auto"))
+    budget_minutes: float | None = option(None, "with --plan auto: UNet training minutes per round on this "
+                                          "machine (default: the preset's)", type=float, metavar="MIN")
     referee: str = option("registration", "label-free choice of the round handed back and early stopping: "
                           "registration: each round's pool labels are compared with the template's label warped "
                           "to every pool case (ANTs SyN; semisam_o1.rounds); none: every round runs and the last "
@@ -132,7 +134,7 @@ class RunSettings(ComputeOptions, EngineOptions):
         preset = RUN_PRESETS.get(self.preset)
         if preset is None:
             raise InputError(f"--preset {self.preset}: choose one of {', '.join(RUN_PRESETS)}")
-        for key in ("rounds", "max_unlabeled", "max_test", "iterations", "select"):
+        for key in ("rounds", "max_unlabeled", "max_test", "plan", "budget_minutes"):
             if key in ("max_unlabeled", "max_test") and self.images is not None:
                 continue  # with --images the cohort is every image of the folder
             if getattr(self, key) is None:
@@ -146,7 +148,10 @@ class RunSettings(ComputeOptions, EngineOptions):
         check_range("spatial_aug", self.spatial_aug, 0.0, 1.0)
         check_range("k", self.k, 1)
         check_range("quantile", self.quantile, 0.0, 1.0, hi_open=True)
-        check_range("budget_minutes", self.budget_minutes, 0.0, lo_open=True)
+        if self.budget_minutes is not None:
+            check_range("budget_minutes", self.budget_minutes, 0.0, lo_open=True)
+        if self.plan == "auto" and self.budget_minutes is None:
+            raise InputError("--plan auto needs --budget-minutes MIN (the quick preset has none)")
 
     def _check_input_kind(self) -> None:
         """Either ``-i DATASET --split FILE`` or ``--images DIR --template-image FILE --template-label
