@@ -31,15 +31,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchmarks.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SEMISAM_DATA", REPO.parent / "shared" / "data" / "hippocampus"))
 RESULT = REPO / "benchmarks" / "results" / "engine.json"
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown")
 
 
 def load_average() -> list[float]:

@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(REPO / "work" / "full_supervision"), help="model, predictions, metrics")
     ap.add_argument("--preset", default="cpu", choices=tuple(nets.PRESETS), help="train's --preset")
     ap.add_argument("--iterations", type=int, default=None)
+    ap.add_argument("--plan", default=None, metavar="PLAN.json",
+                    help="train's --plan: the planned network and budget of a run (its WORK/plan.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--spatial-aug", type=float, default=0.0, metavar="P",
                     help="train's --spatial-aug (random affine of each drawn volume; default 0, off)")
@@ -103,6 +105,7 @@ def run_stages(args: argparse.Namespace) -> dict:
     # the real labels of the split's template + unlabeled cases (train never reads 'test')
     summary = train.STAGE(train.SETTINGS(input=data, labels=data / "labelsTr", split=split_path,
                                          output=work / "model", preset=args.preset, iterations=args.iterations,
+                                         plan=None if args.plan is None else Path(args.plan),
                                          spatial_aug=args.spatial_aug, seed=args.seed, overwrite=args.overwrite,
                                          **compute))
     t1 = time.time()

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,13 +40,9 @@ from semisam_o1 import propagate as P
 from semisam_o1 import registration as R
 from semisam_o1.io import Dataset, load_split, read_label, write_json_key
 from semisam_o1.metrics import dice_per_class
+from benchmarks.machine import cpu_model
 
 METHODS = ("atlas_syn", "knn", "knn_registered", "choose")
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
 
 
 def _fg_dice(a, b, K) -> float:
