@@ -154,3 +154,56 @@ def test_prior_recorded_and_warps_cached_and_reused(tmp_path, synthetic, monkeyp
     for case, path in paths.items():
         warped = read_label(path, ds.label_map).array
         assert np.array_equal(read_label(out / f"{case}.nii.gz", ds.label_map).array, warped)
+
+
+# --------------------------------------------------------------------------- does the position term apply?
+
+
+def test_position_offset_of_a_known_translation(pair):
+    """A case that is the template translated by t voxels in a box of the same shape: every voxel's
+    normalised gap is 2 t / n, so the offset is max over axes of 2 t_a / extent_a, exactly; the
+    identity map gives 0; the offset read from the SyN warp of a known shift and scale is the one of
+    the true map."""
+    _, label, _, case_label, warp = pair
+    n = np.array(label.shape, float)
+    extent = [int(i.max() - i.min() + 1) for i in np.nonzero(label > 0)]
+    grid = np.stack(np.meshgrid(*[np.arange(k, dtype=float) for k in label.shape], indexing="ij"), -1)
+    assert R.position_offset(label, grid, label.shape, extent) == 0.0
+    t = np.array([2.0, -1.0, 3.0])
+    moved = ndimage.shift(label, t, order=0)
+    got = R.position_offset(moved, grid - t, label.shape, extent)
+    assert got == pytest.approx(float(np.max(2 * np.abs(t) / np.array(extent))), rel=1e-9)
+    centre = (n - 1) / 2
+    true_map = centre + (grid - SHIFT - centre) / SCALE
+    assert R.position_offset(case_label, warp.coords, label.shape, extent) == pytest.approx(
+        R.position_offset(case_label, true_map, label.shape, extent), abs=0.1)
+    assert np.isinf(R.position_offset(np.zeros_like(label), grid, label.shape, extent))
+
+
+def _pad_case(root, case, width):
+    """Put a case's image and label at the start of a box ``width`` voxels longer along axis 0."""
+    import nibabel as nib
+
+    for sub in ("imagesTr", "labelsTr"):
+        path = root / sub / f"{case}.nii.gz"
+        img = nib.load(str(path))
+        a = np.asarray(img.dataobj)
+        big = np.zeros((a.shape[0] + width, *a.shape[1:]), a.dtype)
+        big[:a.shape[0]] = a
+        nib.save(nib.Nifti1Image(big, img.affine), str(path))
+
+
+def test_position_check_follows_the_field_of_view(tmp_path):
+    """Crops around the same anatomy: the position term applies; the same cases at one end of boxes
+    twice as long (another field of view): it does not."""
+    same = tmp_path / "same"
+    split = helpers.make_cohort(same, n_unlabeled=2, n_test=0, shape=(28, 28, 28), seed=1)
+    check = R.position_check(same, split["template"], split["unlabeled"], tmp_path / "reg_same")
+    assert check["applies"] and check["median_offset"] < R.POSITION_OFFSET_LIMIT
+    assert set(check["offsets"]) == set(split["unlabeled"])
+    moved = tmp_path / "moved"
+    split = helpers.make_cohort(moved, n_unlabeled=2, n_test=0, shape=(28, 28, 28), seed=1)
+    for case in split["unlabeled"]:
+        _pad_case(moved, case, 28)
+    check = R.position_check(moved, split["template"], split["unlabeled"], tmp_path / "reg_moved")
+    assert not check["applies"] and "switched off" in check["reason"]

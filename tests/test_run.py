@@ -93,6 +93,9 @@ def test_run_quick_killed_after_propagate_resumes(tmp_path, cohort):
     assert cfg2["template_share"] is None  # run's default: the template is one volume among the others
     assert cfg2["spatial_aug"] == 0.0  # run's default: no random affine of the training volumes
     assert report["selection"]["n_selected"] == 2
+    # the position term's check: the cohort's crops share a field of view (registration referee)
+    pos = json.loads((work / "referee" / "position.json").read_text())
+    assert pos["applies"] and set(pos["offsets"]) == set(pool) and pos["median_offset"] < pos["limit"]
     _check_stage_records(work)
     _check_class_planes(work, cohort, pool)
     for png in ("report_dice_by_round.png", "report_montage.png"):

@@ -120,6 +120,10 @@ class RunSettings(ComputeOptions, EngineOptions):
                        "the preset's network; default: the preset's (off only for quick)", choices=("off", "auto"))
     budget_minutes: float | None = option(None, "with --plan auto: UNet training minutes per round on this "
                                           "machine (default: the preset's)", type=float, metavar="MIN")
+    position: str = option("auto", "the position term of the round-0 vote (propagate --position-weight): auto: on "
+                           "when the template registered to every pool case shows the structure at a consistent "
+                           "place in the volumes' boxes (semisam_o1.registration.position_check; "
+                           "WORK/referee/position.json), off otherwise; on; off", choices=("auto", "on", "off"))
     referee: str = option("registration", "label-free choice of the round handed back and early stopping: "
                           "registration: each round's pool labels are compared with the template's label warped "
                           "to every pool case (ANTs SyN; semisam_o1.rounds); none: every round runs and the last "
@@ -321,15 +325,18 @@ def _encode(stages: Stages, s: RunSettings, cohort: Cohort, work: Path) -> Path:
     return feats
 
 
-def _propagate(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, feats: Path) -> Path | None:
+def _propagate(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, feats: Path,
+               position: bool) -> Path | None:
     """Round-0 pseudo-labels; returns the class-planes rule file when one was learned."""
     from . import propagate
     from .class_planes import CLASS_PLANES_JSON
 
     out = work / "round0" / "pseudo"
+    weight = {} if position else {"position_weight": 0.0}
     stages.call("propagate", "propagate", propagate,
                 propagate.SETTINGS(input=s.input, features=feats, template=cohort.template, output=out,
-                                   cases=tuple(cohort.unlabeled), class_planes=s.class_planes, **_compute(s)), out)
+                                   cases=tuple(cohort.unlabeled), class_planes=s.class_planes, **weight,
+                                   **_compute(s)), out)
     rule = out / CLASS_PLANES_JSON
     return rule if rule.is_file() else None
 
@@ -430,9 +437,28 @@ def copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
                 shutil.copyfile(f, tmp)
 
 
-def _referee(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> Path | None:
-    """``WORK/referee``: the template's label registered to every pool case (``--referee``)."""
-    if s.referee == "none":
+def _position(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> bool:
+    """Whether the round-0 vote uses its position term (``--position``); with ``auto`` the evidence
+    goes to ``WORK/referee/position.json`` (the registrations are the referee's)."""
+    if s.position != "auto":
+        return s.position == "on"
+    from .io import write_json
+    from .registration import position_check
+
+    path = stages.work / "referee" / "position.json"
+    if path.is_file():
+        return bool(json.loads(path.read_text())["applies"])
+    _referee(stages, s, dataset, cohort, needed=True)
+    check = position_check(dataset, cohort.template, list(cohort.unlabeled), stages.work / "referee", threads=1)
+    write_json(path, check)
+    print(f"[run] position term: {check['reason']}", flush=True)
+    return bool(check["applies"])
+
+
+def _referee(stages: Stages, s: RunSettings, dataset, cohort: Cohort, needed: bool = False) -> Path | None:
+    """``WORK/referee``: the template's label registered to every pool case (``--referee``, or
+    ``needed`` by the position check)."""
+    if s.referee == "none" and not needed:
         return None
     from .registration import registration_labels
 
@@ -511,7 +537,8 @@ def run(settings: RunSettings) -> dict:
         stages.save()
         plan = _plan(stages, s)
         feats = _encode(stages, s, cohort, work)
-        rule = _propagate(stages, s, cohort, work, feats)
+        position = _position(stages, s, dataset, cohort)
+        rule = _propagate(stages, s, cohort, work, feats, position)
         referee = _referee(stages, s, dataset, cohort)
         done, selected = _rounds(dataset, stages, s, cohort, feats, rule, plan, referee)
         choice = choose_round(work, done)
