@@ -211,3 +211,16 @@ def test_cohort_of_mixed_spacings_is_resampled_to_the_median(tmp_path):
     assert fp["cohort"]["spacing_mm"]["max"] == [1.5, 1.5, 1.5]
     out = plan.plan_spacing(fp, 1e9, _voxel_cost, 64 ** 3)
     assert not out["native"] and out["spacing"] == fp["cohort"]["spacing_mm"]["median"]
+
+
+def test_encode_axes_leave_out_strips_of_thin_slices():
+    """A cine-like stack (1.56 x 1.56 x 10 mm) is encoded along its slice axis only; isotropic and
+    mildly anisotropic data along every axis."""
+    from semisam_o1.plan import plan_encode_axes
+
+    assert plan_encode_axes([1.56, 1.56, 10.0])[0] == [2]
+    assert plan_encode_axes([1.0, 1.0, 1.0])[0] == [0, 1, 2]
+    assert plan_encode_axes([0.8, 0.8, 1.5])[0] == [0, 1, 2]
+    assert plan_encode_axes([0.7, 3.0, 0.7])[0] == [1]
+    axes, reason = plan_encode_axes([1.0, 5.0, 12.0])  # no plane within 2x: the one with the coarsest axis normal
+    assert axes == [2] and reason

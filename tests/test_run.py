@@ -16,6 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import helpers
+
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "semisam_o1", *args]
@@ -266,3 +268,28 @@ def test_second_run_on_a_folder_in_use_is_refused(tmp_path, cohort):
     assert "already in use" in line and str(os.getpid()) in line
     with FolderLock(work):  # released: it can be taken again
         pass
+
+
+def test_run_plans_the_network_and_the_encoder_from_the_data(tmp_path):
+    """--plan auto (the demo / cpu / paper presets' default): WORK/plan.json is written first, encode
+    slices along the plan's axes, and round 1 trains the planned network (patch, strides,
+    channels, flips) at the plan's working spacing; the same command resumes with the same plan."""
+    root = tmp_path / "aniso"
+    helpers.make_cohort(root, n_unlabeled=2, n_test=1, shape=(24, 24, 12), spacing=(1.0, 1.0, 2.5))
+    work = tmp_path / "w"
+    args = ("run", "-i", str(root), "--split", str(root / "splits.json"), "-o", str(work), "--preset", "quick",
+            "--plan", "auto", "--budget-minutes", "0.05", "--iterations", "3", "--threads", "2", "--quiet")
+    out = _run(*args, timeout=600)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    plan = json.loads((work / "plan.json").read_text())["decisions"]
+    assert plan["encode_axes"]["value"] == [2]  # 1 x 2.5 mm slice planes are strips: left out
+    store = json.loads((work / "features" / "store.json").read_text())
+    assert store["axes"] == plan["encode_axes"]["value"]
+    cfg = json.loads((work / "round1" / "model" / "config.json").read_text())
+    assert cfg["patch"] == plan["patch"]["value"] and cfg["preset_params"]["flip_axes"] == plan["flip_axes"]["value"]
+    assert [list(s) for s in cfg["net"]["strides"]] == plan["strides"]["value"]
+    assert cfg["net"]["channels"] == plan["channels"]["value"] and cfg["iterations"] == 3
+    assert cfg["spacing"] == plan["spacing"]["value"]
+    before = (work / "plan.json").read_bytes()
+    again = _run(*args, timeout=600)
+    assert again.returncode == 0 and (work / "plan.json").read_bytes() == before

@@ -28,6 +28,8 @@
   - ``unet.flip_axes``: every axis, except an axis along which the template's foreground classes
     follow each other (class planes: a flip would swap them, as MSD Hippocampus' Anterior |
     Posterior);
+  - ``encode_axes``: the axes ``encode`` slices along: every axis whose slice plane has pixels
+    within twice of square (a thin-slice stack is encoded along its slice axis only);
   - ``normalisation``: CT: clip to the template foreground's 0.5 / 99.5 percentiles and z-score
     with the template foreground's mean and sd (nnU-Net's CT scheme, from the one label there is);
     every other modality: per-volume percentile clip and z-score.
@@ -346,6 +348,21 @@ def plan_spacing(fp: dict, budget_seconds: float, cost, max_voxels: int) -> dict
     return chosen
 
 
+def plan_encode_axes(spacing) -> tuple[list[int], str]:
+    """The axes encode slices along: an axis whose slices (the plane of the two other axes) have
+    pixels more than twice as long one way as the other is left out (the encoder sees square
+    pixels; a 1.5 x 10 mm strip costs a canvas for little detail), unless that would leave none.
+    The factor 2 is the strides rule's anisotropy bound (:func:`plan_strides`)."""
+    sp = [float(x) for x in spacing]
+    keep = [a for a in range(3) if max(sp[b] for b in range(3) if b != a) <= 2 * min(sp[b] for b in range(3) if b != a)]
+    if not keep:
+        keep = [int(np.argmax(sp))]
+    if keep == [0, 1, 2]:
+        return keep, f"every slice plane has pixels within 2x of square (median spacing {sp} mm)"
+    return keep, (f"slices along {[a for a in range(3) if a not in keep]} would have pixels more than 2x longer one "
+                  f"way (median spacing {sp} mm)")
+
+
 def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
     """Every decision of the plan, each ``{"value": ..., "reason": ...}``."""
     num_classes = dataset.label_map.num_classes
@@ -364,7 +381,9 @@ def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
     flips, flip_reason = plan_flip_axes(dataset, fp["template"]["case"])
     norm, norm_reason = plan_normalisation(fp)
     iters = int(np.clip(budget / sec, MIN_ITERATIONS, MAX_ITERATIONS))
+    axes, axes_reason = plan_encode_axes(spacing)
     return {
+        "encode_axes": {"value": axes, "reason": axes_reason},
         "spacing": {"value": None if sp["native"] else sp["spacing"], "mm": sp["spacing"], "reason": sp["reason"]},
         "patch": {"value": unet["patch"], "reason": sp["patch_reason"]},
         "strides": {"value": strides, "reason": f"{len(strides)} levels; an axis is downsampled while its spacing "

@@ -315,13 +315,17 @@ def _engine(settings: RunSettings) -> dict:
     return dict(engine=settings.engine, ray_address=settings.ray_address, workers=settings.workers)
 
 
-def _encode(stages: Stages, s: RunSettings, cohort: Cohort, work: Path) -> Path:
+def _encode(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, plan: Path | None) -> Path:
     from . import encode
 
     feats = work / "features"
+    planned = {}
+    if plan is not None:
+        axes = json.loads(plan.read_text())["decisions"].get("encode_axes")
+        planned = {"axes": tuple(axes["value"])} if axes else {}
     stages.call("encode", "encode", encode,
                 encode.SETTINGS(input=s.input, output=feats, cases=(cohort.template, *cohort.unlabeled),
-                                **_compute(s), **_engine(s)), feats)
+                                **planned, **_compute(s), **_engine(s)), feats)
     return feats
 
 
@@ -536,7 +540,7 @@ def run(settings: RunSettings) -> dict:
         stages = Stages(work, s)
         stages.save()
         plan = _plan(stages, s)
-        feats = _encode(stages, s, cohort, work)
+        feats = _encode(stages, s, cohort, work, plan)
         position = _position(stages, s, dataset, cohort)
         rule = _propagate(stages, s, cohort, work, feats, position)
         referee = _referee(stages, s, dataset, cohort)
