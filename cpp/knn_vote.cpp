@@ -382,6 +382,27 @@ struct Scan {
     TopK* heaps;
 };
 
+// Push the tile's similarities above each flagged query's current k-th best into its heap
+// (``rows``: bit m set when query t + m has a candidate; ``tile``: row-major, ``ld`` floats a row).
+__attribute__((always_inline)) inline void drain(unsigned rows, const float* tile, int64_t ld, int valid,
+                                                 int64_t t, int64_t j0, const Scan& a) {
+    while (rows) {
+        const int m = __builtin_ctz(rows);
+        rows &= rows - 1;
+        const int64_t q = t + m;
+        const float* sims = tile + m * ld;
+        float th = a.thr[q];
+        TopK& h = a.heaps[q];
+        for (int n = 0; n < valid; ++n) {
+            if (sims[n] > th) {
+                h.push(sims[n], j0 + n);
+                th = h.threshold();
+            }
+        }
+        a.thr[q] = th;
+    }
+}
+
 template <bool AVX>
 __attribute__((always_inline)) inline void scan_impl(const Scan& a) {
     alignas(32) float tile[MR][NR];
@@ -401,20 +422,7 @@ __attribute__((always_inline)) inline void scan_impl(const Scan& a) {
                 else
 #endif
                     rows = micro_generic(a.qb + t * C, C, panel, C, a.thr + t, tile);
-                while (rows) {
-                    const int m = __builtin_ctz(rows);
-                    rows &= rows - 1;
-                    const int64_t q = t + m;
-                    float th = a.thr[q];
-                    TopK& h = a.heaps[q];
-                    for (int n = 0; n < valid; ++n) {
-                        if (tile[m][n] > th) {
-                            h.push(tile[m][n], j0 + n);
-                            th = h.threshold();
-                        }
-                    }
-                    a.thr[q] = th;
-                }
+                drain(rows, &tile[0][0], sizeof(tile[0]) / sizeof(float), valid, t, j0, a);
             }
         }
     }
@@ -437,20 +445,7 @@ SEMISAM_AVX512 void scan_avx512(const Scan& a) {
             const int valid = static_cast<int>(std::min<int64_t>(NR5, a.b0 + a.nb - j0));
             for (int64_t t = s0; t < s1; t += MR5) {
                 unsigned rows = micro_avx512(a.qb + t * C, panel, C, a.thr + t, tile);
-                while (rows) {
-                    const int m = __builtin_ctz(rows);
-                    rows &= rows - 1;
-                    const int64_t q = t + m;
-                    float th = a.thr[q];
-                    TopK& h = a.heaps[q];
-                    for (int n = 0; n < valid; ++n) {
-                        if (tile[m][n] > th) {
-                            h.push(tile[m][n], j0 + n);
-                            th = h.threshold();
-                        }
-                    }
-                    a.thr[q] = th;
-                }
+                drain(rows, &tile[0][0], sizeof(tile[0]) / sizeof(float), valid, t, j0, a);
             }
         }
     }

@@ -91,42 +91,6 @@ __attribute__((target("avx2,fma,f16c"))) inline void row_group(const void* row, 
     if (want_norm) *sumsq = ss;
 }
 
-template <DType FDT>
-__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const void* feat, int64_t r0,
-                                                          int64_t r1, int64_t C, const float* P,
-                                                          int64_t K, float* scores,
-                                                          int32_t* labels) {
-    const size_t esz = FDT == DType::F16 ? 2 : 4;
-    float dots[kGroup];
-    for (int64_t r = r0; r < r1; ++r) {
-        const void* row = static_cast<const char*>(feat) + static_cast<size_t>(r * C) * esz;
-        float* out = scores + r * K;
-        float ss = 0.f;
-        for (int64_t p0 = 0; p0 < K; p0 += kGroup) {
-            const int64_t g = std::min<int64_t>(kGroup, K - p0);
-            const bool first = p0 == 0;
-            switch (g) {
-                case 8: row_group<FDT, 8>(row, C, P, p0, first, dots, &ss); break;
-                case 7: row_group<FDT, 7>(row, C, P, p0, first, dots, &ss); break;
-                case 6: row_group<FDT, 6>(row, C, P, p0, first, dots, &ss); break;
-                case 5: row_group<FDT, 5>(row, C, P, p0, first, dots, &ss); break;
-                case 4: row_group<FDT, 4>(row, C, P, p0, first, dots, &ss); break;
-                case 3: row_group<FDT, 3>(row, C, P, p0, first, dots, &ss); break;
-                case 2: row_group<FDT, 2>(row, C, P, p0, first, dots, &ss); break;
-                default: row_group<FDT, 1>(row, C, P, p0, first, dots, &ss); break;
-            }
-            for (int64_t i = 0; i < g; ++i) out[p0 + i] = dots[i];
-        }
-        const float inv = inv_norm_from_sumsq(ss, row, FDT, C);
-        int32_t best = 0;
-        for (int64_t p = 0; p < K; ++p) {
-            out[p] *= inv;
-            if (out[p] > out[best]) best = static_cast<int32_t>(p);
-        }
-        labels[r] = best;
-    }
-}
-
 // AVX-512: the same computation 16 lanes wide; the C tail by masked loads (no scalar tail).
 template <DType FDT>
 SEMISAM_AVX512 inline __m512 load16(const void* row, int64_t c, __mmask16 m) {
@@ -164,9 +128,20 @@ SEMISAM_AVX512 inline void row_group512(const void* row, int64_t C, const float*
     if (want_norm) *sumsq = _mm512_reduce_add_ps(accn);
 }
 
-template <DType FDT>
-SEMISAM_AVX512 void rows_avx512(const void* feat, int64_t r0, int64_t r1, int64_t C,
-                                const float* P, int64_t K, float* scores, int32_t* labels) {
+// The row loop both SIMD paths share: each row's dots with the K prototypes in groups of kGroup
+// (row_group / row_group512: the first group also sums the row's squares), then its norm and argmax.
+template <DType FDT, int G, bool W512>
+__attribute__((always_inline)) inline void group_dots(const void* row, int64_t C, const float* P, int64_t p0,
+                                                      bool first, float* dots, float* ss) {
+    if constexpr (W512)
+        row_group512<FDT, G>(row, C, P, p0, first, dots, ss);
+    else
+        row_group<FDT, G>(row, C, P, p0, first, dots, ss);
+}
+
+template <DType FDT, bool W512>
+__attribute__((always_inline)) inline void rows_simd(const void* feat, int64_t r0, int64_t r1, int64_t C,
+                                                     const float* P, int64_t K, float* scores, int32_t* labels) {
     const size_t esz = FDT == DType::F16 ? 2 : 4;
     float dots[kGroup];
     for (int64_t r = r0; r < r1; ++r) {
@@ -177,14 +152,14 @@ SEMISAM_AVX512 void rows_avx512(const void* feat, int64_t r0, int64_t r1, int64_
             const int64_t g = std::min<int64_t>(kGroup, K - p0);
             const bool first = p0 == 0;
             switch (g) {
-                case 8: row_group512<FDT, 8>(row, C, P, p0, first, dots, &ss); break;
-                case 7: row_group512<FDT, 7>(row, C, P, p0, first, dots, &ss); break;
-                case 6: row_group512<FDT, 6>(row, C, P, p0, first, dots, &ss); break;
-                case 5: row_group512<FDT, 5>(row, C, P, p0, first, dots, &ss); break;
-                case 4: row_group512<FDT, 4>(row, C, P, p0, first, dots, &ss); break;
-                case 3: row_group512<FDT, 3>(row, C, P, p0, first, dots, &ss); break;
-                case 2: row_group512<FDT, 2>(row, C, P, p0, first, dots, &ss); break;
-                default: row_group512<FDT, 1>(row, C, P, p0, first, dots, &ss); break;
+                case 8: group_dots<FDT, 8, W512>(row, C, P, p0, first, dots, &ss); break;
+                case 7: group_dots<FDT, 7, W512>(row, C, P, p0, first, dots, &ss); break;
+                case 6: group_dots<FDT, 6, W512>(row, C, P, p0, first, dots, &ss); break;
+                case 5: group_dots<FDT, 5, W512>(row, C, P, p0, first, dots, &ss); break;
+                case 4: group_dots<FDT, 4, W512>(row, C, P, p0, first, dots, &ss); break;
+                case 3: group_dots<FDT, 3, W512>(row, C, P, p0, first, dots, &ss); break;
+                case 2: group_dots<FDT, 2, W512>(row, C, P, p0, first, dots, &ss); break;
+                default: group_dots<FDT, 1, W512>(row, C, P, p0, first, dots, &ss); break;
             }
             for (int64_t i = 0; i < g; ++i) out[p0 + i] = dots[i];
         }
@@ -196,6 +171,19 @@ SEMISAM_AVX512 void rows_avx512(const void* feat, int64_t r0, int64_t r1, int64_
         }
         labels[r] = best;
     }
+}
+
+template <DType FDT>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const void* feat, int64_t r0, int64_t r1, int64_t C,
+                                                          const float* P, int64_t K, float* scores,
+                                                          int32_t* labels) {
+    rows_simd<FDT, false>(feat, r0, r1, C, P, K, scores, labels);
+}
+
+template <DType FDT>
+SEMISAM_AVX512 void rows_avx512(const void* feat, int64_t r0, int64_t r1, int64_t C, const float* P, int64_t K,
+                                float* scores, int32_t* labels) {
+    rows_simd<FDT, true>(feat, r0, r1, C, P, K, scores, labels);
 }
 #endif
 
