@@ -44,18 +44,25 @@ def _full_supervision(path: Path, test: list[str]) -> float:
     return float(m["mean_foreground"]["dice"])
 
 
-def entry(work: Path, command: str, seconds: float, full_supervision: float | None, atlas: float) -> tuple[str, dict]:
-    """``(dataset name, datasets.json entry)`` of the finished run in ``work``."""
+def finished_run(work: Path) -> dict:
+    """What the entry reads of a finished run: its report, run.json, split, dataset name and the
+    test cases it scored (the split's first ``n_test``)."""
     report = json.loads((work / "report.json").read_text())
     run = json.loads((work / "run.json").read_text())
     split = json.loads(Path(run["all_settings"]["split"]).read_text())
-    whole_split = (report["n_unlabeled"] == len([c for c in split["unlabeled"] if c != split["template"]])
-                   and report["n_test"] == len(split["test"]))
     dataset = Path(run["all_settings"]["input"])
     name = json.loads((dataset / "dataset.json").read_text()).get("name", dataset.name)
+    return {"work": work, "report": report, "run": run, "split": split, "name": name,
+            "test": list(split["test"])[:report["n_test"]]}
+
+
+def entry(r: dict, command: str, seconds: float, full_supervision: float | None, atlas: float) -> dict:
+    """The datasets.json entry of a finished run (``r``: :func:`finished_run`)."""
+    report, split, work = r["report"], r["split"], r["work"]
+    whole_split = (report["n_unlabeled"] == len([c for c in split["unlabeled"] if c != split["template"]])
+                   and report["n_test"] == len(split["test"]))
     plan = json.loads((work / "plan.json").read_text()) if (work / "plan.json").is_file() else None
-    final_test = float(report["final_test_metrics"]["mean_foreground"]["dice"]) \
-        if "mean_foreground" in report["final_test_metrics"] else float(report["final_test_metrics"]["mean_foreground_dice"])
+    final_test = float(report["final_test_metrics"]["mean_foreground"]["dice"])
     round0 = float(report["rounds"][0]["pseudo_label_dice_unlabeled"]["mean_foreground_dice"])
     final_pool = float(report["final_pool_dice"]["mean_foreground_dice"])
     targets = {
@@ -77,12 +84,12 @@ def entry(work: Path, command: str, seconds: float, full_supervision: float | No
         "whole_split": whole_split,
         "chosen": report["chosen"],
         "rounds_run": len(report["rounds"]) - 1,
-        "stage_seconds": run.get("seconds"),
+        "stage_seconds": r["run"].get("seconds"),
         "targets_met": targets,
         "cpu": cpu_model(),
         "note": "pool and test Dice are diagnostics computed from labels no stage reads",
     }
-    return name, out
+    return out
 
 
 def main(argv=None) -> int:
@@ -95,14 +102,10 @@ def main(argv=None) -> int:
     ap.add_argument("--atlas", type=Path, default=REPO / "benchmarks" / "results" / "registration.json")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "datasets.json")
     args = ap.parse_args(argv)
-    report = json.loads((args.work / "report.json").read_text())
-    run = json.loads((args.work / "run.json").read_text())
-    dataset = Path(run["all_settings"]["input"])
-    name = json.loads((dataset / "dataset.json").read_text()).get("name", dataset.name)
-    split = json.loads(Path(run["all_settings"]["split"]).read_text())
-    test = list(split["test"])[:report["n_test"]]
-    full = None if args.full_supervision is None else _full_supervision(args.full_supervision, test)
-    name, out = entry(args.work, args.command, args.seconds, full, _atlas(args.atlas, name, test))
+    r = finished_run(args.work)
+    full = None if args.full_supervision is None else _full_supervision(args.full_supervision, r["test"])
+    name = r["name"]
+    out = entry(r, args.command, args.seconds, full, _atlas(args.atlas, name, r["test"]))
     write_json_key(args.results, name, out)
     print(json.dumps({name: {k: v for k, v in out.items() if k != "plan"}}, indent=1))
     return 0

@@ -1,4 +1,4 @@
-"""Overlap primitives shared by every stage: one Dice, one empty-mask rule.
+"""Mask primitives shared by every stage: one Dice, one empty-mask rule, one extent.
 
 The rule (the field's convention, also :mod:`semisam_o1.evaluate`'s): a class
 absent from both volumes has Dice 1 (they agree); a class present in exactly one
@@ -53,3 +53,9 @@ def mean_dice(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> float:
     if not len(classes):
         raise ValueError("classes: need at least one foreground class")
     return float(np.mean(dice_per_class(a, b, classes)))
+
+
+def mask_extent(mask: np.ndarray) -> list[int]:
+    """The extent, in voxels per axis, of the bounding box of a non-empty boolean mask
+    (``max - min + 1`` of its voxel indices along each axis)."""
+    return [int(i.max() - i.min() + 1) for i in np.nonzero(mask)]

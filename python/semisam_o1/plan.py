@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .metrics import mask_extent
 from .settings import ComputeOptions, check_range, option
 
 #: fraction of the structure's extent added on each side of the patch
@@ -137,8 +138,7 @@ def template_fingerprint(dataset, template: str) -> dict:
         raise InputError(f"{dataset.label_path(template)}: the template's label has no foreground voxel")
 
     def extent(mask):
-        idx = np.nonzero(mask)
-        vox = [int(i.max() - i.min() + 1) for i in idx]
+        vox = mask_extent(mask)
         return vox, [round(v * s, 2) for v, s in zip(vox, spacing)]
 
     classes = {}
@@ -408,6 +408,12 @@ def unet_overrides(plan: dict) -> dict:
     if "spacing" in d:
         out["spacing"] = d["spacing"]["value"]
     return out
+
+
+def encode_overrides(plan: dict) -> dict:
+    """The encode settings a plan sets (``axes``; none from a plan written before it had them)."""
+    axes = plan["decisions"].get("encode_axes")
+    return {"axes": tuple(axes["value"])} if axes else {}
 
 
 def make_plan(settings: PlanSettings) -> dict:

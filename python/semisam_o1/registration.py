@@ -301,13 +301,13 @@ def position_check(dataset, template: str, cases: Sequence[str], out_dir, thread
         "applies": m < limit, "reason": ...}`` (offsets: :func:`position_offset`).
     """
     from .io import Dataset
+    from .metrics import mask_extent
 
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     params = params or RegistrationParams()
     t_img = ds.read_image(template)
     t_lab = ds.read_label(template, reference=t_img)
-    fg = np.nonzero(t_lab.array > 0)
-    extent = [int(i.max() - i.min() + 1) for i in fg]
+    extent = mask_extent(t_lab.array > 0)
     offsets = {}
     for case in [c for c in cases if c != template]:
         warp = cached_warp(Path(out_dir), t_img, t_lab, case, ds.read_image(case), ds.label_map, params, threads)

@@ -319,10 +319,12 @@ def _encode(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, plan: Pa
     from . import encode
 
     feats = work / "features"
-    planned = {}
-    if plan is not None:
-        axes = json.loads(plan.read_text())["decisions"].get("encode_axes")
-        planned = {"axes": tuple(axes["value"])} if axes else {}
+    if plan is None:
+        planned = {}
+    else:
+        from .plan import encode_overrides
+
+        planned = encode_overrides(json.loads(plan.read_text()))
     stages.call("encode", "encode", encode,
                 encode.SETTINGS(input=s.input, output=feats, cases=(cohort.template, *cohort.unlabeled),
                                 **planned, **_compute(s), **_engine(s)), feats)
@@ -452,17 +454,18 @@ def _position(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> bool:
     path = stages.work / "referee" / "position.json"
     if path.is_file():
         return bool(json.loads(path.read_text())["applies"])
-    _referee(stages, s, dataset, cohort, needed=True)
+    t0 = time.perf_counter()
+    # registers the template to every pool case into the referee's cache (one ITK thread, as _referee)
     check = position_check(dataset, cohort.template, list(cohort.unlabeled), stages.work / "referee", threads=1)
+    stages.times.setdefault("position", time.perf_counter() - t0)
     write_json(path, check)
     print(f"[run] position term: {check['reason']}", flush=True)
     return bool(check["applies"])
 
 
-def _referee(stages: Stages, s: RunSettings, dataset, cohort: Cohort, needed: bool = False) -> Path | None:
-    """``WORK/referee``: the template's label registered to every pool case (``--referee``, or
-    ``needed`` by the position check)."""
-    if s.referee == "none" and not needed:
+def _referee(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> Path | None:
+    """``WORK/referee``: the template's label registered to every pool case (``--referee``)."""
+    if s.referee == "none":
         return None
     from .registration import registration_labels
 
