@@ -135,9 +135,11 @@ def _assert_interrupted(rc: int, err: str, stage: str) -> None:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    """atomic_path's temporary files (``.NAME.XXXX.tmp...``) and the store's temporary or replaced
-    case folders (``.tmp-CASE-...``, ``.old-CASE-...``) under ``folder``."""
-    return [p for p in folder.rglob(".*") if ".tmp" in p.name or p.name.startswith((".tmp-", ".old-"))]
+    """Every temporary file or folder (atomic_path's files, the store's case folders: names made by
+    ``io.temporary_prefix``, ``.~PID@HOST~NAME.XXXX``) under ``folder``."""
+    from semisam_o1.io import TEMPORARY_MARK
+
+    return [p for p in folder.rglob(".*") if p.name.startswith(TEMPORARY_MARK) or ".tmp" in p.name]
 
 
 def _mtimes(paths) -> dict:

@@ -532,6 +532,45 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.json"]
 
 
+def _killed_writer(code: str, tmp_path) -> None:
+    """Run ``code`` in a child Python that dies with os._exit (no cleanup, as under SIGKILL)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code + "\nimport os; os._exit(9)"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 9, out.stderr
+
+
+def test_sweep_removes_a_killed_writers_temporaries_only(tmp_path):
+    """A writer killed inside atomic_path (a file) or store.write_case (a case folder) leaves its
+    temporary; sweep_temporaries removes those two and keeps a live process's temporary, another
+    host's and every other file."""
+    from semisam_o1.io import TEMPORARY_MARK, sweep_temporaries, temporary_prefix
+
+    out = tmp_path / "out"
+    _killed_writer(f"from semisam_o1.io import atomic_path\nwith atomic_path({str(out / 'x.nii.gz')!r}) as tmp:\n"
+                   "    tmp.write_bytes(b'half')\n    import os; os._exit(9)", tmp_path)
+    _killed_writer("import numpy as np\nfrom semisam_o1 import store\n"
+                   "def dies(*a, **k): import os; os._exit(9)\nstore.np.save = dies\n"
+                   f"store.write_case({str(out)!r}, 'c1', {{0: np.zeros((2, 3, 3, 3), np.float16)}}, "
+                   "{0: ([0.0] * 3, [1.0] * 3)}, {'case': 'c1'})", tmp_path)
+    left = sorted(p.name for p in out.rglob(f"{TEMPORARY_MARK}*"))
+    assert len(left) == 2 and any(n.endswith(".tmp.nii.gz") for n in left), left
+    assert not (out / "x.nii.gz").exists() and not (out / "cases" / "c1").exists()
+    live = out / f"{temporary_prefix('y.json')}abc.tmp.json"
+    live.write_text("being written")
+    pid, host = live.name[len(TEMPORARY_MARK):].split("~")[0].split("@")
+    other_host = out / f"{TEMPORARY_MARK}{pid}@not-{host}~z.json.abc.tmp.json"
+    other_host.write_text("another machine's")
+    (out / "keep.json").write_text("{}")
+    removed = sweep_temporaries(out) + sweep_temporaries(out / "cases")
+    assert sorted(p.name for p in removed) == left
+    assert sorted(p.name for p in out.iterdir()) == sorted(["cases", "keep.json", live.name, other_host.name])
+    assert list((out / "cases").iterdir()) == []
+    assert sweep_temporaries(tmp_path / "missing") == []
+
+
 # ------------------------------------------------------------------ real data
 
 

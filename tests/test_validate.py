@@ -151,21 +151,22 @@ def test_store_estimate_matches_a_written_store(pool_store, cohort):
     """estimate_store_bytes from the images' headers and encode's settings against the bytes of a store
     encode wrote (per-case grids exactly; meta.json and the records within their allowance)."""
     from semisam_o1.io import Dataset, canonical_shape
-    from semisam_o1.store import FeatureStore
+    from semisam_o1.store import (META_BYTES, RECORD_BYTES, FeatureStore, StoreGeometry, case_store_bytes,
+                                  estimate_store_bytes)
 
     features, cases = pool_store
     ds = Dataset(cohort.root)
     shapes = {c: canonical_shape(ds.image_path(c)) for c in cases}
-    geo = validate.StoreGeometry(input_size=256, cell=4, raw_channels=3, channels=2, axes=(0, 1, 2))
-    tile = validate.auto_tile(shapes[cohort.template], geo)
+    geo = StoreGeometry(input_size=256, cell=4, raw_channels=3, channels=2, axes=(0, 1, 2))
+    tile = geo.tile_for(shapes[cohort.template])
     assert tile == json.loads((features / "store.json").read_text())["packing"]["tile"]
     for c in cases:  # the grids: exact
         grids = sum((features / "cases" / c / f"axis{a}.npy").stat().st_size for a in range(3))
-        assert validate.case_store_bytes(shapes[c], tile, geo) - validate.META_BYTES == grids
-        assert (features / "cases" / c / "meta.json").stat().st_size <= validate.META_BYTES
-    est = validate.estimate_store_bytes(shapes, shapes[cohort.template], geo)
+        assert case_store_bytes(shapes[c], tile, geo) - META_BYTES == grids
+        assert (features / "cases" / c / "meta.json").stat().st_size <= META_BYTES
+    est = estimate_store_bytes(shapes, shapes[cohort.template], geo)
     real = FeatureStore(features).size_bytes()
-    assert real <= est <= real + validate.RECORD_BYTES + len(cases) * validate.META_BYTES
+    assert real <= est <= real + RECORD_BYTES + len(cases) * META_BYTES
 
 
 def test_run_store_geometry_is_the_run_store():
@@ -173,4 +174,4 @@ def test_run_store_geometry_is_the_run_store():
     encode's default 64 channels on the three axes (the values store.json records)."""
     geo = validate.run_store_geometry()
     assert (geo.input_size, geo.cell, geo.raw_channels, geo.stored_channels, geo.axes) == (256, 4, 800, 64, (0, 1, 2))
-    assert validate.auto_tile((35, 51, 35), geo) == 128 and validate.auto_tile((320, 320, 88), geo) == 256
+    assert geo.tile_for((35, 51, 35)) == 128 and geo.tile_for((320, 320, 88)) == 256

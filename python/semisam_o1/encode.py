@@ -53,10 +53,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .encoders import DEFAULT_ENCODER, ENCODERS
+from .encoders import DEFAULT_ENCODER, ENCODERS, auto_tile
 from .engine import EngineOptions
 from .errors import InputError, ReportedError
 from .settings import REQUIRED, CaseOptions, ComputeOptions, check_range, command_line, option, select_cases
+from .io import sweep_temporaries
 from .store import CASES_DIR, CONFIG_FILE, REDUCTION_FILE, STORE_FORMAT, UNSIGNED_KEYS, FeatureStore
 
 PERCENTILES = (0.5, 99.5)
@@ -364,8 +365,7 @@ def _choose_tile(s: EncodeSettings, enc, ds, red_case: str, chosen: list, existi
                 break
             except InputError:
                 continue
-        side = side or enc.input_size
-        tile = enc.input_size // 2 if side <= enc.input_size // 2 else enc.input_size
+        tile = auto_tile(side or enc.input_size, enc.input_size)
     if tile < enc.cell or enc.input_size % tile or tile % enc.cell:
         raise InputError(f"--tile-size {tile}: must divide the encoder input {enc.input_size} and be a "
                          f"multiple of the feature cell {enc.cell}")
@@ -672,6 +672,8 @@ def encode(settings: EncodeSettings) -> dict:
 
         torch.set_num_threads(int(s.threads))
     job = _Encoding(plan.enc, plan.tile, s.axes, s.batch_size, s.window, s.slice_stride)
+    for folder in (plan.root, plan.root / CASES_DIR):  # a killed shard's half-written case folders
+        sweep_temporaries(folder)
     store = _Store(plan)
     first, t_fit = None, 0.0
     if store.config is None and todo and s.channels:

@@ -548,6 +548,14 @@ def scale_volume(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def auto_tile(largest_side: int, input_size: int) -> int:
+    """The tile side in pixels ``encode`` packs slices into when ``--tile-size`` is not given:
+    half the canvas when the reduction case's (else the first case's) largest side in voxels fits
+    in it (four slices per canvas, each still enlarged), else the whole canvas."""
+    half = input_size // 2
+    return half if largest_side <= half else input_size
+
+
 @dataclass(frozen=True)
 class SlicePlan:
     """How slices of one in-plane shape (su, sv) are resized into a tile and which cells are valid.

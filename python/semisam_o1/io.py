@@ -22,7 +22,9 @@ Rules (each holds for every subcommand because they all come through here):
   A case under two endings or channels, or labels without an image, is one
   error listing every offending path.
 * **Atomic writes**: every file goes through :func:`atomic_path` (temp file +
-  rename), so a killed run never leaves a half-written output.
+  rename), so a killed run never leaves a half-written output; a temporary that a
+  killed writer left behind is named for its process (:func:`temporary_prefix`) and
+  removed when a stage next starts in that folder (:func:`sweep_temporaries`).
 
 Every user-caused problem raises :class:`semisam_o1.errors.InputError` with one
 line naming the file and the problem.
@@ -53,6 +55,7 @@ __all__ = [
     "LabelMap",
     "Dataset",
     "atomic_path",
+    "sweep_temporaries",
     "case_id_from_path",
     "find_case_file",
     "index_label_folder",
@@ -83,6 +86,71 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+TEMPORARY_MARK = ".~"
+
+
+def temporary_prefix(name: str) -> str:
+    """The start of the name of a temporary file or folder written beside ``name``:
+    ``.~PID@HOST~NAME.`` (hidden; ``mkstemp`` / ``mkdtemp`` add a random part). The writer's
+    process id and host let :func:`sweep_temporaries` tell a killed writer's leftovers from a live
+    writer's (another process, or another machine of a Ray cluster sharing the folder)."""
+    return f"{TEMPORARY_MARK}{os.getpid()}@{_host()}~{name}."
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _temporary_owner(name: str) -> tuple[int, str] | None:
+    """(pid, host) of a name made by :func:`temporary_prefix`, None for any other name."""
+    if not name.startswith(TEMPORARY_MARK):
+        return None
+    owner, sep, _ = name[len(TEMPORARY_MARK):].partition("~")
+    pid, at, host = owner.partition("@")
+    return (int(pid), host) if sep and at and pid.isdigit() and host else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries in ``folder`` (not below it) that a writer on this host left when it
+    was killed (SIGKILL, a lost Ray actor, a power cut) before it could rename or delete them:
+    names made by :func:`temporary_prefix` whose process is no longer running. Temporaries of a
+    live process, or of another host, are kept.
+
+    Returns:
+        the removed paths (files or folders).
+    """
+    import shutil
+
+    try:
+        entries = list(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    here, removed = _host(), []
+    for entry in entries:
+        owner = _temporary_owner(entry.name)
+        if owner is None or owner[1] != here or _alive(owner[0]):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -94,7 +162,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp" + suffix, dir=path.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the user's usual mode
     os.close(fd)
     tmp_path = Path(tmp)

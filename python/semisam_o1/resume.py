@@ -119,8 +119,12 @@ class StageRecord:
 
     def start(self) -> None:
         """Create the folder and write the record (not finished). Call it once the
-        inputs are checked, before the first output file."""
+        inputs are checked, before the first output file. Temporaries that a killed writer left
+        in the folder are removed (:func:`semisam_o1.io.sweep_temporaries`)."""
+        from .io import sweep_temporaries
+
         self.folder.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(self.folder)
         self._write(False, None)
         self.previous = {"signature": self.signature, "finished": False}
 

@@ -522,7 +522,7 @@ def run(settings: RunSettings) -> dict:
         ReportedError: a stage that printed its own error lines.
     """
     from .device import resolve_device
-    from .io import Dataset
+    from .io import Dataset, sweep_temporaries
     from .resume import FolderLock, check_output_dir
     from .rounds import choose_round
     from .validate import validate_run
@@ -540,6 +540,7 @@ def run(settings: RunSettings) -> dict:
     validate_run(dataset, cohort.template, cohort.unlabeled, cohort.test, work, rounds=s.rounds,
                  quiet=s.quiet)
     with FolderLock(work):
+        sweep_temporaries(work)  # run.json, plan.json, report.json: each stage sweeps its own folder
         stages = Stages(work, s)
         stages.save()
         plan = _plan(stages, s)

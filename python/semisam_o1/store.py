@@ -31,6 +31,7 @@ store.json says the files' dtype) are both read; any other is refused with one l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -319,6 +320,87 @@ class FeatureStore:
         return total
 
 
+# --------------------------------------------------------------------------- size on disk
+
+
+NPY_HEADER_BYTES = 128  # numpy .npy format 1.0: magic + header padded to a multiple of 64 bytes (128 for 4D)
+META_BYTES = 1200  # cases/<case>/meta.json: measured 1,136 (Left Atrium) and 1,160 (Hippocampus) bytes
+RECORD_BYTES = 4096  # store.json + stage.json: measured 1,491 + 2,320 bytes (Hippocampus demo store)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreGeometry:
+    """What a float16 store's size depends on besides the images' shapes.
+
+    Attributes:
+        input_size: the encoder's canvas side in pixels (LiteMedSAM: 256).
+        cell: pixels per feature cell (LiteMedSAM: 256 / 64 = 4).
+        raw_channels: the encoder's channels before the reduction (LiteMedSAM stage1-3: 800).
+        channels: stored channels (``encode --channels``; 0 keeps ``raw_channels``).
+        axes: slicing axes (``encode --axes``).
+        tile: tile side in pixels (``encode --tile-size``; 0: auto, from the template's shape).
+    """
+
+    input_size: int
+    cell: int
+    raw_channels: int
+    channels: int
+    axes: tuple[int, ...]
+    tile: int = 0
+
+    @property
+    def stored_channels(self) -> int:
+        return min(self.channels, self.raw_channels) if self.channels else self.raw_channels
+
+    def tile_for(self, template_shape: Sequence[int]) -> int:
+        """The tile side ``encode`` packs with for this template (the reduction case): ``tile``,
+        else :func:`semisam_o1.encoders.auto_tile` of its largest side."""
+        from .encoders import auto_tile
+
+        return int(self.tile) if self.tile else auto_tile(max(template_shape), self.input_size)
+
+
+def case_store_bytes(shape: Sequence[int], tile: int, geometry: StoreGeometry) -> int:
+    """Bytes of one case folder (``cases/<case>/``) as :func:`write_case` writes it in float16.
+
+    Per slicing axis ``a``, ``axis<a>.npy`` is a float16 grid (C, ...) with one cell per slice
+    along ``a`` and the slice's valid feature cells in-plane: the slice (su, sv) is resized so
+    its longest side is ``tile`` pixels and covers ceil(r / cell) cells per side
+    (:class:`semisam_o1.encoders.SlicePlan`). So ``2 * C * shape[a] * nu * nv`` bytes plus the
+    .npy header, and ``meta.json`` (:data:`META_BYTES`).
+
+    Args:
+        shape: canonical (X, Y, Z) voxel shape.
+        tile: tile side in pixels (:meth:`StoreGeometry.tile_for`).
+        geometry: the store's :class:`StoreGeometry`.
+
+    Returns:
+        bytes (int).
+    """
+    from .encoders import SlicePlan
+
+    itemsize = np.dtype(np.float16).itemsize
+    total = META_BYTES
+    for axis in geometry.axes:
+        su, sv = (int(shape[d]) for d in range(3) if d != axis)
+        plan = SlicePlan(su, sv, tile, geometry.cell)
+        total += NPY_HEADER_BYTES + itemsize * geometry.stored_channels * int(shape[axis]) * plan.nu * plan.nv
+    return total
+
+
+def estimate_store_bytes(shapes: Mapping[str, Sequence[int]], template_shape: Sequence[int],
+                         geometry: StoreGeometry) -> int:
+    """Bytes of a float16 store holding ``shapes`` ({case: canonical shape}): every case
+    (:func:`case_store_bytes`) plus :data:`REDUCTION_FILE` (``raw_channels x channels`` float32,
+    :func:`write_reduction`) and the two small JSON records (``store.json``, ``stage.json``:
+    :data:`RECORD_BYTES`). Bytes of the files themselves (not rounded up to file-system blocks)."""
+    tile = geometry.tile_for(template_shape)
+    total = sum(case_store_bytes(s, tile, geometry) for s in shapes.values())
+    if geometry.channels and geometry.channels < geometry.raw_channels:
+        total += NPY_HEADER_BYTES + np.dtype(np.float32).itemsize * geometry.raw_channels * geometry.channels
+    return total + RECORD_BYTES
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -333,10 +415,10 @@ def _create_exclusive(path: Path, write) -> bool:
     Returns:
         True if this call created ``path``, False if it was there already (left untouched).
     """
-    from .io import _UMASK, _WRITE_ERRNOS, write_error_message
+    from .io import _UMASK, _WRITE_ERRNOS, temporary_prefix, write_error_message
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp = Path(name)
@@ -409,7 +491,9 @@ def write_case(store_root: str | os.PathLike, case: str, grids: dict, maps: dict
         raise ValueError(f"storage {storage!r}: choose one of {STORAGE_DTYPES}")
     cases_dir = Path(store_root) / CASES_DIR
     cases_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case}-", dir=cases_dir))
+    from .io import temporary_prefix
+
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(case), dir=cases_dir))
     try:
         meta = dict(meta)
         meta["grids"] = {}
@@ -427,7 +511,7 @@ def write_case(store_root: str | os.PathLike, case: str, grids: dict, maps: dict
         final = cases_dir / case
         old = None
         if final.exists():
-            old = cases_dir / f".old-{case}-{os.getpid()}-{time.monotonic_ns()}"
+            old = cases_dir / f"{temporary_prefix('old-' + case)}{time.monotonic_ns()}"
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:

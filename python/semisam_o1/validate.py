@@ -13,8 +13,8 @@ wastes them. :func:`validate_run` therefore reads, before anything is written:
   needs its label (``evaluate`` scores against it), on its image's grid with declared classes
   only. Pool labels are never read (a one-label run does not look at them);
 * the free disk of the work folder's file system against the bytes the run will write: the
-  feature store (:func:`estimate_store_bytes`, from the images' shapes and ``encode``'s
-  settings) plus a margin (:func:`needed_bytes`).
+  feature store (:func:`semisam_o1.store.estimate_store_bytes`, from the images' shapes and
+  ``encode``'s settings: :func:`run_store_geometry`) plus a margin (:func:`needed_bytes`).
 
 Each problem is one :class:`semisam_o1.errors.InputError` naming the file (or folder).
 Measured seconds for 200 Hippocampus volumes: docs/accepted-inputs.md.
@@ -27,15 +27,11 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 from .errors import InputError
+from .store import StoreGeometry, estimate_store_bytes
 
-NPY_HEADER_BYTES = 128  # numpy .npy format 1.0: magic + header padded to a multiple of 64 bytes (128 for 4D)
-FLOAT16_BYTES = 2  # the store's grids (semisam_o1.store.write_case)
-FLOAT32_BYTES = 4  # the reduction basis (semisam_o1.store.write_reduction)
-META_BYTES = 1200  # cases/<case>/meta.json: measured 1,136 (Left Atrium) and 1,160 (Hippocampus) bytes
-RECORD_BYTES = 4096  # store.json + stage.json: measured 1,491 + 2,320 bytes (Hippocampus demo store)
 # The store formula's error bound, checked on both datasets' real stores (docs/accepted-inputs.md:
 # the formula is within 0.1% of 21 Hippocampus and 21 Left Atrium stores); kept at the brief's 10%
 # so that a store written by another version of the encoder still fits.
@@ -45,31 +41,6 @@ STORE_MARGIN = 0.10
 # prediction and an entropy map.
 POOL_BYTES_PER_VOXEL_ROUND = 1 + 4 + 1
 TEST_BYTES_PER_VOXEL_ROUND = 1 + 4
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreGeometry:
-    """What the feature store's size depends on besides the images' shapes.
-
-    Attributes:
-        input_size: the encoder's canvas side in pixels (LiteMedSAM: 256).
-        cell: pixels per feature cell (LiteMedSAM: 256 / 64 = 4).
-        raw_channels: the encoder's channels before the reduction (LiteMedSAM stage1-3: 800).
-        channels: stored channels (``encode --channels``; 0 keeps ``raw_channels``).
-        axes: slicing axes (``encode --axes``).
-        tile: tile side in pixels (``encode --tile-size``; 0: auto, from the template's shape).
-    """
-
-    input_size: int
-    cell: int
-    raw_channels: int
-    channels: int
-    axes: tuple[int, ...]
-    tile: int = 0
-
-    @property
-    def stored_channels(self) -> int:
-        return min(self.channels, self.raw_channels) if self.channels else self.raw_channels
 
 
 def run_store_geometry() -> StoreGeometry:
@@ -86,56 +57,6 @@ def run_store_geometry() -> StoreGeometry:
     return StoreGeometry(input_size=input_size, cell=input_size // grid, raw_channels=sum(c for c, _ in layers),
                          channels=int(defaults["channels"]), axes=tuple(defaults["axes"]),
                          tile=int(defaults["tile_size"]))
-
-
-def auto_tile(template_shape: Sequence[int], geometry: StoreGeometry) -> int:
-    """``encode``'s tile side: ``--tile-size``, else half the canvas when the template's (the
-    reduction case's) largest side fits in it, else the whole canvas (``encode._choose_tile``)."""
-    if geometry.tile:
-        return int(geometry.tile)
-    half = geometry.input_size // 2
-    return half if max(template_shape) <= half else geometry.input_size
-
-
-def case_store_bytes(shape: Sequence[int], tile: int, geometry: StoreGeometry) -> int:
-    """Bytes of one case of the feature store (``cases/<case>/``), as ``encode`` writes it.
-
-    Per slicing axis ``a``, ``axis<a>.npy`` is a float16 grid (C, ...) with one cell per slice
-    along ``a`` and the slice's valid feature cells in-plane: the slice (su, sv) is resized so
-    its longest side is ``tile`` pixels and covers ceil(r / cell) cells per side
-    (:class:`semisam_o1.encoders.SlicePlan`). So ``2 * C * shape[a] * nu * nv`` bytes plus the
-    .npy header, and ``meta.json`` (:data:`META_BYTES`).
-
-    Args:
-        shape: canonical (X, Y, Z) voxel shape.
-        tile: tile side in pixels (:func:`auto_tile`).
-        geometry: the store's :class:`StoreGeometry`.
-
-    Returns:
-        bytes (int).
-    """
-    from .encoders import SlicePlan
-
-    total = META_BYTES
-    for axis in geometry.axes:
-        su, sv = (int(shape[d]) for d in range(3) if d != axis)
-        plan = SlicePlan(su, sv, tile, geometry.cell)
-        grid = FLOAT16_BYTES * geometry.stored_channels * int(shape[axis]) * plan.nu * plan.nv
-        total += NPY_HEADER_BYTES + grid
-    return total
-
-
-def estimate_store_bytes(shapes: Mapping[str, Sequence[int]], template_shape: Sequence[int],
-                         geometry: StoreGeometry) -> int:
-    """Bytes of a feature store holding ``shapes`` ({case: canonical shape}): every case
-    (:func:`case_store_bytes`) plus the reduction basis (``raw_channels x channels`` float32)
-    and the two small JSON records (``store.json``, ``stage.json``: :data:`RECORD_BYTES`). Bytes of
-    the files themselves (block rounding is within :data:`STORE_MARGIN`)."""
-    tile = auto_tile(template_shape, geometry)
-    total = sum(case_store_bytes(s, tile, geometry) for s in shapes.values())
-    if geometry.channels and geometry.channels < geometry.raw_channels:
-        total += NPY_HEADER_BYTES + FLOAT32_BYTES * geometry.raw_channels * geometry.channels
-    return total + RECORD_BYTES
 
 
 def needed_bytes(store_bytes: int, pool_voxels: int, test_voxels: int, rounds: int) -> int:
