@@ -95,6 +95,8 @@ def pool_case(ds, s, model, rule, store, t_img, t_lab, case, cache, seconds) -> 
 
 def pool(args, ds, split) -> tuple[list[dict], dict]:
     cases = list(split["unlabeled"])[: args.max_pool]
+    if not cases:  # --max-pool 0: atlas SyN on the test cases only
+        return [], {}
     out = args.work / "propagate"
     s = P.PropagateSettings(input=args.dataset, features=args.features, template=split["template"], output=out,
                             cases=tuple(cases), threads=args.threads, quiet=True)
@@ -150,6 +152,8 @@ def referee(args, ds, split) -> dict:
 
 
 def summary(rows: list[dict]) -> dict:
+    if not rows:
+        return {}
     names = rows[0]["dice"].keys()
     return {n: round(float(np.mean([r["dice"][n] for r in rows])), 4) for n in names}
 
@@ -175,7 +179,8 @@ def main(argv=None) -> int:
              "cpu": cpu_model(), "template": split["template"],
              "registration": R.RegistrationParams().to_json() | {"threads": 1},
              "pool": {"cases": len(rows), "mean_fg_dice": summary(rows),
-                      "chosen_registration": sum(r["chosen"] == "registration" for r in rows), "per_case": rows},
+                      "chosen_registration": sum(r["chosen"] == "registration" for r in rows), "per_case": rows}
+             if rows else None,
              "test": {"cases": len(trows), "mean_fg_dice": summary(trows), "per_case": trows},
              "registration_seconds_per_case": round(float(np.mean(list(seconds.values()))), 2) if seconds else None,
              "registration_seconds_computed_cases": len(seconds),
@@ -183,7 +188,7 @@ def main(argv=None) -> int:
     if args.referee:
         entry["referee"] = referee(args, ds, split)
     print(json.dumps(
-        {"pool": entry["pool"]["mean_fg_dice"], "test": entry["test"]["mean_fg_dice"],
+        {"pool": (entry["pool"] or {}).get("mean_fg_dice"), "test": entry["test"]["mean_fg_dice"],
          "sec": entry["registration_seconds_per_case"], "referee": {k: (v["dice_with_registration"], v["dice_real"])
                                                                     for k, v in entry.get("referee", {}).items()}}))
     if args.write:
