@@ -39,8 +39,7 @@ def time_validation(data: Path) -> dict:
 def check_store(root: Path) -> dict:
     """The estimate of ``root``'s cases (shapes from the images' headers) against its files' bytes."""
     from semisam_o1.io import canonical_shape
-    from semisam_o1.store import FeatureStore
-    from semisam_o1.store import estimate_store_bytes
+    from semisam_o1.store import FeatureStore, estimate_store_bytes
     from semisam_o1.validate import run_store_geometry
 
     config = json.loads((root / "store.json").read_text())

@@ -325,7 +325,7 @@ def materialise(inp: FolderInput, work: str | os.PathLike) -> tuple[Path, Path]:
         InputError: a bad input (see :func:`plan`; nothing written), or a ``WORK/dataset`` made
             from other sources.
     """
-    from .io import sweep_temporaries, temporary_prefix, write_json
+    from .io import temporary_prefix, write_json
 
     p = plan(inp)
     root = Path(work) / DATASET
@@ -340,7 +340,6 @@ def materialise(inp: FolderInput, work: str | os.PathLike) -> tuple[Path, Path]:
             return root, split_file
         raise InputError(f"{root}: was made from other images, labels or names; use a new -o folder")
     Path(work).mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(work)
     tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(DATASET), dir=work))
     try:
         _write_dataset(p, tmp)

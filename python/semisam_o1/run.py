@@ -540,7 +540,7 @@ def run(settings: RunSettings) -> dict:
     validate_run(dataset, cohort.template, cohort.unlabeled, cohort.test, work, rounds=s.rounds,
                  quiet=s.quiet)
     with FolderLock(work):
-        sweep_temporaries(work)  # run.json, plan.json, report.json: each stage sweeps its own folder
+        sweep_temporaries(work)  # WORK's own files and a killed materialise's WORK/dataset; stages sweep theirs
         stages = Stages(work, s)
         stages.save()
         plan = _plan(stages, s)
