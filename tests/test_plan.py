@@ -90,6 +90,27 @@ def test_one_class_flips_every_axis_and_empty_template_is_refused(tmp_path):
         _plan(root, tmp_path)
 
 
+def test_largest_component_only_for_classes_the_template_shows_in_one_piece(tmp_path):
+    """The synthetic template's two classes are one piece each: both keep their largest
+    component; a second blob of class 1 in the template takes class 1 off the list."""
+    import nibabel as nib
+
+    root = tmp_path / "lcc"
+    split = helpers.make_cohort(root, n_unlabeled=2, n_test=0)
+    d = _plan(root, tmp_path)["decisions"]["largest_component"]
+    assert d["value"] == [1, 2] and "one-piece" in d["reason"]
+    path = root / "labelsTr" / f"{split['template']}.nii.gz"
+    img = nib.load(str(path))
+    lab = np.asarray(img.dataobj).astype(np.uint8)
+    assert not lab[:2, :2, :2].any()
+    lab[:2, :2, :2] = 1
+    helpers.write_nifti(path, lab, img.affine)
+    p = _plan(root, tmp_path)
+    assert p["fingerprint"]["template"]["classes"]["1"]["components"] == 2
+    assert p["decisions"]["largest_component"]["value"] == [2]
+    assert unet_overrides(p)["largest_component"] == [2]
+
+
 def test_timing_plans_iterations_from_the_budget(tmp_path):
     root = tmp_path / "t"
     helpers.make_cohort(root, n_unlabeled=1, n_test=0)
@@ -132,6 +153,7 @@ def test_train_takes_the_plans_network_and_normalisation(tmp_path):
     assert cfg["net"]["channels"] == d["channels"]["value"]
     assert [list(s) for s in cfg["net"]["strides"]] == d["strides"]["value"]
     assert cfg["normalisation"] == d["normalisation"]["value"]
+    assert cfg["largest_component"] == d["largest_component"]["value"] == [1, 2]
     x = np.array([-5000.0, d["normalisation"]["value"]["mean"], 1e9])
     y = nets.normalise(x, cfg["normalisation"])
     assert y[1] == pytest.approx(0.0, abs=1e-5) and y[0] == pytest.approx(

@@ -287,6 +287,25 @@ def test_entropy_map_reference():
     assert h[1, 0, 0] == pytest.approx(math.log(3), abs=1e-6)
 
 
+def test_labels_from_probs_keeps_the_planned_classes_largest_component():
+    """Argmax, then the classes of config["largest_component"] lose their smaller pieces (to
+    background); a model without the key (trained without a plan) keeps its argmax."""
+    from semisam_o1.predict import labels_from_probs
+
+    p = np.zeros((3, 8, 8, 8), np.float32)
+    p[0] = 1.0
+    p[:, 1:4, 1:4, 1:4] = np.array([0.1, 0.8, 0.1])[:, None, None, None]  # class 1, 27 voxels
+    p[:, 6, 6, 6] = [0.2, 0.7, 0.1]  # class 1, a stray voxel
+    p[:, 6, 0, 0] = [0.2, 0.1, 0.7]  # class 2, a stray voxel
+    argmax = np.argmax(p, 0)
+    np.testing.assert_array_equal(labels_from_probs(p, {}), argmax)
+    got = labels_from_probs(p, {"largest_component": [1]})
+    want = argmax.copy()
+    want[6, 6, 6] = 0
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.uint8 and got[6, 0, 0] == 2
+
+
 def test_normalise_reference():
     rng = np.random.default_rng(1)
     a = rng.gamma(2.0, 1000.0, size=(10, 12, 14)).astype(np.float32)

@@ -91,6 +91,7 @@ def write_bundle(model: Path, out: Path, *, rule: Path | None, spacing: list[flo
         "labels": dict(zip(config["label_map"]["names"], config["label_map"]["values"])),
         "normalisation": config["normalisation"], "spacing_mm": spacing, "patch": config["patch"],
         "flip_axes": list(config["preset_params"].get("flip_axes", [])),
+        "largest_component": list(config.get("largest_component", [])),
         "class_planes": "class_planes.json" if rule is not None else None,
         "network": {"class": config["net_class"], "params": config["net"]},
     })

@@ -30,6 +30,8 @@
     Posterior);
   - ``encode_axes``: the axes ``encode`` slices along: every axis whose slice plane has pixels
     within twice of square (a thin-slice stack is encoded along its slice axis only);
+  - ``largest_component``: the classes whose predictions keep only their largest 26-connected
+    component: those the template shows as one piece (:mod:`semisam_o1.components`);
   - ``normalisation``: CT: clip to the template foreground's 0.5 / 99.5 percentiles and z-score
     with the template foreground's mean and sd (nnU-Net's CT scheme, from the one label there is);
     every other modality: per-volume percentile clip and z-score.
@@ -46,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import components
 from .errors import InputError
 from .metrics import mask_extent
 from .settings import ComputeOptions, check_range, option
@@ -126,7 +129,8 @@ def cohort_geometry(dataset, cases: list[str]) -> dict:
 def template_fingerprint(dataset, template: str) -> dict:
     """Classes, voxel counts, extents and intensities of the template (its image and label).
 
-    Returns a dict: ``classes`` {index: {name, voxels, extent_vox, extent_mm}}, ``foreground``
+    Returns a dict: ``classes`` {index: {name, voxels, extent_vox, extent_mm, components (26-connected
+    pieces)}}, ``foreground``
     (the union: voxels, extent_vox, extent_mm, box_fraction), ``intensity`` (image and foreground
     percentiles 0.5 / 50 / 99.5, mean and sd).
 
@@ -149,7 +153,7 @@ def template_fingerprint(dataset, template: str) -> dict:
         if mask.any():
             vox, mm = extent(mask)
             classes[str(c)] = {"name": dataset.label_map.names[c], "voxels": int(mask.sum()), "extent_vox": vox,
-                               "extent_mm": mm}
+                               "extent_mm": mm, "components": components.count(mask)}
     fg = lab > 0
     vox, mm = extent(fg)
     values, fg_values = image.array.ravel(), image.array[fg]
@@ -232,6 +236,23 @@ def plan_flip_axes(dataset, template: str) -> tuple[list[int], str]:
     axes = [a for a in range(3) if a != rule.axis]
     return axes, (f"the template's classes follow each other along axis {rule.axis}: a flip there would swap "
                   "them")
+
+
+def plan_largest_component(fp: dict) -> tuple[list[int], str]:
+    """The classes whose predictions keep only their largest 26-connected component: those the
+    template shows as one piece (a structure that is one organ in the one labelled case is one in
+    every case; a class in several pieces, as two kidneys under one label, keeps them all).
+
+    Returns:
+        (sorted class indices, the reason).
+    """
+    classes = fp["template"]["classes"]
+    one = sorted(int(c) for c, v in classes.items() if v.get("components") == 1)
+    pieces = {v["name"]: v.get("components") for v in classes.values()}
+    if not one:
+        return one, f"no template class is one 26-connected piece ({pieces}): predictions kept whole"
+    return one, (f"template classes in 26-connected pieces {pieces}: each one-piece class keeps its largest "
+                 "component in every prediction")
 
 
 def plan_normalisation(fp: dict) -> tuple[dict, str]:
@@ -384,6 +405,7 @@ def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
     norm, norm_reason = plan_normalisation(fp)
     iters = int(np.clip(budget / sec, MIN_ITERATIONS, MAX_ITERATIONS))
     axes, axes_reason = plan_encode_axes(spacing)
+    lcc, lcc_reason = plan_largest_component(fp)
     return {
         "encode_axes": {"value": axes, "reason": axes_reason},
         "spacing": {"value": None if sp["native"] else sp["spacing"], "mm": sp["spacing"], "reason": sp["reason"]},
@@ -398,17 +420,20 @@ def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
                                                  f"clipped to [{MIN_ITERATIONS}, {MAX_ITERATIONS}]"},
         "flip_axes": {"value": flips, "reason": flip_reason},
         "normalisation": {"value": norm, "reason": norm_reason},
+        "largest_component": {"value": lcc, "reason": lcc_reason},
     }
 
 
 def unet_overrides(plan: dict) -> dict:
     """The UNet preset keys a plan sets (``patch``, ``strides``, ``channels``, ``batch_size``,
-    ``iterations``, ``flip_axes``) and the normalisation, as one dict to lay over a preset."""
+    ``iterations``, ``flip_axes``, ``largest_component``) and the normalisation, as one dict to lay
+    over a preset (a plan written before it had ``spacing`` or ``largest_component`` sets neither)."""
     d = plan["decisions"]
     keys = ("patch", "strides", "channels", "batch_size", "iterations", "flip_axes")
     out = {**{k: d[k]["value"] for k in keys}, "normalisation": d["normalisation"]["value"]}
-    if "spacing" in d:
-        out["spacing"] = d["spacing"]["value"]
+    for key in ("spacing", "largest_component"):
+        if key in d:
+            out[key] = d[key]["value"]
     return out
 
 

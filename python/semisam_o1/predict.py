@@ -12,8 +12,9 @@ softmax probabilities p (K classes) give
 
 * ``PRED/<case>.nii.gz`` -- argmax label, integer NIfTI with the dataset's label
   values, in the input's voxel order with its affine and header
-  (:func:`semisam_o1.io.write_label`); with ``--class-planes RULE`` (the
-  ``class_planes.json`` that ``propagate`` learned from the template), its
+  (:func:`semisam_o1.io.write_label`); each class the model's plan lists under
+  ``largest_component`` keeps only its largest 26-connected component; with
+  ``--class-planes RULE`` (the ``class_planes.json`` that ``propagate`` learned from the template), its
   foreground is re-split into the rule's classes by slices
   (:func:`semisam_o1.class_planes.apply`; entropy and probabilities stay the
   network's);
@@ -173,6 +174,27 @@ def predict_volume(net, image: np.ndarray, config: dict, device, mirror: bool = 
     return probs
 
 
+def labels_from_probs(probs: np.ndarray, config: dict, rule=None) -> np.ndarray:
+    """A prediction's label: argmax over classes, the largest 26-connected component of each class
+    in the model's ``largest_component`` (the plan's decision, :mod:`semisam_o1.components`; none
+    for a model without it), then the class-planes re-split when ``rule`` is given -- round 0's
+    order (:func:`semisam_o1.propagate.pseudo_label`).
+
+    Args:
+        probs: (K, X, Y, Z) float softmax probabilities.
+        config: the model's config.json.
+        rule: a :class:`semisam_o1.class_planes.ClassPlanes`, or None.
+
+    Returns:
+        (X, Y, Z) uint8 class indices.
+    """
+    from . import class_planes as planes
+    from .components import largest_component
+
+    lab = largest_component(np.argmax(probs, axis=0).astype(np.uint8), config.get("largest_component", []))
+    return lab if rule is None else planes.apply(lab, rule)
+
+
 def _mean_entropy_from_file(path: Path) -> float:
     from .io import read_image
 
@@ -228,8 +250,6 @@ def predict_case(plan: _Plan, settings: PredictSettings, case: str, dev) -> floa
     Returns:
         the case's mean voxel entropy (nats).
     """
-    from . import class_planes as planes
-
     out = settings.output
     img = plan.ds.read_image(case)
     probs = predict_volume(plan.net, img.array, plan.config, dev, mirror=settings.mirror, spacing=img.spacing)
@@ -237,9 +257,7 @@ def predict_case(plan: _Plan, settings: PredictSettings, case: str, dev) -> floa
     if settings.probabilities:
         write_map(probs_file(out, case), np.moveaxis(probs, 0, -1), img)
     write_map(entropy_file(out, case), ent, img)
-    lab = np.argmax(probs, axis=0).astype(np.uint8)
-    write_label(label_file(out, case), lab if plan.rule is None else planes.apply(lab, plan.rule), img,
-                plan.ds.label_map)
+    write_label(label_file(out, case), labels_from_probs(probs, plan.config, plan.rule), img, plan.ds.label_map)
     return float(ent.astype(np.float64).mean())
 
 
@@ -368,14 +386,12 @@ def _predict_file(plan: _Plan, settings: PredictSettings, case: str, source: Pat
     """Predict one scan and write ``PRED/<scan name>`` in its format and grid; returns its mean entropy."""
     import tempfile
 
-    from . import class_planes as planes
     from .folder_input import is_nifti, write_label_like
 
     with tempfile.TemporaryDirectory() as tmp:
         img = _read_scan(source, Path(tmp))
         probs = predict_volume(plan.net, img.array, plan.config, dev, mirror=settings.mirror, spacing=img.spacing)
-        lab = np.argmax(probs, axis=0).astype(np.uint8)
-        lab = lab if plan.rule is None else planes.apply(lab, plan.rule)
+        lab = labels_from_probs(probs, plan.config, plan.rule)
         target = Path(settings.output) / source.name
         if is_nifti(source):
             write_label(target, lab, img, label_map)

@@ -74,8 +74,8 @@ between those two labels by a label-free rule (:func:`separation`). Warps are ca
 
 Post-processing: ``--smooth SIGMA`` smooths each class's score map with a Gaussian
 before the argmax; ``--largest-component`` keeps the largest 26-connected
-component of every foreground class (other voxels of the class become
-background). ``--class-planes auto`` (default): when the template's foreground
+component of every foreground class that the template's label shows in one piece
+(other voxels of the class become background; :mod:`semisam_o1.components`). ``--class-planes auto`` (default): when the template's foreground
 classes follow each other along one axis, separated by planes (checked on its
 label by :func:`semisam_o1.class_planes.learn`; MSD Hippocampus: Anterior |
 Posterior across the posterior-anterior axis), every pseudo-label's foreground
@@ -172,7 +172,8 @@ class MethodOptions(Checked):
     query_stride: int = option(2, "knn: query every n-th voxel per axis, interpolate the vote shares")
     prototypes_per_class: int = option(3, "prototype: prototypes per foreground class (k-means when > 1)")
     background_prototypes: int = option(8, "prototype: prototypes for the background (k-means when > 1)")
-    largest_component: bool = option(True, "keep the largest 26-connected component of each foreground class")
+    largest_component: bool = option(True, "keep the largest 26-connected component of each foreground class "
+                                      "that the template's label shows in one piece")
     smooth: float = option(1.0, "Gaussian smoothing (sigma, voxels) of the class scores before the argmax; "
                            "0: none")
     seed: int = option(0, "seed of the background sample (knn) and of k-means (prototype)")
@@ -472,27 +473,6 @@ def _interp_to_grid(values: np.ndarray, src_coords: Sequence[np.ndarray], shape:
     return out
 
 
-def largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Keep the largest 26-connected component of each foreground class; the rest of
-    that class becomes background (0). (X, Y, Z) integer -> same dtype."""
-    from scipy import ndimage
-
-    out = labels.copy()
-    structure = np.ones((3, 3, 3), dtype=bool)
-    for c in range(1, num_classes):
-        mask = labels == c
-        if not mask.any():
-            continue
-        comp, n = ndimage.label(mask, structure=structure)
-        if n <= 1:
-            continue
-        sizes = np.bincount(comp.ravel())
-        sizes[0] = 0
-        out[mask & (comp != int(np.argmax(sizes)))] = 0
-    return out
-
-
-
 # --------------------------------------------------------------------------- the template model
 
 
@@ -518,6 +498,8 @@ class TemplateModel:
         bank_norm: knn: the bank rows' common norm.
         coord_scale_mm: the template's half-extent in mm per axis (``--coords mm``).
         template_shape: knn: the template's (X, Y, Z) shape.
+        one_piece: the foreground classes the template's label shows as one 26-connected piece
+            (those ``largest_component`` reduces to their largest component).
     """
 
     method: str
@@ -533,6 +515,7 @@ class TemplateModel:
     bank_norm: float | None = None
     coord_scale_mm: tuple[float, float, float] | None = None
     template_shape: tuple[int, int, int] | None = None
+    one_piece: tuple[int, ...] = ()
 
 
 def _fg_check(label: np.ndarray, label_path) -> None:
@@ -563,7 +546,11 @@ def build_template_model(cf, label: np.ndarray, num_classes: int, params: Method
             class has no voxel on the template's grid.
     """
     axes = tuple(axes) if axes is not None else tuple(cf.axes if hasattr(cf, "axes") else (0, 1, 2))
-    model = TemplateModel(method=params.method, num_classes=num_classes, axes=axes, params=params)
+    from . import components
+
+    one_piece = tuple(c for c in range(1, num_classes) if components.count(label == c) == 1)
+    model = TemplateModel(method=params.method, num_classes=num_classes, axes=axes, params=params,
+                          one_piece=one_piece)
     if params.method == "prototype":
         _build_prototypes(model, cf, label, class_names)
     else:
@@ -781,7 +768,8 @@ def smooth_scores(scores: np.ndarray, sigma: float) -> np.ndarray:
 def labels_from_scores(scores: np.ndarray, model: TemplateModel, smooth: bool = True) -> np.ndarray:
     """Labels from class scores: Gaussian smoothing (``model.params.smooth``; skipped with
     ``smooth=False``, for scores already smoothed), argmax over classes (ties: lowest class),
-    then, with ``model.params.largest_component``, the largest component per class.
+    then, with ``model.params.largest_component``, the largest component of each class the
+    template shows in one piece (``model.one_piece``).
 
     Args:
         scores: (K, X, Y, Z) float32 (:func:`score_case`).
@@ -793,7 +781,9 @@ def labels_from_scores(scores: np.ndarray, model: TemplateModel, smooth: bool = 
         scores = smooth_scores(scores, float(model.params.smooth))
     lab = np.argmax(scores, axis=0).astype(np.uint8)
     if model.params.largest_component:
-        lab = largest_component(lab, model.num_classes)
+        from .components import largest_component
+
+        lab = largest_component(lab, model.one_piece)
     return lab
 
 

@@ -1,0 +1,95 @@
+"""What keeping each class's largest connected component does to a run's predictions.
+
+Reads a finished ``semisam-o1 run`` folder (its rounds' pool predictions ``WORK/roundR/pred``
+and test predictions ``WORK/roundR/test``, written without the post-processing) and scores, per
+round, the mean foreground Dice against the real labels with and without
+:func:`semisam_o1.components.largest_component` applied to the classes the template shows in one
+piece (:func:`semisam_o1.plan.plan_largest_component`, the plan's rule, taken afresh from the
+template's label), and the same for the
+agreement with the run's registration referee (``WORK/referee``, label-free).
+
+    python -m benchmarks.bench_largest_component --work WORK --write FILE.json --key NAME
+
+The real labels are read for the report only (a benchmark); the rule itself reads only the
+template's label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.machine import cpu_model
+from semisam_o1.components import largest_component
+from semisam_o1.io import Dataset, find_case_file, read_label, write_json_key
+from semisam_o1.metrics import mean_dice
+from semisam_o1.plan import plan_largest_component, template_fingerprint
+
+
+def _cases(folder: Path) -> list[str]:
+    """The cases a prediction folder holds labels of (``<case>.nii.gz``, not the entropy maps)."""
+    names = [p.name[:-7] for p in sorted(folder.glob("*.nii.gz"))] if folder.is_dir() else []
+    return [n for n in names if not n.endswith(("_entropy", "_probs"))]
+
+
+def _score(folder: Path, cases: list[str], truth, classes: list[int], lcc: list[int], label_map) -> dict:
+    """Per-case mean foreground Dice of the labels in ``folder`` against ``truth(case)``, as
+    written and with the largest component of ``lcc`` kept."""
+    raw, kept, pieces = {}, {}, []
+    for case in cases:
+        ref = truth(case)
+        lab = read_label(find_case_file(folder, case, what="prediction"), label_map).array
+        post = largest_component(lab, lcc)
+        raw[case], kept[case] = mean_dice(lab, ref, classes), mean_dice(post, ref, classes)
+        pieces.append(int((lab != post).sum()))
+    d = np.array([kept[c] - raw[c] for c in cases])
+    return {"cases": len(cases), "dice": round(float(np.mean(list(raw.values()))), 4),
+            "dice_largest_component": round(float(np.mean(list(kept.values()))), 4),
+            "gain": round(float(d.mean()), 4), "gain_se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
+            "cases_changed": int((d != 0).sum()), "voxels_removed_mean": round(float(np.mean(pieces)), 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True, help="a finished run's WORK folder")
+    ap.add_argument("--write", type=Path, help="JSON file to write the result into (key --key)")
+    ap.add_argument("--key", default=None, help="key in --write (default: the dataset's name)")
+    a = ap.parse_args(argv)
+    run = json.loads((a.work / "run.json").read_text())
+    ds = Dataset(Path(run["settings"]["input"]))
+    split = json.loads(Path(run["settings"]["split"]).read_text())
+    # the rule from the template's label with this code (WORK's plan.json may predate it)
+    lcc, reason = plan_largest_component({"template": template_fingerprint(ds, split["template"])})
+    classes = list(range(1, ds.label_map.num_classes))
+    real = lambda case: ds.read_label(case).array  # noqa: E731
+    referee = next((p for p in sorted((a.work / "referee").glob("*")) if p.is_dir()), None)
+    rounds = sorted(int(p.name[5:]) for p in a.work.glob("round[0-9]*") if (p / "pred").is_dir())
+    name = ds.meta.get("name", ds.root.name)
+    out = {"command": "python -m benchmarks.bench_largest_component " + shlex.join(sys.argv[1:] if argv is None
+                                                                                     else argv),
+           "cpu": cpu_model(), "dataset": name, "template": split["template"], "classes": lcc,
+           "reason": reason, "rounds": {}}
+    for r in rounds:
+        rd = a.work / f"round{r}"
+        pool, test = _cases(rd / "pred"), _cases(rd / "test")
+        entry = {"pool": _score(rd / "pred", pool, real, classes, lcc, ds.label_map)}
+        if referee is not None:
+            warped = lambda case: read_label(find_case_file(referee, case, what="referee"),  # noqa: E731
+                                             ds.label_map).array
+            entry["pool_referee"] = _score(rd / "pred", pool, warped, classes, lcc, ds.label_map)
+        if test:
+            entry["test"] = _score(rd / "test", test, real, classes, lcc, ds.label_map)
+        out["rounds"][str(r)] = entry
+        print(f"round {r}: {json.dumps(entry)}", flush=True)
+    if a.write:
+        write_json_key(a.write, a.key or name, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
