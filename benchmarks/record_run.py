@@ -63,9 +63,10 @@ def main() -> int:
     final_dice = (final.get("mean_foreground") or {}).get("dice")
     metrics_file = Path(fs.get("metrics_file", ""))
     run_metrics = args.work / f"round{report['config']['rounds']}" / "test_metrics.json"
-    if final_dice is not None and metrics_file.is_file() and run_metrics.is_file():
-        test_cases = list(json.loads(run_metrics.read_text())["cases"])
-        per_case = json.loads(metrics_file.read_text())["cases"]
+    same = final_dice is not None and metrics_file.is_file() and run_metrics.is_file()
+    test_cases = list(json.loads(run_metrics.read_text())["cases"]) if same else []
+    per_case = json.loads(metrics_file.read_text())["cases"] if same else {}
+    if same and set(test_cases) <= set(per_case):  # the reference may be another dataset's
         vals = [v["dice"] for c in test_cases for v in per_case[c].values()]
         full_same = sum(vals) / len(vals)
         entry["full_supervision_dice_same_test_cases"] = full_same
