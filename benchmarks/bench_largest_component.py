@@ -26,32 +26,35 @@ import numpy as np
 
 from benchmarks.machine import cpu_model
 from semisam_o1.components import largest_component
-from semisam_o1.io import Dataset, find_case_file, read_label, write_json_key
+from semisam_o1.io import Dataset, find_case_file, load_split, read_label, write_json_key
 from semisam_o1.metrics import mean_dice
 from semisam_o1.plan import plan_largest_component, template_fingerprint
+from semisam_o1.predict import label_file
 
 
-def _cases(folder: Path) -> list[str]:
-    """The cases a prediction folder holds labels of (``<case>.nii.gz``, not the entropy maps)."""
-    names = [p.name[:-7] for p in sorted(folder.glob("*.nii.gz"))] if folder.is_dir() else []
-    return [n for n in names if not n.endswith(("_entropy", "_probs"))]
-
-
-def _score(folder: Path, cases: list[str], truth, classes: list[int], lcc: list[int], label_map) -> dict:
-    """Per-case mean foreground Dice of the labels in ``folder`` against ``truth(case)``, as
-    written and with the largest component of ``lcc`` kept."""
-    raw, kept, pieces = {}, {}, []
+def _score(folder: Path, cases: list[str], truths: dict, classes: list[int], lcc: list[int], label_map) -> dict:
+    """Per-case mean foreground Dice of the labels in ``folder`` against each of ``truths``
+    ({name: case -> (X, Y, Z) labels}), as written and with the largest component of ``lcc``
+    kept; each prediction is read once."""
+    raw = {t: [] for t in truths}
+    kept = {t: [] for t in truths}
+    removed = []
     for case in cases:
-        ref = truth(case)
-        lab = read_label(find_case_file(folder, case, what="prediction"), label_map).array
+        lab = read_label(label_file(folder, case), label_map).array
         post = largest_component(lab, lcc)
-        raw[case], kept[case] = mean_dice(lab, ref, classes), mean_dice(post, ref, classes)
-        pieces.append(int((lab != post).sum()))
-    d = np.array([kept[c] - raw[c] for c in cases])
-    return {"cases": len(cases), "dice": round(float(np.mean(list(raw.values()))), 4),
-            "dice_largest_component": round(float(np.mean(list(kept.values()))), 4),
-            "gain": round(float(d.mean()), 4), "gain_se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
-            "cases_changed": int((d != 0).sum()), "voxels_removed_mean": round(float(np.mean(pieces)), 1)}
+        removed.append(int((lab != post).sum()))
+        for t, truth in truths.items():
+            ref = truth(case)
+            raw[t].append(mean_dice(lab, ref, classes))
+            kept[t].append(mean_dice(post, ref, classes))
+    out = {}
+    for t in truths:
+        d = np.array(kept[t]) - np.array(raw[t])
+        out[t] = {"cases": len(cases), "dice": round(float(np.mean(raw[t])), 4),
+                  "dice_largest_component": round(float(np.mean(kept[t])), 4),
+                  "gain": round(float(d.mean()), 4), "gain_se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
+                  "cases_changed": int((d != 0).sum()), "voxels_removed_mean": round(float(np.mean(removed)), 1)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -62,12 +65,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     run = json.loads((a.work / "run.json").read_text())
     ds = Dataset(Path(run["settings"]["input"]))
-    split = json.loads(Path(run["settings"]["split"]).read_text())
+    split = load_split(run["settings"]["split"])
     # the rule from the template's label with this code (WORK's plan.json may predate it)
     lcc, reason = plan_largest_component({"template": template_fingerprint(ds, split["template"])})
     classes = list(range(1, ds.label_map.num_classes))
-    real = lambda case: ds.read_label(case).array  # noqa: E731
+    truths = {"real": lambda case: ds.read_label(case).array}
     referee = next((p for p in sorted((a.work / "referee").glob("*")) if p.is_dir()), None)
+    pool_truths = dict(truths)
+    if referee is not None:
+        pool_truths["referee"] = lambda case: read_label(find_case_file(referee, case, what="referee"),
+                                                         ds.label_map).array
     rounds = sorted(int(p.name[5:]) for p in a.work.glob("round[0-9]*") if (p / "pred").is_dir())
     name = ds.meta.get("name", ds.root.name)
     out = {"command": "python -m benchmarks.bench_largest_component " + shlex.join(sys.argv[1:] if argv is None
@@ -76,14 +83,14 @@ def main(argv=None) -> int:
            "reason": reason, "rounds": {}}
     for r in rounds:
         rd = a.work / f"round{r}"
-        pool, test = _cases(rd / "pred"), _cases(rd / "test")
-        entry = {"pool": _score(rd / "pred", pool, real, classes, lcc, ds.label_map)}
-        if referee is not None:
-            warped = lambda case: read_label(find_case_file(referee, case, what="referee"),  # noqa: E731
-                                             ds.label_map).array
-            entry["pool_referee"] = _score(rd / "pred", pool, warped, classes, lcc, ds.label_map)
+        pool = [c for c in split["unlabeled"] if label_file(rd / "pred", c).is_file()]
+        test = [c for c in split["test"] if label_file(rd / "test", c).is_file()]
+        scored = _score(rd / "pred", pool, pool_truths, classes, lcc, ds.label_map)
+        entry = {"pool": scored["real"]}
+        if "referee" in scored:
+            entry["pool_referee"] = scored["referee"]
         if test:
-            entry["test"] = _score(rd / "test", test, real, classes, lcc, ds.label_map)
+            entry["test"] = _score(rd / "test", test, truths, classes, lcc, ds.label_map)["real"]
         out["rounds"][str(r)] = entry
         print(f"round {r}: {json.dumps(entry)}", flush=True)
     if a.write:

@@ -63,14 +63,14 @@ def main() -> int:
     final_dice = (final.get("mean_foreground") or {}).get("dice")
     metrics_file = Path(fs.get("metrics_file", ""))
     run_metrics = args.work / f"round{report['config']['rounds']}" / "test_metrics.json"
-    same = final_dice is not None and metrics_file.is_file() and run_metrics.is_file()
-    test_cases = list(json.loads(run_metrics.read_text())["cases"]) if same else []
-    per_case = json.loads(metrics_file.read_text())["cases"] if same else {}
-    if same and set(test_cases) <= set(per_case):  # the reference may be another dataset's
-        vals = [v["dice"] for c in test_cases for v in per_case[c].values()]
-        full_same = sum(vals) / len(vals)
-        entry["full_supervision_dice_same_test_cases"] = full_same
-        entry["fraction_of_full_supervision_dice"] = final_dice / full_same
+    if final_dice is not None and metrics_file.is_file() and run_metrics.is_file():
+        test_cases = list(json.loads(run_metrics.read_text())["cases"])
+        per_case = json.loads(metrics_file.read_text())["cases"]
+        if set(test_cases) <= set(per_case):  # the reference may hold another dataset's cases
+            vals = [v["dice"] for c in test_cases for v in per_case[c].values()]
+            full_same = sum(vals) / len(vals)
+            entry["full_supervision_dice_same_test_cases"] = full_same
+            entry["fraction_of_full_supervision_dice"] = final_dice / full_same
     write_json_key(args.results, key, entry)
     print(f"wrote key {key!r} of {args.results}: final mean foreground test Dice {final_dice}")
     return 0
