@@ -1,4 +1,4 @@
-"""Class planes (``semisam_o1.class_planes``): does the rule hold on real labels, and what does
+"""Class planes (``semisam_o1.methods.class_planes``): does the rule hold on real labels, and what does
 re-splitting do to pseudo-labels and predictions?
 
 1. On the real labels of the first ``--max-cases`` cases of the unlabeled pool: the fraction of
@@ -6,7 +6,7 @@ re-splitting do to pseudo-labels and predictions?
    and the same for the template (what ``propagate`` checks).
 2. For every label folder given with ``--labels NAME=FOLDER`` (pseudo-labels or predictions,
    e.g. ones made with ``--class-planes off``): mean foreground Dice against the real labels as
-   they are and after :func:`semisam_o1.class_planes.apply` with the template's rule, and the
+   they are and after :func:`semisam_o1.methods.class_planes.apply` with the template's rule, and the
    error of the Posterior/Anterior plane in slices (predicted minus real first slice of the
    second class in the rule's order; mean, standard deviation).
 
@@ -28,9 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from semisam_o1 import class_planes as CP
-from semisam_o1.io import Dataset, find_case_file, load_split, read_label, write_json_key
-from semisam_o1.metrics import dice_per_class
+from semisam_o1.core.files import write_json_key
+from semisam_o1.data.cases import find_case_file
+from semisam_o1.data.dataset import Dataset, load_split
+from semisam_o1.data.images import read_label
+from semisam_o1.methods import class_planes as CP
+from semisam_o1.methods.metrics import dice_per_class
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ Hippocampus slices, all runs in one process with the same thread count:
   percentile
 * seconds per Hippocampus volume (all three axes; slices per volume from the cohort's shapes)
 
-The slices are prepared and packed by the stage's own functions (:mod:`semisam_o1.encoders`'
-``intensity_range`` / ``scale_volume`` / ``SlicePlan`` / ``resize_slices``, :func:`semisam_o1.encode.pack_tiles`
-and :func:`semisam_o1.encode.tile_cells`); the encoder is the one ``encode`` loads. Writes
+The slices are prepared and packed by the stage's own functions (:mod:`semisam_o1.stages.encoders`'
+``intensity_range`` / ``scale_volume`` / ``SliceLayout`` / ``resize_slices``, :func:`semisam_o1.stages.encode.pack_tiles`
+and :func:`semisam_o1.stages.encode.tile_cells`); the encoder is the one ``encode`` loads. Writes
 the key ``packing`` of ``benchmarks/results/encode.json`` (with the command) and prints a Markdown table (``benchmarks/encode.md``).
 Run from the repository root::
 
@@ -37,8 +37,8 @@ DATA = Path(os.environ.get("SEMISAM_DATA", REPO.parent / "shared" / "data" / "hi
 
 
 def slices_of(case: str, axis: int):
-    from semisam_o1.encoders import intensity_range, scale_volume
-    from semisam_o1.io import read_image
+    from semisam_o1.data.images import read_image
+    from semisam_o1.data.slicing import intensity_range, scale_volume
 
     vol = read_image(DATA / "imagesTr" / f"{case}.nii.gz")
     img = scale_volume(vol.array, *intensity_range(vol.array))
@@ -46,11 +46,11 @@ def slices_of(case: str, axis: int):
 
 
 def canvases(sl: np.ndarray, tile: int, size: int = 256):
-    """``sl`` (N, su, sv) resized and packed as ``encode`` does: (canvases, SlicePlan)."""
-    from semisam_o1.encode import pack_tiles
-    from semisam_o1.encoders import SlicePlan, resize_slices
+    """``sl`` (N, su, sv) resized and packed as ``encode`` does: (canvases, SliceLayout)."""
+    from semisam_o1.data.slicing import SliceLayout, resize_slices
+    from semisam_o1.stages.encode import pack_tiles
 
-    plan = SlicePlan(sl.shape[1], sl.shape[2], tile, 4)
+    plan = SliceLayout(sl.shape[1], sl.shape[2], tile, 4)
     return pack_tiles(list(resize_slices(sl, plan)), tile, size), plan
 
 
@@ -119,7 +119,7 @@ def measure(run_torch, run_ort, full: np.ndarray, packed: np.ndarray):
 def packed_vs_unpacked(f_full: np.ndarray, f_packed: np.ndarray, n: int, cell: int, plan_packed) -> np.ndarray:
     """Per-cell cosine similarity of the packed features of the first ``n`` slices with their unpacked
     features average-pooled 2x2 onto the packed cell size (the same voxels)."""
-    from semisam_o1.encode import tile_cells
+    from semisam_o1.stages.encode import tile_cells
 
     cos_all = []
     nu, nv = plan_packed.nu, plan_packed.nv
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     import torch
 
-    from semisam_o1.encoders import load_encoder, torch_model
+    from semisam_o1.stages.encoders import load_encoder, torch_model
 
     torch.set_num_threads(args.threads)
     enc = load_encoder("litemedsam", cache_dir=args.cache_dir, threads=args.threads)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         table.append(f"| {name} | {bs} | {v['slices_per_s']} |")
     print("\n".join(table))
     if args.write:
-        from semisam_o1.io import write_json_key
+        from semisam_o1.core.files import write_json_key
 
         out = REPO / "benchmarks" / "results" / "encode.json"
         write_json_key(out, "packing", result)  # the file's other keys: bench_encode_levers / _ort / _profile

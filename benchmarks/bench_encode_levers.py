@@ -6,20 +6,20 @@ after the fact and give the same features a cheaper encode would have written:
 - ``axes``: slice along a subset of the axes (each axis is its own file);
 - ``stride``: encode every n-th slice along each slicing axis (centred: the first encoded slice
   is ``((S - 1) - n (m - 1)) // 2``, ``m = (S - 1) // n + 1``), the store's cell -> voxel map
-  then has step n along the slicing axis and :func:`semisam_o1.store.voxel_features`
+  then has step n along the slicing axis and :func:`semisam_o1.data.store.voxel_features`
   interpolates between encoded slices (clamped beyond the first and last), as for a store
   ``encode --slice-stride n`` writes. Not bit for bit: a slice's features depend on the other
   slices packed into its canvas (benchmarks/encode.md: median per-cell cosine 0.93 between two
   packing orders), and a strided encode packs other companions;
 - ``channels``: keep the first k of the stored PCA channels (the basis is ordered by energy, so
   this is a k-channel reduction fitted on the same template);
-- ``dtype``: int8 with one scale per channel and axis file (:func:`semisam_o1.store.quantise_int8`),
+- ``dtype``: int8 with one scale per channel and axis file (:func:`semisam_o1.data.store.quantise_int8`),
   read as the store reads it (``CaseFeatures.stored``).
 
 Each variant's round-0 pool labels come from propagate's own functions (the template model,
 ``score_case``, ``pseudo_label`` with the class-planes rule learned from the template), with
 propagate's default options; the benchmark alone reads each pool case's real label and records
-the mean foreground Dice (:mod:`semisam_o1.metrics`). The relative encode cost is the number
+the mean foreground Dice (:mod:`semisam_o1.methods.metrics`). The relative encode cost is the number
 of encoder canvases (slices over the encoded axes, packed ``per_canvas`` to a canvas) against
 the full store's; the store size is the bytes the variant's axis files would take.
 
@@ -42,12 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
-from semisam_o1 import class_planes as CP
-from semisam_o1 import propagate as P
-from semisam_o1.io import Dataset, atomic_path, write_json_key
-from semisam_o1.encode import strided_slices
-from semisam_o1.metrics import dice_per_class
-from semisam_o1.store import CaseFeatures, FeatureStore, quantise_int8
+from semisam_o1.core.files import atomic_path, write_json_key
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.data.store import CaseFeatures, FeatureStore, quantise_int8
+from semisam_o1.methods import class_planes as CP
+from semisam_o1.methods import template_vote as TV
+from semisam_o1.methods.metrics import dice_per_class
+from semisam_o1.stages.encode import strided_slices
 
 
 def parse_variant(text: str) -> dict:
@@ -115,13 +116,13 @@ def canvases(voxel_shape, axes, stride: int, per_canvas: int) -> int:
 def run_variant(ds: Dataset, store: FeatureStore, template: str, cases: list, variant: dict, refs: dict,
                 threads: int | None) -> dict:
     """Round-0 pool Dice and costs of one variant (propagate's default options)."""
-    opts = P.MethodOptions()
+    opts = TV.MethodOptions()
     t_img = ds.read_image(template)
     t_lab = ds.read_label(template, reference=t_img).array
     K = ds.label_map.num_classes
     rule = CP.learn(t_lab, K)[0]
     t_cf = VariantFeatures(store.load(template), variant)
-    model = P.build_template_model(t_cf, t_lab, K, opts, axes=t_cf.axes, spacing=t_img.spacing,
+    model = TV.build_template_model(t_cf, t_lab, K, opts, axes=t_cf.axes, spacing=t_img.spacing,
                                    class_names=ds.label_map.names)
     per, secs, nbytes, canv = [], [], [], []
     per_canvas = int(store.config["packing"]["per_canvas"])
@@ -129,7 +130,7 @@ def run_variant(ds: Dataset, store: FeatureStore, template: str, cases: list, va
         img = ds.read_image(c)
         cf = VariantFeatures(store.load(c), variant)
         t0 = time.perf_counter()
-        _, lab = P.pseudo_label(P.score_case(model, cf, spacing=img.spacing, threads=threads), model, rule)
+        _, lab = TV.pseudo_label(TV.score_case(model, cf, spacing=img.spacing, threads=threads), model, rule)
         secs.append(time.perf_counter() - t0)
         per.append(dice_per_class(lab, refs[c], list(range(1, K))))
         nbytes.append(cf.bytes)
@@ -146,7 +147,7 @@ def run_variant(ds: Dataset, store: FeatureStore, template: str, cases: list, va
 def pool_dice(ds: Dataset, folder: Path, cases: list) -> float:
     """Mean foreground Dice of the pseudo-labels ``folder/<case>.nii.gz`` (a propagate output)
     against the cases' real labels (benchmark only)."""
-    from semisam_o1.io import read_label
+    from semisam_o1.data.images import read_label
 
     K = ds.label_map.num_classes
     per = []
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
         entry = {"command": "python -m benchmarks.bench_encode_levers " + " ".join(
                      f"'{x}'" if (" " in x or not x) else x for x in (argv if argv is not None else sys.argv[1:])),
                  "cpu": model, "store": store_dir, "store_signature": store.signature, "template": a.template,
-                 "cases": a.cases, "propagate_options": P.method_params(P.MethodOptions()), "rows": rows}
+                 "cases": a.cases, "propagate_options": TV.method_params(TV.MethodOptions()), "rows": rows}
         prev = json.loads(a.write.read_text()).get("levers", {}) if a.write.is_file() else {}
         prev[name] = entry
         write_json_key(a.write, "levers", prev)

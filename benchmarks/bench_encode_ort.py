@@ -2,7 +2,7 @@
 static quantisation (QDQ, calibrated), on real packed canvases, in one process, interleaved.
 
 The canvases are the template's slices packed by the stage's own code
-(:class:`semisam_o1.encode._Encoding`, :func:`~semisam_o1.encode.pack_tiles`). Every configuration
+(:class:`semisam_o1.stages.encode._Encoding`, :func:`~semisam_o1.stages.encode.pack_tiles`). Every configuration
 runs the same canvases, round after round (so load from other processes falls on all alike);
 seconds per canvas are the best round. The features of each configuration are compared with the
 default session's (per-cell cosine of the 800-channel output: mean and 5th percentile).
@@ -94,9 +94,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
-    from semisam_o1.encode import _Encoding, pack_tiles
-    from semisam_o1.encoders import load_encoder
-    from semisam_o1.io import Dataset
+    from semisam_o1.data.dataset import Dataset
+    from semisam_o1.stages.encode import _Encoding, pack_tiles
+    from semisam_o1.stages.encoders import load_encoder
 
     torch.set_num_threads(a.threads)
     enc = load_encoder("litemedsam", threads=a.threads)
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
               "not_measured": {"float16 / bfloat16": "not measured in this session (no float16 model was built; "
                                "ONNX Runtime's CPU execution provider runs this graph in float32)"}}
     if a.write:
-        from semisam_o1.io import write_json_key
+        from semisam_o1.core.files import write_json_key
 
         write_json_key(a.write, "onnx_runtime", result)
     return 0

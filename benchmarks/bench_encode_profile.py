@@ -6,10 +6,10 @@ float32 GEMM rate, and where the seconds of a case go.
   element-wise work, softmax and normalisations are not counted), per top-level stage.
 - GEMM rate: NumPy float32 matmul of two N x N matrices (best of ``--repeats``) with the same
   thread count (threadpoolctl), measured right before and after the cases, in the same process.
-- Time split of each case, by the stage's own code (:class:`semisam_o1.encode._Encoding`'s
+- Time split of each case, by the stage's own code (:class:`semisam_o1.stages.encode._Encoding`'s
   phase timers): reading (``Dataset.read_image``), resampling (intensity window and slice
-  resize), packing (:func:`~semisam_o1.encode.pack_tiles`), ONNX Runtime, channel reduction
-  (valid cells and PCA projection), writing (:func:`semisam_o1.store.write_case` into a
+  resize), packing (:func:`~semisam_o1.stages.encode.pack_tiles`), ONNX Runtime, channel reduction
+  (valid cells and PCA projection), writing (:func:`semisam_o1.data.store.write_case` into a
   temporary folder). The PCA basis is the existing store's.
 
     python -m benchmarks.bench_encode_profile --dataset NAME DATA STORE --cases C1 C2 [--threads 2] \
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from benchmarks.machine import cpu_model
 
 
@@ -53,7 +54,7 @@ def encoder_flops(layers, input_size: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from semisam_o1.encoders import torch_model
+    from semisam_o1.stages.encoders import torch_model
 
     model, _ = torch_model("litemedsam", None, layers)
     counter = FlopCounterMode(display=False, depth=3)
@@ -68,7 +69,7 @@ def encoder_flops(layers, input_size: int) -> dict:
 
 def profile_case(ds, case: str, job, basis, out_dir: Path, storage: str) -> dict:
     """Seconds per phase of one case, as ``encode`` runs it."""
-    from semisam_o1.store import write_case
+    from semisam_o1.data.store import write_case
 
     for k in job.timings:
         job.timings[k] = 0.0
@@ -113,10 +114,10 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
-    from semisam_o1.encode import _Encoding
-    from semisam_o1.encoders import load_encoder
-    from semisam_o1.io import Dataset
-    from semisam_o1.store import FeatureStore
+    from semisam_o1.data.dataset import Dataset
+    from semisam_o1.data.store import FeatureStore
+    from semisam_o1.stages.encode import _Encoding
+    from semisam_o1.stages.encoders import load_encoder
 
     configs = [parse_config(c) for c in (a.config or ["store"])]
     torch.set_num_threads(a.threads)
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
                   load_avg_1min_at_end=round(os.getloadavg()[0], 2))
     print(json.dumps({k: v for k, v in result.items() if k != "datasets"}, indent=1))
     if a.write:
-        from semisam_o1.io import write_json_key
+        from semisam_o1.core.files import write_json_key
 
         write_json_key(a.write, "profile", result)
     return 0

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from benchmarks.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def ulps(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def compare(local: Path, other: Path, cases: list[str]) -> dict:
-    from semisam_o1.store import FeatureStore
+    from semisam_o1.data.store import FeatureStore
 
     a, b = FeatureStore(local), FeatureStore(other)
     worst, equal, total = 0, 0, 0

@@ -3,7 +3,7 @@
 Trains ``semisam-o1 train`` (preset ``cpu`` by default) on the *real* labels of
 the split's template + the whole unlabeled pool (199 + 1 Hippocampus cases),
 predicts the split's 60 ``test`` cases and scores them with
-``semisam_o1.evaluate`` (Dice, Jaccard, HD95, ASD per class, mm).
+``semisam_o1.stages.evaluate`` (Dice, Jaccard, HD95, ASD per class, mm).
 
     python -m benchmarks.bench_full_supervision --write benchmarks/results/quality.json
 
@@ -34,9 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from semisam_o1 import evaluate, nets, predict, train
-from semisam_o1.io import write_json_key
-from semisam_o1.resume import read_record
+from semisam_o1.core.files import write_json_key
+from semisam_o1.core.resume import read_record
+from semisam_o1.stages import evaluate, nets, predict, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from semisam_o1.errors import InputError
+    from semisam_o1.core.errors import InputError
 
     try:
         sys.exit(main())

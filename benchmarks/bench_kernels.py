@@ -2,7 +2,7 @@
 
 kNN vote: Q queries against a bank of N rows, C channels, k neighbours (float16 inputs,
 as in the feature store), end to end from the float16 arrays to (label, share):
-  ours    semisam_o1.kernels.knn_vote (fused similarity + streaming top-k + vote)
+  ours    semisam_o1.core.kernels.knn_vote (fused similarity + streaming top-k + vote)
   faiss   faiss-cpu IndexFlatIP on float32-normalised rows + NumPy vote
   numpy   float32-normalised rows, matmul per query block + argpartition + NumPy vote
   torch   the same with torch.matmul + torch.topk per query block
@@ -68,7 +68,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from semisam_o1 import kernels  # noqa: E402
+from semisam_o1.core import kernels
 
 
 def log(msg):
@@ -138,7 +138,7 @@ def machine_info(threads):
     except OSError:
         pass
     info["loadavg_start"] = os.getloadavg()
-    from semisam_o1 import _core
+    from semisam_o1.core import _core
 
     info["core_isa_auto"] = _core.isa()
     info["core_supported_isas"] = list(_core.supported_isas())
@@ -174,7 +174,7 @@ def openblas_core():
 
 def isa_paths(arg):
     """The instruction-set paths to time besides the automatic one ('ours')."""
-    from semisam_o1 import _core
+    from semisam_o1.core import _core
 
     supported = list(_core.supported_isas())
     wanted = [x for x in arg.split(",") if x] if arg else [x for x in supported if x != "scalar"]
@@ -211,7 +211,7 @@ def bench_knn(a, threads, gemm_start, save=lambda part: None):
     res = {"Q": Q, "N": N, "C": C, "k": k, "dtype": "float16", "flop": flops, "methods": {},
            "gemm_series": [gemm_start]}
     outs = {}
-    from semisam_o1 import _core
+    from semisam_o1.core import _core
 
     def record(name, med, times, cpu, note="", **extra):
         # GEMM right after this method; the ratio uses the mean of the GEMM before and after
@@ -243,7 +243,7 @@ def bench_knn(a, threads, gemm_start, save=lambda part: None):
     auto_isa = _core.isa()
     med, times, out, cpu = timed_cpu(ours, a.repeats)
     outs["ours"] = out
-    record("ours", med, times, cpu, f"semisam_o1.kernels.knn_vote, fused, float16 in, automatic path "
+    record("ours", med, times, cpu, f"semisam_o1.core.kernels.knn_vote, fused, float16 in, automatic path "
            f"({auto_isa})", isa=auto_isa)
     for isa in isa_paths(a.isas):
         _core.set_isa(isa)
@@ -356,7 +356,7 @@ def bench_prototype(a, threads):
             scores[s : s + block] = sc
         return scores, np.argmax(scores, axis=1).astype(np.int32)
 
-    from semisam_o1 import _core
+    from semisam_o1.core import _core
 
     ours()  # warm-up (page in)
     med_o, t_o, out_o = timed(ours, a.repeats)

@@ -3,8 +3,8 @@
 Reads a finished ``semisam-o1 run`` folder (its rounds' pool predictions ``WORK/roundR/pred``
 and test predictions ``WORK/roundR/test``, written without the post-processing) and scores, per
 round, the mean foreground Dice against the real labels with and without
-:func:`semisam_o1.components.largest_component` applied to the classes the template shows in one
-piece (:func:`semisam_o1.plan.plan_largest_component`, the plan's rule, taken afresh from the
+:func:`semisam_o1.methods.components.largest_component` applied to the classes the template shows in one
+piece (:func:`semisam_o1.stages.plan.plan_largest_component`, the plan's rule, taken afresh from the
 template's label), and the same for the
 agreement with the run's registration referee (``WORK/referee``, label-free).
 
@@ -25,11 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.machine import cpu_model
-from semisam_o1.components import largest_component
-from semisam_o1.io import Dataset, find_case_file, load_split, read_label, write_json_key
-from semisam_o1.metrics import mean_dice
-from semisam_o1.plan import plan_largest_component, template_fingerprint
-from semisam_o1.predict import label_file
+from semisam_o1.core.files import write_json_key
+from semisam_o1.data.cases import find_case_file
+from semisam_o1.data.dataset import Dataset, load_split
+from semisam_o1.data.images import read_label
+from semisam_o1.methods.components import largest_component
+from semisam_o1.methods.metrics import mean_dice
+from semisam_o1.stages.plan import plan_largest_component, template_fingerprint
+from semisam_o1.stages.predict import label_file
 
 
 def _score(folder: Path, cases: list[str], truths: dict, classes: list[int], lcc: list[int], label_map) -> dict:

@@ -4,11 +4,11 @@ For each alternative (prototypes, several prototypes by k-means, axes, kNN label
 through the C++ kNN-vote kernel, the position term's weight and coordinates, the kNN bank, query
 stride, recentring, and the trivial baseline of pasting the template's label at the centre of each
 case), every case of the pool that has features gets a pseudo-label from the template alone,
-made by propagate's own functions (:func:`semisam_o1.propagate.build_template_model`,
-:func:`~semisam_o1.propagate.score_case`, :func:`~semisam_o1.propagate.pseudo_label`, with the
+made by propagate's own functions (:func:`semisam_o1.methods.template_vote.build_template_model`,
+:func:`~semisam_o1.methods.template_vote.score_case`, :func:`~semisam_o1.methods.template_vote.pseudo_label`, with the
 class-planes rule learned from the template as ``propagate --class-planes auto|off`` does); the
 benchmark (only the benchmark) then reads the case's real label and records Dice per foreground
-class (:mod:`semisam_o1.metrics`), their mean, and seconds per case. Each alternative's scores are
+class (:mod:`semisam_o1.methods.metrics`), their mean, and seconds per case. Each alternative's scores are
 post-processed three ways: raw argmax, largest component, and (kNN) the stage's default smoothing
 plus largest component.
 
@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from semisam_o1 import class_planes as CP
-from semisam_o1 import propagate as P
-from semisam_o1.io import Dataset, atomic_path, write_json_key
-from semisam_o1.metrics import dice_per_class
+from semisam_o1.core.files import atomic_path, write_json_key
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.methods import class_planes as CP
+from semisam_o1.methods import template_vote as TV
+from semisam_o1.methods.metrics import dice_per_class
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
@@ -94,27 +95,27 @@ for _spec in CONFIGS.values():
 
 
 def post_processing(method: str) -> dict[str, dict]:
-    """Row-name suffix -> the post-processing fields of :class:`semisam_o1.propagate.MethodOptions`:
+    """Row-name suffix -> the post-processing fields of :class:`semisam_o1.methods.template_vote.MethodOptions`:
     raw argmax, largest component, and for kNN the stage's default smoothing + largest component."""
     out = {"": dict(smooth=0.0, largest_component=False),
            " + largest component": dict(smooth=0.0, largest_component=True)}
     if method == "knn":
-        sigma = P.MethodOptions().smooth
+        sigma = TV.MethodOptions().smooth
         out[f" + smooth {sigma:g} + largest component"] = dict(smooth=sigma, largest_component=True)
     return out
 
 
-def _score_one(model: P.TemplateModel, store, case: str, spacing, ref: np.ndarray, rule, fg, device: str,
+def _score_one(model: TV.TemplateModel, store, case: str, spacing, ref: np.ndarray, rule, fg, device: str,
                threads: int | None) -> dict:
     """Dice per foreground class and seconds of each post-processing of one case's scores."""
     t0 = time.perf_counter()
-    scores = P.score_case(model, store.load(case), spacing=spacing, device=device, threads=threads)
+    scores = TV.score_case(model, store.load(case), spacing=spacing, device=device, threads=threads)
     t_score = time.perf_counter() - t0
     r = {}
     for suffix, post in post_processing(model.method).items():
         variant = dataclasses.replace(model, params=dataclasses.replace(model.params, **post))
         t1 = time.perf_counter()
-        _, lab = P.pseudo_label(scores, variant, rule)
+        _, lab = TV.pseudo_label(scores, variant, rule)
         r[suffix] = dict(dice=dice_per_class(lab, ref, fg), seconds=t_score + time.perf_counter() - t1)
     return r
 
@@ -156,8 +157,8 @@ def run(ds: Dataset, store, template: str, cases: list[str], configs: dict, thre
         method, params, axes = spec[:3]
         chosen = cases[: spec[3]] if len(spec) > 3 else cases
         axes_ = tuple(axes) if axes is not None else tuple(store.axes)
-        options = P.MethodOptions(method=method, **params)
-        key = json.dumps([getattr(store, "signature", ""), template, P.method_params(options), list(axes_),
+        options = TV.MethodOptions(method=method, **params)
+        key = json.dumps([getattr(store, "signature", ""), template, TV.method_params(options), list(axes_),
                           class_planes], sort_keys=True)
         done = cache.setdefault(key, {})
         model = None
@@ -166,7 +167,7 @@ def run(ds: Dataset, store, template: str, cases: list[str], configs: dict, thre
                 continue
             if model is None:
                 t0 = time.perf_counter()
-                model = P.build_template_model(store.load(template), t_lab, K, options, axes=axes_,
+                model = TV.build_template_model(store.load(template), t_lab, K, options, axes=axes_,
                                                spacing=t_img.spacing, class_names=ds.label_map.names)
                 done["_template_seconds"] = time.perf_counter() - t0
             done[c] = _score_one(model, store, c, spacing[c], refs[c], rule, fg, device, threads)
@@ -176,7 +177,7 @@ def run(ds: Dataset, store, template: str, cases: list[str], configs: dict, thre
         for suffix, post in post_processing(method).items():
             res = [done[c][suffix] for c in chosen]
             add(name + suffix, [r["dice"] for r in res], [r["seconds"] for r in res],
-                dict(method=method, params=P.method_params(dataclasses.replace(options, **post)), axes=list(axes_),
+                dict(method=method, params=TV.method_params(dataclasses.replace(options, **post)), axes=list(axes_),
                      class_planes=class_planes, template_seconds=round(done.get("_template_seconds", 0.0), 2)))
     return rows
 
@@ -240,8 +241,8 @@ def markdown(entry: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from semisam_o1.device import resolve_device
-    from semisam_o1.store import FeatureStore
+    from semisam_o1.core.device import resolve_device
+    from semisam_o1.data.store import FeatureStore
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     print(f"{len(cases)} cases with features, device {device}", flush=True)
     rows = run(ds, store, split["template"], cases, configs, args.threads, log=lambda s: print(s, flush=True),
                cache_path=Path(args.cache) if args.cache else None, class_planes=args.class_planes, device=device)
-    defaults = P.method_params(P.MethodOptions())
+    defaults = TV.method_params(TV.MethodOptions())
     for r in rows:
         r["default"] = r.get("params") == defaults and r.get("axes") == list(store.axes)
     entry = dict(command="python -m benchmarks.bench_propagate " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -1,17 +1,17 @@
 """Refinement latency on real features: the C++ kNN-vote kernel vs faiss-cpu + a NumPy vote.
 
 On a feature store written by ``semisam-o1 encode`` and a ``predict`` folder (labels and
-entropy maps), the bank and the queries are built by ``semisam_o1.refine``'s own steps, so
+entropy maps), the bank and the queries are built by ``semisam_o1.stages.refine``'s own steps, so
 the benchmark measures the shipped code:
 
 * **threshold**: the cohort-wide ``--quantile`` of the entropies (``refine._entropy_threshold``);
 * **bank**: ``--bank`` confident voxels drawn class-balanced over the whole cohort plus the
-  template (``refine._plan_bank``, ``refine._bank_features``), projected by refine's
+  template (``refine._layout_bank``, ``refine._bank_features``), projected by refine's
   uncentred PCA and, with ``--position-weight`` > 0 (default: refine's), given the position
   term (``refine._kernel_bank``); labels = the predictions;
 * **queries**: the query voxels (entropy at or above the threshold) of the first ``--volumes``
   cases, as refine builds them (``refine._query_features``);
-* **methods**, same thread count (``--threads``): ``kernel`` = ``semisam_o1.kernels.knn_vote``
+* **methods**, same thread count (``--threads``): ``kernel`` = ``semisam_o1.core.kernels.knn_vote``
   (fused cosine similarity, streaming top-k and weighted vote); ``faiss`` =
   ``faiss.IndexFlatIP`` on L2-normalised float32 vectors (normalisation + add + search timed)
   followed by the same weighted vote in NumPy (weights max(sim, 0), highest total wins,
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    from semisam_o1 import refine
+    from semisam_o1.stages import refine
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--features", help="feature store written by `semisam-o1 encode` (required)")
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--volume-counts", default="5,10,20")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--project-dim", type=int, default=64)
-    p.add_argument("--position-weight", type=float, default=refine.POSITION_WEIGHT)
+    p.add_argument("--position-weight", type=float, default=refine.RefineSettings.__dataclass_fields__["position_weight"].default)
     p.add_argument("--agreement-dims", default="32,64,128")
     p.add_argument("--centred-dims", default="64", help="also these dimensions with ordinary (centred) PCA")
     p.add_argument("--full-dim-queries", type=int, default=5_000)
@@ -99,7 +99,7 @@ def numpy_vote(idx, sim, bank_labels, n_cls):
 
 
 def run_kernel(q, b, bl, k, threads):
-    from semisam_o1 import kernels
+    from semisam_o1.core import kernels
 
     t = time.perf_counter()
     labels, _ = kernels.knn_vote(q, b, bl, k, threads=threads)
@@ -237,9 +237,10 @@ def kernel_inputs(bank16, positions, queries, dim, seed, position_weight, centre
     Returns:
         ``(bank (N, D) float32, queries (sum Q, D) float32, projection description)``.
     """
-    from semisam_o1 import refine
-    from semisam_o1.linalg import pca_basis
-    from semisam_o1.propagate import augment_with_position
+    from semisam_o1.methods import knn
+    from semisam_o1.methods.linalg import pca_basis
+    from semisam_o1.methods.template_vote import augment_with_position
+    from semisam_o1.stages import refine
 
     if centred:
         rows = np.arange(len(bank16))
@@ -247,12 +248,12 @@ def kernel_inputs(bank16, positions, queries, dim, seed, position_weight, centre
             rows = np.sort(np.random.default_rng(seed + 1).choice(len(bank16), refine.PCA_FIT_ROWS, replace=False))
         mean, basis, kept = pca_basis(bank16[rows], dim, centred=True)
         projection, info = (mean, basis), {"kind": "centred-pca", "dim": dim, "energy_kept": kept}
-        bank = refine._project(bank16, projection)
+        bank = knn.project(bank16, projection)
         if position_weight:
             bank = augment_with_position(bank, positions, position_weight, "bank")
     else:
         bank, projection, info = refine._kernel_bank(bank16, positions, dim, seed, position_weight)
-    q = [np.ascontiguousarray(refine._project(f, projection), dtype=np.float32) for f, _ in queries]
+    q = [np.ascontiguousarray(knn.project(f, projection), dtype=np.float32) for f, _ in queries]
     if position_weight:
         q = [augment_with_position(f, p, position_weight, "query") for f, (_, p) in zip(q, queries)]
     return np.ascontiguousarray(bank, dtype=np.float32), np.concatenate(q), info
@@ -260,8 +261,9 @@ def kernel_inputs(bank16, positions, queries, dim, seed, position_weight, centre
 
 def build(args):
     """The bank and the queries, by refine's own steps, with the real labels of both (diagnostics)."""
-    from semisam_o1 import refine
-    from semisam_o1.io import load_split
+    from semisam_o1.data.dataset import load_split
+    from semisam_o1.methods import knn
+    from semisam_o1.stages import refine
 
     split_path = Path(args.split or Path(args.data) / "splits.json")
     split = load_split(split_path)
@@ -275,7 +277,7 @@ def build(args):
     t0 = time.perf_counter()
     threshold, _ = refine._entropy_threshold(inputs, s.quantile, True)
     t_label = inputs.read_template()
-    plan = refine._plan_bank(inputs, t_label, threshold, s.bank_size, s.seed, True)
+    plan = refine._layout_bank(inputs, t_label, threshold, s.bank_size, s.seed, True)
     bank16, bank_labels, bank_pos, origin = refine._bank_features(inputs, plan, t_label, threshold,
                                                                   bool(s.position_weight), True)
     ds = inputs.dataset
@@ -289,12 +291,12 @@ def build(args):
     queries, q_truth, q_current, q_case, load_s = [], [], [], [], {}
     for j, case in enumerate(qcases):
         _, lab, ent = inputs.read_case(case)
-        qmask = refine.query_mask(ent, threshold)
+        qmask = knn.query_mask(ent, threshold)
         tc = time.perf_counter()
         f = refine._query_features(inputs, case, lab, qmask, None, 0.0)  # projected per dimension below
         load_s[case] = time.perf_counter() - tc
         where = np.flatnonzero(qmask.ravel())
-        queries.append((f, refine._positions(where, lab.shape)))
+        queries.append((f, knn.flat_positions(where, lab.shape)))
         q_truth.append(ds.read_label(case).array.ravel()[where])
         q_current.append(lab.ravel()[where])
         q_case.append(np.full(len(where), j, np.int32))
@@ -309,9 +311,9 @@ def quality_diagnostic(args, data):
     the predictions and of the refined labels against the real ones (a diagnostic only)."""
     import dataclasses
 
-    from semisam_o1 import refine
-    from semisam_o1.io import read_label
-    from semisam_o1.metrics import dice_per_class
+    from semisam_o1.data.images import read_label
+    from semisam_o1.methods.metrics import dice_per_class
+    from semisam_o1.stages import refine
 
     s, inputs = data["settings"], data["inputs"]
     ds = inputs.dataset
@@ -342,7 +344,7 @@ def main(argv=None):
     if args.from_json:
         Path(args.markdown).write_text(to_markdown(json.loads(Path(args.from_json).read_text())))
         return
-    from semisam_o1 import kernels
+    from semisam_o1.core import kernels
 
     t_all = time.perf_counter()
     data = build(args)

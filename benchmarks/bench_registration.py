@@ -2,17 +2,17 @@
 
 For the split's first ``--max-pool`` unlabeled cases (the round-0 figures' cases) every case gets
 four labels from the template alone, made by propagate's own function
-(:func:`semisam_o1.propagate.case_label`, settings of ``propagate`` but ``--prior``):
+(:func:`semisam_o1.stages.propagate.case_label`, settings of ``propagate`` but ``--prior``):
 
 * ``atlas_syn``: ``--prior registration``, the template's label warped by ANTs SyN (antspyx,
-  :mod:`semisam_o1.registration`, 1 ITK thread, seed 1);
+  :mod:`semisam_o1.methods.registration`, 1 ITK thread, seed 1);
 * ``knn``: ``--prior none``, today's round-0 vote (normalised box coordinates, one recentring);
 * ``knn_registered``: ``--prior position``, the vote with each voxel's position taken in the
   template's frame through the SyN warp;
 * ``choose``: ``--prior choose``, per case the label-free choice between ``knn_registered`` and
   ``atlas_syn``; the other label-free rules of this benchmark (``choose_*``) are recorded beside it.
 
-Only the benchmark reads the real labels (mean foreground Dice, :mod:`semisam_o1.metrics`). The
+Only the benchmark reads the real labels (mean foreground Dice, :mod:`semisam_o1.methods.metrics`). The
 first ``--max-test`` test cases get ``atlas_syn`` alone (they have no features). With
 ``--referee NAME=FOLDER`` the labels of FOLDER (a round's predictions on the pool) are scored
 against the registration's labels and against the real ones (the ``referee`` key).
@@ -36,11 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from semisam_o1 import propagate as P
-from semisam_o1 import registration as R
-from semisam_o1.io import Dataset, load_split, read_label, write_json_key
-from semisam_o1.metrics import dice_per_class
 from benchmarks.machine import cpu_model
+from semisam_o1.core.files import write_json_key
+from semisam_o1.data.dataset import Dataset, load_split
+from semisam_o1.data.images import read_label
+from semisam_o1.methods import registration as R
+from semisam_o1.methods.metrics import dice_per_class
+from semisam_o1.stages import propagate as P
 
 METHODS = ("atlas_syn", "knn", "knn_registered", "choose")
 

@@ -4,7 +4,7 @@ does training on them give a better model?
 From a finished ``semisam-o1 run`` work folder (its round-0 pseudo-labels and round
 1's predictions on the unlabeled pool), this benchmark
 
-1. ranks the pool by ``semisam_o1.selection`` agreement (mean foreground Dice of a
+1. ranks the pool by ``semisam_o1.pipeline.selection`` agreement (mean foreground Dice of a
    case's round-0 label and round 1's prediction) and, reading the real labels (a
    diagnostic this benchmark alone does), reports how well agreement and round 1's
    mean entropy predict the real Dice of each case's round-0 label (Pearson r) and
@@ -34,9 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from semisam_o1.io import Dataset, find_case_file, read_label, write_json_key
-from semisam_o1.metrics import mean_dice
-from semisam_o1.selection import select_by_agreement
+from semisam_o1.core.files import write_json_key
+from semisam_o1.data.cases import find_case_file
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.data.images import read_label
+from semisam_o1.methods.metrics import mean_dice
+from semisam_o1.pipeline.selection import select_by_agreement
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +59,7 @@ def main() -> int:
     ap.add_argument("--write", default=None)
     args = ap.parse_args()
 
-    from semisam_o1 import evaluate, predict, train
+    from semisam_o1.stages import evaluate, predict, train
 
     data = Path(args.data)
     split_path = Path(args.split or data / "splits.json")

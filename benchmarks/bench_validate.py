@@ -1,4 +1,4 @@
-"""Seconds of ``run``'s input validation (:func:`semisam_o1.validate.validate_run`) on a dataset's
+"""Seconds of ``run``'s input validation (:func:`semisam_o1.pipeline.validate.validate_run`) on a dataset's
 template + unlabeled split, and the feature-store size estimate against real stores.
 
     python -m benchmarks.bench_validate --data ../shared/data/hippocampus [--store FEATURES ...]
@@ -18,13 +18,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from benchmarks.machine import cpu_model
 
 
 def time_validation(data: Path) -> dict:
     """Seconds of validate_run over the split's template + unlabeled cases (3 rounds, no test)."""
-    from semisam_o1.io import Dataset
-    from semisam_o1.validate import validate_run
+    from semisam_o1.data.dataset import Dataset
+    from semisam_o1.pipeline.validate import validate_run
 
     split = json.loads((data / "splits.json").read_text())
     ds = Dataset(data)
@@ -38,9 +39,9 @@ def time_validation(data: Path) -> dict:
 
 def check_store(root: Path) -> dict:
     """The estimate of ``root``'s cases (shapes from the images' headers) against its files' bytes."""
-    from semisam_o1.io import canonical_shape
-    from semisam_o1.store import FeatureStore, estimate_store_bytes
-    from semisam_o1.validate import run_store_geometry
+    from semisam_o1.data.images import canonical_shape
+    from semisam_o1.data.store import FeatureStore, estimate_store_bytes
+    from semisam_o1.pipeline.validate import run_store_geometry
 
     config = json.loads((root / "store.json").read_text())
     store = FeatureStore(root)

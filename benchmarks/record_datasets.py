@@ -22,8 +22,9 @@ import argparse
 import json
 from pathlib import Path
 
-from semisam_o1.io import write_json_key
 from benchmarks.machine import cpu_model
+from semisam_o1.core.files import write_json_key
+from semisam_o1.stages.plan import read_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def entry(r: dict, command: str, seconds: float, full_supervision: float | None,
     report, split, work = r["report"], r["split"], r["work"]
     whole_split = (report["n_unlabeled"] == len([c for c in split["unlabeled"] if c != split["template"]])
                    and report["n_test"] == len(split["test"]))
-    plan = json.loads((work / "plan.json").read_text()) if (work / "plan.json").is_file() else None
+    plan = read_plan(work / "plan.json") if (work / "plan.json").is_file() else None
     final_test = float(report["final_test_metrics"]["mean_foreground"]["dice"])
     round0 = float(report["rounds"][0]["pseudo_label_dice_unlabeled"]["mean_foreground_dice"])
     final_pool = float(report["final_pool_dice"]["mean_foreground_dice"])

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from semisam_o1.io import write_json_key
+from semisam_o1.core.files import write_json_key
 
 REPO = Path(__file__).resolve().parents[1]
 

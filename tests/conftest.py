@@ -14,9 +14,8 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-
 import helpers
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SEMISAM_DATA", REPO.parent / "shared" / "data" / "hippocampus"))

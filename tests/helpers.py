@@ -1,5 +1,5 @@
 """Shared test pieces, written once: the NumPy kNN reference, a NIfTI writer, a feature
-store writer (the real store format, through semisam_o1.store) and a synthetic cohort.
+store writer (the real store format, through semisam_o1.data.store) and a synthetic cohort.
 
 The synthetic cohort is an MSD-layout dataset of small volumes with a known structure:
 an ellipsoid whose two foreground classes follow each other along axis 1 (as MSD
@@ -31,7 +31,7 @@ def normalise_rows(x) -> np.ndarray:
 
 
 def knn_reference(queries, bank, bank_labels, k, *, label_weights=None, return_topk=False, **_ignored):
-    """Plain NumPy reference of :func:`semisam_o1.kernels.knn_vote`.
+    """Plain NumPy reference of :func:`semisam_o1.core.kernels.knn_vote`.
 
     Cosine similarity, top-k (ties: lower bank index first), vote weights max(sim, 0)
     (times ``label_weights[label]`` when given) summed per label, the highest total wins
@@ -95,7 +95,7 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray | None = 
 
 def write_feature_store(root: str | Path, features: dict, *, affine: np.ndarray | None = None,
                         config: dict | None = None) -> Path:
-    """A real feature store (``semisam_o1.store`` format) holding given features.
+    """A real feature store (``semisam_o1.data.store`` format) holding given features.
 
     Args:
         root: store folder to create.
@@ -104,7 +104,7 @@ def write_feature_store(root: str | Path, features: dict, *, affine: np.ndarray 
         affine: canonical affine of every case (default identity).
         config: extra store.json fields.
     """
-    from semisam_o1 import store
+    from semisam_o1.data import store
 
     root = Path(root)
     first = next(iter(features.values()))

@@ -1,4 +1,4 @@
-"""Class planes (semisam_o1.class_planes): the rule learned from the template, and its application,
+"""Class planes (semisam_o1.methods.class_planes): the rule learned from the template, and its application,
 against brute-force NumPy references and the cohort's real labels (real Hippocampus or the synthetic
 cohort, whose two classes also follow each other along axis 1)."""
 
@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from semisam_o1 import class_planes as CP
-from semisam_o1.errors import InputError
-from semisam_o1.io import Dataset
+from semisam_o1.core.errors import InputError
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.methods import class_planes as CP
 
 
 def _brute_force(label, axis, order):

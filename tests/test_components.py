@@ -7,7 +7,7 @@ from itertools import product
 
 import numpy as np
 
-from semisam_o1.components import count, largest_component
+from semisam_o1.methods.components import count, largest_component
 
 
 def _components(mask: np.ndarray) -> list[list[tuple[int, int, int]]]:

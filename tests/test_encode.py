@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from semisam_o1.cli import main
-from semisam_o1.encode import EncodeSettings, encode, fit_reduction
-from semisam_o1.encoders import (SlicePlan, intensity_range, load_encoder, make_session, resize_slices,
-                                 scale_volume, torch_model)
-from semisam_o1.errors import InputError, ReportedError
-from semisam_o1.io import canonical_shape, read_image
-from semisam_o1.store import FeatureStore, voxel_features
+from semisam_o1.core.errors import InputError, ReportedError
+from semisam_o1.data.images import canonical_shape, read_image
+from semisam_o1.data.slicing import SliceLayout, intensity_range, resize_slices, scale_volume
+from semisam_o1.data.store import FeatureStore, voxel_features
+from semisam_o1.stages.encode import EncodeSettings, encode, fit_reduction
+from semisam_o1.stages.encoders import load_encoder, make_session, torch_model
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +91,7 @@ def _packed_canvas(data_root, case, axis=2, n=4):
     vol = read_image(data_root / "imagesTr" / f"{case}.nii.gz")
     img = scale_volume(vol.array, *intensity_range(vol.array))
     sl = np.moveaxis(img, axis, 0)
-    plan = SlicePlan(sl.shape[1], sl.shape[2], 128, 4)
+    plan = SliceLayout(sl.shape[1], sl.shape[2], 128, 4)
     res = resize_slices(sl[:n], plan)
     canvas = np.zeros((1, 3, 256, 256), np.float32)
     for t in range(n):
@@ -191,7 +191,7 @@ def test_litemedsam_store_on_a_cohort_case(lite, tmp_path, cohort):
     assert cf.voxel_shape == vol.shape
     g = cf.grid(2)
     X, Y, Z = vol.shape
-    plan = SlicePlan(X, Y, 128, 4)
+    plan = SliceLayout(X, Y, 128, 4)
     assert g.shape == (64, plan.nu, plan.nv, Z) and g.dtype == np.float16
     assert np.isfinite(np.asarray(g, np.float32)).all()
     off, step = cf.cell_to_voxel(2)
@@ -263,8 +263,8 @@ def test_slice_stride_and_int8_storage_against_the_full_float16_store(pool_onnx,
     along the slicing axis; --storage int8 stores store.quantise_int8 of the float16 features. The
     pooling encoder's features of a slice do not depend on the slices sharing its canvas, so both
     are checked against the full float16 store's cells."""
-    from semisam_o1.encode import strided_slices
-    from semisam_o1.store import quantise_int8
+    from semisam_o1.data.store import quantise_int8
+    from semisam_o1.stages.encode import strided_slices
 
     full, sub = tmp_path / "full", tmp_path / "sub"
     _pool(dataset, full, pool_onnx, cases=cases[:2], channels=0, storage="float16")
@@ -300,7 +300,7 @@ def test_a_format_1_store_is_refused_for_int8_and_extended_with_float16(pool_onn
     """A store written before int8 storage (format 1, float16, no ``storage`` key): encoding into it
     with int8 storage is refused in one line that says how to match it; --storage float16 adds cases
     under its own signature."""
-    from semisam_o1.store import write_config
+    from semisam_o1.data.store import write_config
 
     out = tmp_path / "f"
     _pool(dataset, out, pool_onnx, cases=cases[:2], channels=0, storage="float16")
@@ -464,7 +464,7 @@ def test_bad_option_one_line_no_folder(pool_onnx, dataset, tmp_path, cases, caps
 def test_unusable_output_one_line_before_encoding(pool_onnx, dataset, tmp_path, cases, capsys, monkeypatch, fault):
     import os
 
-    from semisam_o1 import encode as encode_module
+    from semisam_o1.stages import encode as encode_module
 
     def no_encoding(*a, **k):  # the refusal must come before any image is encoded
         raise AssertionError("encoded before checking the output")
@@ -495,7 +495,7 @@ def test_settings_generate_the_command_line(tmp_path):
     import shlex
 
     from semisam_o1.cli import build_parser
-    from semisam_o1.settings import command_line, from_namespace
+    from semisam_o1.core.settings import command_line, from_namespace
 
     s = EncodeSettings(input=tmp_path / "d", output=tmp_path / "f", cases=("a", "b"), axes=(2, 0),
                        window=(0.0, 500.0), layers=("stage1",), channels=32, device="cpu", num_parts=2, part_id=1)
@@ -512,9 +512,9 @@ def test_settings_generate_the_command_line(tmp_path):
 
 
 def test_sam_vit_b_random_weights_tiny_input(tmp_path, cache_dir, dataset, cases):
-    import torch
     from functools import partial
 
+    import torch
     from segment_anything.modeling import ImageEncoderViT
 
     # a randomly initialised ViT-B with a 64 px input (4x4 tokens): built on the meta device and filled

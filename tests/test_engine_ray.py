@@ -1,4 +1,4 @@
-"""The Ray engine (semisam_o1.engine): encode and predict on a local two-worker Ray cluster equal
+"""The Ray engine (semisam_o1.core.engine): encode and predict on a local two-worker Ray cluster equal
 the local engine's outputs; the Ray engine resumes (only unfinished cases are sent) and reports a
 bad case as one line while the others are written.
 
@@ -23,16 +23,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 import ray  # the `ray` extra: CI installs it (scripts/setup.sh), so this test never skips
 
 from semisam_o1 import cli
-from semisam_o1.encode import EncodeSettings, encode
-from semisam_o1.errors import InputError, ReportedError
-from semisam_o1.io import read_image
-from semisam_o1.predict import PredictSettings, entropy_file, label_file, predict
-from semisam_o1.store import FeatureStore
-from semisam_o1.train import TrainSettings, train
+from semisam_o1.core.errors import InputError
+from semisam_o1.data.images import read_image
+from semisam_o1.data.store import FeatureStore
+from semisam_o1.stages.encode import EncodeSettings, encode
+from semisam_o1.stages.predict import PredictSettings, entropy_file, label_file, predict
+from semisam_o1.stages.train import TrainSettings, train
 
 THREADS = 1  # per worker, and the local engine's, so the driver's PCA fit is the same bit for bit
 CHANNELS = 8
@@ -168,7 +167,8 @@ def test_a_worker_that_cannot_start_stops_the_stage_with_one_line(cluster, tmp_p
     back through Ray and stops the stage (the driver never got to the case)."""
     from functools import partial
 
-    from semisam_o1.engine import encode_worker, run_cases
+    from semisam_o1.core.engine import run_cases
+    from semisam_o1.stages.encode import encode_worker
 
     s = EncodeSettings(input=tmp_path / "not-here", output=tmp_path / "store", engine="ray", workers=1, quiet=True)
     never = partial(pytest.fail, "the case ran in the driver")
@@ -226,7 +226,7 @@ def test_ray_predict_equals_local(data, model, cluster, tmp_path):
 def test_workers_threads_and_gpus_from_the_cluster(data, tmp_path):
     """engine._size: CPU actors fill the machines' CPUs; on a GPU cluster one GPU per actor; an actor
     never spans machines."""
-    from semisam_o1.engine import _size
+    from semisam_o1.core.engine import _size
 
     def s(**kw):
         return EncodeSettings(input=data["root"], output=tmp_path / "x", engine="ray", **kw)

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import small_filesystem, write_nifti
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from helpers import small_filesystem, write_nifti
-from semisam_o1 import evaluate as evaluate_module
 from semisam_o1.cli import main as cli_main
-from semisam_o1.errors import InputError
-from semisam_o1.evaluate import EvaluateSettings, evaluate
+from semisam_o1.core.errors import InputError
+from semisam_o1.stages import evaluate as evaluate_module
+from semisam_o1.stages.evaluate import EvaluateSettings, evaluate
 
 SHAPE = (16, 16, 16)
 SPACING = (1.0, 2.0, 3.0)
@@ -94,11 +94,11 @@ def test_dice_1_for_identical_0_for_disjoint_and_known_jaccard(tmp_path):
 
 
 def test_dice_is_semisam_metrics_dice_and_monai_dice(tmp_path):
-    """One Dice: evaluate's equals semisam_o1.metrics.dice and MONAI's DiceMetric(ignore_empty=False)."""
+    """One Dice: evaluate's equals semisam_o1.methods.metrics.dice and MONAI's DiceMetric(ignore_empty=False)."""
     import torch
     from monai.metrics import DiceMetric
 
-    from semisam_o1.metrics import dice
+    from semisam_o1.methods.metrics import dice
 
     rng = np.random.default_rng(1)
     gt = (ndimage.gaussian_filter(rng.normal(size=SHAPE), 2.0) > 0.05).astype(np.uint8)
@@ -354,7 +354,7 @@ def test_plain_gt_folder_with_and_without_dataset_json(tmp_path):
 
 def test_cohort_labels_against_themselves(cohort, tmp_path):
     """The cohort's (real or synthetic) test labels scored against themselves: a perfect score."""
-    from semisam_o1.io import Dataset
+    from semisam_o1.data.dataset import Dataset
 
     ds = Dataset(cohort.root)
     cases = cohort.test

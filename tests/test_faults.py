@@ -5,13 +5,10 @@ space is freed)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 import helpers
 

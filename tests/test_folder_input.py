@@ -16,15 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import helpers
-from semisam_o1 import folder_input as F
-from semisam_o1.errors import InputError
-from semisam_o1.io import read_image, read_label_values
+from semisam_o1.core.errors import InputError
+from semisam_o1.data import folder_input as F
+from semisam_o1.data import images as image_io
+from semisam_o1.data.images import read_image, read_label_values
 
 OBLIQUE = np.array([[0.0, 0.0, 2.0, 4.0], [-1.5, 0.0, 0.0, 1.0], [0.0, 0.8, 0.0, 2.0], [0, 0, 0, 1]])
 
@@ -95,9 +96,9 @@ def test_itk_geometry_matches_nifti(tmp_path):
     ref = read_image(nii)
     for ext in (".nrrd", ".mha"):
         itk = _to_itk(nii, tmp_path / f"x{ext}")
-        shape, affine = F.geometry(itk)
+        shape, affine = image_io.geometry(itk)
         assert shape == ref.shape and np.allclose(affine, ref.affine, atol=1e-6)
-        conv = read_image(F._place(itk, tmp_path / ext[1:], "x"))
+        conv = read_image(F.place_file(itk, tmp_path / ext[1:], "x"))
         assert np.allclose(conv.affine, ref.affine, atol=1e-6) and np.array_equal(conv.array, ref.array)
 
 
@@ -130,7 +131,7 @@ def test_parse_label_names():
 
 
 def test_materialise_writes_a_dataset_the_stages_read(scans, cohort, tmp_path):
-    from semisam_o1.io import Dataset
+    from semisam_o1.data.dataset import Dataset
 
     inp = F.FolderInput(images=scans["images"], template_image=scans["template_image"],
                         template_label=scans["template_label"], test_images=scans["root"] / "ti",
@@ -204,7 +205,7 @@ def test_run_fills_final(work, scans, cohort):
     assert names == sorted(p.name for p in scans["images"].iterdir())
     for p in scans["images"].iterdir():  # each label in its image's format and geometry
         lab = final / "labels" / p.name
-        if F.is_nifti(p):
+        if image_io.is_nifti(p):
             assert np.allclose(nib.load(str(lab)).affine, nib.load(str(p)).affine)
             assert nib.load(str(lab)).shape == nib.load(str(p)).shape
         else:

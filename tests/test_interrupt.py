@@ -22,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
-
-import helpers
 
 THREADS = "2"
 MESSAGE = "interrupted; finished outputs are kept, re-run to resume"
@@ -58,9 +57,9 @@ def _onnx_encoder(path: Path, products: int) -> Path:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
     """The cohort, the encoders, a feature store, pool labels, a quick model and its pool predictions."""
-    from semisam_o1.encode import EncodeSettings, encode
-    from semisam_o1.predict import PredictSettings, predict
-    from semisam_o1.train import TrainSettings, train
+    from semisam_o1.stages.encode import EncodeSettings, encode
+    from semisam_o1.stages.predict import PredictSettings, predict
+    from semisam_o1.stages.train import TrainSettings, train
 
     root = tmp_path_factory.mktemp("interrupt")
     split = helpers.make_cohort(root / "ds", n_unlabeled=3, n_test=2, shape=(48, 48, 48))
@@ -137,7 +136,7 @@ def _assert_interrupted(rc: int, err: str, stage: str) -> None:
 def _temporaries(folder: Path) -> list[Path]:
     """Every temporary file or folder (atomic_path's files, the store's case folders: names made by
     ``io.temporary_prefix``, ``.~PID@HOST~NAME.XXXX``) under ``folder``."""
-    from semisam_o1.io import TEMPORARY_MARK
+    from semisam_o1.core.files import TEMPORARY_MARK
 
     return [p for p in folder.rglob(".*") if p.name.startswith(TEMPORARY_MARK) or ".tmp" in p.name]
 

@@ -13,22 +13,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from semisam_o1.errors import InputError
-from semisam_o1.io import (
-    Dataset,
-    LabelMap,
-    atomic_path,
-    case_id_from_path,
-    check_same_grid,
-    find_case_file,
-    index_label_folder,
-    read_image,
-    read_label,
-    read_label_values,
-    write_json,
-    write_label,
-    write_map,
-)
+from semisam_o1.core.errors import InputError
+from semisam_o1.core.files import atomic_path, write_json
+from semisam_o1.data.cases import case_id_from_path, find_case_file, index_label_folder
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.data.images import check_same_grid, read_image, read_label, read_label_values, write_label, write_map
+from semisam_o1.data.labels import LabelMap
 
 SHAPE = (12, 14, 10)
 BASE_AFFINE = np.array([[1.0, 0, 0, -20.0], [0, 2.0, 0, 10.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
@@ -546,10 +536,10 @@ def test_sweep_removes_a_killed_writers_temporaries_only(tmp_path):
     """A writer killed inside atomic_path (a file) or store.write_case (a case folder) leaves its
     temporary; sweep_temporaries removes those two and keeps a live process's temporary, another
     host's and every other file."""
-    from semisam_o1.io import TEMPORARY_MARK, sweep_temporaries, temporary_prefix
+    from semisam_o1.core.files import TEMPORARY_MARK, sweep_temporaries, temporary_prefix
 
     out = tmp_path / "out"
-    _killed_writer(f"from semisam_o1.io import atomic_path\nwith atomic_path({str(out / 'x.nii.gz')!r}) as tmp:\n"
+    _killed_writer(f"from semisam_o1.data.images import atomic_path\nwith atomic_path({str(out / 'x.nii.gz')!r}) as tmp:\n"
                    "    tmp.write_bytes(b'half')\n    import os; os._exit(9)", tmp_path)
     _killed_writer("import numpy as np\nfrom semisam_o1 import store\n"
                    "def dies(*a, **k): import os; os._exit(9)\nstore.np.save = dies\n"
@@ -634,7 +624,7 @@ def test_qform_sform_orientation_disagreement_is_warned_once(tmp_path, capsys):
 def test_atomic_files_get_the_umask_mode_not_0600(tmp_path):
     old = os.umask(0o022)
     try:
-        from semisam_o1.io import write_json
+        from semisam_o1.core.files import write_json
 
         write_json(tmp_path / "a.json", {"x": 1})
         assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
@@ -644,7 +634,8 @@ def test_atomic_files_get_the_umask_mode_not_0600(tmp_path):
 
 def test_disk_full_is_one_line_naming_the_file_and_nothing_half_written(tmp_path):
     import helpers
-    from semisam_o1.io import write_json
+
+    from semisam_o1.core.files import write_json
 
     with helpers.small_filesystem(tmp_path / "fs", 64) as fs:
         target = fs.path / "big.json"

@@ -5,7 +5,7 @@ ordered by similarity descending, ties lowest bank index; vote weights max(sim, 
 summed per label, highest sum wins, ties lowest label; all weights 0 -> label of the
 most similar neighbour, share 0.
 
-Non-contiguous inputs: the ``semisam_o1.kernels`` wrappers copy them (tested here to
+Non-contiguous inputs: the ``semisam_o1.core.kernels`` wrappers copy them (tested here to
 give the same result); the raw ``_core`` functions raise ValueError naming the argument.
 
 Instruction-set paths: the CPU kernels have a scalar, an AVX2 and an AVX-512 path, picked
@@ -22,12 +22,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semisam_o1 import kernels
+from semisam_o1.core import kernels
 
 core = pytest.importorskip("semisam_o1._core", reason="C++ core not built (pip install .)")
 
 try:
-    from semisam_o1 import _core_cuda
+    from semisam_o1.core import _core_cuda
 except ImportError:  # CUDA module not built on this machine
     _core_cuda = None
 

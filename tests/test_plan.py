@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
+import helpers
 import numpy as np
 import pytest
 
-import helpers
-from semisam_o1.errors import InputError
-from semisam_o1.plan import PlanSettings, make_plan, unet_overrides
+from semisam_o1.core.errors import InputError
+from semisam_o1.stages.plan import PlanSettings, make_plan, unet_overrides
 
 
 def _plan(root, tmp_path, **kw):
@@ -132,7 +132,7 @@ def test_real_datasets_when_present(cohort, tmp_path):
 def test_train_takes_the_plans_network_and_normalisation(tmp_path):
     """train --plan: the model's config carries the plan's patch, strides, channels and CT
     normalisation; --iterations still wins over the plan's."""
-    from semisam_o1 import nets, train
+    from semisam_o1.stages import nets, train
 
     root = tmp_path / "ct"
     split = helpers.make_cohort(root, n_unlabeled=2, n_test=0)
@@ -161,8 +161,8 @@ def test_train_takes_the_plans_network_and_normalisation(tmp_path):
 
 
 def _fingerprint(root):
-    from semisam_o1.io import Dataset, load_split
-    from semisam_o1.plan import fingerprint
+    from semisam_o1.data.dataset import Dataset, load_split
+    from semisam_o1.stages.plan import fingerprint
 
     sp = load_split(root / "splits.json")
     return fingerprint(Dataset(root), sp["template"], [sp["template"], *sp["unlabeled"]])
@@ -187,7 +187,7 @@ def test_working_spacing_follows_the_budget(tmp_path):
     """A budget that affords MIN_AFFORDED_ITERATIONS at the data's spacing keeps it (no resampling);
     a smaller one coarsens the spacing until the network affords them; the patch still covers the
     structure at the working spacing; a class is never planned below MIN_CLASS_EDGE voxels across."""
-    from semisam_o1 import plan
+    from semisam_o1.stages import plan
 
     fp = _geometry_fingerprint(spacing=[0.8] * 3, shape=[96, 96, 80], classes=[[40.0, 32.0, 28.0], [24.0, 28.0, 20.0]])
     native = plan.plan_network(fp, [0.8, 0.8, 0.8], 64 ** 3)[0]
@@ -208,7 +208,7 @@ def test_working_spacing_follows_the_budget(tmp_path):
 
 
 def test_anisotropic_data_coarsens_the_fine_axes_first(tmp_path):
-    from semisam_o1 import plan
+    from semisam_o1.stages import plan
 
     cands = plan.working_spacings([0.7, 0.7, 3.0])
     assert cands[0] == [0.7, 0.7, 3.0]
@@ -219,7 +219,7 @@ def test_anisotropic_data_coarsens_the_fine_axes_first(tmp_path):
 def test_cohort_of_mixed_spacings_is_resampled_to_the_median(tmp_path):
     """Volumes at different spacings: the plan resamples every one to the working spacing even when
     the budget affords the finest (nnU-Net's target spacing), so the network sees one voxel size."""
-    from semisam_o1 import plan
+    from semisam_o1.stages import plan
 
     root = tmp_path / "mixed"
     helpers.make_cohort(root, n_unlabeled=2, n_test=0, shape=(32, 32, 32), spacing=(1.0, 1.0, 1.0))
@@ -238,7 +238,7 @@ def test_cohort_of_mixed_spacings_is_resampled_to_the_median(tmp_path):
 def test_encode_axes_leave_out_strips_of_thin_slices():
     """A cine-like stack (1.56 x 1.56 x 10 mm) is encoded along its slice axis only; isotropic and
     mildly anisotropic data along every axis."""
-    from semisam_o1.plan import plan_encode_axes
+    from semisam_o1.stages.plan import plan_encode_axes
 
     assert plan_encode_axes([1.56, 1.56, 10.0])[0] == [2]
     assert plan_encode_axes([1.0, 1.0, 1.0])[0] == [0, 1, 2]

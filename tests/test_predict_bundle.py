@@ -1,6 +1,6 @@
 """`semisam-o1 predict -m BUNDLE -i DIR_OR_FILE -o OUT [--mirror]` on plain scans.
 
-A quick model trained on the cohort is bundled (semisam_o1.bundle.write_bundle); predict writes
+A quick model trained on the cohort is bundled (semisam_o1.stages.bundle.write_bundle); predict writes
 one label per scan named like it, in its format and grid (.nii.gz, .nrrd, .mha), on a folder and
 on one file; the bundle predicts identically once the work folder it came from is deleted;
 --mirror averages the softmax over the training flips; the Python API returns the paths.
@@ -19,11 +19,12 @@ import SimpleITK as sitk
 import torch
 
 import semisam_o1
-from semisam_o1 import cli, nets
-from semisam_o1.bundle import BUNDLE_JSON, read_bundle, write_bundle
-from semisam_o1.errors import InputError
-from semisam_o1.predict import PredictSettings, mirror_sets, predict, predict_volume
-from semisam_o1.train import TrainSettings, train
+from semisam_o1 import cli
+from semisam_o1.core.errors import InputError
+from semisam_o1.stages import nets
+from semisam_o1.stages.bundle import BUNDLE_JSON, read_bundle, write_bundle
+from semisam_o1.stages.predict import PredictSettings, mirror_sets, predict, predict_volume
+from semisam_o1.stages.train import TrainSettings, train
 
 THREADS = 2
 

@@ -19,11 +19,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from semisam_o1 import propagate as P
-from semisam_o1.components import largest_component
-from semisam_o1.errors import InputError
-from semisam_o1.io import Dataset, read_label
-from semisam_o1.settings import add_options, from_namespace
+from semisam_o1.core.errors import InputError
+from semisam_o1.core.settings import add_options, from_namespace
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.data.images import read_label
+from semisam_o1.methods import template_vote as TV
+from semisam_o1.methods.components import largest_component
+from semisam_o1.stages import propagate as P
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +147,7 @@ def test_outputs_keep_input_grid_affine_header_and_integer_type(tmp_path, cohort
 
 
 def test_class_planes_learned_from_template_and_applied(tmp_path, cohort, real, onehot_store):
-    from semisam_o1 import class_planes as CP
+    from semisam_o1.methods import class_planes as CP
 
     ds, labels, _, cases = real
     out = tmp_path / "pseudo"
@@ -247,7 +249,7 @@ def test_area_fractions_against_numpy_reference():
     # cells of 2 x 3 x 1 voxels whose centres sit on voxel centres + (0.5, 1, 0): blocks tile the volume
     offset, step = np.array([0.5, 1.0, 0.0]), np.array([2.0, 3.0, 1.0])
     cells = (4, 2, 7)  # the last (partial) block along x and y is left out
-    frac = P.area_fractions(label, 3, cells, offset, step)
+    frac = TV.area_fractions(label, 3, cells, offset, step)
     ref = np.zeros((3, *cells))
     for i in range(cells[0]):
         for j in range(cells[1]):
@@ -257,7 +259,7 @@ def test_area_fractions_against_numpy_reference():
                     ref[c, i, j, k] = (block == c).mean()
     np.testing.assert_allclose(frac, ref, atol=1e-6)
     # a half-voxel shift: each cell covers half of two voxels
-    f2 = P.area_fractions(label, 3, (8, 8, 7), [0.5, 0, 0], [1, 1, 1])
+    f2 = TV.area_fractions(label, 3, (8, 8, 7), [0.5, 0, 0], [1, 1, 1])
     ref2 = np.stack([0.5 * ((label[:-1] == c).astype(float) + (label[1:] == c)) for c in range(3)])
     np.testing.assert_allclose(f2, ref2, atol=1e-6)
 
@@ -266,20 +268,20 @@ def test_class_prototypes_against_numpy_reference():
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(6, 5, 4, 3)).astype(np.float16)
     frac = rng.dirichlet(np.ones(3), size=(5, 4, 3)).transpose(3, 0, 1, 2).astype(np.float32)
-    protos, owner = P.class_prototypes(feats, frac, 1)
+    protos, owner = TV.class_prototypes(feats, frac, 1)
     f = helpers.normalise_rows(feats.astype(np.float32).reshape(6, -1).T)
     for c in range(3):
         w = frac[c].reshape(-1)
         np.testing.assert_allclose(protos[c], (w[:, None] * f).sum(0) / w.sum(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(owner, [0, 1, 2])
     # several prototypes: unit vectors, each class gets at most N, ordered by class
-    protos, owner = P.class_prototypes(feats, frac, [4, 2, 1], seed=0)
+    protos, owner = TV.class_prototypes(feats, frac, [4, 2, 1], seed=0)
     assert list(np.bincount(owner)) == [4, 2, 1]
     np.testing.assert_allclose(np.linalg.norm(protos[:6], axis=1), 1, rtol=1e-5)
     # a class absent from the grid: a warning naming it, no prototype
     frac[2] = 0
     with pytest.warns(UserWarning, match="class 2 \\(posterior\\)"):
-        protos, owner = P.class_prototypes(feats, frac, 1, class_names=["bg", "anterior", "posterior"])
+        protos, owner = TV.class_prototypes(feats, frac, 1, class_names=["bg", "anterior", "posterior"])
     assert list(owner) == [0, 1]
 
 
@@ -290,8 +292,8 @@ def test_position_fold_equals_direct_formula():
     pq, pb = rng.uniform(-1, 1, (7, 3)), rng.uniform(-1, 1, (30, 3))
     for w in (0.0, 1.0, 3.0):
         direct = fq @ fb.T - (w * w / 2) * ((pq[:, None] - pb[None]) ** 2).sum(-1)
-        qa = P.augment_with_position(fq, pq, w, "query")
-        ba = P.augment_with_position(fb, pb, w, "bank")
+        qa = TV.augment_with_position(fq, pq, w, "query")
+        ba = TV.augment_with_position(fb, pb, w, "bank")
         np.testing.assert_allclose(qa @ ba.T, direct, atol=1e-4)
         norms = np.linalg.norm(ba, axis=1)
         np.testing.assert_allclose(norms, norms[0], rtol=1e-5)  # equal bank norms: cosine keeps the ranking
@@ -308,18 +310,18 @@ def test_knn_scores_match_the_numpy_reference(tmp_path, real):
     vectors: the winning class per query voxel agrees (stride 1, no recentring)."""
     ds, labels, template, cases = real
     store_root = _store(tmp_path / "features", {c: labels[c] for c in (template, cases[0])}, noise=0.6)
-    from semisam_o1.store import FeatureStore
+    from semisam_o1.data.store import FeatureStore
 
     store = FeatureStore(store_root)
-    params = P.MethodOptions(k=7, query_stride=1, recentre=0, bank_background=3000)
-    model = P.build_template_model(store.load(template), labels[template], 3, params)
+    params = TV.MethodOptions(k=7, query_stride=1, recentre=0, bank_background=3000)
+    model = TV.build_template_model(store.load(template), labels[template], 3, params)
     cf = store.load(cases[0])
-    scores = P.score_case(model, cf, threads=2)
+    scores = TV.score_case(model, cf, threads=2)
     shape = cf.voxel_shape
     feats = cf.on_voxel_grid().reshape(-1, int(np.prod(shape))).T
-    cx, cy, cz = P.normalised_coords(shape)
+    cx, cy, cz = TV.normalised_coords(shape)
     pos = np.stack([g.ravel() for g in np.meshgrid(cx, cy, cz, indexing="ij")], 1)
-    qa = P.augment_with_position(feats, pos, params.position_weight, "query")
+    qa = TV.augment_with_position(feats, pos, params.position_weight, "query")
     want, _ = helpers.knn_reference(qa, model.bank, model.bank_labels, params.k)
     got = np.argmax(scores.reshape(3, -1), 0)
     assert (got == want).mean() > 0.999  # float32 ties may differ on a handful of voxels
@@ -327,7 +329,7 @@ def test_knn_scores_match_the_numpy_reference(tmp_path, real):
 
 def test_interp_and_largest_component():
     vals = np.arange(2 * 3 * 1 * 1, dtype=np.float32).reshape(2, 3, 1, 1)
-    out = P._interp_to_grid(vals, [np.array([0, 2, 4]), np.array([0]), np.array([0])], (5, 2, 1))
+    out = TV._interp_to_grid(vals, [np.array([0, 2, 4]), np.array([0]), np.array([0])], (5, 2, 1))
     np.testing.assert_allclose(out[0, :, 0, 0], [0, 0.5, 1, 1.5, 2])
     assert out.shape == (2, 5, 2, 1)
     lab = np.zeros((6, 6, 6), np.uint8)
@@ -422,7 +424,7 @@ def test_unusable_output_is_exit_2_and_nothing_written(tmp_path, cohort, real, o
         parent.mkdir(mode=0o555)
         out = parent / "pseudo"
         if os.geteuid() == 0:  # root writes anywhere: the folder's answer to os.access is what is checked
-            import semisam_o1.resume as R
+            import semisam_o1.core.resume as R
 
             access = os.access
             monkeypatch.setattr(R.os, "access", lambda p, m: False if str(p) == str(parent) else access(p, m))
@@ -434,7 +436,7 @@ def test_unusable_output_is_exit_2_and_nothing_written(tmp_path, cohort, real, o
 
 
 def test_cuda_without_gpu_is_exit_2(tmp_path, cohort, real, onehot_store, capsys, monkeypatch):
-    from semisam_o1 import device
+    from semisam_o1.core import device
 
     monkeypatch.setattr(device, "_torch_cuda", lambda: False)
     _, _, template, cases = real
@@ -455,7 +457,7 @@ def test_cli_options_parse_into_settings():
     assert s.axes == (0, 2) and s.method == "knn" and s.position_weight == 1.0 and s.k == 10
     assert (s.bank_background, s.recentre, s.query_stride, s.smooth, s.class_planes) == (20000, 1, 2, 1.0, "auto")
     # the recorded command reproduces the settings
-    from semisam_o1.settings import command_line
+    from semisam_o1.core.settings import command_line
 
     argv = command_line("propagate", s).split()[2:]
     assert from_namespace(P.SETTINGS, parser.parse_args(argv)) == s

@@ -15,15 +15,19 @@ import dataclasses
 import json
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 
-import helpers
-from semisam_o1 import cli, resume
-from semisam_o1 import refine as refine_mod
-from semisam_o1.errors import InputError
-from semisam_o1.io import Dataset, read_image, read_label, write_label, write_map
-from semisam_o1.store import FeatureStore
+from semisam_o1 import cli
+from semisam_o1.core import resume
+from semisam_o1.core.errors import InputError
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.data.images import read_image, read_label, write_label, write_map
+from semisam_o1.data.store import FeatureStore
+from semisam_o1.methods import knn
+from semisam_o1.methods import template_vote as TV
+from semisam_o1.stages import refine as refine_mod
 
 
 def _run(v, output=None, **kw):
@@ -116,7 +120,7 @@ def test_voxel_mode_known_answer(voxel_cohort, project_dim):
     assert info["voxels_changed_per_class"]["to"][names[2]] == sum(int((v["truth"][c] == 2).sum())
                                                                    for c in v["cases"])
     assert info["bank"]["projection"]["dim"] == (4 if project_dim else 8)
-    assert info["bank"]["position_weight"] == refine_mod.POSITION_WEIGHT
+    assert info["bank"]["position_weight"] == TV.MethodOptions.__dataclass_fields__["position_weight"].default
     # the output keeps the input's affine; the summary is in refine.json and the stage record
     img = v["images"][v["cases"][0]]
     np.testing.assert_allclose(read_image(v["out"] / f"{v['cases'][0]}.nii.gz").native_affine, img.native_affine)
@@ -129,9 +133,10 @@ def test_voxel_mode_known_answer(voxel_cohort, project_dim):
 def test_position_weight_default_is_propagates():
     """The position term is the same in propagate and refine: one default (refine's was 1.5, a
     value propagate no longer used, and run never set it)."""
-    from semisam_o1 import propagate
-    from semisam_o1.settings import add_options
     import argparse
+
+    from semisam_o1.core.settings import add_options
+    from semisam_o1.stages import propagate
 
     def default(cls, name):
         return next(f.default for f in dataclasses.fields(cls) if f.name == name)
@@ -241,11 +246,11 @@ def test_changed_store_entry_is_another_input(voxel_cohort):
 
 
 def test_class_quotas():
-    assert refine_mod.class_quotas([1000, 1000, 1000], 300) == [100, 100, 100]
-    assert refine_mod.class_quotas([1000, 20, 1000], 300) == [140, 20, 140]
-    assert refine_mod.class_quotas([5, 3, 0], 300) == [5, 3, 0]
-    assert sum(refine_mod.class_quotas([1000, 1000, 1000], 301)) == 301
-    assert refine_mod.class_quotas([0, 0], 10) == [0, 0]
+    assert knn.class_quotas([1000, 1000, 1000], 300) == [100, 100, 100]
+    assert knn.class_quotas([1000, 20, 1000], 300) == [140, 20, 140]
+    assert knn.class_quotas([5, 3, 0], 300) == [5, 3, 0]
+    assert sum(knn.class_quotas([1000, 1000, 1000], 301)) == 301
+    assert knn.class_quotas([0, 0], 10) == [0, 0]
 
 
 def test_projection_is_uncentred_pca_of_the_bank():
@@ -274,7 +279,7 @@ def test_resize_nearest_matches_torch_nearest_exact():
     for shape in [(7, 9, 5), (10, 6, 8), (3, 13, 5)]:
         ref = torch.nn.functional.interpolate(torch.from_numpy(lab.astype(np.float32))[None, None], size=shape,
                                               mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
-        np.testing.assert_array_equal(refine_mod.resize_nearest(lab, shape), ref)
+        np.testing.assert_array_equal(knn.resize_nearest(lab, shape), ref)
 
 
 def test_volume_mode_against_numpy_reference(cohort, tmp_path):
@@ -340,7 +345,7 @@ def test_class_planes_resplit_the_refined_labels(voxel_cohort, mode):
     refine writes without it (foreground kept, classes re-split along the axis), counted
     in the changed voxels and recorded in the summary and the signature. The rule (axis 0)
     cuts across the cohort's classes (which follow each other along axis 1), so it must move voxels."""
-    from semisam_o1 import class_planes as planes
+    from semisam_o1.methods import class_planes as planes
 
     v = voxel_cohort
     for case in v["cases"]:  # predictions with both classes, so that the rule has something to re-split
@@ -419,7 +424,7 @@ def test_bad_grid_and_parameters(voxel_cohort, capsys):
     assert not v["out"].exists()
     assert _cli(v, "--k", "0") == 2
     assert _cli(v, "--quantile", "1.5") == 2
-    from semisam_o1 import kernels
+    from semisam_o1.core import kernels
 
     capsys.readouterr()
     if not kernels.cuda_available():

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from semisam_o1 import propagate as P
-from semisam_o1 import registration as R
-from semisam_o1.errors import InputError
-from semisam_o1.io import Dataset, read_label
+from semisam_o1.core.errors import InputError
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.data.images import read_label
+from semisam_o1.methods import registration as R
+from semisam_o1.stages import propagate as P
 
 FAST = R.RegistrationParams(reg_iterations=(20, 10, 0))
 SHIFT = np.array([3.0, -2.0, 2.0])  # voxels
@@ -27,7 +28,7 @@ SCALE = 1.15
 
 
 class _Vol:
-    """The two fields of a :class:`semisam_o1.io.Volume` that registration reads."""
+    """The two fields of a :class:`semisam_o1.data.images.Volume` that registration reads."""
 
     def __init__(self, array, spacing=(1.0, 1.0, 1.0)):
         self.array, self.spacing = array, spacing

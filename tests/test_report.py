@@ -9,11 +9,11 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-
 from helpers import write_nifti
-from semisam_o1.evaluate import EvaluateSettings, evaluate
-from semisam_o1.io import Dataset
-from semisam_o1.report import write_report
+
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.pipeline.report import write_report
+from semisam_o1.stages.evaluate import EvaluateSettings, evaluate
 
 
 def _copy_labels(ds: Dataset, cases, folder):
@@ -73,9 +73,9 @@ def test_report_from_a_work_folder(tmp_path, cohort):
 
 
 def test_report_pool_dice_is_semisam_metrics_dice(tmp_path, cohort):
-    """The report's pool Dice per class is the mean over cases of semisam_o1.metrics.dice_per_class."""
-    from semisam_o1.io import read_label
-    from semisam_o1.metrics import dice_per_class
+    """The report's pool Dice per class is the mean over cases of semisam_o1.methods.metrics.dice_per_class."""
+    from semisam_o1.data.images import read_label
+    from semisam_o1.methods.metrics import dice_per_class
 
     ds, work = _work(tmp_path, cohort)
     report = write_report(work, ds, template=cohort.template, unlabeled=cohort.unlabeled, test=cohort.test,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semisam_o1.report_html import render, write_page
+from semisam_o1.pipeline.report_html import render, write_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MAGENTA = (1.0, 0.0, 1.0)

@@ -7,14 +7,14 @@ import json
 import math
 import shutil
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
-import helpers
-from semisam_o1 import rounds
-from semisam_o1.io import Dataset
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.pipeline import rounds
 
 
 def test_paired_gain_is_the_mean_and_standard_error_of_differences():

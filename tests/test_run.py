@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
-
-import helpers
 
 
 def _cli(*args: str) -> list[str]:
@@ -224,8 +223,9 @@ def test_run_refuses_an_unusable_output_or_device_before_writing(tmp_path, cohor
 def test_run_stage_that_reports_its_own_error_gives_one_line(tmp_path, cohort, monkeypatch, capsys):
     """A stage that prints its own error lines and raises ReportedError (encode does, per
     unreadable case): run exits with its code without adding a line, and no later stage starts."""
-    from semisam_o1 import cli, encode
-    from semisam_o1.errors import ReportedError
+    from semisam_o1 import cli
+    from semisam_o1.core.errors import ReportedError
+    from semisam_o1.stages import encode
 
     def failing_encode(settings):
         print("semisam-o1 encode: error: imagesTr/x.nii.gz: cannot read the voxel data", file=sys.stderr)
@@ -246,8 +246,8 @@ def test_run_settings_generate_the_command_line():
     import shlex
 
     from semisam_o1.cli import build_parser
-    from semisam_o1.run import RunSettings
-    from semisam_o1.settings import command_line, from_namespace
+    from semisam_o1.core.settings import command_line, from_namespace
+    from semisam_o1.pipeline.run import RunSettings
 
     s = RunSettings(input=Path("/data/my set"), split=Path("s.json"), output=Path("w"), preset="demo",
                     refine_mode="voxel", select=0.5, seed=3)
@@ -259,7 +259,7 @@ def test_run_settings_generate_the_command_line():
 
 def test_second_run_on_a_folder_in_use_is_refused(tmp_path, cohort):
     """A work folder held by another run (its lock): one line naming the holder's process id, exit 2."""
-    from semisam_o1.resume import FolderLock
+    from semisam_o1.core.resume import FolderLock
 
     work = tmp_path / "w"
     with FolderLock(work):

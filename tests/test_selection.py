@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import shutil
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
-import helpers
-from semisam_o1 import metrics, selection
-from semisam_o1.errors import InputError
-from semisam_o1.io import Dataset
+from semisam_o1.core.errors import InputError
+from semisam_o1.data.dataset import Dataset
+from semisam_o1.methods import metrics
+from semisam_o1.pipeline import selection
 
 
 def test_agreement_is_the_mean_foreground_dice():

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
+import helpers
 import numpy as np
 import pytest
 
-import helpers
-from semisam_o1 import store as store_module
-from semisam_o1.errors import InputError
-from semisam_o1.store import FeatureStore, config_signature, linear_weights, voxel_features
+from semisam_o1.core.errors import InputError
+from semisam_o1.data import store as store_module
+from semisam_o1.data.store import FeatureStore, config_signature, linear_weights, voxel_features
 
 
 def _make_store(root, grids, maps, voxel_shape, case="c1"):

@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-from semisam_o1 import cli, nets
-from semisam_o1 import train as T
-from semisam_o1.errors import InputError
-from semisam_o1.io import file_sha256
-from semisam_o1.predict import PredictSettings, entropy_map, predict
-from semisam_o1.resume import read_record
-from semisam_o1.train import TrainSettings, train
+from semisam_o1 import cli
+from semisam_o1.core.errors import InputError
+from semisam_o1.core.files import file_sha256
+from semisam_o1.core.resume import read_record
+from semisam_o1.stages import nets
+from semisam_o1.stages import train as T
+from semisam_o1.stages.predict import PredictSettings, entropy_map, predict
+from semisam_o1.stages.train import TrainSettings, train
 
 THREADS = 2
 ITERS = 4
@@ -248,8 +249,9 @@ def test_predict_refuses_another_model(setup, data_root):
 
 
 def test_predict_with_class_planes(setup, data_root, capsys):
-    from semisam_o1 import class_planes as CP
-    from semisam_o1.io import Dataset, read_label
+    from semisam_o1.data.dataset import Dataset
+    from semisam_o1.data.images import read_label
+    from semisam_o1.methods import class_planes as CP
 
     rule = CP.ClassPlanes(1, (2, 1), 0.0, 0.01)
     rule_file = setup["root"] / CP.CLASS_PLANES_JSON
@@ -290,7 +292,7 @@ def test_entropy_map_reference():
 def test_labels_from_probs_keeps_the_planned_classes_largest_component():
     """Argmax, then the classes of config["largest_component"] lose their smaller pieces (to
     background); a model without the key (trained without a plan) keeps its argmax."""
-    from semisam_o1.predict import labels_from_probs
+    from semisam_o1.stages.predict import labels_from_probs
 
     p = np.zeros((3, 8, 8, 8), np.float32)
     p[0] = 1.0
@@ -493,7 +495,7 @@ def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkey
 
 @pytest.mark.parametrize("share", [None, 0.0, 0.1, 0.5])
 def test_draw_volumes_template_share(share):
-    from semisam_o1.train import draw_volumes
+    from semisam_o1.stages.train import draw_volumes
 
     rng = np.random.default_rng(0)
     n, draws = 11, 200_000

@@ -1,4 +1,4 @@
-"""`run` validates every input before any stage starts (semisam_o1.validate): each bad input is one
+"""`run` validates every input before any stage starts (semisam_o1.pipeline.validate): each bad input is one
 line naming the file, exit 2, and no work folder; the feature-store size estimate against a store
 that encode really wrote; the free-disk check (a monkeypatched shutil.disk_usage and a small tmpfs).
 
@@ -12,12 +12,13 @@ import shutil
 from collections import namedtuple
 from pathlib import Path
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
 
-import helpers
-from semisam_o1 import cli, validate
+from semisam_o1 import cli
+from semisam_o1.pipeline import validate
 
 
 def _copy_cohort(cohort, root: Path) -> Path:
@@ -113,8 +114,8 @@ def test_run_refuses_too_little_free_disk(tmp_path, cohort, capsys, monkeypatch)
 
 def test_free_disk_check_on_a_small_filesystem(tmp_path, cohort):
     """The same check against a real 1 MiB tmpfs (root only; skipped elsewhere)."""
-    from semisam_o1.errors import InputError
-    from semisam_o1.io import Dataset
+    from semisam_o1.core.errors import InputError
+    from semisam_o1.data.dataset import Dataset
 
     with helpers.small_filesystem(tmp_path / "fs", 1024) as fs:
         with pytest.raises(InputError, match="not enough free disk") as exc:
@@ -131,7 +132,7 @@ def pool_store(tmp_path_factory, cohort):
     import onnx
     from onnx import TensorProto, helper
 
-    from semisam_o1.encode import EncodeSettings, encode
+    from semisam_o1.stages.encode import EncodeSettings, encode
 
     root = tmp_path_factory.mktemp("vstore")
     node = helper.make_node("AveragePool", ["image"], ["features"], kernel_shape=[4, 4], strides=[4, 4])
@@ -150,9 +151,16 @@ def pool_store(tmp_path_factory, cohort):
 def test_store_estimate_matches_a_written_store(pool_store, cohort):
     """estimate_store_bytes from the images' headers and encode's settings against the bytes of a store
     encode wrote (per-case grids exactly; meta.json and the records within their allowance)."""
-    from semisam_o1.io import Dataset, canonical_shape
-    from semisam_o1.store import (META_BYTES, RECORD_BYTES, FeatureStore, StoreGeometry, case_store_bytes,
-                                  estimate_store_bytes)
+    from semisam_o1.data.dataset import Dataset
+    from semisam_o1.data.images import canonical_shape
+    from semisam_o1.data.store import (
+        META_BYTES,
+        RECORD_BYTES,
+        FeatureStore,
+        StoreGeometry,
+        case_store_bytes,
+        estimate_store_bytes,
+    )
 
     features, cases = pool_store
     ds = Dataset(cohort.root)

@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import shutil
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-import helpers
-from semisam_o1 import nets
-from semisam_o1.predict import PredictSettings, predict, predict_volume
-from semisam_o1.train import TrainSettings, train
+from semisam_o1.stages import nets
+from semisam_o1.stages.predict import PredictSettings, predict, predict_volume
+from semisam_o1.stages.train import TrainSettings, train
 
 
 def _ball(shape, centre, radius, spacing):

@@ -8,19 +8,13 @@ and rounds of a MONAI 3D UNet trained on the pseudo-labels (``train``,
 foundation model's feature space (``refine``).
 
 Python API (:mod:`semisam_o1.api`): ``semisam_o1.run(images=..., template_image=...,
-template_label=..., output=...)`` and ``semisam_o1.predict(model=..., input=..., output=...)``;
-both import their dependencies on first call, so ``import semisam_o1`` stays fast.
+template_label=..., output=...)`` and ``semisam_o1.predict(model=..., input=..., output=...)``.
+The package's layers import downward only: ``pipeline`` -> ``stages`` -> ``methods`` -> ``data``
+-> ``core``; torch, MONAI, ONNX Runtime, Ray, nibabel, SimpleITK and ANTs are imported when first
+needed, so ``import semisam_o1`` and ``semisam-o1 --help`` stay fast.
 """
 
-__version__ = "0.1.0"
+from semisam_o1.api import predict, run
+from semisam_o1.core.version import __version__
 
 __all__ = ["__version__", "run", "predict"]
-
-
-def __getattr__(name):
-    # `run` and `predict` are the stage modules, made callable as the API functions (semisam_o1.api)
-    if name in ("run", "predict"):
-        import importlib
-
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from semisam_o1.cli import main
 
 sys.exit(main())

@@ -6,17 +6,18 @@
                          template_label="case_01_label.nii.gz", output="work")
     semisam_o1.predict(model=out["model"], input="new_scans/", output="new_labels")
 
-``semisam_o1.run`` and ``semisam_o1.predict`` are also the names of the stage modules; each of
-those modules is callable (:func:`make_callable`) and forwards the call here, so the two spellings
-work whichever was imported first.
+Both are plain functions over the stage functions :func:`semisam_o1.pipeline.run.run` and
+:func:`semisam_o1.stages.predict.predict`; the heavy dependencies (torch, ONNX Runtime, ...) are
+imported when a stage first needs them.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import types
 from pathlib import Path
+
+from semisam_o1.pipeline import run as run_module
+from semisam_o1.stages import predict as predict_module
 
 
 def run(*, images: str | os.PathLike, template_image: str | os.PathLike, template_label: str | os.PathLike,
@@ -39,9 +40,8 @@ def run(*, images: str | os.PathLike, template_image: str | os.PathLike, templat
         no round was trained), "report": report.html, "cases": cases.csv}``.
 
     Raises:
-        semisam_o1.errors.InputError: a bad input or option (one-line message).
+        semisam_o1.core.errors.InputError: a bad input or option (one-line message).
     """
-    from . import run as run_module
 
     if isinstance(labels, dict):
         labels = ",".join(f"{int(v)}={n}" for v, n in labels.items())
@@ -70,9 +70,8 @@ def predict(*, model: str | os.PathLike, input: str | os.PathLike, output: str |
         the label files written (or already there from an earlier identical call).
 
     Raises:
-        semisam_o1.errors.InputError: a bad input or option (one-line message).
+        semisam_o1.core.errors.InputError: a bad input or option (one-line message).
     """
-    from . import predict as predict_module
 
     settings = predict_module.PredictSettings(model=model, input=input, output=output, device=device,
                                               mirror=mirror, quiet=quiet, **options)
@@ -80,17 +79,3 @@ def predict(*, model: str | os.PathLike, input: str | os.PathLike, output: str |
     if "labels" in summary:
         return [Path(p) for p in summary["labels"].values()]
     return [predict_module.label_file(output, c) for c in summary["entropy"]]
-
-
-class _CallableModule(types.ModuleType):
-    """A stage module that can be called like the API function of the same name."""
-
-    def __call__(self, *args, **kwargs):
-        return globals()[self.__api_function__](*args, **kwargs)
-
-
-def make_callable(module_name: str, function: str) -> None:
-    """Make ``sys.modules[module_name]`` callable as :func:`run` or :func:`predict` (``function``)."""
-    module = sys.modules[module_name]
-    module.__class__ = _CallableModule
-    module.__api_function__ = function

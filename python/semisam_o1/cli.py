@@ -1,8 +1,9 @@
 """The ``semisam-o1`` command line.
 
-Each subcommand lives in its own module, which defines
+Each subcommand lives in its own module (:mod:`semisam_o1.stages`, :mod:`semisam_o1.pipeline.run`),
+which defines
 
-* ``SETTINGS``: its settings dataclass (:mod:`semisam_o1.settings`); the subcommand's
+* ``SETTINGS``: its settings dataclass (:mod:`semisam_o1.core.settings`); the subcommand's
   options are generated from its fields;
 * ``STAGE``: the stage function, called with the settings object;
 
@@ -10,32 +11,34 @@ and imports heavy dependencies (torch, onnxruntime) inside functions so that
 ``semisam-o1 --help`` stays fast. This module only parses and reports errors: the
 stage functions are the Python API (TotalSegmentator's and nnU-Net's split of a thin
 entry point over plain functions). A module that raises
-:class:`semisam_o1.errors.InputError` gets its message printed as one line and
-exit status 2; :class:`semisam_o1.errors.ReportedError` (a step that already printed
+:class:`semisam_o1.core.errors.InputError` gets its message printed as one line and
+exit status 2; :class:`semisam_o1.core.errors.ReportedError` (a step that already printed
 its own lines) only sets the exit status.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from types import ModuleType
 
-from . import __version__
-from .errors import InputError, ReportedError
-from .io import _WRITE_ERRNOS, write_error_message
-from .settings import add_options, from_namespace
+from semisam_o1.core.errors import InputError, ReportedError
+from semisam_o1.core.files import WRITE_ERRNOS, write_error_message
+from semisam_o1.core.settings import add_options, from_namespace
+from semisam_o1.core.version import __version__
+from semisam_o1.pipeline import run as run_stage
+from semisam_o1.stages import encode, evaluate, plan, predict, propagate, refine, train
 
 # name -> (module, one-line help). Order is the order of the pipeline.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "plan": ("semisam_o1.plan", "fingerprint a dataset and plan the network from it (plan.json)"),
-    "encode": ("semisam_o1.encode", "run the SAM image encoder over a cohort into a feature store"),
-    "propagate": ("semisam_o1.propagate", "round-0 pseudo-labels from the template's class prototypes"),
-    "train": ("semisam_o1.train", "train a MONAI 3D UNet from scratch on pseudo-labels"),
-    "predict": ("semisam_o1.predict", "sliding-window prediction with voxel-wise softmax entropy"),
-    "refine": ("semisam_o1.refine", "relabel uncertain voxels by kNN vote in the encoder's feature space"),
-    "evaluate": ("semisam_o1.evaluate", "Dice, Jaccard, HD95 and ASD per class"),
-    "run": ("semisam_o1.run", "the whole SemiSAM-O1 loop: encode, propagate, rounds, evaluate, report"),
+COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "plan": (plan, "fingerprint a dataset and plan the network from it (plan.json)"),
+    "encode": (encode, "run the SAM image encoder over a cohort into a feature store"),
+    "propagate": (propagate, "round-0 pseudo-labels from the template's class prototypes"),
+    "train": (train, "train a MONAI 3D UNet from scratch on pseudo-labels"),
+    "predict": (predict, "sliding-window prediction with voxel-wise softmax entropy"),
+    "refine": (refine, "relabel uncertain voxels by kNN vote in the encoder's feature space"),
+    "evaluate": (evaluate, "Dice, Jaccard, HD95 and ASD per class"),
+    "run": (run_stage, "the whole SemiSAM-O1 loop: encode, propagate, rounds, evaluate, report"),
 }
 
 
@@ -59,14 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"semisam-o1 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+    for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0],
                            formatter_class=_HelpFormatter)
-        if hasattr(module, "SETTINGS"):
-            add_options(p, module.SETTINGS)
-        else:  # pragma: no cover - a module not yet on the settings protocol
-            module.add_arguments(p)
+        add_options(p, module.SETTINGS)
         p.set_defaults(_module=module)
     return parser
 
@@ -79,17 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     module = args._module
     try:
-        if hasattr(module, "SETTINGS"):
-            module.STAGE(from_namespace(module.SETTINGS, args))
-            return 0
-        return int(module.main(args) or 0)
+        module.STAGE(from_namespace(module.SETTINGS, args))
+        return 0
     except InputError as exc:
         print(f"semisam-o1 {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ReportedError as exc:  # its message is already on stderr
         return exc.code
     except OSError as exc:  # an output that could not be written outside atomic_path (disk full, read-only)
-        if exc.errno not in _WRITE_ERRNOS:
+        if exc.errno not in WRITE_ERRNOS:
             raise
         print(f"semisam-o1 {args.command}: error: {write_error_message(exc.filename or 'an output', exc)}",
               file=sys.stderr)

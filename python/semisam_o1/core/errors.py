@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Every failure a user can cause (a missing file, a corrupt NIfTI, a label that
+does not match its image) is raised as :class:`InputError`. The CLI prints its
+message as one line on stderr and exits with status 2; nothing half-written is
+left behind because every output goes through :func:`semisam_o1.core.files.atomic_path`.
+"""
+
+
+class InputError(Exception):
+    """A problem with the user's input: one line naming the file and the problem."""
+
+
+class ReportedError(Exception):
+    """A failure whose message the failing step has already printed (one line per
+    problem, e.g. every unreadable case of ``encode``): the CLI exits with ``code``
+    and prints nothing more, so the user reads each problem once."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = int(code)
+
+
+class OutputError(InputError):
+    """An output that could not be written (disk full, read-only file system, no permission):
+    one line naming the file; a stage stops at once instead of trying its other cases."""

@@ -1,0 +1,317 @@
+"""Plain folders in: a folder of scans and one labelled scan become the MSD dataset the stages read.
+
+``semisam-o1 run --images DIR --template-image FILE --template-label FILE -o WORK`` starts here:
+:func:`materialise` checks the inputs (nothing is written when one is bad) and writes
+
+    WORK/dataset/
+      dataset.json      the label names (``--labels 1=name,2=name``, else the template label's values)
+      imagesTr/         one file per image: a symbolic link to the user's NIfTI file, or the
+                        SimpleITK conversion of a .nrrd / .mha file to NIfTI
+      labelsTr/         the template's label (and the ``--test-labels``), linked or converted
+      splits.json       template / unlabeled (every other image of DIR) / test (``--test-images``)
+      cases.json        case id -> original file, format and role, and the digest of the sources
+
+The case id of a file is its name without the ending (``scan_07.nrrd`` -> ``scan_07``).
+SimpleITK (Lowekamp et al., Front. Neuroinform. 2013) reads .nrrd / .mha and writes their
+NIfTI conversion with spacing, origin and direction kept (ITK's LPS world converted to
+NIfTI's RAS); :func:`write_label_like` writes labels back in the original file's format and
+geometry. A re-run with the same sources reuses ``WORK/dataset``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from semisam_o1.core.errors import InputError
+from semisam_o1.core.files import atomic_path, temporary_prefix, write_json
+from semisam_o1.core.resume import digest
+from semisam_o1.data.images import (
+    ENDINGS,
+    check_same_geometry,
+    ending,
+    geometry,
+    is_nifti,
+    itk_reader,
+    label_values,
+    read_itk,
+    sitk_module,
+)
+
+CASES_JSON = "cases.json"
+DATASET = "dataset"
+
+
+def case_id(path: str | os.PathLike) -> str:
+    """The file name without its supported ending."""
+    e = ending(path)
+    name = Path(path).name
+    return name[: len(name) - len(e)] if e else name
+
+
+def list_images(folder: str | os.PathLike, what: str = "--images") -> dict[str, Path]:
+    """Case id -> file for the supported image files of ``folder`` (hidden files skipped).
+
+    Raises:
+        InputError: the folder is missing, holds no supported image, or two files share a case id.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: {what} folder not found")
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or ending(p) is None:
+            continue
+        cid = case_id(p)
+        if cid in found:
+            raise InputError(f"{folder}: two files for case {cid}: {found[cid].name} and {p.name}; keep one")
+        found[cid] = p
+    if not found:
+        raise InputError(f"{folder}: no image in the {what} folder (expected {', '.join(ENDINGS)} files)")
+    return found
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+# --------------------------------------------------------------------------- label names
+
+
+def parse_label_names(text: str | None, values: list[int] | None = None) -> dict[str, int]:
+    """``dataset.json`` labels (name -> value) from ``"1=Anterior,2=Posterior"``, or, without
+    text, from the template label's values (each named by its value).
+
+    Raises:
+        InputError: a malformed entry, a value that is not a positive integer, or a repeated
+            name or value.
+    """
+    labels = {"background": 0}
+    if not text:
+        for v in values or []:
+            if v:
+                labels[str(int(v))] = int(v)
+        return labels
+    for item in text.split(","):
+        value, sep, name = item.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise InputError(f"--labels {text}: each entry must be VALUE=NAME with VALUE >= 1 (got {item!r})")
+        name = name.strip()
+        if name in labels or int(value) in labels.values():
+            raise InputError(f"--labels {text}: {item!r} repeats a name or value")
+        labels[name] = int(value)
+    return labels
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+@dataclass
+class FolderInput:
+    """What ``run`` was given instead of a dataset folder."""
+
+    images: Path
+    template_image: Path
+    template_label: Path
+    labels: str | None = None
+    test_images: Path | None = None
+    test_labels: Path | None = None
+
+
+@dataclass
+class CheckedInputs:
+    """The checked inputs: case id -> (source file, role), the label names, the test labels."""
+
+    cases: dict[str, dict]
+    labels: dict[str, int]
+    template: str
+    test_labels: dict[str, Path]
+
+    @property
+    def sources_digest(self) -> str:
+        return digest({"cases": {c: [e["source"], e["role"], _stat(e["source"])] for c, e in self.cases.items()},
+                       "labels": self.labels,
+                       "test_labels": {c: [str(p), _stat(p)] for c, p in self.test_labels.items()}})
+
+
+def _stat(path) -> list:
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _check_file(path: Path | None, flag: str) -> Path:
+    if path is None:
+        raise InputError(f"{flag} is needed")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {flag} file not found")
+    if ending(path) is None:
+        raise InputError(f"{path}: {flag} must be one of {', '.join(ENDINGS)}")
+    return path
+
+
+def check_inputs(inp: FolderInput) -> CheckedInputs:
+    """Check every input (headers, the template label's grid and values, test pairs) without
+    writing anything.
+
+    Raises:
+        InputError: one line naming the file and the problem.
+    """
+    images = list_images(inp.images, "--images")
+    t_img = _check_file(inp.template_image, "--template-image")
+    t_lab = _check_file(inp.template_label, "--template-label")
+    template = case_id(t_img)
+    same = [c for c, p in images.items() if p.resolve() == t_img.resolve()]
+    if template in images and not same:
+        raise InputError(f"{t_img}: the template's name {template} is also another image's in {inp.images} "
+                         f"({images[template].name}); rename one")
+    cases = {template: {"source": str(t_img.resolve()), "role": "template"}}
+    for c, p in images.items():
+        if c != template:
+            cases[c] = {"source": str(p.resolve()), "role": "unlabeled"}
+    if len(cases) < 2:
+        raise InputError(f"{inp.images}: holds only the template; at least one other image is needed")
+    test_labels: dict[str, Path] = {}
+    if (inp.test_images is None) != (inp.test_labels is None):
+        raise InputError("--test-images and --test-labels go together (the test labels score the model)")
+    if inp.test_images is not None:
+        tests = list_images(inp.test_images, "--test-images")
+        labs = list_images(inp.test_labels, "--test-labels")
+        for c, p in tests.items():
+            if c in cases:
+                raise InputError(f"{p}: test case {c} has the name of a cohort image; rename it")
+            if c not in labs:
+                raise InputError(f"{p}: test image without a label named {c} in {inp.test_labels}")
+            check_same_geometry(labs[c], p)
+            cases[c] = {"source": str(p.resolve()), "role": "test"}
+            test_labels[c] = labs[c].resolve()
+    for c, e in cases.items():
+        geometry(e["source"])
+    check_same_geometry(t_lab, t_img)
+    values = label_values(t_lab)
+    if not any(values):
+        raise InputError(f"{t_lab}: the template's label has no foreground voxel")
+    names = parse_label_names(inp.labels, values)
+    undeclared = sorted(set(values) - set(names.values()))
+    if undeclared:
+        raise InputError(f"{t_lab}: label value {undeclared[0]} is not named in --labels {inp.labels}")
+    test_labels[template] = t_lab.resolve()
+    return CheckedInputs(cases=cases, labels=names, template=template, test_labels=test_labels)
+
+
+def place_file(source: Path, folder: Path, case: str) -> Path:
+    """``folder/<case><ending>``: a symbolic link to a NIfTI source, else its NIfTI conversion."""
+    sitk = sitk_module()
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_nifti(source):
+        target = folder / f"{case}{ending(source)}"
+        target.symlink_to(source.resolve())
+        return target
+    target = folder / f"{case}.nii.gz"
+    sitk.WriteImage(read_itk(source), str(target), useCompression=True)
+    return target
+
+
+def materialise(inp: FolderInput, work: str | os.PathLike) -> tuple[Path, Path]:
+    """Write (or reuse) ``WORK/dataset``; returns ``(dataset folder, split file)``.
+
+    Raises:
+        InputError: a bad input (see :func:`check_inputs`; nothing written), or a ``WORK/dataset`` made
+            from other sources.
+    """
+
+    p = check_inputs(inp)
+    root = Path(work) / DATASET
+    split_file = root / "splits.json"
+    mapping = root / CASES_JSON
+    if mapping.is_file():
+        try:
+            before = json.loads(mapping.read_text()).get("sources_digest")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise InputError(f"{mapping}: unreadable ({exc}); delete {root} to redo it") from None
+        if before == p.sources_digest and split_file.is_file():
+            return root, split_file
+        raise InputError(f"{root}: was made from other images, labels or names; use a new -o folder")
+    Path(work).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(DATASET), dir=work))
+    try:
+        _write_dataset(p, tmp)
+        write_json(tmp / CASES_JSON, {"template": p.template, "sources_digest": p.sources_digest,
+                                      "cases": p.cases})
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root, split_file
+
+
+def _write_dataset(p: CheckedInputs, root: Path) -> None:
+    for case, entry in p.cases.items():
+        place_file(Path(entry["source"]), root / "imagesTr", case)
+    for case, lab in p.test_labels.items():
+        place_file(lab, root / "labelsTr", case)
+    write_json(root / "dataset.json", {"name": "folder input", "labels": p.labels, "modality": {"0": "unknown"},
+                                       "numTraining": len(p.cases)})
+    by_role = lambda role: [c for c, e in p.cases.items() if e["role"] == role]  # noqa: E731
+    write_json(root / "splits.json", {"template": p.template, "unlabeled": by_role("unlabeled"),
+                                      "test": by_role("test")})
+
+
+def read_cases(dataset: str | os.PathLike) -> dict[str, dict] | None:
+    """The ``cases.json`` mapping of a materialised dataset (None for a user's MSD folder)."""
+    path = Path(dataset) / CASES_JSON
+    if not path.is_file():
+        return None
+    return dict(json.loads(path.read_text())["cases"])
+
+
+# --------------------------------------------------------------------------- writing labels back
+
+
+def output_name(source: str | os.PathLike) -> str:
+    """The label file name for an image: the image's own name."""
+    return Path(source).name
+
+
+def write_label_like(nifti_label: str | os.PathLike, source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Write a label NIfTI (on the grid of ``source``'s NIfTI form) as ``target`` in ``source``'s
+    format: NIfTI is copied (re-saved when the ending differs); .nrrd / .mha is written by
+    SimpleITK with ``source``'s spacing, origin and direction. Atomic.
+
+    Returns:
+        ``target``.
+    """
+
+    nifti_label, source, target = Path(nifti_label), Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_nifti(target):
+        if ending(target) == ending(nifti_label):
+            with atomic_path(target) as tmp:
+                shutil.copyfile(nifti_label, tmp)
+            return target
+        import nibabel as nib
+
+        img = nib.load(str(nifti_label))
+        with atomic_path(target) as tmp:
+            nib.save(img, str(tmp))
+        return target
+    sitk = sitk_module()
+    lab = sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.ReadImage(str(nifti_label))))
+    ref = itk_reader(source)
+    if tuple(lab.GetSize()) != tuple(ref.GetSize()[:3]):
+        raise InputError(f"{nifti_label}: shape {lab.GetSize()} differs from its image {source} {ref.GetSize()}")
+    lab.SetSpacing(ref.GetSpacing()[:3])
+    lab.SetOrigin(ref.GetOrigin()[:3])
+    d = np.asarray(ref.GetDirection()).reshape(len(ref.GetSize()), -1)[:3, :3]
+    lab.SetDirection(tuple(float(x) for x in d.ravel()))
+    with atomic_path(target) as tmp:
+        sitk.WriteImage(lab, str(tmp), useCompression=True)
+    return target

@@ -1,0 +1,476 @@
+"""Images read and written, every format in this one module: NIfTI through nibabel, NRRD and
+MHA through SimpleITK.
+
+Rules (each holds for every subcommand because they all come through here):
+
+* **Orientation.** Volumes are read with nibabel and brought to the closest
+  canonical orientation (RAS+), so every stage works in one voxel order.
+  :class:`Volume` remembers the file's own orientation; outputs written with
+  :func:`write_label` / :func:`write_map` go back to the input's voxel order
+  with its exact affine, qform / sform codes and header (only the data type,
+  the scaling and the display range ``cal_min`` / ``cal_max`` are reset).
+* **Images** are read as real values (nibabel applies ``scl_slope`` /
+  ``scl_inter``), float32. NaN/Inf, zero-size and non-3D images are errors.
+  A 4D file whose 4th dimension is 1 is read as 3D.
+* **Labels** stored as float are rounded when every value lies within 1e-3 of
+  an integer, never truncated; other values are an error naming the file and
+  the value. Label values come from ``dataset.json`` ``labels`` and are mapped
+  to consecutive class indices inside (``LabelMap``), written back with their
+  original values as uint8 (uint16 if needed), slope 1, intercept 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from semisam_o1.core.errors import InputError
+from semisam_o1.core.files import atomic_path
+from semisam_o1.data.labels import LabelMap
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+FLOAT_LABEL_TOLERANCE = 1e-3
+
+
+@dataclass
+class Volume:
+    """A 3D volume in canonical (RAS+) voxel order, with what is needed to write
+    results back in the file's own voxel order.
+
+    Attributes
+    ----------
+    array : np.ndarray, shape (X, Y, Z)
+        float32 intensities for images; uint8 class indices for labels.
+    affine : np.ndarray, (4, 4) float64
+        Canonical affine: voxel (i, j, k) of ``array`` -> world mm (RAS).
+    path : Path
+        The file it came from.
+    native_affine : np.ndarray
+        The file's own affine (written back on every output).
+    header : nibabel header
+        The file's header (kept on outputs; dtype, scaling and cal_min / cal_max are reset).
+    ornt : np.ndarray
+        nibabel orientation transform from the file's voxel order to canonical.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path
+    native_affine: np.ndarray
+    header: object
+    ornt: np.ndarray = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the canonical axes."""
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+    def to_native(self, array: np.ndarray) -> np.ndarray:
+        """Bring an array on the canonical grid (X, Y, Z[, ...]) back to the file's voxel order."""
+        import nibabel as nib
+
+        inverse = nib.orientations.ornt_transform(
+            nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.io_orientation(self.native_affine)
+        )
+        return nib.orientations.apply_orientation(array, inverse)
+
+
+def _load_nifti(path: Path):
+    import nibabel as nib
+
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    if not any(path.name.endswith(e) for e in NIFTI_ENDINGS):
+        raise InputError(f"{path}: not a NIfTI file name (.nii or .nii.gz expected)")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind == "c":
+        raise InputError(f"{path}: voxel type {dtype} (RGB or complex) is not supported; a scalar volume is needed")
+    _warn_if_forms_disagree(img, path)
+    return img
+
+
+_WARNED_FORMS: set[str] = set()
+
+
+def _warn_if_forms_disagree(img, path: Path) -> None:
+    """One warning line (once per file) when the header's qform and sform are both set and
+    give different axis orientations: nibabel, and so every stage, uses the sform."""
+    import nibabel as nib
+
+    hdr = img.header
+    if int(hdr["qform_code"]) <= 0 or int(hdr["sform_code"]) <= 0 or str(path) in _WARNED_FORMS:
+        return
+    q, s = hdr.get_qform(), hdr.get_sform()
+    if not (np.all(np.isfinite(q)) and np.all(np.isfinite(s))):
+        return
+    codes_q = "".join(nib.aff2axcodes(q))
+    codes_s = "".join(nib.aff2axcodes(s))
+    if codes_q != codes_s:
+        _WARNED_FORMS.add(str(path))
+        import sys
+
+        print(f"semisam-o1: warning: {path}: qform ({codes_q}) and sform ({codes_s}) disagree in orientation; "
+              "the sform is used", file=sys.stderr, flush=True)
+
+
+def _to_canonical(img, path: Path, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: the affine is singular or not finite")
+    ornt = nib.orientations.io_orientation(affine)
+    transform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("R", "A", "S")))
+    array = nib.orientations.apply_orientation(data, transform)
+    canon_affine = affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
+    return np.ascontiguousarray(array), canon_affine, transform
+
+
+def _squeeze_3d(data_shape: tuple, path: Path) -> tuple[int, int, int]:
+    """The 3D shape of a file: trailing singleton dimensions (a 4D file with one
+    channel or time point) are dropped. Raises InputError for a real 4D file,
+    fewer than 3 dimensions or a zero-size dimension."""
+    shape = tuple(int(s) for s in data_shape)
+    if len(shape) >= 3 and min(shape) < 1:
+        raise InputError(f"{path}: empty image (shape {shape})")
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4:
+        raise InputError(
+            f"{path}: a 4D image with {shape[3]} channels or time points (shape {shape}); "
+            "a 3D volume is needed (split the channels and pass one)"
+        )
+    if len(shape) != 3:
+        raise InputError(f"{path}: a {len(shape)}D image of shape {shape}; a 3D volume is needed")
+    return shape
+
+
+def _read_data(img, path: Path, dtype) -> np.ndarray:
+    shape = _squeeze_3d(img.shape, path)
+    try:
+        data = np.asarray(img.dataobj, dtype=dtype) if dtype is not None else np.asanyarray(img.dataobj)
+    except Exception as exc:  # truncated gzip, short file
+        raise InputError(f"{path}: cannot read the voxel data, is the file truncated? ({type(exc).__name__}: {exc})") from None
+    if data.size != int(np.prod(shape)):
+        raise InputError(f"{path}: the voxel data has {data.size} values, the header says {shape}")
+    return data.reshape(shape)
+
+
+def canonical_shape(path: str | os.PathLike) -> tuple[int, int, int]:
+    """The canonical (RAS) voxel shape (X, Y, Z) of a 3D NIfTI image from its header
+    alone (no voxel data read). Raises InputError like :func:`read_image`."""
+    import nibabel as nib
+
+    path = Path(path)
+    img = _load_nifti(path)
+    shape = _squeeze_3d(img.shape, path)
+    ornt = nib.orientations.io_orientation(img.affine)
+    return tuple(int(shape[int(d)]) for d in np.argsort(ornt[:, 0]))
+
+
+def read_image(path: str | os.PathLike) -> Volume:
+    """Read a 3D image as float32 real values in canonical (RAS+) orientation.
+
+    nibabel applies ``scl_slope`` / ``scl_inter`` (stored value * slope + inter).
+    A 4D file whose 4th dimension is 1 is read as 3D.
+
+    Raises InputError, naming the file, for a missing, unreadable or truncated
+    file, a real 4D (several channels / time points) or non-3D image, a
+    zero-size image, or NaN/Inf intensities.
+    """
+    path = Path(path)
+    img = _load_nifti(path)
+    data = _read_data(img, path, np.float32)  # applies scl_slope / scl_inter
+    if not np.all(np.isfinite(data)):
+        n = int((~np.isfinite(data)).sum())
+        raise InputError(f"{path}: {n} voxels are NaN or Inf; an image must hold finite intensities")
+    array, affine, ornt = _to_canonical(img, path, data)
+    return Volume(array=array.astype(np.float32, copy=False), affine=affine, path=path,
+                  native_affine=img.affine.copy(), header=img.header.copy(), ornt=ornt)
+
+
+def _integer_label_data(raw: np.ndarray, path: Path) -> np.ndarray:
+    """Label voxel values -> non-negative integers (smallest unsigned dtype).
+
+    Float values are rounded to the nearest integer when every value is within
+    ``FLOAT_LABEL_TOLERANCE`` (1e-3) of one, never truncated. Raises InputError
+    naming the file and the offending value otherwise, and for NaN/Inf or
+    negative values.
+    """
+    if np.issubdtype(raw.dtype, np.floating) or np.issubdtype(raw.dtype, np.complexfloating):
+        raw = np.asarray(raw.real if np.iscomplexobj(raw) else raw, dtype=np.float64)
+        finite = np.isfinite(raw)
+        if not finite.all():
+            raise InputError(f"{path}: label contains {int((~finite).sum())} NaN or Inf voxels")
+        rounded = np.rint(raw)
+        err = np.abs(raw - rounded)
+        if raw.size and err.max() > FLOAT_LABEL_TOLERANCE:
+            worst = int(np.argmax(err))
+            bad = raw.flat[worst]
+            n_bad = int((err > FLOAT_LABEL_TOLERANCE).sum())
+            raise InputError(
+                f"{path}: label value {bad:.6g} is not an integer (more than {FLOAT_LABEL_TOLERANCE:g} from one; "
+                f"{n_bad} such voxels); labels must hold integer class values"
+            )
+        raw = rounded
+    elif raw.dtype == np.bool_:
+        raw = raw.astype(np.uint8)
+    if raw.size == 0:
+        return raw.astype(np.uint8)
+    vmin, vmax = raw.min(), raw.max()
+    if vmin < 0:
+        raise InputError(f"{path}: negative label value {int(vmin)}")
+    if vmax > np.iinfo(np.uint32).max:
+        raise InputError(f"{path}: label value {int(vmax)} is too large")
+    dtype = np.uint8 if vmax <= 255 else np.uint16 if vmax <= 65535 else np.uint32
+    return raw.astype(dtype)
+
+
+def read_label_values(path: str | os.PathLike, reference: Volume | None = None) -> Volume:
+    """Read a label volume as its integer label values (not mapped to class
+    indices), in canonical orientation; ``array`` is uint8 / uint16 / uint32.
+
+    Float files are rounded as in :func:`read_label`. Use it to find which values
+    a file holds (e.g. to build a :meth:`LabelMap.from_values`). Raises
+    InputError as :func:`read_label` does, except for undeclared values.
+    """
+    path = Path(path)
+    img = _load_nifti(path)
+    raw = _read_data(img, path, None)  # scl_slope / scl_inter applied when set
+    values = _integer_label_data(raw, path)
+    array, affine, ornt = _to_canonical(img, path, values)
+    vol = Volume(array=array, affine=affine, path=path, native_affine=img.affine.copy(),
+                 header=img.header.copy(), ornt=ornt)
+    if reference is not None:
+        check_same_grid(vol, reference)
+    return vol
+
+
+def read_label(
+    path: str | os.PathLike,
+    label_map: LabelMap,
+    reference: Volume | None = None,
+) -> Volume:
+    """Read a label volume as uint8 class indices (see :class:`LabelMap`) in
+    canonical orientation.
+
+    Float files are rounded to the nearest integer when every value is within
+    1e-3 of one (0.99999 -> 1, 2.00001 -> 2); never truncated. A 4D file whose
+    4th dimension is 1 is read as 3D. With ``reference`` (the case's image), the
+    label must have the same canonical shape and affine (to 1e-3 mm).
+
+    Raises InputError, naming the file, for a non-integral value (e.g. 0.6),
+    NaN, a negative value, a value ``dataset.json`` does not declare, or a
+    shape or affine that differs from ``reference``.
+    """
+    vol = read_label_values(path, reference=reference)
+    vol.array = label_map.to_index(vol.array, source=str(vol.path))
+    return vol
+
+
+def check_same_grid(vol: Volume, reference: Volume, atol_mm: float = 1e-3, what: str = "image") -> None:
+    """Raise InputError unless ``vol`` and ``reference`` share shape and affine
+    (canonical; world positions to ``atol_mm``). The message names ``vol``'s file
+    and ``reference`` (called ``what``)."""
+    if vol.shape != reference.shape:
+        raise InputError(f"{vol.path}: shape {vol.shape} differs from its {what} {reference.path} {reference.shape}")
+    if not np.allclose(vol.affine, reference.affine, atol=atol_mm, rtol=0):
+        diff = float(np.abs(vol.affine - reference.affine).max())
+        raise InputError(
+            f"{vol.path}: affine differs from its {what} {reference.path} (by up to {diff:.4g} mm; "
+            f"spacing {_fmt_spacing(vol.spacing)} vs {_fmt_spacing(reference.spacing)})"
+        )
+
+
+def _fmt_spacing(spacing) -> str:
+    return "x".join(f"{s:.4g}" for s in spacing)
+
+
+def _output_header(reference: Volume, dtype):
+    """The reference's header for an output: same geometry and fields; dtype,
+    scaling (slope 1, intercept 0) and display range (cal_min / cal_max, which
+    belong to the input's intensities) reset."""
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
+    header["cal_min"] = 0
+    header["cal_max"] = 0
+    return header
+
+
+def _write_nifti(path: Path, data: np.ndarray, reference: Volume, dtype) -> None:
+    import nibabel as nib
+
+    header = _output_header(reference, dtype)
+    cls = nib.Nifti2Image if isinstance(reference.header, nib.Nifti2Header) else nib.Nifti1Image
+    img = cls(np.asarray(data, dtype=dtype), reference.native_affine, header=header)
+    img.set_qform(reference.header.get_qform(), code=int(reference.header["qform_code"]))
+    img.set_sform(reference.header.get_sform(), code=int(reference.header["sform_code"]))
+    img.header.set_slope_inter(1.0, 0.0)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def write_label(path: str | os.PathLike, indices: np.ndarray, reference: Volume, label_map: LabelMap) -> Path:
+    """Write class indices on ``reference``'s canonical grid as a label file in
+    the reference file's own voxel order, affine and header, with the original
+    label values (uint8, or uint16 when a value exceeds 255), atomically.
+
+    Raises ValueError if ``indices`` does not have the reference's canonical shape.
+    """
+    path = Path(path)
+    indices = np.asarray(indices)
+    if indices.shape != reference.shape:
+        raise ValueError(f"indices shape {indices.shape} != reference shape {reference.shape}")
+    values = label_map.to_value(indices)
+    _write_nifti(path, reference.to_native(values), reference, values.dtype)
+    return path
+
+
+def write_map(path: str | os.PathLike, array: np.ndarray, reference: Volume) -> Path:
+    """Write a float map (entropy, scores) on ``reference``'s canonical grid as float32
+    NIfTI in the reference's voxel order, affine and header, atomically. A 4th
+    (channel) axis is allowed."""
+    path = Path(path)
+    array = np.asarray(array, dtype=np.float32)
+    if array.shape[:3] != reference.shape:
+        raise ValueError(f"array shape {array.shape} != reference shape {reference.shape}")
+    _write_nifti(path, reference.to_native(array), reference, np.float32)
+    return path
+
+
+
+# --------------------------------------------------------------------------- ITK formats and headers
+
+
+
+
+ITK_ENDINGS = (".nrrd", ".mha")
+
+
+ENDINGS = NIFTI_ENDINGS + ITK_ENDINGS
+
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def ending(path: str | os.PathLike) -> str | None:
+    """The supported ending of ``path`` (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``;
+    case-insensitive), or None."""
+    name = Path(path).name.lower()
+    return next((e for e in ENDINGS if name.endswith(e) and len(name) > len(e)), None)
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return ending(path) in NIFTI_ENDINGS
+
+
+def sitk_module():
+    """SimpleITK, with ITK's warning window (printed on stderr) turned off."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    return sitk
+
+
+def itk_reader(path: Path):
+    sitk = sitk_module()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: not a readable image ({first[:200]})") from None
+    return reader
+
+
+def _itk_affine(size, spacing, origin, direction) -> tuple[tuple[int, ...], np.ndarray]:
+    """The RAS voxel-to-world affine of an ITK image's geometry (ITK's world is LPS)."""
+    dim = len(size)
+    d = np.asarray(direction, np.float64).reshape(dim, dim)[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ d @ np.diag(np.asarray(spacing, np.float64)[:3])
+    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin, np.float64)[:3]
+    shape = tuple(int(s) for s in size)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape, affine
+
+
+def geometry(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Canonical (RAS+) voxel shape and affine of a 3D image from its header alone.
+
+    Raises:
+        InputError: unreadable file, not 3D (a 4D file with one channel counts as 3D),
+            or a singular affine.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if is_nifti(path):
+        img = _load_nifti(path)
+        shape, affine = _squeeze_3d(img.shape, path), img.affine
+    else:
+        r = itk_reader(path)
+        shape, affine = _itk_affine(r.GetSize(), r.GetSpacing(), r.GetOrigin(), r.GetDirection())
+        if r.GetNumberOfComponents() != 1:
+            raise InputError(f"{path}: {r.GetNumberOfComponents()} components per voxel; a scalar volume is needed")
+    if len(shape) != 3:
+        raise InputError(f"{path}: a {len(shape)}D image of shape {shape}; a 3D volume is needed")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: the voxel-to-world transform is singular or not finite")
+    ornt = nib.orientations.io_orientation(affine)
+    transform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("R", "A", "S")))
+    canon = affine @ nib.orientations.inv_ornt_aff(transform, shape)
+    canon_shape = tuple(int(shape[int(d)]) for d in np.argsort(ornt[:, 0]))
+    return canon_shape, canon
+
+
+def check_same_geometry(label: Path, image: Path, atol_mm: float = 1e-3) -> None:
+    """Raise InputError (one line) unless ``label`` and ``image`` share shape and affine."""
+    ls, la = geometry(label)
+    is_, ia = geometry(image)
+    if ls != is_:
+        raise InputError(f"{label}: shape {ls} differs from its image {image} {is_}")
+    if not np.allclose(la, ia, atol=atol_mm, rtol=0):
+        raise InputError(f"{label}: grid differs from its image {image} (affine off by up to "
+                         f"{float(np.abs(la - ia).max()):.4g} mm)")
+
+
+def label_values(path: Path) -> list[int]:
+    """The values a label file holds (NIfTI through semisam_o1.data.images, others through SimpleITK)."""
+
+    if is_nifti(path):
+        return [int(v) for v in np.unique(read_label_values(path).array)]
+    arr = sitk_module().GetArrayViewFromImage(read_itk(path))
+    rounded = np.rint(arr)
+    if np.abs(arr - rounded).max(initial=0) > 1e-3 or rounded.min(initial=0) < 0:
+        raise InputError(f"{path}: a label must hold non-negative integer values")
+    return [int(v) for v in np.unique(rounded)]
+
+
+def read_itk(path: Path):
+    sitk = sitk_module()
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1][:200]})") from None
+

@@ -1,0 +1,673 @@
+"""Train a MONAI 3D UNet from scratch on pseudo-labels (the template keeps its real label).
+
+``semisam-o1 train -i DATASET -l LABELS [--template ID] [--cases ID ... | --split FILE]
+-o MODEL [--ssl none|mt] [--preset quick|cpu|paper] [--iterations N] [--template-share F]
+[--spatial-aug P] [--device auto|cpu|cuda] [--seed S] [--round R] [--threads N] [--overwrite]``
+
+What is read (the honest one-label protocol)
+    The template's label comes from the dataset (``labelsTr``); every other
+    training case's label comes from the LABELS folder (pseudo-labels, one
+    NIfTI per case, ``<case>.nii.gz`` or ``<case>.nii``). No other label is
+    read. With ``--split`` the training cases are the split's ``--subset``
+    (default ``template,unlabeled``), never a ``test`` case. Without
+    ``--cases``/``--split`` they are the template and every dataset case with
+    a file in LABELS.
+
+Training
+    ``monai.networks.nets.UNet`` (3D, instance norm) from scratch; loss
+    ``monai.losses.DiceCELoss`` (soft Dice + cross-entropy, softmax);
+    AdamW with polynomial learning-rate decay (power 0.9); patches drawn by
+    ``RandCropByPosNegLabeld`` (foreground-centred with probability
+    pos/(pos+neg), default 2/3) after padding each volume to the patch size;
+    augmentations ``RandFlipd`` (left-right axis only, since anterior /
+    posterior classes are positional), ``RandScaleIntensityd`` and
+    ``RandShiftIntensityd``; with ``--spatial-aug P``, before the crop and
+    with probability P per drawn volume, ``RandAffined`` (rotation up to
+    +-15 degrees and scaling up to +-15% about each axis, image trilinear,
+    label nearest, border padding). Intensities are normalised per volume by
+    :func:`semisam_o1.stages.nets.normalise` (0.5/99.5 percentile clip + z-score),
+    the same function ``predict`` uses. All volumes are kept in memory.
+    Each patch comes from a training volume drawn uniformly, or, with
+    ``--template-share F``, from the template (the one real label) with
+    probability F and uniformly from the pseudo-labelled volumes otherwise.
+
+Randomness
+    Every random draw comes from the streams of :mod:`semisam_o1.core.seeds` keyed by
+    (``--seed``, ``--round``, purpose): the initial weights (:data:`STREAM_INIT`),
+    and, re-seeded at every checkpoint block, the volume draws (:data:`STREAM_DRAWS`),
+    MONAI's transforms (:data:`STREAM_TRANSFORMS`) and torch's noise
+    (:data:`STREAM_TORCH`). Different (seed, round) pairs never share a stream, and a
+    resumed CPU run gives the same model as an uninterrupted one.
+
+Spatial augmentation and pseudo-labels (measured on MSD Hippocampus)
+    A single UNet trained on pseudo-labels gains from ``--spatial-aug 0.5``
+    (mean foreground test Dice: +0.0015 to +0.0037 in four models; the loop's
+    round-1 models +0.003 on average over four seeds), one trained on the real
+    labels does not (the "noisy student" effect, Xie et al., CVPR 2020); but
+    ``run``'s whole loop with it in every round ends no better (four seeds:
+    0.774 vs 0.776 without), so ``run`` leaves it off. Numbers:
+    ``benchmarks/results/quality.json``, key ``spatial_augmentation``.
+
+Semi-supervised consistency (``--ssl mt``)
+    Mean teacher (Tarvainen & Valpola, NeurIPS 2017): the teacher is an
+    exponential moving average of the student (decay ``ema_decay``), sees the
+    batch with Gaussian noise (sigma 0.1, clipped to +-0.2, as Yu et al., MICCAI
+    2019), and the student is pulled to the teacher's softmax by a mean squared
+    error weighted by ``consistency * exp(-5 (1 - t/T)^2)`` (sigmoid ramp-up over
+    ``consistency_rampup`` of the iterations). Measured on MSD Hippocampus: a
+    round-1 UNet with it scores 0.772 mean foreground test Dice, the same as
+    without (docs/experiments.md, "Mean teacher").
+
+Model selection
+    The **last checkpoint** is kept: ``model.pt`` holds the student's weights
+    after the final iteration. No validation Dice on labelled volumes (as the
+    paper's code does) and no label outside the training labels is read.
+
+Output (MODEL folder, every file written atomically)
+    ``model.pt`` (state_dict), ``config.json`` (preset, network parameters,
+    normalisation, label map, training cases, seed, round, times: what
+    ``predict`` needs), ``train_log.csv`` and ``stage.json`` (the stage record of
+    :mod:`semisam_o1.core.resume`: the signature of the settings and of the inputs --
+    training cases, template, SHA-256 of every image and label trained on -- and
+    the command that reproduces the stage). A finished MODEL folder with the same
+    signature is skipped; one made from other settings or inputs is refused unless
+    ``--overwrite``. An interrupted run resumes from ``checkpoint.pt`` (written every
+    ``checkpoint_every`` iterations, carrying the record's signature) when the
+    signature matches.
+
+Errors (InputError, one line naming the case or file, nothing written): a
+training case without a label in LABELS, a label whose shape or affine differs
+from its image, label values outside the dataset's classes, a test case of the
+split among the training cases, an output that is a file or not writable --
+all found before training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _io
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from semisam_o1.core import seeds
+from semisam_o1.core.device import torch_device
+from semisam_o1.core.errors import InputError
+from semisam_o1.core.files import atomic_path, file_sha256, write_json
+from semisam_o1.core.progress import progress
+from semisam_o1.core.resume import StageRecord, digest, open_stage
+from semisam_o1.core.settings import CaseOptions, ComputeOptions, check_range, option, select_cases
+from semisam_o1.core.version import __version__
+from semisam_o1.data.cases import case_id_from_path, find_case_file
+from semisam_o1.data.dataset import Dataset, load_split
+from semisam_o1.data.images import read_label
+from semisam_o1.stages import nets
+from semisam_o1.stages.plan import read_plan, unet_overrides
+
+SSL_MODES = ("none", "mt")
+
+LOG_FIELDS = ["iteration", "loss", "supervised", "consistency", "consistency_weight", "lr", "seconds"]
+
+#: purposes of the random streams (:func:`semisam_o1.core.seeds.int_seed` keys after seed and round)
+STREAM_INIT = 1  # initial weights
+STREAM_DRAWS = 2  # which volume each patch comes from (per checkpoint block)
+STREAM_TRANSFORMS = 3  # MONAI's random transforms (per checkpoint block)
+STREAM_TORCH = 4  # torch's global generator during training: the teacher's noise (per checkpoint block)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainSettings(CaseOptions, ComputeOptions):
+    """Settings of ``semisam-o1 train`` (see the module docstring)."""
+
+    labels: Path = option(help="folder of (pseudo-)labels, one NIfTI per training case (the template's is "
+                          "taken from the dataset)", flags=("-l", "--labels"), type=Path, metavar="LABELS")
+    template: str | None = option(None, "the annotated template case id (default: the split's 'template')",
+                                  metavar="ID")
+    output: Path = option(help="model folder to write", flags=("-o", "--output"), type=Path, metavar="MODEL",
+                          neutral=True)
+    ssl: str = option("none", "semi-supervised consistency: none, or mt (mean teacher, Tarvainen & Valpola "
+                      "2017; round-1 UNet on MSD Hippocampus: 0.772 mean foreground test Dice, the same as "
+                      "without; docs/experiments.md)", choices=SSL_MODES)
+    preset: str = option("cpu", "network / schedule size (semisam_o1.stages.nets.PRESETS)", choices=tuple(nets.PRESETS))
+    iterations: int | None = option(None, "optimiser steps of the preset's batch (default: the preset's)",
+                                    type=int, metavar="N")
+    template_share: float | None = option(None, "probability in [0, 1) that a training patch comes from the "
+                                          "template's real label (unset or negative: every training volume "
+                                          "equally likely)", type=float, metavar="F")
+    spatial_aug: float = option(0.0, "probability of a random rotation (+-15 deg) and scaling (+-15%%) of each "
+                                "drawn volume (MONAI RandAffined; 0: off, as in run)", metavar="P")
+    plan: Path | None = option(None, "plan file written by `semisam-o1 plan`: its UNet decisions (patch, strides, "
+                               "channels, batch, iterations, flip axes, normalisation) replace the preset's "
+                               "(--iterations still wins)", type=Path, metavar="PLAN.json")
+    seed: int = option(0, "seed of the initial weights, sampling and augmentation")
+    round: int = option(0, "round of the loop this model belongs to: with --seed, it keys every random stream "
+                        "(semisam_o1.core.seeds), so no two (seed, round) pairs share one")
+    overwrite: bool = option(False, "retrain even if MODEL holds a model (finished, or from other settings)",
+                             neutral=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.labels, self.output = Path(self.labels), Path(self.output)
+        if self.ssl not in SSL_MODES:
+            raise InputError(f"--ssl {self.ssl}: choose one of {', '.join(SSL_MODES)}")
+        if self.preset not in nets.PRESETS:
+            raise InputError(f"--preset {self.preset}: choose one of {', '.join(nets.PRESETS)}")
+        if self.template_share is not None and self.template_share < 0:
+            self.template_share = None
+        check_range("template_share", self.template_share, 0.0, 1.0, hi_open=True)
+        check_range("spatial_aug", self.spatial_aug, 0.0, 1.0)
+        check_range("iterations", self.iterations, 1)
+        check_range("round", self.round, 0)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def training_cases(ds: Dataset, settings: TrainSettings) -> tuple[str, list[str]]:
+    """The template and the training case ids (template first).
+
+    Args:
+        ds: the dataset.
+        settings: ``cases`` (the template is added), else the ``subset`` of ``split``, else
+            the template and every dataset case with a file in ``labels``.
+
+    Returns:
+        (template id, [template, other training cases ...]).
+
+    Raises:
+        InputError: no template, an unknown case, or a case of the split's ``test`` subset
+            among the training cases.
+    """
+    sp = load_split(settings.split) if settings.split is not None else None
+    template = settings.template
+    if template is None and sp is not None:
+        template = sp.get("template")
+        if not isinstance(template, str):
+            raise InputError(f"{settings.split}: the split has no single 'template' case; give --template")
+    if template is None:
+        raise InputError("no template: give --template ID (or a --split with a 'template')")
+    ds.image_path(template)  # unknown template -> InputError
+    if settings.cases or sp is not None:
+        chosen = select_cases(ds, settings)
+    else:
+        found = sorted({case_id_from_path(p, strip_channel=False) for p in settings.labels.iterdir()} - {None})
+        chosen = [c for c in found if c in ds.images]
+    if sp is not None:
+        test = set(sp.get("test", []) or [])
+        leaked = [c for c in chosen if c in test]
+        if leaked:
+            raise InputError(f"{settings.split}: training case {leaked[0]} is in the split's 'test' subset")
+    return template, [template] + [c for c in chosen if c != template]
+
+
+def label_paths(ds: Dataset, labels: Path, template: str, cases: list[str]) -> dict[str, Path]:
+    """{case: label file}: the dataset's for the template, the LABELS folder's for the others.
+
+    Raises:
+        InputError: a case without a label file (one line naming it).
+    """
+    out = {}
+    for case in cases:
+        if case == template:
+            if case not in ds.labels:
+                raise InputError(f"template {case}: no real label in {ds.root / 'labelsTr'}")
+            out[case] = ds.labels[case]
+        else:
+            out[case] = find_case_file(labels, case, what="label")
+    return out
+
+
+def stage_inputs(ds: Dataset, template: str, cases: list[str], labels: dict[str, Path]) -> dict:
+    """What the model is computed from, for the stage record: the training cases, the template and
+    the SHA-256 of every image and label file trained on (JSON-ready)."""
+    return {"template": template, "training_cases": list(cases),
+            "images": {c: file_sha256(ds.image_path(c)) for c in cases},
+            "labels": {c: file_sha256(labels[c]) for c in cases}}
+
+
+def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], norm: dict, quiet: bool = True,
+                       working_spacing=None):
+    """Read and check every training image / label, normalise, keep in memory.
+
+    Args:
+        ds: the dataset (images, label map).
+        labels: {case: label file} (:func:`label_paths`).
+        cases: training case ids.
+        norm: normalisation parameters (:data:`semisam_o1.stages.nets.NORMALISATION`).
+        working_spacing: (3,) mm, or None: the network's grid (a plan's ``spacing``); images are
+            resampled to it after normalisation (:func:`semisam_o1.stages.nets.resample`) and labels
+            with :func:`semisam_o1.stages.nets.resample_label`.
+
+    Returns:
+        a list of dicts ``{"case", "image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}``
+        (on the working grid).
+
+    Raises:
+        InputError: naming the case for a label on another grid or undeclared label values.
+    """
+
+    data = []
+    for case in progress(cases, desc="load", quiet=quiet):
+        img = ds.read_image(case)
+        lab = read_label(labels[case], ds.label_map, reference=img)
+        image, label = nets.normalise(img.array, norm)[None], np.ascontiguousarray(lab.array)
+        if working_spacing is not None:
+            shape = nets.working_shape(img.shape, img.spacing, working_spacing)
+            image = nets.resample(image, shape, "trilinear")
+            label = nets.resample_label(label, shape, ds.label_map.num_classes)
+        data.append({"case": case, "image": image, "label": label[None]})
+    return data
+
+
+def _pad_to(data: list[dict], patch) -> None:
+    """Zero-pad (symmetrically) every volume smaller than ``patch`` in place."""
+    for d in data:
+        shape = d["image"].shape[1:]
+        pads = [max(0, int(p) - int(s)) for s, p in zip(shape, patch)]
+        if any(pads):
+            width = [(0, 0)] + [(q // 2, q - q // 2) for q in pads]
+            d["image"] = np.pad(d["image"], width, mode="constant", constant_values=0.0)
+            d["label"] = np.pad(d["label"], width, mode="constant", constant_values=0)
+
+
+def _add_indices(data: list[dict]) -> None:
+    """Foreground / background voxel indices per volume, for RandCropByPosNegLabeld."""
+    for d in data:
+        flat = d["label"].reshape(-1)
+        d["fg"] = np.flatnonzero(flat > 0)
+        d["bg"] = np.flatnonzero(flat == 0)
+        if d["fg"].size == 0:  # no foreground: every centre is background
+            d["fg"] = d["bg"]
+
+
+#: ``--spatial-aug``'s random affine: rotation range (radians, each axis) and scale range (each axis)
+SPATIAL_AUG_ROTATE = 0.26  # ~15 degrees
+SPATIAL_AUG_SCALE = 0.15
+
+
+def _transforms(cfg: dict, spatial_aug: float = 0.0):
+    """The MONAI training transforms of a preset ``cfg`` (module docstring), as one ``Compose``."""
+    from monai.transforms import (
+        Compose,
+        RandAffined,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    pos, neg = cfg["pos_neg"]
+    ts = []
+    index_keys = dict(fg_indices_key="fg", bg_indices_key="bg")
+    if spatial_aug > 0:
+        ts.append(RandAffined(keys=["image", "label"], prob=float(spatial_aug),
+                              rotate_range=(SPATIAL_AUG_ROTATE,) * 3, scale_range=(SPATIAL_AUG_SCALE,) * 3,
+                              mode=("bilinear", "nearest"), padding_mode="border"))
+        index_keys = {}  # the label moves: the crop finds its foreground again
+    ts.append(RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=list(cfg["patch"]),
+                                     pos=pos, neg=neg, num_samples=1, **index_keys))
+    for axis in cfg["flip_axes"]:
+        ts.append(RandFlipd(keys=["image", "label"], prob=cfg["flip_prob"], spatial_axis=int(axis)))
+    ts.append(RandScaleIntensityd(keys="image", factors=cfg["intensity_scale"], prob=cfg["intensity_prob"]))
+    ts.append(RandShiftIntensityd(keys="image", offsets=cfg["intensity_shift"], prob=cfg["intensity_prob"]))
+    return Compose(ts)
+
+
+def draw_volumes(rng: np.random.Generator, n_volumes: int, size: int, template_share: float | None) -> np.ndarray:
+    """Indices of the training volumes the next ``size`` patches come from (index 0 is the template).
+
+    Args:
+        rng: the stream to draw from.
+        n_volumes: training volumes (the template first).
+        size: patches to draw.
+        template_share: None: uniform over the ``n_volumes``; else index 0 with probability
+            ``template_share`` and uniform over 1 .. n_volumes - 1 otherwise (all 0 when the
+            template is alone).
+
+    Returns:
+        (size,) int64.
+    """
+    if template_share is None or n_volumes == 1:
+        return rng.integers(n_volumes, size=size)
+    return np.where(rng.random(size) < template_share, 0, 1 + rng.integers(n_volumes - 1, size=size))
+
+
+def _sigmoid_rampup(current: float, length: float) -> float:
+    """exp(-5 (1 - t)^2), t = current / length clipped to [0, 1] (Laine & Aila, ICLR 2017)."""
+    if length <= 0:
+        return 1.0
+    t = min(max(current / length, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class _TrainSetup:
+    """Everything checked before training: the preset, the data, the record."""
+
+    cfg: dict
+    config: dict
+    data: list
+    record: StageRecord
+    load_seconds: float
+
+
+def model_config(settings: TrainSettings, cfg: dict, ds: Dataset, template: str, cases: list[str]) -> dict:
+    """The model's ``config.json`` content before training (what ``predict`` needs and how it was made)."""
+    return {
+        "format": "semisam-o1 model 1",
+        "preset": settings.preset,
+        "preset_params": cfg,
+        "iterations": int(cfg["iterations"]),
+        "ssl": settings.ssl,
+        "net_class": "monai.networks.nets.UNet",
+        "net": nets.net_params(cfg, ds.label_map.num_classes),
+        "normalisation": dict(cfg["normalisation"]),
+        "patch": list(cfg["patch"]),
+        "spacing": None if cfg.get("spacing") is None else [float(x) for x in cfg["spacing"]],
+        "largest_component": [int(c) for c in cfg.get("largest_component", [])],
+        "label_map": {"values": list(ds.label_map.values), "names": list(ds.label_map.names)},
+        "dataset": str(ds.root.resolve()),
+        "labels": str(settings.labels.resolve()),
+        "template": template,
+        "training_cases": list(cases),
+        "num_training_cases": len(cases),
+        "seed": int(settings.seed),
+        "round": int(settings.round),
+        "template_share": settings.template_share,
+        "spatial_aug": float(settings.spatial_aug),
+        "loss": "monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)",
+        "optimizer": f"AdamW(lr={cfg['lr']}, weight_decay={cfg['weight_decay']}), poly decay power 0.9",
+        "model_selection": "last checkpoint: student weights after the final iteration (no label outside the "
+                           "training labels is read)",
+    }
+
+
+def preset_config(settings: TrainSettings) -> dict:
+    """The UNet preset, with a plan's decisions laid over it and ``--iterations`` over both.
+
+    Raises:
+        InputError: the plan file cannot be read or is not a plan.
+    """
+    cfg = nets.preset(settings.preset)
+    cfg.setdefault("normalisation", dict(nets.NORMALISATION))
+    if settings.plan is not None:
+        try:
+            cfg.update(unet_overrides(read_plan(settings.plan)))
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"{settings.plan}: not a readable plan file ({type(exc).__name__}: {exc})") from None
+    if settings.iterations is not None:
+        cfg["iterations"] = int(settings.iterations)
+    return cfg
+
+
+def prepare(settings: TrainSettings) -> _TrainSetup | dict:
+    """Check every input and the output folder, and read the training data; nothing is written.
+
+    Returns:
+        the recorded summary (plus ``"skipped": True``) when the output folder already holds this
+        finished model, else the :class:`_TrainSetup` to train.
+
+    Raises:
+        InputError: bad input (module docstring) or an output folder that is a file, is not
+            writable, or holds a model from other settings or inputs (without ``overwrite``).
+    """
+    cfg = preset_config(settings)
+    ds = Dataset(settings.input)
+    if not settings.labels.is_dir():
+        raise InputError(f"{settings.labels}: labels folder not found")
+    template, cases = training_cases(ds, settings)
+    labels = label_paths(ds, settings.labels, template, cases)
+    record = open_stage(settings.output, "train", settings, inputs={**stage_inputs(ds, template, cases, labels), "unet": digest(cfg)},
+                        overwrite=settings.overwrite)
+    if record.finished:
+        if not settings.quiet:
+            print(f"train: {settings.output} is a finished model of these settings and inputs, skipped",
+                  file=sys.stderr)
+        return {**(record.summary() or {}), "skipped": True}
+    t0 = time.time()
+    data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), quiet=settings.quiet,
+                              working_spacing=cfg.get("spacing"))
+    return _TrainSetup(cfg=cfg, config=model_config(settings, cfg, ds, template, cases), data=data, record=record,
+                 load_seconds=time.time() - t0)
+
+
+def build_networks(config: dict, settings: TrainSettings, dev):
+    """The student (initial weights from the stream (seed, round, :data:`STREAM_INIT`)), its AdamW
+    optimiser and, with ``--ssl mt``, the teacher (a frozen copy of the student).
+
+    Returns:
+        (net, optim, teacher or None), on ``dev``.
+    """
+    import torch
+
+    cfg = config["preset_params"]
+    torch.manual_seed(seeds.int_seed(settings.seed, settings.round, STREAM_INIT))
+    net = nets.build_net(config["net"]).to(dev)
+    optim = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    teacher = None
+    if settings.ssl == "mt":
+        teacher = nets.build_net(config["net"]).to(dev)
+        teacher.load_state_dict(net.state_dict())
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.train()
+    return net, optim, teacher
+
+
+def load_checkpoint(path: Path, signature: str, net, optim, teacher, quiet: bool) -> tuple[int, list, float]:
+    """Resume from ``path`` when it carries ``signature`` (the stage record's).
+
+    Returns:
+        (iterations done, log rows, training seconds so far); (0, [], 0.0) when there is no
+        checkpoint of this signature.
+    """
+    import torch
+
+    if not path.is_file():
+        return 0, [], 0.0
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a damaged checkpoint: start over
+        if not quiet:
+            print(f"train: ignoring unreadable {path} ({type(exc).__name__})", file=sys.stderr)
+        return 0, [], 0.0
+    if not isinstance(ck, dict) or ck.get("signature") != signature:
+        return 0, [], 0.0
+    net.load_state_dict(ck["net"])
+    optim.load_state_dict(ck["optim"])
+    if teacher is not None and ck.get("teacher") is not None:
+        teacher.load_state_dict(ck["teacher"])
+    if not quiet:
+        print(f"train: resuming {path.parent} from iteration {int(ck['iteration'])}", file=sys.stderr)
+    return int(ck["iteration"]), list(ck["log"]), float(ck["seconds"])
+
+
+def seed_block(settings: TrainSettings, block: int, transforms) -> np.random.Generator:
+    """Re-seed MONAI's transforms and torch for checkpoint block ``block`` and return the block's
+    volume-draw stream: a resumed run draws exactly what an uninterrupted one would."""
+    import torch
+
+    s, r = settings.seed, settings.round
+    transforms.set_random_state(seed=seeds.int_seed(s, r, STREAM_TRANSFORMS, block) % (2**32))
+    torch.manual_seed(seeds.int_seed(s, r, STREAM_TORCH, block))
+    return seeds.generator(s, r, STREAM_DRAWS, block)
+
+
+def training_step(net, teacher, optim, loss_fn, x, y, it: int, n_iter: int, cfg: dict) -> tuple:
+    """One optimiser step on the batch ``x`` (B, 1, X, Y, Z) float32 / ``y`` (B, 1, X, Y, Z) int64.
+
+    The loss is DiceCE plus, with a teacher, the mean teacher's consistency (mean squared
+    difference of the softmaxes, weight ramped up as in the module docstring); the teacher is
+    then moved towards the student (EMA, Tarvainen & Valpola 2017).
+
+    Returns:
+        (total loss, supervised loss, consistency) as floats, and the consistency weight.
+    """
+    import torch
+
+    logits = net(x)
+    sup = loss_fn(logits, y)
+    cons = torch.zeros((), device=x.device)
+    w = 0.0
+    if teacher is not None:
+        w = cfg["consistency"] * _sigmoid_rampup(it, cfg["consistency_rampup"] * n_iter)
+        with torch.no_grad():
+            noise = torch.clamp(torch.randn_like(x) * 0.1, -0.2, 0.2)
+            prob_t = torch.softmax(teacher(x + noise), dim=1)
+        cons = ((torch.softmax(logits, dim=1) - prob_t) ** 2).mean()
+    loss = sup + w * cons
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    if teacher is not None:
+        alpha = min(1.0 - 1.0 / (it + 1), cfg["ema_decay"])
+        with torch.no_grad():
+            for pt, ps in zip(teacher.parameters(), net.parameters()):
+                pt.mul_(alpha).add_(ps.detach(), alpha=1.0 - alpha)
+            for bt, bs in zip(teacher.buffers(), net.buffers()):
+                bt.copy_(bs)
+    return float(loss.detach()), float(sup.detach()), float(cons.detach()), w
+
+
+def fit(setup: _TrainSetup, settings: TrainSettings, dev) -> tuple:
+    """Train from scratch (or from this signature's checkpoint) for the preset's iterations.
+
+    Returns:
+        (net, log rows, training seconds in all, wall seconds of this call, iterations done in this
+        call, CPU seconds of this call).
+
+    Raises:
+        RuntimeError: the loss became NaN or infinite.
+    """
+    import torch
+    from monai.data import set_track_meta
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    cfg, data, n_iter = setup.cfg, setup.data, int(setup.cfg["iterations"])
+    _pad_to(data, cfg["patch"])
+    _add_indices(data)
+    transforms = _transforms(cfg, settings.spatial_aug)
+    set_track_meta(False)
+    net, optim, teacher = build_networks(setup.config, settings, dev)
+    ckpt_path = settings.output / nets.CHECKPOINT_NAME
+    start, log_rows, before = load_checkpoint(ckpt_path, setup.record.signature, net, optim, teacher, settings.quiet)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    ckpt_every = int(cfg.get("checkpoint_every") or 0)
+    block = ckpt_every if ckpt_every > 0 else n_iter
+    log_every = max(1, int(cfg.get("log_every", 1)))
+    bar = tqdm(total=n_iter, initial=start, desc="train", unit="it", disable=settings.quiet, dynamic_ncols=True)
+    t0, c0 = time.time(), time.process_time()
+    rng = None
+    net.train()
+    for it in range(start, n_iter):
+        if it == start or it % block == 0:
+            rng = seed_block(settings, it // block, transforms)
+        lr = cfg["lr"] * (1.0 - it / n_iter) ** 0.9
+        for group in optim.param_groups:
+            group["lr"] = lr
+        samples = [transforms(dict(data[i]))[0] for i in draw_volumes(rng, len(data), cfg["batch_size"],
+                                                                      settings.template_share)]
+        x = torch.stack([torch.as_tensor(np.asarray(s["image"]), dtype=torch.float32) for s in samples]).to(dev)
+        y = torch.stack([torch.as_tensor(np.asarray(s["label"])).long() for s in samples]).to(dev)
+        lv, sup, cons, w = training_step(net, teacher, optim, loss_fn, x, y, it, n_iter, cfg)
+        if not np.isfinite(lv):
+            raise RuntimeError(f"training diverged at iteration {it + 1} (loss {lv})")
+        if (it + 1) % log_every == 0 or it + 1 == n_iter:
+            log_rows.append([it + 1, round(lv, 6), round(sup, 6), round(cons, 6), round(w, 6), lr,
+                             round(before + time.time() - t0, 3)])
+        bar.update(1)
+        bar.set_postfix(loss=f"{lv:.4f}")
+        if ckpt_every and (it + 1) % ckpt_every == 0 and it + 1 < n_iter:
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"signature": setup.record.signature, "net": net.state_dict(),
+                            "optim": optim.state_dict(), "teacher": None if teacher is None else teacher.state_dict(),
+                            "iteration": it + 1, "log": log_rows, "seconds": before + time.time() - t0}, tmp)
+    bar.close()
+    wall = time.time() - t0
+    return net, log_rows, before + wall, wall, max(0, n_iter - start), time.process_time() - c0
+
+
+def write_model(output: Path, net, config: dict, log_rows: list) -> None:
+    """``model.pt`` (CPU state_dict), ``train_log.csv`` and ``config.json``, each atomically; then
+    the checkpoint goes."""
+    import torch
+
+    with atomic_path(output / nets.WEIGHTS_NAME) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
+    buf = _io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(LOG_FIELDS)
+    writer.writerows(log_rows)
+    with atomic_path(output / nets.LOG_NAME) as tmp:
+        tmp.write_text(buf.getvalue())
+    write_json(output / nets.CONFIG_NAME, config)
+    (output / nets.CHECKPOINT_NAME).unlink(missing_ok=True)
+
+
+def train(settings: TrainSettings) -> dict:
+    """Train a 3D UNet; see the module docstring for the method and the files.
+
+    Args:
+        settings: the stage's settings.
+
+    Returns:
+        the model's config (as in config.json, plus device, threads, times, final loss) and
+        ``"skipped"`` (True when the folder already held this finished model).
+
+    Raises:
+        InputError: bad input (module docstring), found before anything is written.
+        RuntimeError: the training diverged.
+    """
+    import torch
+
+    nets.set_threads(settings.threads)
+    dev = torch_device(settings.device)
+    setup = prepare(settings)
+    if isinstance(setup, dict):
+        return setup
+    if settings.overwrite:
+        for name in (nets.CONFIG_NAME, nets.WEIGHTS_NAME, nets.LOG_NAME, nets.CHECKPOINT_NAME):
+            (settings.output / name).unlink(missing_ok=True)
+    setup.record.start()
+    net, log_rows, seconds, wall, done, cpu_seconds = fit(setup, settings, dev)
+    log_every = max(1, int(setup.cfg.get("log_every", 1)))
+    last = [r[1] for r in log_rows[-max(1, 50 // log_every):]]
+    config = {**setup.config,
+              "device": str(dev),
+              "threads": int(torch.get_num_threads()),
+              "load_seconds": round(setup.load_seconds, 3),
+              "train_seconds": round(seconds, 3),
+              "train_cpu_seconds_this_run": round(cpu_seconds, 3),
+              "iterations_this_run": done,
+              "iterations_per_second": round(done / max(wall, 1e-9), 4) if done else None,
+              "final_loss": float(np.mean(last)) if last else None,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "versions": {"semisam_o1": __version__, "torch": torch.__version__, "monai": _monai_version(),
+                           "python": sys.version.split()[0]}}
+    write_model(settings.output, net, config, log_rows)
+    setup.record.finish(config)
+    if not settings.quiet:
+        print(f"train: {len(setup.data)} cases, {config['iterations']} iterations in {seconds:.0f} s -> "
+              f"{settings.output}", file=sys.stderr)
+    return {**config, "skipped": False}
+
+
+def _monai_version() -> str:
+    import monai
+
+    return monai.__version__
+
+
+SETTINGS = TrainSettings
+STAGE = train
