@@ -1,23 +1,7 @@
-"""What a run hands back: ``WORK/final`` and the self-contained model bundle in it.
-
-``WORK/final/`` (written by :func:`write_final` at the end of ``semisam-o1 run``)::
-
-    labels/        one label file per cohort image (the template: its own label), named like the
-                   image, in the image's format, grid and affine: the labels of the round that
-                   semisam_o1.pipeline.rounds.choose_round keeps
-    model/         the bundle (:func:`write_bundle`): that round's model folder (model.pt,
-                   config.json, stage.json, train_log.csv) plus bundle.json and, when the run
-                   learned one, class_planes.json; `semisam-o1 predict -m final/model` needs
-                   nothing else
-    cases.csv      one row per pool case, sorted by the label-free quality score (least
-                   trustworthy first, :func:`quality_rows`)
-    report.json, report_dice_by_round.png, report_montage.png, report.html
-
-The quality score reads only what the run produced: the agreement (Dice,
-:func:`semisam_o1.methods.metrics.mean_dice`) between a case's round-0 pseudo-label (propagation
-from the template) and the kept round's network prediction, and the network's mean
-voxel entropy (nats) over its predicted foreground. Low agreement: the two label sources
-disagree, so one of them is wrong; look at those cases first.
+"""The model bundle: a ``train`` model folder (model.pt, config.json, stage.json, train_log.csv)
+plus ``bundle.json`` (format, version, round, template, label names and values, normalisation,
+spacing, patch, flips, largest-component classes, the network) and, when the run learned one,
+``class_planes.json``. ``semisam-o1 predict -m BUNDLE`` needs nothing else.
 """
 
 from __future__ import annotations

@@ -719,9 +719,9 @@ def _summary(setup: _EncodeSetup, encoded: int, skipped: int, damaged: dict, fai
 def encode_worker(settings, job, store, input_hash: dict) -> Callable[[str], tuple[int, float]]:
     """An encode actor's case function (runs once per actor).
 
-    The actor plans exactly as the driver did (``encode._plan``: the same dataset, store and
+    The actor sets up exactly as the driver did (``_setup``: the same dataset, store and
     encoder, exported into this machine's cache when missing, its session opened here with the
-    actor's threads) and writes each case with ``encode._encode_one``.
+    actor's threads) and writes each case with ``_encode_one``.
 
     Args:
         settings: the actor's :class:`semisam_o1.stages.encode.EncodeSettings`.
