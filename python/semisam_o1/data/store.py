@@ -333,8 +333,8 @@ class FeatureStore:
 
 
 NPY_HEADER_BYTES = 128  # numpy .npy format 1.0: magic + header padded to a multiple of 64 bytes (128 for 4D)
-META_BYTES = 1200  # cases/<case>/meta.json: measured 1,136 (Left Atrium) and 1,160 (Hippocampus) bytes
-RECORD_BYTES = 4096  # store.json + stage.json: measured 1,491 + 2,320 bytes (Hippocampus demo store)
+META_BYTES = 1200  # cases/<case>/meta.json, rounded up from real stores (docs/accepted-inputs.md)
+RECORD_BYTES = 4096  # store.json + stage.json, rounded up from a real store (docs/accepted-inputs.md)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,8 @@ passed as ``--random-seed`` (antspyx's ``ants.config._random_seed``, the value t
 ``ants.set_ants_deterministic`` sets; ANTs takes 0 for "seed from the clock", so the default is 1).
 Threads: ITK's ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``, which ITK reads once per process, when the
 first ANTs image is made: :func:`warp_template` sets it before that, so the first call's ``threads``
-holds for the process. Measured on a Hippocampus case (three runs each): with 1 thread and a fixed
-seed the warps are identical; with 2 threads they differ by up to 1 voxel, so ``propagate`` and
+holds for the process. With 1 thread and a fixed seed the warps are identical run to run; with
+2 threads they were not (docs/experiments.md, "The position term"), so ``propagate`` and
 :func:`registration_labels` register on 1 thread.
 
 **Cache.** :func:`cached_warp` keeps each case's warped label (``<case>.nii.gz``, the case's own
@@ -255,10 +255,9 @@ def registration_labels(dataset, template: str, cases: Sequence[str], out_dir, t
 
 #: the position term applies when, by the registration, the voxels of a typical case's structure
 #: sit less than the template structure's half-extent away from where the normalised box puts
-#: them (the structure overlaps its template place). Measured on both datasets' first 20 pool
-#: cases: median offset 0.14 (MSD Hippocampus) and 0.28 (2018 Left Atrium), where the vote with
-#: the position term labels the pool at 0.791 / 0.779 against 0.744 / 0.689 without it
-#: (benchmarks/results/registration.json, "position_check")
+#: them (the structure overlaps its template place). Both datasets' pool cases sit well inside
+#: the limit, and there the position term lifts the round-0 labels (docs/experiments.md, "The
+#: position term"; benchmarks/results/registration.json, key "position_check")
 POSITION_OFFSET_LIMIT = 1.0
 
 

@@ -21,10 +21,9 @@ noise: a further round trained on nearly the same labels will not help). The mod
 is the labels round's network or, when round 0's labels are kept, the network of the round >= 1
 whose predictions agree best with the referee (a run always hands back a model).
 
-Measured (benchmarks/results/registration.json, key ``referee``; the Dice with the real labels
-for comparison only): MSD Hippocampus demo, round 0 / 1 / 2 labels agree with the registration at
-0.788 / 0.801 / 0.801 (real 0.791 / 0.798 / 0.798): rounds 1 and 2 admissible, round 2 kept;
-Left Atrium, round 0 0.784 and the round-1 network 0.697 (real 0.779 / 0.692): round 0 kept.
+On both datasets' demos the referee orders the rounds as their real labels do (docs/results.md,
+"Round rule"; benchmarks/results/registration.json, key ``referee``); where it does not (short
+Hippocampus rounds): docs/experiments.md, "The working spacing".
 
 ``WORK/roundR/round.json`` records, per round, the label-free evidence: the referee agreement of
 the round's labels per case, the network's agreement with the labels it was trained on (``fit``),

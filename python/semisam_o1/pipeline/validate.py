@@ -36,9 +36,9 @@ from semisam_o1.data.store import StoreGeometry, estimate_store_bytes
 from semisam_o1.stages import encode
 from semisam_o1.stages.encoders import DEFAULT_LAYERS, LITEMEDSAM_LAYERS
 
-# The store formula's error bound, checked on both datasets' real stores (docs/accepted-inputs.md:
-# the formula is within 0.1% of 21 Hippocampus and 21 Left Atrium stores); kept at the brief's 10%
-# so that a store written by another version of the encoder still fits.
+# The store formula's error bound: the formula matches both datasets' real stores far more closely
+# (docs/accepted-inputs.md, "Before `run` starts any stage"); kept at the brief's 10% so that a
+# store written by another version of the encoder still fits.
 STORE_MARGIN = 0.10
 # Per round, each case's outputs, uncompressed (an upper bound of the .nii.gz files): pool cases
 # get a prediction (uint8), an entropy map (float32) and a pseudo-label (uint8); test cases a

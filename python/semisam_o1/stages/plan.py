@@ -71,11 +71,8 @@ MAX_CHANNELS = 128
 MIN_ITERATIONS, MAX_ITERATIONS = 200, 20000
 #: the working spacing is coarsened until the planned network affords this many iterations in the
 #: budget: the fewest measured on both datasets after which one round labels its pool better than
-#: the round-0 labels it trained on (docs/experiments.md, "The working spacing";
-#: experiments/training_length.json, la2018_working_spacing.json). MSD Hippocampus, 199 pool cases,
-#: round 0 0.782: 600 / 1200 / 2400 / 4173 iterations give 0.774 / 0.776 / 0.790 / 0.789; 2018 Left
-#: Atrium, 20 pool cases, round 0 0.779: 200 give 0.692, 1200 (at 2.5 mm) 0.788, 1647 0.786, and
-#: 2683 on its 79 pool cases 0.789 (round 0 0.773)
+#: the round-0 labels it trained on (docs/experiments.md, "The working spacing"; raw numbers in
+#: benchmarks/results/experiments/training_length.json and la2018_working_spacing.json)
 MIN_AFFORDED_ITERATIONS = 2400
 #: candidate working spacings, as multiples of the finest axis's spacing
 SPACING_FACTORS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
