@@ -53,15 +53,19 @@ from semisam_o1.core.settings import ComputeOptions, as_dict, check_range, comma
 from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.dataset import Dataset, load_split
 from semisam_o1.data.folder_input import DATASET, FolderInput, materialise
+from semisam_o1.data.images import read_label
 from semisam_o1.methods.class_planes import CLASS_PLANES_JSON
+from semisam_o1.methods.metrics import mean_dice
 from semisam_o1.methods.registration import position_check, registration_labels
 from semisam_o1.pipeline.final import write_final
+from semisam_o1.pipeline.referee import check_referee, summary_line
 from semisam_o1.pipeline.report import write_report
-from semisam_o1.pipeline.rounds import choose_round, keep_going, round_evidence
+from semisam_o1.pipeline.rounds import choose_round, criterion, keep_going, round_evidence
 from semisam_o1.pipeline.selection import SELECTION_JSON, select_by_agreement
 from semisam_o1.pipeline.validate import validate_run
 from semisam_o1.stages import encode, evaluate, plan, predict, propagate, refine, train
 from semisam_o1.stages.plan import encode_overrides, read_plan
+from semisam_o1.stages.predict import label_file
 from semisam_o1.stages.propagate import PropagateSettings
 from semisam_o1.stages.refine import MODES as REFINE_MODES
 from semisam_o1.stages.refine import RefineSettings
@@ -365,14 +369,18 @@ def _plan(stages: Stages, s: RunSettings) -> Path | None:
     return path
 
 
-def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[str], plan: Path | None) -> Path:
+def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[str], plan: Path | None,
+           hold_out_template: bool = False) -> Path:
+    """Round ``r``'s network; ``hold_out_template``: trained without the template's label (the
+    fallback criterion of :mod:`semisam_o1.pipeline.referee` scores it on the template)."""
     rd = stages.work / f"round{r}"
     model = rd / "model"
     stages.call(f"round{r}/train", "train", train,
                 train.SETTINGS(input=s.input, labels=stages.work / f"round{r - 1}" / "pseudo",
                                template=cohort.template, cases=(cohort.template, *cases), output=model,
                                ssl=s.ssl, preset=s.unet, iterations=s.iterations,
-                               template_share=s.template_share, spatial_aug=s.spatial_aug, seed=s.seed, round=r,
+                               template_share=0.0 if hold_out_template else s.template_share,
+                               spatial_aug=s.spatial_aug, seed=s.seed, round=r,
                                plan=plan,
                                **_compute(s)), model)
     return model
@@ -455,6 +463,27 @@ def _position(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> bool:
     return bool(check["applies"])
 
 
+def _template_dice(stages: Stages, s: RunSettings, dataset, cohort: Cohort, r: int, model: Path,
+                   rule: Path | None) -> float:
+    """Round ``r``'s network (trained without the template's label) scored on the template."""
+    out = stages.work / f"round{r}" / "template"
+    _predict(stages, s, f"round{r}/predict_template", model, out, [cohort.template], rule)
+    lm = dataset.label_map
+    truth = dataset.read_label(cohort.template)
+    pred = read_label(label_file(out, cohort.template), lm, reference=truth)
+    return float(mean_dice(pred.array, truth.array, lm.foreground))
+
+
+def _check_referee(dataset, cohort: Cohort, work: Path, referee: Path | None) -> str:
+    """The referee's reliability (``WORK/referee/reliability.json``, one terminal line); returns the
+    round rule's criterion (:func:`semisam_o1.pipeline.rounds.criterion`)."""
+    if referee is None:
+        return "none"
+    info = check_referee(dataset, cohort.template, cohort.unlabeled, referee, work / "round0" / "pseudo")
+    print(f"[run] {summary_line(info)}", flush=True)
+    return criterion(work)
+
+
 def _referee(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> Path | None:
     """``WORK/referee``: the template's label registered to every pool case (``--referee``)."""
     if s.referee == "none":
@@ -476,10 +505,12 @@ def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path
 
     train_cases = list(cohort.unlabeled)
     round_evidence(dataset, stages.work, 0, cohort.unlabeled, referee)
+    held_out = _check_referee(dataset, cohort, stages.work, referee) == "template"
     done = 0
     for r in range(1, s.rounds + 1):
         rd = stages.work / f"round{r}"
-        model = _train(stages, s, cohort, r, train_cases, plan)
+        model = _train(stages, s, cohort, r, train_cases, plan, hold_out_template=held_out)
+        template_dice = _template_dice(stages, s, dataset, cohort, r, model, rule) if held_out else None
         _predict(stages, s, f"round{r}/predict", model, rd / "pred", cohort.unlabeled, rule)
         _refine(stages, s, cohort, r, feats, rule)
         if r == 1 and s.selecting:
@@ -488,11 +519,13 @@ def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path
             _predict(stages, s, f"round{r}/predict_test", model, rd / "test", cohort.test, rule)
             _evaluate(stages, s, cohort, r)
         trained = train_cases if r > 1 else list(cohort.unlabeled)
-        round_evidence(dataset, stages.work, r, cohort.unlabeled, referee, trained_on=trained)
+        round_evidence(dataset, stages.work, r, cohort.unlabeled, referee, trained_on=trained,
+                       template_dice=template_dice)
         done = r
         if r < s.rounds and not keep_going(stages.work, r):
-            print(f"[run] round{r}: by the referee, its labels are worse than round 0's or no better than "
-                  f"round {r - 1}'s (semisam_o1.pipeline.rounds): no further rounds", flush=True)
+            why = (f"its network scores no better on the held-out template than round {r - 1}'s" if held_out else
+                   f"by the referee, its labels are worse than round 0's or no better than round {r - 1}'s")
+            print(f"[run] round{r}: {why} (semisam_o1.pipeline.rounds): no further rounds", flush=True)
             break
     return done, (train_cases if s.selecting else None)
 
