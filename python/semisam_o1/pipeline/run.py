@@ -132,11 +132,15 @@ class RunSettings(ComputeOptions, EngineOptions):
                                   "classes follow each other along one axis, separated by planes, every pseudo-label "
                                   "and prediction gets the same structure")
     plan: str | None = option(None, "auto: plan the UNet from the data first (semisam-o1 plan into WORK/plan.json: "
-                       "patch from the template structure's extent, strides from the spacing, iterations from "
-                       "--budget-minutes, flips and normalisation from the template and modality) instead of "
-                       "the preset's network; default: the preset's (off only for quick)", choices=("off", "auto"))
-    budget_minutes: float | None = option(None, "with --plan auto: UNet training minutes per round on this "
-                                          "machine (default: the preset's)", type=float, metavar="MIN")
+                       "working spacing from the cohort's spacings and the template's thinnest class, patch from "
+                       "the median image shape shrunk to a voxel budget, strides from the spacing, iterations "
+                       "from --budget-minutes at a fixed reference rate (the same plan on every machine), flips "
+                       "and normalisation from the template and modality) instead of the preset's network; "
+                       "default: the preset's (off only for quick)", choices=("off", "auto"))
+    budget_minutes: float | None = option(None, "with --plan auto: UNet training minutes per round on the "
+                                          "reference CPU (semisam_o1.stages.plan.REFERENCE_VOXELS_PER_SECOND; "
+                                          "plan.json 'estimate' gives this machine's; default: the preset's)",
+                                          type=float, metavar="MIN")
     position: str = option("auto", "the position term of the round-0 vote (propagate --position-weight): auto: on "
                            "when the template registered to every pool case shows the structure at a consistent "
                            "place in the volumes' boxes (semisam_o1.methods.registration.position_check; "
