@@ -121,6 +121,9 @@ class FolderInput:
     labels: str | None = None
     test_images: Path | None = None
     test_labels: Path | None = None
+    #: dataset.json's ``modality`` ("CT", "MRI", ...); None: "unknown" (the plan then recognises CT
+    #: from the template's intensities, semisam_o1.stages.plan.recognise_modality)
+    modality: str | None = None
 
 
 @dataclass
@@ -131,12 +134,14 @@ class CheckedInputs:
     labels: dict[str, int]
     template: str
     test_labels: dict[str, Path]
+    modality: str | None = None
 
     @property
     def sources_digest(self) -> str:
+        given = {"modality": self.modality} if self.modality else {}  # a folder made without one: same digest
         return digest({"cases": {c: [e["source"], e["role"], _stat(e["source"])] for c, e in self.cases.items()},
                        "labels": self.labels,
-                       "test_labels": {c: [str(p), _stat(p)] for c, p in self.test_labels.items()}})
+                       "test_labels": {c: [str(p), _stat(p)] for c, p in self.test_labels.items()}, **given})
 
 
 def _stat(path) -> list:
@@ -201,7 +206,10 @@ def check_inputs(inp: FolderInput) -> CheckedInputs:
     if undeclared:
         raise InputError(f"{t_lab}: label value {undeclared[0]} is not named in --labels {inp.labels}")
     test_labels[template] = t_lab.resolve()
-    return CheckedInputs(cases=cases, labels=names, template=template, test_labels=test_labels)
+    modality = (inp.modality or "").strip() or None
+    if modality is not None and modality.lower() == "unknown":
+        modality = None
+    return CheckedInputs(cases=cases, labels=names, template=template, test_labels=test_labels, modality=modality)
 
 
 def place_file(source: Path, folder: Path, case: str) -> Path:
@@ -258,7 +266,8 @@ def _write_dataset(p: CheckedInputs, root: Path) -> None:
         place_file(Path(entry["source"]), root / "imagesTr", case)
     for case, lab in p.test_labels.items():
         place_file(lab, root / "labelsTr", case)
-    write_json(root / "dataset.json", {"name": "folder input", "labels": p.labels, "modality": {"0": "unknown"},
+    write_json(root / "dataset.json", {"name": "folder input", "labels": p.labels,
+                                       "modality": {"0": p.modality or "unknown"},
                                        "numTraining": len(p.cases)})
     by_role = lambda role: [c for c, e in p.cases.items() if e["role"] == role]  # noqa: E731
     write_json(root / "splits.json", {"template": p.template, "unlabeled": by_role("unlabeled"),

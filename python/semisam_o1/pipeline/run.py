@@ -105,6 +105,11 @@ class RunSettings(ComputeOptions, EngineOptions):
     test_images: Path | None = option(None, "with --images: a folder of scans to evaluate the model on (needs "
                                       "--test-labels, files named like their images)", type=Path, metavar="DIR")
     test_labels: Path | None = option(None, "with --test-images: their labels", type=Path, metavar="DIR")
+    modality: str | None = option(None, "with --images: the scans' modality as dataset.json names it (CT, MRI, "
+                                  "MR, T1, T2, ...); CT selects CT's fixed-window normalisation. Default: "
+                                  "unknown, and the plan recognises CT from the template's intensities (1st "
+                                  "percentile <= -900 HU: air; integer values; 99th percentile <= 4000)",
+                                  metavar="NAME")
     output: Path = option(help="work folder: every stage's output, report.json and pictures",
                           flags=("-o", "--output"), type=Path, metavar="WORK", neutral=True)
     preset: str = option("cpu", "quick: tests (3 unlabeled, 2 test cases, 1 round, seconds of training); "
@@ -136,11 +141,15 @@ class RunSettings(ComputeOptions, EngineOptions):
                                   "classes follow each other along one axis, separated by planes, every pseudo-label "
                                   "and prediction gets the same structure")
     plan: str | None = option(None, "auto: plan the UNet from the data first (semisam-o1 plan into WORK/plan.json: "
-                       "patch from the template structure's extent, strides from the spacing, iterations from "
-                       "--budget-minutes, flips and normalisation from the template and modality) instead of "
-                       "the preset's network; default: the preset's (off only for quick)", choices=("off", "auto"))
-    budget_minutes: float | None = option(None, "with --plan auto: UNet training minutes per round on this "
-                                          "machine (default: the preset's)", type=float, metavar="MIN")
+                       "working spacing from the cohort's spacings and the template's thinnest class, patch from "
+                       "the median image shape shrunk to a voxel budget, strides from the spacing, iterations "
+                       "from --budget-minutes at a fixed reference rate (the same plan on every machine), flips "
+                       "and normalisation from the template and modality) instead of the preset's network; "
+                       "default: the preset's (off only for quick)", choices=("off", "auto"))
+    budget_minutes: float | None = option(None, "with --plan auto: UNet training minutes per round on the "
+                                          "reference CPU (semisam_o1.stages.plan.REFERENCE_VOXELS_PER_SECOND; "
+                                          "plan.json 'estimate' gives this machine's; default: the preset's)",
+                                          type=float, metavar="MIN")
     position: str = option("auto", "the position term of the round-0 vote (propagate --position-weight): auto: on "
                            "when the template registered to every pool case shows the structure at a consistent "
                            "place in the volumes' boxes (semisam_o1.methods.registration.position_check; "
@@ -188,8 +197,8 @@ class RunSettings(ComputeOptions, EngineOptions):
             if getattr(self, key) is not None:
                 setattr(self, key, Path(getattr(self, key)))
         if self.images is None:
-            extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels")
-                     if getattr(self, k) is not None]
+            extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels",
+                                 "modality") if getattr(self, k) is not None]
             if extra:
                 raise InputError(f"--{extra[0].replace('_', '-')} goes with --images DIR")
             if self.input is None or self.split is None:
@@ -213,7 +222,7 @@ class RunSettings(ComputeOptions, EngineOptions):
 
         return FolderInput(images=self.images, template_image=self.template_image,
                            template_label=self.template_label, labels=self.labels,
-                           test_images=self.test_images, test_labels=self.test_labels)
+                           test_images=self.test_images, test_labels=self.test_labels, modality=self.modality)
 
     @property
     def unet(self) -> str:
