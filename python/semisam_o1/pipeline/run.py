@@ -464,8 +464,10 @@ def _position(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> bool:
     if path.is_file():
         return bool(json.loads(path.read_text())["applies"])
     t0 = time.perf_counter()
-    # registers the template to every pool case into the referee's cache (one ITK thread, as _referee)
-    check = position_check(dataset, cohort.template, list(cohort.unlabeled), stages.work / "referee", threads=1)
+    # registers the template to every pool case into the referee's cache (one ITK thread, as _referee;
+    # --threads cases at once)
+    check = position_check(dataset, cohort.template, list(cohort.unlabeled), stages.work / "referee", threads=1,
+                           workers=s.threads, quiet=s.quiet)
     stages.times.setdefault("position", time.perf_counter() - t0)
     write_json(path, check)
     print(f"[run] position term: {check['reason']}", flush=True)
@@ -501,8 +503,10 @@ def _referee(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> Path | 
     out = stages.work / "referee"
     print(f"[run] referee: the template's label registered to {len(cohort.unlabeled)} pool cases", flush=True)
     t0 = time.perf_counter()
-    # one ITK thread: warps are then identical from run to run (two threads differ by up to a voxel)
-    paths = registration_labels(dataset, cohort.template, list(cohort.unlabeled), out, threads=1)
+    # one ITK thread: warps are then identical from run to run (two threads differ by up to a voxel);
+    # --threads cases at once (default: the available CPUs), each still on one thread
+    paths = registration_labels(dataset, cohort.template, list(cohort.unlabeled), out, threads=1,
+                                workers=s.threads, quiet=s.quiet)
     stages.times.setdefault("referee", time.perf_counter() - t0)
     return next(iter(paths.values())).parent if paths else None
 
