@@ -142,7 +142,7 @@ def test_run_whose_registration_fails_trains_without_the_template_and_says_so(tm
     template, and says so on the terminal and in report.json."""
     from semisam_o1.pipeline import run as run_module
 
-    def empty_registration(dataset, template, cases, out_dir, threads=1):
+    def empty_registration(dataset, template, cases, out_dir, threads=1, **_):
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {}
         for case in cases:
