@@ -147,3 +147,16 @@ def test_api_functions_are_plain_functions():
     assert isinstance(semisam_o1.run, types.FunctionType)
     assert isinstance(semisam_o1.predict, types.FunctionType)
     assert semisam_o1.run.__module__ == "semisam_o1.api"
+
+
+def test_every_public_list_names_what_its_module_defines():
+    """``from semisam_o1.<module> import *`` works everywhere (a stale ``__all__`` raised)."""
+    import importlib
+
+    stale = []
+    for name in MODULES:
+        if name in ("__main__", "") or name.endswith("__init__"):
+            continue
+        module = importlib.import_module(f"semisam_o1.{name}")
+        stale += [f"{name}.{n}" for n in getattr(module, "__all__", ()) if not hasattr(module, n)]
+    assert not stale, stale
