@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
@@ -464,6 +465,19 @@ def test_truncated_file_is_an_error(tmp_path, ending):
     tiny.write_bytes(blob[:100])
     with pytest.raises(InputError, match="tiny"):
         read_image(tiny)
+
+
+def test_corrupt_gzip_stream_is_an_error(tmp_path):
+    """A .nii.gz whose compressed voxels were changed (it still decompresses, with one wrong byte)
+    fails gzip's CRC check: an error naming the file, for an image and for a label, never silently
+    different voxels (nibabel alone stops before the check)."""
+    for name, data, reader in (("img.nii.gz", _image_data(shape=(30, 30, 30)), read_image),
+                               ("lab.nii.gz", np.ones((30, 30, 30), np.uint8), read_label_values)):
+        p = helpers.corrupt_gzip_stream(_save(tmp_path / name, data))
+        assert nib.load(str(p)).get_fdata().shape == (30, 30, 30)  # nibabel alone reads it
+        with pytest.raises(InputError) as exc:
+            reader(p)
+        assert str(exc.value) == f"{p}: the file is corrupt (gzip CRC check failed)"
 
 
 def test_zero_size_image_is_an_error(tmp_path):

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
@@ -150,3 +151,15 @@ def test_bad_inputs_are_one_line(bundle, tmp_path, capsys):
     (tmp_path / "bad" / BUNDLE_JSON).write_text("{}")
     with pytest.raises(InputError, match="not a semisam-o1 bundle"):
         read_bundle(tmp_path / "bad")
+
+
+def test_corrupt_gzip_scan_is_one_line(bundle, tmp_path, capsys):
+    """A scan whose gzip stream fails its CRC check (it decompresses, one byte changed) is refused
+    with one line naming it, exit 2, and no label written from its wrong voxels."""
+    scan = next(bundle["scans"].glob("*.nii.gz"))
+    bad = helpers.corrupt_gzip_stream(Path(shutil.copy(scan, tmp_path / scan.name)))
+    rc = cli.main(["predict", "-m", str(bundle["bundle"]), "-i", str(bad), "-o", str(tmp_path / "o"),
+                   "--device", "cpu", "--quiet", "--threads", str(THREADS)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"semisam-o1 predict: error: {bad}: the file is corrupt (gzip CRC check failed)"], err
+    assert not list((tmp_path / "o").rglob("*.nii.gz"))
