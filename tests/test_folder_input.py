@@ -198,6 +198,20 @@ def test_label_on_another_grid(tmp_path, scans):
     assert vol.shape  # the original is untouched and readable
 
 
+def test_broken_link_in_the_images_folder(tmp_path, scans):
+    """A scan of --images that is a symbolic link to a file that is gone: one line naming the link
+    (it is not dropped from the cohort silently); a hidden or unsupported broken link is ignored."""
+    images = Path(shutil.copytree(scans["images"], tmp_path / "scans"))
+    link = images / "moved.nii.gz"
+    link.symlink_to(tmp_path / "elsewhere" / "moved.nii.gz")
+    (images / ".hidden.nii.gz").symlink_to(tmp_path / "gone")
+    (images / "notes.txt").symlink_to(tmp_path / "gone")
+    line, _ = _bad_run(tmp_path, "--images", str(images), "--template-image", str(images / scans["template_image"].name),
+                       "--template-label", str(scans["template_label"]))
+    assert line == (f"semisam-o1 run: error: {link}: a broken symbolic link (its target "
+                    f"{tmp_path / 'elsewhere' / 'moved.nii.gz'} does not exist)")
+
+
 def test_unnamed_label_value_and_lonely_test_images(tmp_path, scans):
     line, _ = _bad_run(tmp_path, "--images", str(scans["images"]), "--template-image", str(scans["template_image"]),
                        "--template-label", str(scans["template_label"]), "--labels", "1=only")

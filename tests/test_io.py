@@ -16,7 +16,7 @@ import pytest
 
 from semisam_o1.core.errors import InputError
 from semisam_o1.core.files import atomic_path, write_json
-from semisam_o1.data.cases import case_id_from_path, find_case_file, index_label_folder
+from semisam_o1.data.cases import case_id_from_path, find_case_file, index_folder, index_label_folder
 from semisam_o1.data.dataset import Dataset
 from semisam_o1.data.images import check_same_grid, read_image, read_label, read_label_values, write_label, write_map
 from semisam_o1.data.labels import LabelMap
@@ -478,6 +478,19 @@ def test_corrupt_gzip_stream_is_an_error(tmp_path):
         with pytest.raises(InputError) as exc:
             reader(p)
         assert str(exc.value) == f"{p}: the file is corrupt (gzip CRC check failed)"
+
+
+def test_broken_link_in_a_dataset_folder_is_an_error(tmp_path):
+    """A NIfTI name in imagesTr that is a broken symbolic link: an error naming it, not a case
+    silently missing from the cohort."""
+    folder = tmp_path / "imagesTr"
+    folder.mkdir()
+    _save(folder / "a.nii.gz", _image_data())
+    (folder / "b.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(InputError) as exc:
+        index_folder(folder, strip_channel="auto")
+    assert str(exc.value) == f"{folder / 'b.nii.gz'}: a broken symbolic link (its target {tmp_path / 'gone.nii.gz'} " \
+                             "does not exist)"
 
 
 def test_zero_size_image_is_an_error(tmp_path):

@@ -44,6 +44,7 @@ from semisam_o1.data.images import (
     itk_reader,
     label_values,
     read_itk,
+    refuse_broken_link,
     sitk_module,
 )
 
@@ -62,14 +63,18 @@ def list_images(folder: str | os.PathLike, what: str = "--images") -> dict[str, 
     """Case id -> file for the supported image files of ``folder`` (hidden files skipped).
 
     Raises:
-        InputError: the folder is missing, holds no supported image, or two files share a case id.
+        InputError: the folder is missing, holds no supported image, two files share a case id, or
+            a supported file name is a broken symbolic link.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: {what} folder not found")
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or ending(p) is None:
+        if p.name.startswith(".") or ending(p) is None:
+            continue
+        refuse_broken_link(p)
+        if not p.is_file():
             continue
         cid = case_id(p)
         if cid in found:

@@ -89,6 +89,13 @@ class Volume:
         return nib.orientations.apply_orientation(array, inverse)
 
 
+def refuse_broken_link(path: Path) -> None:
+    """Raise InputError naming ``path`` when it is a symbolic link whose target does not exist (a
+    moved or unmounted scan), so that a folder's listing never drops it silently."""
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path}: a broken symbolic link (its target {os.readlink(path)} does not exist)")
+
+
 def _load_nifti(path: Path):
     import nibabel as nib
 
