@@ -213,9 +213,16 @@ def test_broken_link_in_the_images_folder(tmp_path, scans):
 
 
 def test_unnamed_label_value_and_lonely_test_images(tmp_path, scans):
+    """--labels missing a value of the template's label, or naming one it lacks (refused before
+    anything runs, not a warning in propagate), and test images without labels."""
     line, _ = _bad_run(tmp_path, "--images", str(scans["images"]), "--template-image", str(scans["template_image"]),
                        "--template-label", str(scans["template_label"]), "--labels", "1=only")
     assert "label value 2" in line
+    line, _ = _bad_run(tmp_path, "--images", str(scans["images"]), "--template-image", str(scans["template_image"]),
+                       "--template-label", str(scans["template_label"]), "--labels", "1=first,2=second,3=third")
+    assert line == (f"semisam-o1 run: error: {scans['template_label']}: --labels 1=first,2=second,3=third names "
+                    "3=third, a value the template's label does not hold (each class is learnt from its template "
+                    "voxels); drop it or label it")
     line, _ = _bad_run(tmp_path, "--images", str(scans["images"]), "--template-image", str(scans["template_image"]),
                        "--template-label", str(scans["template_label"]), "--test-images", str(scans["root"] / "ti"))
     assert "--test-labels" in line

@@ -208,6 +208,11 @@ def check_inputs(inp: FolderInput) -> CheckedInputs:
     undeclared = sorted(set(values) - set(names.values()))
     if undeclared:
         raise InputError(f"{t_lab}: label value {undeclared[0]} is not named in --labels {inp.labels}")
+    absent = {n: v for n, v in names.items() if v not in values}
+    if absent:
+        name, value = next(iter(absent.items()))
+        raise InputError(f"{t_lab}: --labels {inp.labels} names {value}={name}, a value the template's label does "
+                         "not hold (each class is learnt from its template voxels); drop it or label it")
     test_labels[template] = t_lab.resolve()
     return CheckedInputs(cases=cases, labels=names, template=template, test_labels=test_labels)
 
