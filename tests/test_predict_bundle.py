@@ -163,3 +163,23 @@ def test_corrupt_gzip_scan_is_one_line(bundle, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [f"semisam-o1 predict: error: {bad}: the file is corrupt (gzip CRC check failed)"], err
     assert not list((tmp_path / "o").rglob("*.nii.gz"))
+
+
+def test_scan_at_another_spacing_gets_one_warning(bundle, tmp_path, capsys):
+    """A scan whose voxels are 3 mm on one axis against the bundle's spacing_mm of 1 mm: predicted,
+    with one warning line naming it and both spacings; a scan at the bundle's spacing gets none."""
+    scan = next(bundle["scans"].glob("*.nii.gz"))
+    img = nib.load(str(scan))
+    coarse = tmp_path / "in" / "coarse.nii.gz"
+    coarse.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([3.0, 1.0, 1.0, 1.0])), str(coarse))
+    rc = cli.main(["predict", "-m", str(bundle["bundle"]), "-i", str(coarse), "-o", str(tmp_path / "o"),
+                   "--device", "cpu", "--quiet", "--threads", str(THREADS)])
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert rc == 0 and err == [f"semisam-o1 predict: warning: {coarse}: voxel spacing 3 x 1 x 1 mm differs from the "
+                               "model's 1 x 1 x 1 mm by more than 2x on an axis; check its labels (resample the scan "
+                               "to match)"], err
+    assert (tmp_path / "o" / "coarse.nii.gz").is_file()
+    rc = cli.main(["predict", "-m", str(bundle["bundle"]), "-i", str(scan), "-o", str(tmp_path / "o2"),
+                   "--device", "cpu", "--quiet", "--threads", str(THREADS)])
+    assert rc == 0 and "warning" not in capsys.readouterr().err
