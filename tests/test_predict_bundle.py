@@ -183,3 +183,32 @@ def test_scan_at_another_spacing_gets_one_warning(bundle, tmp_path, capsys):
     rc = cli.main(["predict", "-m", str(bundle["bundle"]), "-i", str(scan), "-o", str(tmp_path / "o2"),
                    "--device", "cpu", "--quiet", "--threads", str(THREADS)])
     assert rc == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_bundle_from_mixed_models_is_one_line(bundle, tmp_path, capsys):
+    """A bundle whose config.json describes another network than model.pt holds (channels doubled),
+    or whose bundle.json names other labels or another patch than its config.json: one line naming
+    the file and the mismatch, exit 2, not torch's state_dict dump."""
+    cases = {}
+    for name, change in (("net", lambda c, b: c["net"].update(channels=[8, 16, 32])),
+                         ("labels", lambda c, b: b["labels"].update(Anterior=7)),
+                         ("patch", lambda c, b: b.update(patch=[32, 32, 32]))):
+        mixed = Path(shutil.copytree(bundle["bundle"], tmp_path / name))
+        config, info = (json.loads((mixed / f).read_text()) for f in (nets.CONFIG_NAME, BUNDLE_JSON))
+        change(config, info)
+        (mixed / nets.CONFIG_NAME).write_text(json.dumps(config))
+        (mixed / BUNDLE_JSON).write_text(json.dumps(info))
+        rc = cli.main(["predict", "-m", str(mixed), "-i", str(bundle["scans"]), "-o", str(tmp_path / f"o_{name}"),
+                       "--device", "cpu", "--quiet", "--threads", str(THREADS)])
+        cases[name] = (rc, capsys.readouterr().err.strip().splitlines())
+    rc, err = cases["net"]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(
+        f"semisam-o1 predict: error: {tmp_path / 'net' / nets.WEIGHTS_NAME}: model.pt does not match config.json ("), err
+    assert " tensors of another shape, e.g. model." in err[0] and err[0].endswith("the two files come from different models")
+    assert len(err[0]) < 400, err[0]
+    for name in ("labels", "patch"):
+        rc, err = cases[name]
+        assert rc == 2 and len(err) == 1 and err[0].startswith(
+            f"semisam-o1 predict: error: {tmp_path / name / BUNDLE_JSON}: {name} "), err
+        assert "!= config.json's " in err[0], err
+        assert err[0].endswith("bundle.json and config.json come from different models"), err
