@@ -131,8 +131,8 @@ def _signals_as_interrupts():
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # None: a handler set outside Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _close_progress_bars() -> None:
