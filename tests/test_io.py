@@ -568,7 +568,7 @@ def test_sweep_removes_a_killed_writers_temporaries_only(tmp_path):
     out = tmp_path / "out"
     _killed_writer(f"from semisam_o1.data.images import atomic_path\nwith atomic_path({str(out / 'x.nii.gz')!r}) as tmp:\n"
                    "    tmp.write_bytes(b'half')\n    import os; os._exit(9)", tmp_path)
-    _killed_writer("import numpy as np\nfrom semisam_o1 import store\n"
+    _killed_writer("import numpy as np\nfrom semisam_o1.data import store\n"
                    "def dies(*a, **k): import os; os._exit(9)\nstore.np.save = dies\n"
                    f"store.write_case({str(out)!r}, 'c1', {{0: np.zeros((2, 3, 3, 3), np.float16)}}, "
                    "{0: ([0.0] * 3, [1.0] * 3)}, {'case': 'c1'})", tmp_path)
