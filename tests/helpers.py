@@ -213,3 +213,19 @@ def small_filesystem(folder: Path, size_kb: int):
         yield _Fs()
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+# --------------------------------------------------------------------------- a damaged .gz
+
+
+def corrupt_gzip_stream(path: Path) -> Path:
+    """Rewrite the ``.nii.gz`` at ``path`` so that it still decompresses to its full length but one
+    voxel byte in the middle of the compressed stream is changed (stored deflate blocks, so the
+    change does not break the stream itself): only gzip's CRC-32 check at the end can tell."""
+    import gzip
+
+    raw = gzip.decompress(Path(path).read_bytes())
+    blob = bytearray(gzip.compress(raw, compresslevel=0))
+    blob[len(blob) // 2] ^= 0x5A  # the header (first 352 bytes of raw) and the trailer are untouched
+    Path(path).write_bytes(bytes(blob))
+    return Path(path)

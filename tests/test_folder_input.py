@@ -10,6 +10,7 @@ exit 2, nothing written.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -22,10 +23,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from semisam_o1 import cli
 from semisam_o1.core.errors import InputError
 from semisam_o1.data import folder_input as F
 from semisam_o1.data import images as image_io
 from semisam_o1.data.images import read_image, read_label_values
+from semisam_o1.pipeline import run as run_module
 
 OBLIQUE = np.array([[0.0, 0.0, 2.0, 4.0], [-1.5, 0.0, 0.0, 1.0], [0.0, 0.8, 0.0, 2.0], [0, 0, 0, 1]])
 
@@ -153,6 +156,14 @@ def test_materialise_writes_a_dataset_the_stages_read(scans, cohort, tmp_path):
     assert list(ds.label_map.names[1:]) == ["1", "2"]
     again = F.materialise(inp, tmp_path / "w")  # same sources: reused
     assert again == (root, split_file)
+    test_label = (scans["root"] / "tl" / f"{scans['test']}.nii.gz").resolve()
+    assert F.name_sources(f"{root / 'labelsTr' / scans['test']}.nii.gz: bad", root) == f"{test_label}: bad"
+    renamed = dataclasses.replace(inp, labels="1=first,2=second")  # other sources, WORK unused: rewritten
+    assert F.materialise(renamed, tmp_path / "w") == (root, split_file)
+    assert json.loads((root / "dataset.json").read_text())["labels"]["first"] == 1
+    (tmp_path / "w" / "features").mkdir()  # a stage wrote into WORK: its dataset stays as it was made
+    with pytest.raises(InputError, match="made from other images"):
+        F.materialise(inp, tmp_path / "w")
     assert json.loads((root / "dataset.json").read_text())["modality"] == {"0": "unknown"}
 
 
@@ -173,6 +184,7 @@ def test_modality_reaches_dataset_json_and_the_plan(scans, tmp_path):
     p = make_plan(PlanSettings(input=root, split=split_file, output=tmp_path / "plan.json", timing=False, quiet=True))
     norm = p["decisions"]["normalisation"]
     assert norm["value"]["method"] == "fixed_clip_zscore" and "CT from dataset.json" in norm["reason"]
+    (tmp_path / "w" / "features").mkdir()  # a stage wrote into WORK: another modality is another dataset
     with pytest.raises(InputError, match="other images"):
         F.materialise(F.FolderInput(**{**inp.__dict__, "modality": "MRI"}), tmp_path / "w")
     plain = F.FolderInput(**{**inp.__dict__, "modality": None})
@@ -213,13 +225,66 @@ def test_label_on_another_grid(tmp_path, scans):
     assert vol.shape  # the original is untouched and readable
 
 
+def test_broken_link_in_the_images_folder(tmp_path, scans):
+    """A scan of --images that is a symbolic link to a file that is gone: one line naming the link
+    (it is not dropped from the cohort silently); a hidden or unsupported broken link is ignored."""
+    images = Path(shutil.copytree(scans["images"], tmp_path / "scans"))
+    link = images / "moved.nii.gz"
+    link.symlink_to(tmp_path / "elsewhere" / "moved.nii.gz")
+    (images / ".hidden.nii.gz").symlink_to(tmp_path / "gone")
+    (images / "notes.txt").symlink_to(tmp_path / "gone")
+    line, _ = _bad_run(tmp_path, "--images", str(images), "--template-image", str(images / scans["template_image"].name),
+                       "--template-label", str(scans["template_label"]))
+    assert line == (f"semisam-o1 run: error: {link}: a broken symbolic link (its target "
+                    f"{tmp_path / 'elsewhere' / 'moved.nii.gz'} does not exist)")
+
+
 def test_unnamed_label_value_and_lonely_test_images(tmp_path, scans):
+    """--labels missing a value of the template's label, or naming one it lacks (refused before
+    anything runs, not a warning in propagate), and test images without labels."""
     line, _ = _bad_run(tmp_path, "--images", str(scans["images"]), "--template-image", str(scans["template_image"]),
                        "--template-label", str(scans["template_label"]), "--labels", "1=only")
     assert "label value 2" in line
     line, _ = _bad_run(tmp_path, "--images", str(scans["images"]), "--template-image", str(scans["template_image"]),
+                       "--template-label", str(scans["template_label"]), "--labels", "1=first,2=second,3=third")
+    assert line == (f"semisam-o1 run: error: {scans['template_label']}: --labels 1=first,2=second,3=third names "
+                    "3=third, a value the template's label does not hold (each class is learnt from its template "
+                    "voxels); drop it or label it")
+    line, _ = _bad_run(tmp_path, "--images", str(scans["images"]), "--template-image", str(scans["template_image"]),
                        "--template-label", str(scans["template_label"]), "--test-images", str(scans["root"] / "ti"))
     assert "--test-labels" in line
+
+
+class _Validated(Exception):
+    """Raised where ``run`` takes its lock, i.e. once every input check passed."""
+
+
+def _stop_after_checks(work):
+    raise _Validated(work)
+
+
+def test_failed_check_names_the_users_file_and_the_retry_runs(tmp_path, scans, cohort, capsys, monkeypatch):
+    """A NaN voxel in one scan of --images: the line names the user's file (not its link under
+    WORK/dataset) and no WORK is left; the file fixed, the same command gets past the checks."""
+    images = Path(shutil.copytree(scans["images"], tmp_path / "scans"))
+    bad = images / "extra.nii.gz"
+    img = nib.load(str(cohort.root / "imagesTr" / f"{cohort.unlabeled[2]}.nii.gz"))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), str(bad))
+    work = tmp_path / "work"
+    args = ["run", "--images", str(images), "--template-image", str(images / scans["template_image"].name),
+            "--template-label", str(scans["template_label"]), "-o", str(work), "--preset", "quick", "--quiet"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"semisam-o1 run: error: {bad.resolve()}: 1 voxels are NaN or Inf; an image must hold finite "
+                   "intensities"], err
+    assert not work.exists()
+    data[1, 2, 3] = 0.0
+    nib.save(nib.Nifti1Image(data, img.affine), str(bad))
+    monkeypatch.setattr(run_module, "FolderLock", _stop_after_checks)
+    with pytest.raises(_Validated):
+        cli.main(args)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 THREADS = "2"
-MESSAGE = "interrupted; finished outputs are kept, re-run to resume"
+RESUME = "finished outputs are kept, re-run to resume"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -123,14 +123,16 @@ def _interrupt(cmd: list[str], ready, tmp: Path, sig=signal.SIGINT, timeout: flo
     return rc, err_path.read_text(errors="replace")
 
 
-def _assert_interrupted(rc: int, err: str, stage: str) -> None:
-    """Exit 130, no traceback, and the last line on stderr (progress bars redraw with \\r) is the
-    CLI's one interrupt line, printed once."""
-    assert rc == 130, err
+def _assert_interrupted(rc: int, err: str, stage: str, sig=signal.SIGINT) -> None:
+    """Exit 130 (Ctrl-C) or 128 + the signal's number (SIGTERM 143, SIGHUP 129), no traceback, and
+    the last line on stderr (progress bars redraw with \\r) is the CLI's one stop line, printed once."""
+    reason = "interrupted" if sig == signal.SIGINT else f"terminated ({signal.Signals(sig).name})"
+    message = f"{reason}; {RESUME}"
+    assert rc == (130 if sig == signal.SIGINT else 128 + sig), err
     assert "Traceback" not in err and "Exception ignored" not in err, err
     lines = [part.strip() for line in err.splitlines() for part in line.split("\r") if part.strip()]
-    assert lines[-1] == f"semisam-o1 {stage}: {MESSAGE}", lines[-3:]
-    assert sum(MESSAGE in line for line in lines) == 1
+    assert lines[-1] == f"semisam-o1 {stage}: {message}", lines[-3:]
+    assert sum(RESUME in line for line in lines) == 1
 
 
 def _temporaries(folder: Path) -> list[Path]:
@@ -156,11 +158,11 @@ def _label_files(folder: Path, cases) -> list[Path]:
     return [folder / f"{c}.nii.gz" for c in cases if (folder / f"{c}.nii.gz").is_file()]
 
 
-def _check_per_case_stage(cmd, stage: str, out: Path, cases, finished_files, tmp: Path) -> None:
+def _check_per_case_stage(cmd, stage: str, out: Path, cases, finished_files, tmp: Path, sig=signal.SIGINT) -> None:
     """Interrupt a per-case stage once its first case is written, then run it again: the finished
     cases are kept as they were, the others written, the record finished."""
-    rc, err = _interrupt(cmd, lambda: len(finished_files()) > 0, tmp)
-    _assert_interrupted(rc, err, stage)
+    rc, err = _interrupt(cmd, lambda: len(finished_files()) > 0, tmp, sig=sig)
+    _assert_interrupted(rc, err, stage, sig)
     assert not _temporaries(out)
     done = finished_files()
     assert done
@@ -199,12 +201,14 @@ def test_interrupt_encode(inputs, tmp_path):
     assert json.loads((out / "stage.json").read_text())["finished"]
 
 
-def test_interrupt_propagate(inputs, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["sigint", "sighup"])
+def test_interrupt_propagate(inputs, tmp_path, sig):
+    """Ctrl-C, and SIGHUP (the terminal closed) handled the same way: exit 129."""
     v = inputs
     out = tmp_path / "pseudo"
     cmd = _cli("propagate", "-i", v["ds"], "-f", v["features"], "--template", v["template"], "-o", out, "--cases",
                *v["pool"], "--threads", THREADS)
-    _check_per_case_stage(cmd, "propagate", out, v["pool"], lambda: _label_files(out, v["pool"]), tmp_path)
+    _check_per_case_stage(cmd, "propagate", out, v["pool"], lambda: _label_files(out, v["pool"]), tmp_path, sig)
 
 
 def test_interrupt_predict(inputs, tmp_path):
@@ -230,23 +234,23 @@ def test_interrupt_refine(inputs, tmp_path):
 ITERATIONS, EVERY = 12, 4
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "kill-9"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["sigint", "sigterm", "kill-9"])
 def test_interrupted_train_resumes_from_its_checkpoint(inputs, tmp_path, sig):
     """train (quick preset with a checkpoint every 4 iterations) stopped after its first checkpoint:
     the same command resumes from the checkpoint's iteration (not from 0) and ends with every
-    iteration logged once."""
+    iteration logged once. SIGTERM (a scheduler's kill) is handled like Ctrl-C: exit 143."""
     import torch
 
     v = inputs
     out = tmp_path / "model"
-    setup = f"from semisam_o1 import nets\nnets.PRESETS['quick']['checkpoint_every'] = {EVERY}"
+    setup = f"from semisam_o1.stages import nets\nnets.PRESETS['quick']['checkpoint_every'] = {EVERY}"
     cmd = _patched_cli(setup, "train", "-i", v["ds"], "-l", v["labels"], "--template", v["template"], "--cases",
                        *v["pool"], "-o", out, "--preset", "quick", "--iterations", ITERATIONS, "--device", "cpu",
                        "--threads", THREADS)
     ckpt = out / "checkpoint.pt"
     rc, err = _interrupt(cmd, ckpt.is_file, tmp_path, sig=sig)
-    if sig == signal.SIGINT:
-        _assert_interrupted(rc, err, "train")
+    if sig != signal.SIGKILL:
+        _assert_interrupted(rc, err, "train", sig)
         assert not _temporaries(out)
     else:
         assert rc == -signal.SIGKILL
@@ -262,13 +266,14 @@ def test_interrupted_train_resumes_from_its_checkpoint(inputs, tmp_path, sig):
     assert not ckpt.exists() and json.loads((out / "stage.json").read_text())["finished"]
 
 
-def test_interrupt_run(inputs, tmp_path):
-    """run (its encode stage given the fast ONNX encoder) interrupted while propagate writes the
-    round-0 pseudo-labels: the same command reuses the store and the finished pseudo-labels and
-    runs to the report."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_interrupt_run(inputs, tmp_path, sig):
+    """run (its encode stage given the fast ONNX encoder) interrupted (Ctrl-C, or SIGTERM: exit 143)
+    while propagate writes the round-0 pseudo-labels: the same command reuses the store and the
+    finished pseudo-labels and runs to the report."""
     v = inputs
     work = tmp_path / "work"
-    setup = ("from pathlib import Path\nfrom semisam_o1 import encode\nchecked = encode.EncodeSettings.__post_init__\n"
+    setup = ("from pathlib import Path\nfrom semisam_o1.stages import encode\nchecked = encode.EncodeSettings.__post_init__\n"
              "def fast(self):\n"
              f"    self.encoder, self.checkpoint, self.channels = 'onnx', Path({str(v['fast'])!r}), 0\n"
              "    checked(self)\n"
@@ -276,8 +281,8 @@ def test_interrupt_run(inputs, tmp_path):
     cmd = _patched_cli(setup, "run", "-i", v["ds"], "--split", v["ds"] / "splits.json", "-o", work, "--preset",
                        "quick", "--threads", THREADS)
     pseudo = work / "round0" / "pseudo"
-    rc, err = _interrupt(cmd, lambda: len(_label_files(pseudo, v["pool"])) > 0, tmp_path)
-    _assert_interrupted(rc, err, "run")
+    rc, err = _interrupt(cmd, lambda: len(_label_files(pseudo, v["pool"])) > 0, tmp_path, sig=sig)
+    _assert_interrupted(rc, err, "run", sig)
     assert not _temporaries(work)
     done = _label_files(pseudo, v["pool"])
     assert len(done) < len(v["pool"])

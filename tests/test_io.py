@@ -9,13 +9,14 @@ import json
 import os
 from pathlib import Path
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
 
 from semisam_o1.core.errors import InputError
 from semisam_o1.core.files import atomic_path, write_json
-from semisam_o1.data.cases import case_id_from_path, find_case_file, index_label_folder
+from semisam_o1.data.cases import case_id_from_path, find_case_file, index_folder, index_label_folder
 from semisam_o1.data.dataset import Dataset
 from semisam_o1.data.images import check_same_grid, read_image, read_label, read_label_values, write_label, write_map
 from semisam_o1.data.labels import LabelMap
@@ -466,6 +467,32 @@ def test_truncated_file_is_an_error(tmp_path, ending):
         read_image(tiny)
 
 
+def test_corrupt_gzip_stream_is_an_error(tmp_path):
+    """A .nii.gz whose compressed voxels were changed (it still decompresses, with one wrong byte)
+    fails gzip's CRC check: an error naming the file, for an image and for a label, never silently
+    different voxels (nibabel alone stops before the check)."""
+    for name, data, reader in (("img.nii.gz", _image_data(shape=(30, 30, 30)), read_image),
+                               ("lab.nii.gz", np.ones((30, 30, 30), np.uint8), read_label_values)):
+        p = helpers.corrupt_gzip_stream(_save(tmp_path / name, data))
+        assert nib.load(str(p)).get_fdata().shape == (30, 30, 30)  # nibabel alone reads it
+        with pytest.raises(InputError) as exc:
+            reader(p)
+        assert str(exc.value) == f"{p}: the file is corrupt (gzip CRC check failed)"
+
+
+def test_broken_link_in_a_dataset_folder_is_an_error(tmp_path):
+    """A NIfTI name in imagesTr that is a broken symbolic link: an error naming it, not a case
+    silently missing from the cohort."""
+    folder = tmp_path / "imagesTr"
+    folder.mkdir()
+    _save(folder / "a.nii.gz", _image_data())
+    (folder / "b.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(InputError) as exc:
+        index_folder(folder, strip_channel="auto")
+    assert str(exc.value) == f"{folder / 'b.nii.gz'}: a broken symbolic link (its target {tmp_path / 'gone.nii.gz'} " \
+                             "does not exist)"
+
+
 def test_zero_size_image_is_an_error(tmp_path):
     p = _save(tmp_path / "empty.nii.gz", np.zeros((0, 5, 5), np.float32))
     with pytest.raises(InputError, match="empty image"):
@@ -541,7 +568,7 @@ def test_sweep_removes_a_killed_writers_temporaries_only(tmp_path):
     out = tmp_path / "out"
     _killed_writer(f"from semisam_o1.data.images import atomic_path\nwith atomic_path({str(out / 'x.nii.gz')!r}) as tmp:\n"
                    "    tmp.write_bytes(b'half')\n    import os; os._exit(9)", tmp_path)
-    _killed_writer("import numpy as np\nfrom semisam_o1 import store\n"
+    _killed_writer("import numpy as np\nfrom semisam_o1.data import store\n"
                    "def dies(*a, **k): import os; os._exit(9)\nstore.np.save = dies\n"
                    f"store.write_case({str(out)!r}, 'c1', {{0: np.zeros((2, 3, 3, 3), np.float16)}}, "
                    "{0: ([0.0] * 3, [1.0] * 3)}, {'case': 'c1'})", tmp_path)

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
@@ -150,3 +151,64 @@ def test_bad_inputs_are_one_line(bundle, tmp_path, capsys):
     (tmp_path / "bad" / BUNDLE_JSON).write_text("{}")
     with pytest.raises(InputError, match="not a semisam-o1 bundle"):
         read_bundle(tmp_path / "bad")
+
+
+def test_corrupt_gzip_scan_is_one_line(bundle, tmp_path, capsys):
+    """A scan whose gzip stream fails its CRC check (it decompresses, one byte changed) is refused
+    with one line naming it, exit 2, and no label written from its wrong voxels."""
+    scan = next(bundle["scans"].glob("*.nii.gz"))
+    bad = helpers.corrupt_gzip_stream(Path(shutil.copy(scan, tmp_path / scan.name)))
+    rc = cli.main(["predict", "-m", str(bundle["bundle"]), "-i", str(bad), "-o", str(tmp_path / "o"),
+                   "--device", "cpu", "--quiet", "--threads", str(THREADS)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"semisam-o1 predict: error: {bad}: the file is corrupt (gzip CRC check failed)"], err
+    assert not list((tmp_path / "o").rglob("*.nii.gz"))
+
+
+def test_scan_at_another_spacing_gets_one_warning(bundle, tmp_path, capsys):
+    """A scan whose voxels are 3 mm on one axis against the bundle's spacing_mm of 1 mm: predicted,
+    with one warning line naming it and both spacings; a scan at the bundle's spacing gets none."""
+    scan = next(bundle["scans"].glob("*.nii.gz"))
+    img = nib.load(str(scan))
+    coarse = tmp_path / "in" / "coarse.nii.gz"
+    coarse.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([3.0, 1.0, 1.0, 1.0])), str(coarse))
+    rc = cli.main(["predict", "-m", str(bundle["bundle"]), "-i", str(coarse), "-o", str(tmp_path / "o"),
+                   "--device", "cpu", "--quiet", "--threads", str(THREADS)])
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert rc == 0 and err == [f"semisam-o1 predict: warning: {coarse}: voxel spacing 3 x 1 x 1 mm differs from the "
+                               "model's 1 x 1 x 1 mm by more than 2x on an axis; check its labels (resample the scan "
+                               "to match)"], err
+    assert (tmp_path / "o" / "coarse.nii.gz").is_file()
+    rc = cli.main(["predict", "-m", str(bundle["bundle"]), "-i", str(scan), "-o", str(tmp_path / "o2"),
+                   "--device", "cpu", "--quiet", "--threads", str(THREADS)])
+    assert rc == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_bundle_from_mixed_models_is_one_line(bundle, tmp_path, capsys):
+    """A bundle whose config.json describes another network than model.pt holds (channels doubled),
+    or whose bundle.json names other labels or another patch than its config.json: one line naming
+    the file and the mismatch, exit 2, not torch's state_dict dump."""
+    cases = {}
+    for name, change in (("net", lambda c, b: c["net"].update(channels=[8, 16, 32])),
+                         ("labels", lambda c, b: b["labels"].update(Anterior=7)),
+                         ("patch", lambda c, b: b.update(patch=[32, 32, 32]))):
+        mixed = Path(shutil.copytree(bundle["bundle"], tmp_path / name))
+        config, info = (json.loads((mixed / f).read_text()) for f in (nets.CONFIG_NAME, BUNDLE_JSON))
+        change(config, info)
+        (mixed / nets.CONFIG_NAME).write_text(json.dumps(config))
+        (mixed / BUNDLE_JSON).write_text(json.dumps(info))
+        rc = cli.main(["predict", "-m", str(mixed), "-i", str(bundle["scans"]), "-o", str(tmp_path / f"o_{name}"),
+                       "--device", "cpu", "--quiet", "--threads", str(THREADS)])
+        cases[name] = (rc, capsys.readouterr().err.strip().splitlines())
+    rc, err = cases["net"]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(
+        f"semisam-o1 predict: error: {tmp_path / 'net' / nets.WEIGHTS_NAME}: model.pt does not match config.json ("), err
+    assert " tensors of another shape, e.g. model." in err[0] and err[0].endswith("the two files come from different models")
+    assert len(err[0]) < 400, err[0]
+    for name in ("labels", "patch"):
+        rc, err = cases[name]
+        assert rc == 2 and len(err) == 1 and err[0].startswith(
+            f"semisam-o1 predict: error: {tmp_path / name / BUNDLE_JSON}: {name} "), err
+        assert "!= config.json's " in err[0], err
+        assert err[0].endswith("bundle.json and config.json come from different models"), err

@@ -293,3 +293,25 @@ def test_run_plans_the_network_and_the_encoder_from_the_data(tmp_path):
     before = (work / "plan.json").read_bytes()
     again = _run(*args, timeout=600)
     assert again.returncode == 0 and (work / "plan.json").read_bytes() == before
+
+
+def test_an_equivalent_path_is_the_same_run(tmp_path, monkeypatch, cohort):
+    """A work folder started with relative paths (-i ../ds, -o w) is the same run when resumed with
+    their absolute forms (paths compared resolved); another dataset is still refused."""
+    from semisam_o1.core.errors import InputError
+    from semisam_o1.pipeline.run import RunSettings, Stages, check_settings
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    rel = Path(os.path.relpath(cohort.root, here))
+    first = RunSettings(input=rel, split=Path(os.path.relpath(cohort.split_file, here)), output=Path("../w"),
+                        preset="quick")
+    (tmp_path / "w").mkdir()
+    Stages(tmp_path / "w", first).save()
+    same = RunSettings(input=cohort.root.resolve(), split=cohort.split_file.resolve(), output=tmp_path / "w",
+                       preset="quick")
+    check_settings(tmp_path / "w", same)
+    other = RunSettings(input=tmp_path, split=cohort.split_file, output=tmp_path / "w", preset="quick")
+    with pytest.raises(InputError, match="started with input="):
+        check_settings(tmp_path / "w", other)

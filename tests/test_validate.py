@@ -88,6 +88,16 @@ def test_run_checks_inputs_before_writing(tmp_path, cohort, capsys, fault):
     assert not (tmp_path / "w").exists()
 
 
+def test_run_refuses_a_corrupt_gzip_stream(tmp_path, cohort, capsys):
+    """A pool image whose gzip stream fails its CRC check (it decompresses, with one byte changed):
+    one line naming it, exit 2, no work folder."""
+    root = _copy_cohort(cohort, tmp_path / "ds")
+    bad = helpers.corrupt_gzip_stream(root / "imagesTr" / f"{cohort.unlabeled[1]}.nii.gz")
+    line = _run_main(capsys, root, cohort.split_file, tmp_path / "w")
+    assert line == f"semisam-o1 run: error: {bad}: the file is corrupt (gzip CRC check failed)"
+    assert not (tmp_path / "w").exists()
+
+
 def test_run_refuses_a_test_case_without_label(tmp_path, cohort, capsys):
     root = _copy_cohort(cohort, tmp_path / "ds")
     (root / "labelsTr" / f"{cohort.test[0]}.nii.gz").unlink()

@@ -13,16 +13,21 @@ stage functions are the Python API (TotalSegmentator's and nnU-Net's split of a 
 entry point over plain functions). A module that raises
 :class:`semisam_o1.core.errors.InputError` gets its message printed as one line and
 exit status 2; :class:`semisam_o1.core.errors.ReportedError` (a step that already printed
-its own lines) only sets the exit status.
+its own lines) only sets the exit status. Ctrl-C exits 130; SIGTERM and SIGHUP are raised as
+:class:`semisam_o1.core.errors.Terminated` (a ``KeyboardInterrupt``) so the same cleanup runs, and
+exit 128 + the signal's number (143, 129), as a shell reports a process killed by it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from types import ModuleType
 
-from semisam_o1.core.errors import InputError, ReportedError
+from semisam_o1.core.errors import InputError, ReportedError, Terminated
 from semisam_o1.core.files import WRITE_ERRNOS, write_error_message
 from semisam_o1.core.settings import add_options, from_namespace
 from semisam_o1.core.version import __version__
@@ -40,6 +45,10 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "evaluate": (evaluate, "Dice, Jaccard, HD95 and ASD per class"),
     "run": (run_stage, "the whole SemiSAM-O1 loop: encode, propagate, rounds, evaluate, report"),
 }
+
+# Signals handled like Ctrl-C (SIGINT): the stage stops, its cleanup runs, finished outputs stay.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+RESUME_HINT = "finished outputs are kept, re-run to resume"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     module = args._module
     try:
-        module.STAGE(from_namespace(module.SETTINGS, args))
+        with _signals_as_interrupts():
+            module.STAGE(from_namespace(module.SETTINGS, args))
         return 0
     except InputError as exc:
         print(f"semisam-o1 {args.command}: error: {exc}", file=sys.stderr)
@@ -91,10 +101,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"semisam-o1 {args.command}: error: {write_error_message(exc.filename or 'an output', exc)}",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _close_progress_bars()  # else an open bar redraws itself at exit, after this line
-        print(f"semisam-o1 {args.command}: interrupted; finished outputs are kept, re-run to resume", file=sys.stderr)
-        return 130
+        print(f"semisam-o1 {args.command}: {_stop_reason(exc)}; {RESUME_HINT}", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Terminated) else 130
+
+
+def _stop_reason(exc: KeyboardInterrupt) -> str:
+    """``interrupted`` (Ctrl-C) or ``terminated (SIGTERM)``."""
+    if isinstance(exc, Terminated):
+        return f"terminated ({signal.Signals(exc.signum).name})"
+    return "interrupted"
+
+
+def _raise_terminated(signum, frame) -> None:
+    for sig in STOP_SIGNALS:  # once: a second signal during the cleanup must not cut it short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts():
+    """SIGTERM and SIGHUP raise :class:`Terminated` in the main thread while the stage runs; the
+    previous handlers are back afterwards (``main`` may be called in-process, e.g. by tests)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():  # None: a handler set outside Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _close_progress_bars() -> None:

@@ -24,3 +24,13 @@ class ReportedError(Exception):
 class OutputError(InputError):
     """An output that could not be written (disk full, read-only file system, no permission):
     one line naming the file; a stage stops at once instead of trying its other cases."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler's kill, a closed terminal), raised in the main thread where
+    Ctrl-C raises :class:`KeyboardInterrupt`, so the same cleanup runs: temporaries removed by
+    :func:`semisam_o1.core.files.atomic_path`, progress bars closed, finished outputs kept."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)

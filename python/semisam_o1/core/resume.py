@@ -41,10 +41,21 @@ def digest(obj: Any, length: int = 16) -> str:
 
 def result_settings(settings) -> dict:
     """The fields of a settings dataclass that change a stage's results: all but those
-    declared ``neutral`` (threads, progress bars, the output path, ``--overwrite``)."""
+    declared ``neutral`` (threads, progress bars, the output path, ``--overwrite``). Paths are
+    resolved (``Path.resolve``), so ``--images ../x/imgs`` and its absolute path are one setting."""
 
     values = as_dict(settings)
-    return {f.name: values[f.name] for f in dataclasses.fields(settings) if not f.metadata.get("neutral", False)}
+    return {f.name: _resolved(getattr(settings, f.name), values[f.name])
+            for f in dataclasses.fields(settings) if not f.metadata.get("neutral", False)}
+
+
+def _resolved(value, plain):
+    """``plain`` (the JSON form of ``value``) with each Path in ``value`` resolved."""
+    if isinstance(value, Path):
+        return os.fspath(value.resolve())
+    if isinstance(value, tuple) and any(isinstance(v, Path) for v in value):
+        return [os.fspath(v.resolve()) if isinstance(v, Path) else v for v in value]
+    return plain
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from semisam_o1.core.errors import InputError
-from semisam_o1.data.images import NIFTI_ENDINGS
+from semisam_o1.data.images import NIFTI_ENDINGS, refuse_broken_link
 
 
 def strip_nifti_ending(name: str) -> str | None:
@@ -91,16 +91,19 @@ def index_folder(
     suffix (see :func:`_decide_strip_channel`).
 
     Raises InputError, one message listing every offending path, when case ids
-    appear under two endings or two channels.
+    appear under two endings or two channels; one naming the link for a broken symbolic link.
     """
     if not folder.is_dir():
         return {}
     files = []
     for p in sorted(folder.iterdir()):
-        if not any(p.name.endswith(e) for e in endings) or not p.is_file():
+        if not any(p.name.endswith(e) for e in endings):
             continue
         stem = case_id_from_path(p, strip_channel=False)
         if stem is None:
+            continue
+        refuse_broken_link(p)
+        if not p.is_file():
             continue
         files.append((stem, p))
     if strip_channel == "auto":

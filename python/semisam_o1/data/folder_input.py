@@ -9,13 +9,16 @@
                         SimpleITK conversion of a .nrrd / .mha file to NIfTI
       labelsTr/         the template's label (and the ``--test-labels``), linked or converted
       splits.json       template / unlabeled (every other image of DIR) / test (``--test-images``)
-      cases.json        case id -> original file, format and role, and the digest of the sources
+      cases.json        case id -> original file, format and role, the labels' original files,
+                        and the digest of the sources
 
 The case id of a file is its name without the ending (``scan_07.nrrd`` -> ``scan_07``).
 SimpleITK (Lowekamp et al., Front. Neuroinform. 2013) reads .nrrd / .mha and writes their
 NIfTI conversion with spacing, origin and direction kept (ITK's LPS world converted to
 NIfTI's RAS); :func:`write_label_like` writes labels back in the original file's format and
-geometry. A re-run with the same sources reuses ``WORK/dataset``.
+geometry. A re-run with the same sources reuses ``WORK/dataset``; one with changed sources (a
+file fixed after a failed check) rewrites it while nothing else is in WORK yet.
+:func:`name_sources` puts the user's file names back into a message about ``WORK/dataset``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from semisam_o1.data.images import (
     itk_reader,
     label_values,
     read_itk,
+    refuse_broken_link,
     sitk_module,
 )
 
@@ -59,14 +63,18 @@ def list_images(folder: str | os.PathLike, what: str = "--images") -> dict[str, 
     """Case id -> file for the supported image files of ``folder`` (hidden files skipped).
 
     Raises:
-        InputError: the folder is missing, holds no supported image, or two files share a case id.
+        InputError: the folder is missing, holds no supported image, two files share a case id, or
+            a supported file name is a broken symbolic link.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: {what} folder not found")
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or ending(p) is None:
+        if p.name.startswith(".") or ending(p) is None:
+            continue
+        refuse_broken_link(p)
+        if not p.is_file():
             continue
         cid = case_id(p)
         if cid in found:
@@ -205,6 +213,11 @@ def check_inputs(inp: FolderInput) -> CheckedInputs:
     undeclared = sorted(set(values) - set(names.values()))
     if undeclared:
         raise InputError(f"{t_lab}: label value {undeclared[0]} is not named in --labels {inp.labels}")
+    absent = {n: v for n, v in names.items() if v not in values}
+    if absent:
+        name, value = next(iter(absent.items()))
+        raise InputError(f"{t_lab}: --labels {inp.labels} names {value}={name}, a value the template's label does "
+                         "not hold (each class is learnt from its template voxels); drop it or label it")
     test_labels[template] = t_lab.resolve()
     modality = (inp.modality or "").strip() or None
     if modality is not None and modality.lower() == "unknown":
@@ -231,7 +244,7 @@ def materialise(inp: FolderInput, work: str | os.PathLike) -> tuple[Path, Path]:
 
     Raises:
         InputError: a bad input (see :func:`check_inputs`; nothing written), or a ``WORK/dataset`` made
-            from other sources.
+            from other sources (or unreadable) once a stage has written into ``WORK``.
     """
 
     p = check_inputs(inp)
@@ -241,17 +254,18 @@ def materialise(inp: FolderInput, work: str | os.PathLike) -> tuple[Path, Path]:
     if mapping.is_file():
         try:
             before = json.loads(mapping.read_text()).get("sources_digest")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise InputError(f"{mapping}: unreadable ({exc}); delete {root} to redo it") from None
+        except (OSError, ValueError, AttributeError):
+            before = None  # rewritten below unless a stage used it
         if before == p.sources_digest and split_file.is_file():
             return root, split_file
-        raise InputError(f"{root}: was made from other images, labels or names; use a new -o folder")
+        if _work_in_use(Path(work)):
+            raise InputError(f"{root}: was made from other images, labels or names; use a new -o folder")
     Path(work).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(DATASET), dir=work))
     try:
         _write_dataset(p, tmp)
         write_json(tmp / CASES_JSON, {"template": p.template, "sources_digest": p.sources_digest,
-                                      "cases": p.cases})
+                                      "cases": p.cases, "labels": {c: str(f) for c, f in p.test_labels.items()}})
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -259,6 +273,32 @@ def materialise(inp: FolderInput, work: str | os.PathLike) -> tuple[Path, Path]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root, split_file
+
+
+def _work_in_use(work: Path) -> bool:
+    """A stage has written into ``work`` (anything beside ``WORK/dataset`` and hidden files such as
+    the lock): its outputs come from ``WORK/dataset``, which must then stay as it was made."""
+    return any(e.name != DATASET and not e.name.startswith(".") for e in work.iterdir())
+
+
+def _placed_name(source: str, case: str) -> str:
+    """The name :func:`place_file` gives ``source`` in the dataset."""
+    return f"{case}{ending(source)}" if is_nifti(source) else f"{case}.nii.gz"
+
+
+def name_sources(message: str, dataset: str | os.PathLike) -> str:
+    """``message`` with each ``WORK/dataset`` image or label path (as given, or resolved) replaced
+    by the user's own file it was made from (``cases.json``); unchanged when there is none."""
+    try:
+        record = json.loads((Path(dataset) / CASES_JSON).read_text())
+    except (OSError, ValueError):
+        return message
+    files = {("imagesTr", c): e["source"] for c, e in record.get("cases", {}).items()}
+    files.update({("labelsTr", c): src for c, src in record.get("labels", {}).items()})
+    for root in dict.fromkeys((Path(dataset), Path(dataset).resolve())):
+        for (folder, case), source in sorted(files.items(), key=lambda kv: -len(kv[0][1])):
+            message = message.replace(str(root / folder / _placed_name(source, case)), source)
+    return message
 
 
 def _write_dataset(p: CheckedInputs, root: Path) -> None:

@@ -12,6 +12,9 @@ Rules (each holds for every subcommand because they all come through here):
 * **Images** are read as real values (nibabel applies ``scl_slope`` /
   ``scl_inter``), float32. NaN/Inf, zero-size and non-3D images are errors.
   A 4D file whose 4th dimension is 1 is read as 3D.
+* **Compressed files** (``.nii.gz``) are decompressed to their end before their voxels are used,
+  so gzip's CRC-32 and length check run: a corrupt stream is an error naming the file, never
+  silently wrong voxels (nibabel alone stops reading at the last voxel, before the check).
 * **Labels** stored as float are rounded when every value lies within 1e-3 of
   an integer, never truncated; other values are an error naming the file and
   the value. Label values come from ``dataset.json`` ``labels`` and are mapped
@@ -21,7 +24,9 @@ Rules (each holds for every subcommand because they all come through here):
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +87,13 @@ class Volume:
             nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.io_orientation(self.native_affine)
         )
         return nib.orientations.apply_orientation(array, inverse)
+
+
+def refuse_broken_link(path: Path) -> None:
+    """Raise InputError naming ``path`` when it is a symbolic link whose target does not exist (a
+    moved or unmounted scan), so that a folder's listing never drops it silently."""
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path}: a broken symbolic link (its target {os.readlink(path)} does not exist)")
 
 
 def _load_nifti(path: Path):
@@ -162,8 +174,27 @@ def _squeeze_3d(data_shape: tuple, path: Path) -> tuple[int, int, int]:
     return shape
 
 
+def _verified_gzip_bytes(path: Path) -> bytes:
+    """The whole decompressed content of a ``.gz`` file, its CRC-32 and length checked (Python's
+    gzip does both at the end of the stream). Raises InputError naming the file when they fail,
+    the stream is cut short or it does not decompress."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except gzip.BadGzipFile as exc:
+        check = "CRC" if "CRC" in str(exc) else "length" if "length" in str(exc) else None
+        problem = f"gzip {check} check failed" if check else f"not a valid gzip stream: {exc}"
+        raise InputError(f"{path}: the file is corrupt ({problem})") from None
+    except EOFError:
+        raise InputError(f"{path}: the file is truncated (its gzip stream ends early)") from None
+    except zlib.error as exc:
+        raise InputError(f"{path}: the file is corrupt (gzip stream: {exc})") from None
+
+
 def _read_data(img, path: Path, dtype) -> np.ndarray:
     shape = _squeeze_3d(img.shape, path)
+    if path.name.endswith(".gz"):  # the voxels from the checked bytes, decompressed once
+        img = type(img).from_bytes(_verified_gzip_bytes(path))
     try:
         data = np.asarray(img.dataobj, dtype=dtype) if dtype is not None else np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated gzip, short file

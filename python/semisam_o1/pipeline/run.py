@@ -52,7 +52,7 @@ from semisam_o1.core.resume import FolderLock, check_output_dir, read_record, re
 from semisam_o1.core.settings import ComputeOptions, as_dict, check_range, command_line, forwarded, option
 from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.dataset import Dataset, load_split
-from semisam_o1.data.folder_input import DATASET, FolderInput, materialise
+from semisam_o1.data.folder_input import DATASET, FolderInput, materialise, name_sources
 from semisam_o1.data.images import read_label
 from semisam_o1.methods.class_planes import CLASS_PLANES_JSON
 from semisam_o1.methods.metrics import mean_dice
@@ -561,14 +561,7 @@ def run(settings: RunSettings) -> dict:
     s = settings
     work = check_output_dir(s.output, "work folder")
     resolve_device(s.device)  # --device cuda without a GPU: refused before anything is written
-    if s.folder_input is not None:  # a plain folder: checked, then written as WORK/dataset
-
-        materialise(s.folder_input, work)
-    dataset = Dataset(s.input)
-    cohort = case_lists(dataset, s)
-    check_settings(work, s)
-    validate_run(dataset, cohort.template, cohort.unlabeled, cohort.test, work, rounds=s.rounds,
-                 quiet=s.quiet)
+    dataset, cohort = _checked_inputs(s, work)
     with FolderLock(work):
         sweep_temporaries(work)  # WORK's own files and a killed materialise's WORK/dataset; stages sweep theirs
         stages = Stages(work, s)
@@ -583,6 +576,35 @@ def run(settings: RunSettings) -> dict:
         report = _report(dataset, stages, s, cohort, rule, selected, done, choice)
         _final(dataset, stages, s, cohort, rule, choice)
         return report
+
+
+def _validated(s: RunSettings, work: Path) -> tuple[Dataset, Cohort]:
+    """The dataset and the run's cases, every input read and checked (:func:`validate_run`)."""
+    dataset = Dataset(s.input)
+    cohort = case_lists(dataset, s)
+    check_settings(work, s)
+    validate_run(dataset, cohort.template, cohort.unlabeled, cohort.test, work, rounds=s.rounds,
+                 quiet=s.quiet)
+    return dataset, cohort
+
+
+def _checked_inputs(s: RunSettings, work: Path) -> tuple[Dataset, Cohort]:
+    """:func:`_validated`; with ``--images``, on the ``WORK/dataset`` made from the folder first. A
+    failed check names the user's file (not its link under ``WORK/dataset``) and removes the
+    ``WORK/dataset`` (and ``WORK``) this call made, so the same command runs once the file is fixed."""
+    if s.folder_input is None:
+        return _validated(s, work)
+    made_work, made_dataset = not work.exists(), not (work / DATASET).exists()
+    try:
+        materialise(s.folder_input, work)
+        return _validated(s, work)
+    except InputError as exc:
+        message = name_sources(str(exc), work / DATASET)
+        if made_dataset:
+            shutil.rmtree(work / DATASET, ignore_errors=True)
+        if made_work and work.is_dir() and not any(work.iterdir()):
+            work.rmdir()
+        raise InputError(message) from None
 
 
 def _report(dataset, stages: Stages, s: RunSettings, cohort: Cohort, rule: Path | None,

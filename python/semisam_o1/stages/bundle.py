@@ -64,7 +64,8 @@ def read_bundle(model: Path) -> dict | None:
     """``bundle.json`` of a model folder (None for a plain ``train`` folder).
 
     Raises:
-        InputError: the file exists but is not a bundle.
+        InputError: the file exists but is not a bundle, or its labels or patch differ from the
+            ``config.json`` beside it.
     """
     path = Path(model) / BUNDLE_JSON
     if not path.is_file():
@@ -75,7 +76,23 @@ def read_bundle(model: Path) -> dict | None:
         raise InputError(f"{path}: unreadable bundle description ({exc})") from None
     if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
         raise InputError(f"{path}: not a semisam-o1 bundle ({BUNDLE_FORMAT!r} expected)")
+    _check_against_config(path, info)
     return info
+
+
+def _check_against_config(path: Path, info: dict) -> None:
+    """Raise InputError (one line) when ``bundle.json``'s labels or patch differ from the
+    ``config.json`` beside it (a config copied from another model); no config: load_model reports."""
+    try:
+        config = json.loads((path.parent / nets.CONFIG_NAME).read_text())
+        labels = dict(zip(config["label_map"]["names"], config["label_map"]["values"]))
+        described = {"labels": labels, "patch": config["patch"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for key, value in described.items():
+        if info.get(key) != value:
+            raise InputError(f"{path}: {key} {info.get(key)} != {nets.CONFIG_NAME}'s {value}; "
+                             f"{BUNDLE_JSON} and {nets.CONFIG_NAME} come from different models")
 
 
 def bundle_rule(model: Path) -> Path | None:

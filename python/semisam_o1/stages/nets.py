@@ -235,6 +235,23 @@ def is_finished(model_dir: str | Path) -> bool:
     return isinstance(record, dict) and record.get("stage") == "train" and bool(record.get("finished"))
 
 
+def weights_mismatch(expected: dict, state) -> str | None:
+    """How the tensors ``state`` (a loaded ``model.pt``) differ from ``expected`` (the state dict of
+    the network ``config.json`` describes), in a few words with one example; None when they match."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a state dict"
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(expected[k].shape) != tuple(getattr(state[k], "shape", ()))]
+    if not (missing or extra or shapes):
+        return None
+    parts = [f"{len(v)} tensors {what}" for v, what in ((missing, "missing"), (extra, "not in the network"),
+                                                          (shapes, "of another shape")) if v]
+    example = (f"{shapes[0]}: {list(state[shapes[0]].shape)} in the weights, {list(expected[shapes[0]].shape)} "
+               "in the config" if shapes else f"{(missing or extra)[0]}")
+    return f"{', '.join(parts)}, e.g. {example}"
+
+
 def load_model(model_dir: str | Path, device=None):
     """Load a finished model directory.
 
@@ -246,7 +263,8 @@ def load_model(model_dir: str | Path, device=None):
         (net, config): the UNet in eval mode and the parsed config.json dict.
 
     Raises:
-        InputError: the folder is not a finished model directory, or its files cannot be read.
+        InputError: the folder is not a finished model directory, its files cannot be read, or the
+            weights do not fit the network its config describes (one line, not torch's key dump).
     """
     import torch
 
@@ -263,9 +281,13 @@ def load_model(model_dir: str | Path, device=None):
     net = build_net(params)
     try:
         state = torch.load(d / WEIGHTS_NAME, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
     except Exception as exc:
         raise InputError(f"{d / WEIGHTS_NAME}: cannot load the weights ({type(exc).__name__}: {exc})") from None
+    mismatch = weights_mismatch(net.state_dict(), state)
+    if mismatch:
+        raise InputError(f"{d / WEIGHTS_NAME}: {WEIGHTS_NAME} does not match {CONFIG_NAME} ({mismatch}); the two "
+                         "files come from different models")
+    net.load_state_dict(state)
     if device is not None:
         net = net.to(device)
     net.eval()

@@ -69,9 +69,12 @@ from semisam_o1.data.labels import LabelMap
 from semisam_o1.methods import class_planes as planes
 from semisam_o1.methods.components import largest_component
 from semisam_o1.stages import nets
-from semisam_o1.stages.bundle import bundle_rule
+from semisam_o1.stages.bundle import bundle_rule, read_bundle
 
 ENTROPY_JSON = "entropy.json"
+# A scan whose voxel size differs from the bundle's spacing_mm by more than this factor on an axis
+# gets one warning line (the network saw structures at another scale in voxels).
+SPACING_WARN_RATIO = 2.0
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -405,6 +408,22 @@ def _predict_file(setup: _PredictSetup, settings: PredictSettings, case: str, so
     return float(entropy_map(probs).astype(np.float64).mean())
 
 
+def _warn_if_spacing_differs(path: Path, affine: np.ndarray, expected) -> None:
+    """One warning line when the scan's voxel spacing (mm, canonical axes, from ``affine``) differs
+    from the bundle's ``spacing_mm`` (``expected``; None: no check) by more than
+    :data:`SPACING_WARN_RATIO` on any axis."""
+    if not expected:
+        return
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    ref = np.asarray(expected, dtype=np.float64)
+    if np.all(np.maximum(spacing / ref, ref / spacing) <= SPACING_WARN_RATIO):
+        return
+    fmt = lambda v: " x ".join(f"{x:.3g}" for x in v)  # noqa: E731
+    print(f"semisam-o1 predict: warning: {path}: voxel spacing {fmt(spacing)} mm differs from the model's "
+          f"{fmt(ref)} mm by more than {SPACING_WARN_RATIO:g}x on an axis; check its labels (resample the scan "
+          "to match)", file=sys.stderr, flush=True)
+
+
 def _prepare_files(settings: PredictSettings, dev) -> tuple[_PredictSetup, dict[str, Path], object]:
     """Check scans, model, rule and output (nothing written); returns the setup, the scans and the label map."""
 
@@ -413,8 +432,9 @@ def _prepare_files(settings: PredictSettings, dev) -> tuple[_PredictSetup, dict[
     settings = _with_bundle_rule(settings)
     rule = planes.read(settings.class_planes) if settings.class_planes is not None else None
     label_map = LabelMap.from_values(config["label_map"]["values"], config["label_map"]["names"])
+    expected = (read_bundle(settings.model) or {}).get("spacing_mm")
     for path in scans.values():
-        geometry(path)
+        _warn_if_spacing_differs(path, geometry(path)[1], expected)
     inputs = {"model_sha256": file_sha256(settings.model / nets.WEIGHTS_NAME),
               "class_planes": None if rule is None else rule.to_json(),
               "images": {c: file_sha256(p) for c, p in scans.items()}}
