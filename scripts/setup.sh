@@ -12,4 +12,4 @@ python -m pip install -q --upgrade pip
 # torch/torchvision pinned (taken from this machine's disk); the rest from PyPI.
 python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
 python -m pip install -q --no-build-isolation ".[test,bench,ray]"
-python -c "import semisam_o1._core as c; print('semisam_o1._core built:', c.__file__)"
+python -c "import semisam_o1.core._core as c; print('semisam_o1.core._core built:', c.__file__)"
