@@ -89,3 +89,36 @@ def test_report_pool_dice_is_semisam_metrics_dice(tmp_path, cohort):
     expected = dict(zip([lm.names[c] for c in lm.foreground], np.mean(rows, axis=0)))
     assert report["rounds"][1]["prediction_dice_unlabeled"]["dice"] == pytest.approx(expected)
     assert report["selection"] is None
+
+
+def test_label_free_evidence_is_reported_and_drawn_without_real_labels(tmp_path, cohort, monkeypatch):
+    """Each round's label-free evidence (round.json: referee agreement over the cases the referee
+    can judge, the held-out template's Dice) is in report.json, and the chart draws it: the only
+    lines of a run whose cohort has no real labels."""
+    from semisam_o1.pipeline import report as report_module
+    from semisam_o1.pipeline import rounds
+
+    ds, work = _work(tmp_path, cohort)
+    pool = cohort.unlabeled
+    for r, (ref, tpl) in enumerate([(0.70, None), (0.74, 0.81)]):
+        (work / f"round{r}" / rounds.ROUND_JSON).write_text(json.dumps(
+            {"round": r, "referee": {c: ref + 0.1 * (i == 0) for i, c in enumerate(pool)}, "template_dice": tpl}))
+    (work / "referee").mkdir()
+    (work / "referee" / "reliability.json").write_text(json.dumps(
+        {"cases": {c: {"reliable": i > 0} for i, c in enumerate(pool)}, "reliable": True,
+         "reliable_cases": len(pool) - 1, "pool_cases": len(pool), "rule": "r"}))
+    monkeypatch.setattr(ds, "labels", {cohort.template: ds.labels[cohort.template]})  # only the template labelled
+    drawn = []
+    real_plot = report_module._plot_label_free
+    monkeypatch.setattr(report_module, "_plot_label_free",
+                        lambda ax, entries, rs: (drawn.append([e["label_free"] for e in entries]),
+                                                 real_plot(ax, entries, rs)))
+    report = write_report(work, ds, template=cohort.template, unlabeled=pool, test=[], rounds=1, times={},
+                          config={})
+    lf = [e["label_free"] for e in report["rounds"]]
+    assert lf[0]["referee_agreement"] == pytest.approx(0.70) and lf[0]["referee_cases"] == len(pool) - 1
+    assert lf[1]["referee_agreement"] == pytest.approx(0.74) and lf[1]["template_dice"] == 0.81
+    assert report["rounds"][0]["pseudo_label_dice_unlabeled"] is None
+    assert report["chosen"]["referee_reliability"]["reliable_cases"] == len(pool) - 1
+    assert drawn == [lf]
+    assert (work / "report_dice_by_round.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -27,8 +27,8 @@ from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.dataset import Dataset
 from semisam_o1.data.images import read_label
 from semisam_o1.methods.metrics import dice_per_class
-from semisam_o1.pipeline.referee import RELIABILITY_JSON
-from semisam_o1.pipeline.rounds import criterion
+from semisam_o1.pipeline.referee import RELIABILITY_JSON, reliable_cases
+from semisam_o1.pipeline.rounds import criterion, read_evidence
 from semisam_o1.pipeline.selection import SELECTION_JSON
 
 # RGBA per class index (background transparent), cycled for more classes
@@ -88,6 +88,20 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _label_free(work: Path, r: int, unlabeled: list[str]) -> dict | None:
+    """Round ``r``'s label-free evidence (``round{r}/round.json``, :mod:`semisam_o1.pipeline.rounds`):
+    the mean agreement of its pool labels with the registration referee over the cases the referee
+    can judge, its network's Dice on the held-out template (the fallback criterion), and the mean
+    agreement with the previous round's labels; None without a record."""
+    e = read_evidence(work, r)
+    if e is None:
+        return None
+    judged = reliable_cases(work / "referee")
+    referee = {c: v for c, v in (e.get("referee") or {}).items() if judged is None or c in judged}
+    return {"referee_agreement": float(np.mean(list(referee.values()))) if referee else None,
+            "referee_cases": len(referee), "template_dice": e.get("template_dice"), "change": e.get("change")}
+
+
 def _round_entry(work: Path, dataset: Dataset, r: int, unlabeled: list[str], times: dict) -> dict:
     """The report's entry for round ``r``: pool Dice of its pseudo-labels (and, r >= 1, of the
     UNet's predictions before refinement), its test metrics, refinement counts and seconds."""
@@ -102,6 +116,7 @@ def _round_entry(work: Path, dataset: Dataset, r: int, unlabeled: list[str], tim
         if refine_info is not None:
             entry["refinement"] = {k: v for k, v in refine_info.items() if k != "cases"}
             entry["refinement"].setdefault("voxels_changed_total", None)
+    entry["label_free"] = _label_free(work, r, unlabeled)
     entry["seconds"] = ({k: v for k, v in times.items() if k.startswith(f"round{r}/")} if r
                         else {k: v for k, v in times.items() if "/" not in k})
     return entry
@@ -214,6 +229,7 @@ def plot_dice_by_round(report: dict, dataset: Dataset, path: Path) -> None:
         for values, style, what in ((pseudo, "o--", "pseudo-labels (unlabeled pool)"), (test, "s-", "UNet (test set)")):
             xs = [r for r, v in zip(rounds, values) if v is not None]
             ax.plot(xs, [v for v in values if v is not None], style, color=colour, label=f"{name}: {what}")
+    _plot_label_free(ax, report["rounds"], rounds)
     ax.set_xlabel("round")
     ax.set_ylabel("Dice")
     ax.set_xticks(rounds)
@@ -223,6 +239,18 @@ def plot_dice_by_round(report: dict, dataset: Dataset, path: Path) -> None:
     ax.set_title("SemiSAM-O1: Dice by round")
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+def _plot_label_free(ax, entries: list[dict], rounds: list[int]) -> None:
+    """The label-free evidence by round (grey): agreement with the registration referee, and the
+    network's Dice on the held-out template when the run fell back on it; a run without real labels
+    shows only these."""
+    for key, style, what in (("referee_agreement", "D:", "agreement with the registration referee (pool, no label)"),
+                             ("template_dice", "^:", "network on the held-out template")):
+        values = [(e.get("label_free") or {}).get(key) for e in entries]
+        xs = [r for r, v in zip(rounds, values) if v is not None]
+        if xs:
+            ax.plot(xs, [v for v in values if v is not None], style, color="0.35", label=what)
 
 
 def _overlay(ax, image: np.ndarray, label: np.ndarray | None, title: str) -> None:
