@@ -89,7 +89,7 @@ class RunSettings(ComputeOptions, EngineOptions):
                                 flags=("-i", "--input"), type=Path, metavar="DATASET")
     split: Path | None = option(None, "split JSON with 'template', 'unlabeled' and 'test' (with -i)", type=Path,
                                 metavar="FILE")
-    images: Path | None = option(None, "a plain folder of scans (.nii.gz, .nii, .nrrd, .mha): the cohort to label "
+    images: Path | None = option(None, "a plain folder of scans (.nii.gz, .nii, .nrrd, .mha) or of 2D images (.png, .jpg, .bmp, .tif): the cohort to label "
                                  "(instead of -i and --split; written as an MSD dataset into WORK/dataset)",
                                  type=Path, metavar="DIR")
     template_image: Path | None = option(None, "with --images: the one labelled scan (inside DIR or not)",
@@ -101,6 +101,9 @@ class RunSettings(ComputeOptions, EngineOptions):
     test_images: Path | None = option(None, "with --images: a folder of scans to evaluate the model on (needs "
                                       "--test-labels, files named like their images)", type=Path, metavar="DIR")
     test_labels: Path | None = option(None, "with --test-images: their labels", type=Path, metavar="DIR")
+    pixel_size: Path | None = option(None, "with --images of 2D files (PNG, JPEG, BMP, TIFF): a CSV of CASE,"
+                                     "PIXEL_SIZE_MM for every image (HD95 / ASD in mm); without it distances are "
+                                     "in pixels", type=Path, metavar="CSV")
     output: Path = option(help="work folder: every stage's output, report.json and pictures",
                           flags=("-o", "--output"), type=Path, metavar="WORK", neutral=True)
     preset: str = option("cpu", "quick: tests (3 unlabeled, 2 test cases, 1 round, seconds of training); "
@@ -180,11 +183,13 @@ class RunSettings(ComputeOptions, EngineOptions):
         """Either ``-i DATASET --split FILE`` or ``--images DIR --template-image FILE --template-label
         FILE``; with the latter, ``input`` / ``split`` become ``WORK/dataset`` and its split."""
 
-        for key in ("input", "split", "images", "template_image", "template_label", "test_images", "test_labels"):
+        for key in ("input", "split", "images", "template_image", "template_label", "test_images", "test_labels",
+                    "pixel_size"):
             if getattr(self, key) is not None:
                 setattr(self, key, Path(getattr(self, key)))
         if self.images is None:
-            extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels")
+            extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels",
+                                 "pixel_size")
                      if getattr(self, k) is not None]
             if extra:
                 raise InputError(f"--{extra[0].replace('_', '-')} goes with --images DIR")
@@ -209,7 +214,8 @@ class RunSettings(ComputeOptions, EngineOptions):
 
         return FolderInput(images=self.images, template_image=self.template_image,
                            template_label=self.template_label, labels=self.labels,
-                           test_images=self.test_images, test_labels=self.test_labels)
+                           test_images=self.test_images, test_labels=self.test_labels,
+                           pixel_size=self.pixel_size)
 
     @property
     def unet(self) -> str:

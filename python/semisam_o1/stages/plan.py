@@ -59,6 +59,7 @@ from semisam_o1.data.images import canonical_shape
 from semisam_o1.methods import components
 from semisam_o1.methods.class_planes import learn
 from semisam_o1.methods.metrics import mask_extent
+from semisam_o1.stages import nets
 
 #: fraction of the structure's extent added on each side of the patch
 PATCH_MARGIN = 0.25
@@ -82,6 +83,8 @@ SPACING_FACTORS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 #: a template class must stay at least this many voxels across at the working spacing: the
 #: network's bottom level (MIN_BOTTOM_EDGE voxels) after one more halving
 MIN_CLASS_EDGE = 2 * MIN_BOTTOM_EDGE
+#: patches per batch of a 2D network (2D images: volumes of one slice)
+BATCH_2D = 4
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -195,7 +198,7 @@ def plan_strides(patch, spacing) -> list[list[int]]:
     sp = [float(s) for s in spacing]
     levels = []
     while len(levels) < MAX_DOWNSAMPLINGS:
-        finest = min(sp)
+        finest = min(v for v, n in zip(sp, size) if n > 1)  # a one-slice axis (2D images) has no say
         stride = [2 if (sp[a] < 2 * finest and size[a] / 2 >= MIN_BOTTOM_EDGE) else 1 for a in range(3)]
         if not any(s == 2 for s in stride):
             break
@@ -214,6 +217,7 @@ def plan_patch(extent_vox, median_shape, spacing, max_voxels: int) -> tuple[list
     want = [e * (1 + 2 * PATCH_MARGIN) for e in extent_vox]
     cap = [max(m, 16) for m in median_shape]
     patch = [max(2 * MIN_BOTTOM_EDGE, min(w, c)) for w, c in zip(want, cap)]
+    patch = [1 if m == 1 else p for p, m in zip(patch, median_shape)]  # 2D images: one slice
     strides = plan_strides(patch, spacing)
     step = [int(np.prod([lv[a] for lv in strides])) if strides else 1 for a in range(3)]
     patch = [int(math.ceil(p / st)) * st for p, st in zip(patch, step)]
@@ -235,9 +239,10 @@ def plan_flip_axes(dataset, template: str) -> tuple[list[int], str]:
 
     label = dataset.read_label(template).array
     rule, _ = learn(label, dataset.label_map.num_classes)
+    every = [a for a in range(3) if label.shape[a] > 1]  # a 2D image has no third axis to flip
     if rule is None:
-        return [0, 1, 2], "no axis orders the template's foreground classes: a flip along any axis keeps them"
-    axes = [a for a in range(3) if a != rule.axis]
+        return every, "no axis orders the template's foreground classes: a flip along any axis keeps them"
+    axes = [a for a in every if a != rule.axis]
     return axes, (f"the template's classes follow each other along axis {rule.axis}: a flip there would swap "
                   "them")
 
@@ -277,12 +282,10 @@ def seconds_per_iteration(unet: dict, num_classes: int, threads: int | None = No
     not the median: other work on a shared machine only ever slows a step down)."""
     import torch
     from monai.losses import DiceCELoss
-    from monai.networks.nets import UNet
 
     if threads:
         torch.set_num_threads(int(threads))
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=num_classes, channels=unet["channels"],
-               strides=unet["strides"], num_res_units=unet["num_res_units"], norm="INSTANCE")
+    net = nets.build_net(nets.net_params(unet, num_classes))  # 2D (one-slice patch): MONAI's 2D UNet
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     x = torch.randn(unet["batch_size"], 1, *unet["patch"])
@@ -298,14 +301,17 @@ def seconds_per_iteration(unet: dict, num_classes: int, threads: int | None = No
     return float(np.min(times))
 
 
-def working_spacings(spacing) -> list[list[float]]:
+def working_spacings(spacing, flat: bool = False) -> list[list[float]]:
     """Candidate working spacings (mm), finest first: for each factor f of ``SPACING_FACTORS``,
     every axis at ``max(its spacing, f x the finest axis's)`` (the fine axes are coarsened first,
-    towards isotropy; a coarse axis is never refined)."""
-    finest = min(spacing)
+    towards isotropy; a coarse axis is never refined). ``flat`` (2D images): the in-plane axes
+    only; the third keeps its spacing."""
+    finest = min(spacing[:2] if flat else spacing)
     out = []
     for f in SPACING_FACTORS:
         ws = [round(max(float(s), f * finest), 4) for s in spacing]
+        if flat:
+            ws[2] = round(float(spacing[2]), 4)
         if ws not in out:
             out.append(ws)
     return out
@@ -317,14 +323,25 @@ def plan_network(fp: dict, working: list[float], max_voxels: int) -> tuple[dict,
     spacing = fp["cohort"]["spacing_mm"]["median"]
     extent = [int(math.ceil(e / w)) for e, w in zip(fp["template"]["foreground"]["extent_mm"], working)]
     median_shape = [int(round(n * s / w)) for n, s, w in zip(fp["cohort"]["shape"]["median"], spacing, working)]
+    if is_flat(fp):
+        median_shape[2] = 1
     patch, strides, reason = plan_patch(extent, median_shape, working, max_voxels)
     channels = [min(BASE_CHANNELS * 2 ** i, MAX_CHANNELS) for i in range(len(strides) + 1)]
-    return {"patch": patch, "strides": strides, "channels": channels, "num_res_units": 1, "batch_size": 2}, reason
+    unet = {"patch": patch, "strides": strides, "channels": channels, "num_res_units": 1,
+            "batch_size": BATCH_2D if is_flat(fp) else 2}
+    return (nets.for_2d(unet | {"flip_axes": []}) if is_flat(fp) else unet), reason
 
 
 def smallest_class_edge(fp: dict, working: list[float]) -> float:
-    """The smallest extent, in voxels at ``working`` mm, of any template class along any axis."""
-    return min(e / w for c in fp["template"]["classes"].values() for e, w in zip(c["extent_mm"], working))
+    """The smallest extent, in voxels at ``working`` mm, of any template class along any axis (the
+    image axes of 2D images)."""
+    n = 2 if is_flat(fp) else 3
+    return min(e / w for c in fp["template"]["classes"].values() for e, w in zip(c["extent_mm"][:n], working[:n]))
+
+
+def is_flat(fp: dict) -> bool:
+    """A cohort of 2D images: every case is one slice along the third axis."""
+    return int(fp["cohort"]["shape"]["max"][2]) == 1
 
 
 def plan_spacing(fp: dict, budget_seconds: float, cost, max_voxels: int) -> dict:
@@ -349,7 +366,7 @@ def plan_spacing(fp: dict, budget_seconds: float, cost, max_voxels: int) -> dict
     uniform = np.allclose(geometry["min"], geometry["max"], rtol=1e-3) and np.allclose(geometry["min"], spacing,
                                                                                         rtol=1e-3)
     tried, chosen = [], None
-    for i, ws in enumerate(working_spacings(spacing)):
+    for i, ws in enumerate(working_spacings(spacing, flat=is_flat(fp))):
         if i and smallest_class_edge(fp, ws) < MIN_CLASS_EDGE:
             break
         unet, patch_reason = plan_network(fp, ws, max_voxels)
@@ -375,11 +392,13 @@ def plan_spacing(fp: dict, budget_seconds: float, cost, max_voxels: int) -> dict
     return chosen
 
 
-def plan_encode_axes(spacing) -> tuple[list[int], str]:
+def plan_encode_axes(spacing, flat: bool = False) -> tuple[list[int], str]:
     """The axes encode slices along: an axis whose slices (the plane of the two other axes) have
     pixels more than twice as long one way as the other is left out (the encoder sees square
     pixels; a 1.5 x 10 mm strip costs a canvas for little detail), unless that would leave none.
     The factor 2 is the strides rule's anisotropy bound (:func:`plan_strides`)."""
+    if flat:
+        return [2], "2D images: the image itself, one canvas per image (axis 2)"
     sp = [float(x) for x in spacing]
     keep = [a for a in range(3) if max(sp[b] for b in range(3) if b != a) <= 2 * min(sp[b] for b in range(3) if b != a)]
     if not keep:
@@ -408,7 +427,7 @@ def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
     flips, flip_reason = plan_flip_axes(dataset, fp["template"]["case"])
     norm, norm_reason = plan_normalisation(fp)
     iters = int(np.clip(budget / sec, MIN_ITERATIONS, MAX_ITERATIONS))
-    axes, axes_reason = plan_encode_axes(spacing)
+    axes, axes_reason = plan_encode_axes(spacing, flat=is_flat(fp))
     lcc, lcc_reason = plan_largest_component(fp)
     return {
         "encode_axes": {"value": axes, "reason": axes_reason},
@@ -419,7 +438,9 @@ def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
                                                 f"voxels (working spacing {sp['spacing']} mm)"},
         "channels": {"value": unet["channels"], "reason": f"{BASE_CHANNELS} doubling per level, at most "
                                                           f"{MAX_CHANNELS}"},
-        "batch_size": {"value": unet["batch_size"], "reason": "two patches: one foreground-centred on average"},
+        "batch_size": {"value": unet["batch_size"], "reason": (
+            f"{BATCH_2D} 2D patches (a 2D patch costs a fraction of a 3D one; nnU-Net's 2D batches are larger "
+            "than its 3D ones)" if is_flat(fp) else "two patches: one foreground-centred on average")},
         "iterations": {"value": iters, "reason": f"{settings.budget_minutes:g} min per round / {sec_reason}, "
                                                  f"clipped to [{MIN_ITERATIONS}, {MAX_ITERATIONS}]"},
         "flip_axes": {"value": flips, "reason": flip_reason},
