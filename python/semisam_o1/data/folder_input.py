@@ -248,6 +248,12 @@ def check_inputs(inp: FolderInput) -> CheckedInputs:
     if flat and len(flat) != len(cases):
         raise InputError(f"{cases[flat[0]]['source']}: a 2D image among volumes; one run labels 2D images or "
                          "volumes, not both")
+    for c, lab in test_labels.items():  # 2D masks are read now (converted later): name the user's file
+        if c != template and is_2d_format(lab):
+            extra = sorted(set(label_values(lab)) - set(names.values()))
+            if extra:
+                raise InputError(f"{lab}: label value {extra[0]} is not a class of the template's label "
+                                 f"(classes {sorted(names.values())}; name it with --labels)")
     sizes = {}
     if inp.pixel_size is not None:
         if not flat:
