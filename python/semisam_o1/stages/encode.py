@@ -224,6 +224,8 @@ class _Encoding:
         self.batch_size = max(1, int(batch_size))
         self.window = window
         self.slice_stride = max(1, int(slice_stride))
+        #: a cohort of 2D images (volumes of one slice); a case of the other kind is refused
+        self.flat = False
         self.per_side = enc.input_size // self.tile
         self.per_canvas = self.per_side ** 2
         #: seconds spent per phase since construction (benchmarks/bench_encode_profile.py reads them)
@@ -610,6 +612,9 @@ def _encode_one(case: str, setup: _EncodeSetup, job: _Encoding, store: _Store, i
         if input_hash.get(case) is None:
             raise InputError(f"{setup.dataset.image_path(case)}: file not found or unreadable")
         vol = setup.dataset.read_image(case)
+        if vol.is_2d != job.flat:
+            raise InputError(f"{vol.path}: a {'2D image' if vol.is_2d else 'volume'} of shape {vol.shape} in a cohort "
+                             f"of {'2D images' if job.flat else 'volumes'}; one run takes one or the other")
         grids, maps, n = job.encode_case(vol.encoder_input, store.basis)
     if store.config is None:  # a new store without reduction: created with its first case
         store.create(None, None)
@@ -684,6 +689,7 @@ def encode(settings: EncodeSettings) -> dict:
 
         torch.set_num_threads(int(s.threads))
     job = _Encoding(setup.enc, setup.tile, s.axes, s.batch_size, s.window, s.slice_stride)
+    job.flat = canonical_shape(setup.dataset.image_path(setup.reduction_case))[2] == 1
     for folder in (setup.root, setup.root / CASES_DIR):  # a killed shard's half-written case folders
         sweep_temporaries(folder)
     store = _Store(setup)

@@ -341,7 +341,8 @@ def smallest_class_edge(fp: dict, working: list[float]) -> float:
 
 def is_flat(fp: dict) -> bool:
     """A cohort of 2D images: every case is one slice along the third axis."""
-    return int(fp["cohort"]["shape"]["max"][2]) == 1
+    shape = fp["cohort"]["shape"]
+    return int(shape.get("max", shape["median"])[2]) == 1
 
 
 def plan_spacing(fp: dict, budget_seconds: float, cost, max_voxels: int) -> dict:
