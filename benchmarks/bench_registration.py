@@ -22,6 +22,16 @@ against the registration's labels and against the real ones (the ``referee`` key
         --referee round0=/work/cache/la/round0 --write benchmarks/results/registration.json
 
 Writes the dataset's key (its dataset.json name) of the results file (read-modify-write, atomic).
+
+``--workers W`` measures the registrations alone instead (issue #34 item 3): the template registered
+to the split's first ``--max-pool`` unlabeled cases by :func:`semisam_o1.methods.registration.warp_cases`,
+once in this process one case after the other (``workers=1``) and once with W worker processes, each
+into an empty cache under ``--work``, in one run; the warps must be identical (exact equality of the
+warped labels and coordinate fields). Writes the key ``parallel`` (no ``--features`` needed):
+
+    python -m benchmarks.bench_registration --dataset ../shared/data/hippocampus \
+        --split ../shared/data/hippocampus/splits.json --work SCRATCH --max-pool 6 --workers 2 \
+        --write benchmarks/results/registration.json
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -153,6 +165,75 @@ def referee(args, ds, split) -> dict:
     return out
 
 
+def _load_1min() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _burn(n: int = 3_000_000) -> float:
+    """Seconds of a pure-Python loop (one core's speed, no memory traffic)."""
+    t0 = time.perf_counter()
+    acc = 0
+    for i in range(n):
+        acc += i * i
+    return time.perf_counter() - t0
+
+
+def parallelism_probe(workers: int) -> dict:
+    """How much parallelism the machine gives right now: ``workers`` copies of :func:`_burn` one after
+    the other in this process vs at once in ``workers`` spawned processes (ratio = the best speedup
+    any process pool could reach at this moment; a shared machine's other jobs take the rest)."""
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    for _ in range(workers):
+        _burn()
+    serial = time.perf_counter() - t0
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.map(abs, range(workers))  # started
+        t0 = time.perf_counter()
+        pool.map(_burn, [3_000_000] * workers)
+        par = time.perf_counter() - t0
+    return {"serial_s": round(serial, 2), "parallel_s": round(par, 2), "ratio": round(serial / par, 2)}
+
+
+def parallel(args, ds, split) -> dict:
+    """Seconds of the template's registrations to the first ``--max-pool`` pool cases: serial, then
+    ``--workers`` processes (empty caches both times), and whether the warps are identical."""
+    cases = list(split["unlabeled"])[: args.max_pool]
+    probe = {"before": parallelism_probe(args.workers)}
+    runs = {}
+    for name, workers in (("serial", 1), ("parallel", args.workers)):
+        cache = args.work / f"registration_{name}"
+        shutil.rmtree(cache, ignore_errors=True)
+        load = _load_1min()
+        t0 = time.perf_counter()
+        done = R.warp_cases(ds, split["template"], cases, cache, threads=1, workers=workers, quiet=False)
+        runs[name] = {"seconds": time.perf_counter() - t0, "warp_dir": done["warp_dir"], "load_before": load,
+                      "load_after": _load_1min(), "case_seconds": done["seconds"]}
+        print(name, f"{runs[name]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    identical = True
+    for case in cases:
+        a = read_label(runs["serial"]["warp_dir"] / f"{case}.nii.gz", ds.label_map).array
+        b = read_label(runs["parallel"]["warp_dir"] / f"{case}.nii.gz", ds.label_map).array
+        with np.load(runs["serial"]["warp_dir"] / f"{case}_coords.npz") as za, \
+                np.load(runs["parallel"]["warp_dir"] / f"{case}_coords.npz") as zb:
+            identical &= bool(np.array_equal(a, b) and np.array_equal(za["coords"], zb["coords"]))
+    probe["after"] = parallelism_probe(args.workers)
+    serial_s, parallel_s = runs["serial"]["seconds"], runs["parallel"]["seconds"]
+    return {"dataset": ds.meta.get("name", ds.root.name), "template": split["template"], "cases": len(cases),
+            "workers": args.workers, "cpus_available": R.available_cpus(),
+            "registration": R.RegistrationParams().to_json() | {"threads": 1},
+            "serial_s": round(serial_s, 1), "parallel_s": round(parallel_s, 1),
+            "speedup": round(serial_s / parallel_s, 2), "identical_warps": identical,
+            "load_1min": {n: [r["load_before"], r["load_after"]] for n, r in runs.items()},
+            "parallelism_probe": probe,
+            "seconds_per_case_in_worker": {n: round(float(np.mean(list(r["case_seconds"].values()))), 2)
+                                           for n, r in runs.items()}}
+
+
 def summary(rows: list[dict]) -> dict:
     if not rows:
         return {}
@@ -164,21 +245,33 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", type=Path, required=True)
     ap.add_argument("--split", type=Path, required=True)
-    ap.add_argument("--features", type=Path, required=True, help="feature store of the template and pool cases")
+    ap.add_argument("--features", type=Path, default=None,
+                    help="feature store of the template and pool cases (required without --workers)")
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (warps cached there)")
     ap.add_argument("--max-pool", type=int, default=20)
     ap.add_argument("--max-test", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="kNN vote threads (registration: 1)")
     ap.add_argument("--referee", nargs="*", default=[], metavar="NAME=FOLDER")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="measure only the registrations of the --max-pool cases: serial vs this many processes "
+                         "(key 'parallel')")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args(argv)
     ds, split = Dataset(args.dataset), load_split(args.split)
+    command = "python -m benchmarks.bench_registration " + shlex.join(argv or sys.argv[1:])
+    if args.workers is not None:
+        entry = {"command": command, "cpu": cpu_model(), **parallel(args, ds, split)}
+        print(json.dumps({k: entry[k] for k in ("cases", "serial_s", "parallel_s", "speedup", "identical_warps")}))
+        if args.write:
+            write_json_key(args.write, "parallel", entry)
+        return 0
+    if args.features is None:
+        ap.error("--features is required (unless --workers)")
     t0 = time.perf_counter()
     seconds: dict = {}
     rows, seconds = pool(args, ds, split)
     trows = test(args, ds, split, seconds)
-    entry = {"command": "python -m benchmarks.bench_registration " + shlex.join(argv or sys.argv[1:]),
-             "cpu": cpu_model(), "template": split["template"],
+    entry = {"command": command, "cpu": cpu_model(), "template": split["template"],
              "registration": R.RegistrationParams().to_json() | {"threads": 1},
              "pool": {"cases": len(rows), "mean_fg_dice": summary(rows),
                       "chosen_registration": sum(r["chosen"] == "registration" for r in rows), "per_case": rows}

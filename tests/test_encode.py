@@ -189,21 +189,28 @@ def test_litemedsam_store_on_a_cohort_case(lite, tmp_path, cohort):
     cf = store.load(case)
     vol = read_image(dataset / "imagesTr" / f"{case}.nii.gz")
     assert cf.voxel_shape == vol.shape
+    assert cfg["storage"] == "int8"  # the default
     g = cf.grid(2)
+    q, scale = cf.stored(2)
     X, Y, Z = vol.shape
     plan = SliceLayout(X, Y, 128, 4)
-    assert g.shape == (64, plan.nu, plan.nv, Z) and g.dtype == np.float16
+    assert g.shape == q.shape == (64, plan.nu, plan.nv, Z) and g.dtype == np.float16 and q.dtype == np.int8
+    assert scale.shape == (64,) and (scale > 0).all()
     assert np.isfinite(np.asarray(g, np.float32)).all()
     off, step = cf.cell_to_voxel(2)
     np.testing.assert_allclose(step, [4 * X / plan.ru, 4 * Y / plan.rv, 1.0])
-    # the stored cells are the projection of the encoder's own output for those slices
+    # the stored cells are the projection of the encoder's own output for those slices, within the
+    # encoder's float tolerance plus the int8 rounding (|scale[c] q - x| <= scale[c] / 2) and the
+    # float16 rounding of the dequantised value (grid(): 2^-11 relative)
     canvas, _ = _packed_canvas(dataset, case, axis=2, n=4)
     raw = lite.run(canvas)[0]
     for t in range(4):
         ty, tx = divmod(t, 2)
         cells = raw[:, ty * 32: ty * 32 + plan.nu, tx * 32: tx * 32 + plan.nv]
         proj = np.tensordot(basis, cells, axes=([0], [0]))
-        np.testing.assert_allclose(np.asarray(g[:, :, :, t], np.float32), proj, atol=2e-3 + 2e-3 * np.abs(proj).max())
+        got = np.asarray(g[:, :, :, t], np.float32)
+        tol = 2e-3 + 2e-3 * np.abs(proj).max() + scale[:, None, None] / 2 + 2.0 ** -11 * np.abs(got)
+        assert (np.abs(got - proj) <= tol).all(), float((np.abs(got - proj) - tol).max())
     v = cf.on_voxel_grid()
     assert v.shape == (64,) + vol.shape
 
@@ -319,6 +326,43 @@ def test_a_format_1_store_is_refused_for_int8_and_extended_with_float16(pool_onn
     store = FeatureStore(out)
     assert store.signature == sig and store.cases() == sorted(cases)
     assert store.load(cases[2]).grid(0).dtype == np.float16
+
+
+def test_a_float16_store_stays_float16_when_resumed_and_propagate_reads_it(pool_onnx, dataset, tmp_path, cases,
+                                                                          cohort):
+    """int8 is the default of a new store; a float16 store written before (``--storage float16``, as
+    every store was) is extended in float16 by an encode without ``--storage`` (what a resumed
+    ``run`` calls), and propagate, the stage that reads it next, gives the same pseudo-labels from
+    it as from the int8 store of the same cases up to the int8 rounding (>= 99% of voxels)."""
+    from semisam_o1.stages.propagate import PropagateSettings, propagate
+
+    old, new = tmp_path / "f16", tmp_path / "i8"
+    _pool(dataset, old, pool_onnx, cases=cases[:2], channels=0, storage="float16")  # the earlier run
+    s = _pool(dataset, old, pool_onnx, cases=cases, channels=0)  # resumed, no --storage
+    assert (s["skipped"], s["encoded"]) == (2, 1)
+    store = FeatureStore(old)
+    assert store.config["storage"] == "float16" and store.cases() == sorted(cases)
+    for c in cases:
+        q, scale = store.load(c).stored(0)
+        assert q.dtype == np.float16 and scale is None
+    with pytest.raises(InputError, match=r"changed: storage\) \(it holds float16 features"):
+        _pool(dataset, old, pool_onnx, cases=cases, channels=0, storage="int8")
+    _pool(dataset, new, pool_onnx, cases=cases, channels=0)
+    i8 = FeatureStore(new)
+    assert i8.config["storage"] == "int8" and "--storage int8" in i8.config["command"]
+    assert i8.load(cases[2]).stored(0)[0].dtype == np.int8
+    (dataset / "labelsTr").mkdir()
+    shutil.copy(cohort.root / "labelsTr" / f"{cases[0]}.nii.gz", dataset / "labelsTr")
+    labels = {}
+    for name, features in (("f16", old), ("i8", new)):
+        out = tmp_path / f"pseudo_{name}"
+        propagate(PropagateSettings(input=dataset, features=features, template=cases[0], output=out,
+                                    cases=tuple(cases[1:]), threads=2, quiet=True))
+        labels[name] = {c: np.asarray(nib.load(out / f"{c}.nii.gz").dataobj) for c in cases[1:]}
+    for c in cases[1:]:
+        a, b = labels["f16"][c], labels["i8"][c]
+        assert a.shape == b.shape and (a > 0).any()
+        assert np.mean(a == b) >= 0.99, (c, float(np.mean(a == b)))
 
 
 def test_resume_signature_overwrite_and_sharding(pool_onnx, dataset, tmp_path, cases):

@@ -37,7 +37,11 @@ THREADS = 1  # per worker, and the local engine's, so the driver's PCA fit is th
 CHANNELS = 8
 # Features are float16 roundings of float32 values; two float32 results that agree to float32
 # rounding round to float16 values at most one float16 ulp apart: <= eps16 |x| (eps16 = 2^-10)
-# for normal numbers, 2^-24 (the smallest subnormal step) near 0.
+# for normal numbers, 2^-24 (the smallest subnormal step) near 0. The store is int8 (encode's
+# default): each value is scale[c] * q with |scale[c] * q - x| <= scale[c] / 2, scale[c] =
+# max |x_c| / 127 (so two stores' scales agree within eps16), and CaseFeatures.grid rounds the
+# dequantised value to float16 (2^-11 relative): two stores whose float16 features agree within
+# eps16 give grids within scale_a / 2 + scale_b / 2 + eps16 |x| + 2 * 2^-11 |x|.
 F16_RTOL, F16_ATOL = 2.0 ** -10, 2.0 ** -24
 
 
@@ -87,21 +91,30 @@ def _encode(data, onnx, out, cases, **kw) -> dict:
 
 
 def _assert_same_store(a: Path, b: Path, cases) -> None:
-    """Same store signature, same cases with the same meta (but seconds), features within float16 rounding."""
+    """Same store signature (int8 storage), same cases with the same meta (but seconds; the channel
+    scales within float16 rounding), features within the int8 quantisation bound (F16_RTOL's note)."""
     sa, sb = FeatureStore(a), FeatureStore(b)
     assert sa.config["signature"] == sb.config["signature"]
+    assert sa.config["storage"] == sb.config["storage"] == "int8"
     assert sorted(sa.cases()) == sorted(sb.cases()) == sorted(cases)
     for case in cases:
         ma, mb = sa.read_meta(case), sb.read_meta(case)
+        scales = []
         for m in (ma, mb):
             m.pop("seconds")
+            scales.append({axis: np.asarray(g.pop("scale"), np.float32) for axis, g in m["grids"].items()})
         assert ma == mb
         fa, fb = sa.load(case), sb.load(case)
         for axis in fa.axes:
-            ga, gb = np.asarray(fa.grid(axis)), np.asarray(fb.grid(axis))
-            assert ga.dtype == gb.dtype == np.float16 and ga.shape == gb.shape
+            (qa, scale_a), (qb, scale_b) = fa.stored(axis), fb.stored(axis)
+            assert qa.dtype == qb.dtype == np.int8 and qa.shape == qb.shape
+            np.testing.assert_array_equal(scale_a, scales[0][str(axis)])
+            np.testing.assert_allclose(scale_b, scale_a, rtol=F16_RTOL)
+            ga, gb = np.asarray(fa.grid(axis), np.float32), np.asarray(fb.grid(axis), np.float32)
             assert np.abs(ga).max() > 0
-            np.testing.assert_allclose(gb.astype(np.float32), ga.astype(np.float32), rtol=F16_RTOL, atol=F16_ATOL)
+            tol = ((scale_a + scale_b) / 2).reshape(-1, 1, 1, 1) + (F16_RTOL + 2.0 ** -10) * np.abs(ga) + F16_ATOL
+            assert (np.abs(gb - ga) <= tol).all(), float((np.abs(gb - ga) - tol).max())
+            assert np.mean(qa == qb) > 0.99  # one step apart only where float16 rounding tips the int8 rounding
 
 
 @pytest.fixture(scope="module")

@@ -153,6 +153,32 @@ def test_materialise_writes_a_dataset_the_stages_read(scans, cohort, tmp_path):
     assert list(ds.label_map.names[1:]) == ["1", "2"]
     again = F.materialise(inp, tmp_path / "w")  # same sources: reused
     assert again == (root, split_file)
+    assert json.loads((root / "dataset.json").read_text())["modality"] == {"0": "unknown"}
+
+
+def test_modality_reaches_dataset_json_and_the_plan(scans, tmp_path):
+    """run --images ... --modality CT: dataset.json names CT (the plan's normalisation then is CT's,
+    the rule saying it came from dataset.json); without it "unknown"; a changed --modality is
+    another dataset; --modality without --images is refused."""
+    from semisam_o1.core.errors import InputError
+    from semisam_o1.pipeline.run import RunSettings
+    from semisam_o1.stages.plan import PlanSettings, make_plan
+
+    s = RunSettings(images=scans["images"], template_image=scans["template_image"],
+                    template_label=scans["template_label"], modality="CT", output=tmp_path / "w", preset="quick")
+    inp = s.folder_input
+    assert inp.modality == "CT"
+    root, split_file = F.materialise(inp, tmp_path / "w")
+    assert json.loads((root / "dataset.json").read_text())["modality"] == {"0": "CT"}
+    p = make_plan(PlanSettings(input=root, split=split_file, output=tmp_path / "plan.json", timing=False, quiet=True))
+    norm = p["decisions"]["normalisation"]
+    assert norm["value"]["method"] == "fixed_clip_zscore" and "CT from dataset.json" in norm["reason"]
+    with pytest.raises(InputError, match="other images"):
+        F.materialise(F.FolderInput(**{**inp.__dict__, "modality": "MRI"}), tmp_path / "w")
+    plain = F.FolderInput(**{**inp.__dict__, "modality": None})
+    assert F.check_inputs(plain).sources_digest != F.check_inputs(inp).sources_digest
+    with pytest.raises(InputError, match="--modality goes with --images"):
+        RunSettings(input=tmp_path, split=tmp_path / "s.json", modality="CT", output=tmp_path / "w2")
 
 
 def _bad_run(tmp_path, *args) -> tuple[str, Path]:

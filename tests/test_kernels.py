@@ -1,4 +1,4 @@
-"""The C++ core (semisam_o1._core) and the CUDA kernels' logic against NumPy references.
+"""The C++ core (semisam_o1.core._core) and the CUDA kernels' logic against NumPy references.
 
 Reference (float64 NumPy): cosine = (a/|a|) . (b/|b|), zero vectors -> 0; kNN top-k
 ordered by similarity descending, ties lowest bank index; vote weights max(sim, 0)
@@ -24,7 +24,7 @@ import pytest
 
 from semisam_o1.core import kernels
 
-core = pytest.importorskip("semisam_o1._core", reason="C++ core not built (pip install .)")
+core = pytest.importorskip("semisam_o1.core._core", reason="C++ core not built (pip install .)")
 
 try:
     from semisam_o1.core import _core_cuda

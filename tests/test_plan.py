@@ -24,7 +24,9 @@ def _set_modality(root, modality):
     (root / "dataset.json").write_text(json.dumps(meta))
 
 
-def test_patch_covers_the_structure_and_divides_by_the_strides(tmp_path):
+def test_patch_from_the_median_shape_divides_by_the_strides(tmp_path):
+    """nnU-Net's patch: the median image shape at the working spacing, rounded up to the network's
+    divisibility (never beyond it by a step), the same rule in a small box and in a big one."""
     small = tmp_path / "small"
     helpers.make_cohort(small, n_unlabeled=2, n_test=0, shape=(24, 24, 24))
     big = tmp_path / "big"
@@ -32,15 +34,14 @@ def test_patch_covers_the_structure_and_divides_by_the_strides(tmp_path):
     p_small, p_big = _plan(small, tmp_path), _plan(big, tmp_path)
     for p in (p_small, p_big):
         d = p["decisions"]
-        extent = p["fingerprint"]["template"]["foreground"]["extent_vox"]
         step = np.prod(d["strides"]["value"], axis=0)
+        median = p["fingerprint"]["cohort"]["shape"]["median"]
         assert all(e % st == 0 for e, st in zip(d["patch"]["value"], step))
-        assert all(pp >= min(e, m) for pp, e, m in
-                   zip(d["patch"]["value"], extent, p["fingerprint"]["cohort"]["shape"]["median"]))
+        assert all(m <= pp < m + st for pp, m, st in zip(d["patch"]["value"], median, step))
         assert all(r for r in (v["reason"] for v in d.values()))  # every decision says why
-    # the same structure in a bigger box: the patch follows the structure, not the box
-    assert p_big["decisions"]["patch"]["value"] == p_small["decisions"]["patch"]["value"] or \
-        np.prod(p_big["decisions"]["patch"]["value"]) <= 2 * np.prod(p_small["decisions"]["patch"]["value"])
+        assert "median image shape" in d["patch"]["reason"]
+    assert p_big["decisions"]["patch"]["value"] == [64, 64, 40]
+    assert p_small["decisions"]["patch"]["value"] == [24, 24, 24]
 
 
 def test_patch_budget_and_anisotropic_spacing(tmp_path):
@@ -111,14 +112,43 @@ def test_largest_component_only_for_classes_the_template_shows_in_one_piece(tmp_
     assert unet_overrides(p)["largest_component"] == [2]
 
 
-def test_timing_plans_iterations_from_the_budget(tmp_path):
+def test_same_data_same_plan_whatever_this_machines_timing(tmp_path, monkeypatch):
+    """Two different timings of this machine (a fast one and one 40 times slower, as beside other
+    jobs) give byte-identical decisions; the timing only changes the recorded estimate."""
+    from semisam_o1.stages import plan
+
+    root = tmp_path / "t"
+    helpers.make_cohort(root, n_unlabeled=2, n_test=0, shape=(32, 40, 28))
+    out = {}
+    for name, sec in (("fast", 0.05), ("slow", 2.0)):
+        monkeypatch.setattr(plan, "seconds_per_iteration", lambda unet, n, threads=None, s=sec: s)
+        out[name] = make_plan(PlanSettings(input=root, split=root / "splits.json", output=tmp_path / f"{name}.json",
+                                           budget_minutes=4, quiet=True))
+    decisions = [json.dumps(json.loads((tmp_path / f"{n}.json").read_text())["decisions"], sort_keys=True)
+                 for n in ("fast", "slow")]
+    assert decisions[0] == decisions[1]
+    d, est = out["fast"]["decisions"], out["fast"]["estimate"]
+    voxels = int(np.prod(d["patch"]["value"])) * d["batch_size"]["value"]
+    assert d["iterations"]["value"] == int(np.clip(int(4 * 60 * plan.REFERENCE_VOXELS_PER_SECOND / voxels),
+                                                   plan.MIN_ITERATIONS, plan.MAX_ITERATIONS))
+    assert "reference" in d["iterations"]["reason"] and "measured" not in d["iterations"]["reason"]
+    assert est["measured"] and est["seconds_per_iteration"] == 0.05
+    assert out["slow"]["estimate"]["minutes_per_round"] == pytest.approx(d["iterations"]["value"] * 2.0 / 60, abs=0.01)
+    # --no-timing: the same decisions again, nothing measured
+    none = _plan(root, tmp_path, budget_minutes=4)
+    assert json.dumps(none["decisions"], sort_keys=True) == decisions[0] and not none["estimate"]["measured"]
+
+
+def test_timing_probe_runs_and_decides_nothing(tmp_path):
     root = tmp_path / "t"
     helpers.make_cohort(root, n_unlabeled=1, n_test=0)
-    p = _plan(root, tmp_path, budget_minutes=0.05)
     p = make_plan(PlanSettings(input=root, split=root / "splits.json", output=tmp_path / "p2.json",
                                budget_minutes=0.05, quiet=True))
-    it = p["decisions"]["iterations"]
-    assert "measured" in it["reason"] and 200 <= it["value"] <= 20000
+    assert p["estimate"]["measured"] and p["estimate"]["seconds_per_iteration"] > 0
+    assert p["decisions"] == _plan(root, tmp_path, budget_minutes=0.05)["decisions"]
+    # 3 s of budget: the patch shrinks to a few edges of 8 voxels, not the spacing
+    assert np.prod(p["decisions"]["patch"]["value"]) <= 3 * 1.9e6 / (2 * 2400)
+    assert p["decisions"]["spacing"]["value"] is None
 
 
 def test_real_datasets_when_present(cohort, tmp_path):
@@ -168,57 +198,77 @@ def _fingerprint(root):
     return fingerprint(Dataset(root), sp["template"], [sp["template"], *sp["unlabeled"]])
 
 
-def _geometry_fingerprint(spacing, shape, classes, spacing_max=None):
-    """The parts of a fingerprint the spacing rule reads: the cohort's median shape and spacing
-    (and their range), the template's classes' extents in mm and their union's."""
+def _geometry_fingerprint(spacing, shape, classes, spacing_min=None, spacing_max=None, thickness=None):
+    """The parts of a fingerprint the spacing and patch rules read: the cohort's median shape and
+    spacing (and their range), the template's classes' extents and thicknesses in mm."""
     fg = [max(c[a] for c in classes) * 1.5 for a in range(3)]
+    thickness = thickness or [min(c) for c in classes]
     return {"cohort": {"shape": {"median": shape},
-                       "spacing_mm": {"median": spacing, "min": spacing, "max": spacing_max or spacing}},
+                       "spacing_mm": {"median": spacing, "min": spacing_min or spacing,
+                                      "max": spacing_max or spacing}},
             "template": {"foreground": {"extent_mm": fg},
-                         "classes": {str(i + 1): {"extent_mm": c} for i, c in enumerate(classes)}}}
+                         "classes": {str(i + 1): {"name": f"c{i + 1}", "extent_mm": c, "thickness_mm": t}
+                                     for i, (c, t) in enumerate(zip(classes, thickness))}}}
 
 
-def _voxel_cost(unet):
-    """A stand-in for the measured seconds per iteration: 1 s per 10,000 patch voxels."""
-    return float(np.prod(unet["patch"])) / 1e4
-
-
-def test_working_spacing_follows_the_budget(tmp_path):
-    """A budget that affords MIN_AFFORDED_ITERATIONS at the data's spacing keeps it (no resampling);
-    a smaller one coarsens the spacing until the network affords them; the patch still covers the
-    structure at the working spacing; a class is never planned below MIN_CLASS_EDGE voxels across."""
+def test_budget_shrinks_the_patch_never_the_spacing():
+    """A small budget keeps the data's spacing and shrinks the patch until MIN_AFFORDED_ITERATIONS fit
+    at the reference rate; a large one stops at --max-patch-voxels (memory)."""
     from semisam_o1.stages import plan
 
     fp = _geometry_fingerprint(spacing=[0.8] * 3, shape=[96, 96, 80], classes=[[40.0, 32.0, 28.0], [24.0, 28.0, 20.0]])
-    native = plan.plan_network(fp, [0.8, 0.8, 0.8], 64 ** 3)[0]
-    need = plan.MIN_AFFORDED_ITERATIONS * _voxel_cost(native)
-    keep = plan.plan_spacing(fp, need * 1.01, _voxel_cost, 64 ** 3)
-    assert keep["native"] and keep["spacing"] == [0.8, 0.8, 0.8] and len(keep["tried"]) == 1
-    coarse = plan.plan_spacing(fp, need / 3, _voxel_cost, 64 ** 3)
-    assert not coarse["native"] and coarse["spacing"][0] > 0.8
-    assert coarse["tried"][-1]["affords"] >= plan.MIN_AFFORDED_ITERATIONS
-    assert all(t["affords"] < plan.MIN_AFFORDED_ITERATIONS for t in coarse["tried"][:-1])
-    extent = [e / w for e, w in zip(fp["template"]["foreground"]["extent_mm"], coarse["spacing"])]
-    assert all(p >= e for p, e in zip(coarse["unet"]["patch"], extent))
-    hopeless = plan.plan_spacing(fp, 1e-6, _voxel_cost, 64 ** 3)
-    assert "coarsest allowed" in hopeless["reason"]
-    assert plan.smallest_class_edge(fp, hopeless["spacing"]) >= plan.MIN_CLASS_EDGE
-    nxt = plan.working_spacings([0.8] * 3)[len(hopeless["tried"])]
-    assert plan.smallest_class_edge(fp, nxt) < plan.MIN_CLASS_EDGE  # it stopped at the floor, not before
+    sp = plan.plan_spacing(fp)
+    assert sp["native"] and sp["spacing"] == [0.8, 0.8, 0.8]
+    sizes = []
+    for minutes in (1, 4, 8, 60):
+        vox, why = plan.patch_voxel_budget(minutes * 60, 64 ** 3)
+        unet, reason = plan.plan_network(fp, sp["spacing"], vox)
+        n = int(np.prod(unet["patch"]))
+        assert n <= vox and "shrunk" in reason
+        if vox < 64 ** 3:
+            assert minutes * 60 * plan.REFERENCE_VOXELS_PER_SECOND / (2 * n) >= plan.MIN_AFFORDED_ITERATIONS
+        step = np.prod(unet["strides"], axis=0)
+        assert all(p % st == 0 for p, st in zip(unet["patch"], step))
+        sizes.append(n)
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert plan.patch_voxel_budget(3600, 64 ** 3)[0] == 64 ** 3
 
 
-def test_anisotropic_data_coarsens_the_fine_axes_first(tmp_path):
+def test_thin_ring_keeps_its_thickness_floor():
+    """A ring-shaped class 3 voxels thick (thickness by the distance transform: 4 mm at 1 mm) in a
+    cohort whose spacings run 1 to 3 mm (median 2 mm): the working spacing is refined to the fine
+    end of the cohort instead of the median that would leave the ring 2 voxels thick; a thick class
+    in the same cohort keeps the median."""
     from semisam_o1.stages import plan
 
-    cands = plan.working_spacings([0.7, 0.7, 3.0])
-    assert cands[0] == [0.7, 0.7, 3.0]
-    assert all(c[2] == 3.0 for c in cands if max(c[:2]) <= 3.0)  # the coarse axis is never refined
-    assert all(a[0] < b[0] for a, b in zip(cands, cands[1:]))
+    grid = np.stack(np.meshgrid(*[np.arange(40.0)] * 3, indexing="ij"))
+    r = np.hypot(grid[0] - 20, grid[1] - 20)
+    ring = (r >= 9) & (r < 12) & (np.abs(grid[2] - 20) < 8)
+    assert plan.thickness_mm(ring, [1.0, 1.0, 1.0]) == pytest.approx(4.0, abs=0.5)
+    ball = np.sum((grid - 20) ** 2, axis=0) <= 12 ** 2
+    assert plan.thickness_mm(ball, [1.0, 1.0, 1.0]) == pytest.approx(24.0, abs=0.5)  # its diameter
+    assert plan.thickness_mm(ring, [2.0, 2.0, 2.0]) == pytest.approx(2 * plan.thickness_mm(ring, [1.0] * 3))
+    geometry = dict(spacing=[2.0, 2.0, 2.0], shape=[40, 40, 40], spacing_min=[1.0, 1.0, 1.0],
+                    spacing_max=[3.0, 3.0, 3.0])
+    thin = _geometry_fingerprint(classes=[[24.0, 24.0, 16.0]], thickness=[plan.thickness_mm(ring, [1.0] * 3)],
+                                 **geometry)
+    sp = plan.plan_spacing(thin)
+    assert not sp["native"] and sp["spacing"] == [1.0, 1.0, 1.0] and "refined" in sp["reason"]
+    assert "8 voxels thick" in sp["reason"]
+    # the floor of a class 20 mm thick is 2.5 mm: coarser than the median, which is kept
+    thick = _geometry_fingerprint(classes=[[24.0, 24.0, 20.0]], thickness=[20.0], **geometry)
+    assert plan.plan_spacing(thick)["spacing"] == [2.0, 2.0, 2.0]
+    # a class 12 mm thick: refined only as far as its floor, 1.5 mm
+    mid = _geometry_fingerprint(classes=[[24.0, 24.0, 20.0]], thickness=[12.0], **geometry)
+    assert plan.plan_spacing(mid)["spacing"] == [1.5, 1.5, 1.5]
+    # never finer than the cohort's 10th percentile when recorded
+    thin["cohort"]["spacing_mm"]["p10"] = [1.2, 1.2, 1.2]
+    assert plan.plan_spacing(thin)["spacing"] == [1.2, 1.2, 1.2]
 
 
 def test_cohort_of_mixed_spacings_is_resampled_to_the_median(tmp_path):
-    """Volumes at different spacings: the plan resamples every one to the working spacing even when
-    the budget affords the finest (nnU-Net's target spacing), so the network sees one voxel size."""
+    """Volumes at different spacings: the plan resamples every one to the working spacing (nnU-Net's
+    target spacing), so the network sees one voxel size."""
     from semisam_o1.stages import plan
 
     root = tmp_path / "mixed"
@@ -231,7 +281,7 @@ def test_cohort_of_mixed_spacings_is_resampled_to_the_median(tmp_path):
         shutil.copy(other / sub / "syn_002.nii.gz", root / sub / "syn_002.nii.gz")
     fp = _fingerprint(root)
     assert fp["cohort"]["spacing_mm"]["max"] == [1.5, 1.5, 1.5]
-    out = plan.plan_spacing(fp, 1e9, _voxel_cost, 64 ** 3)
+    out = plan.plan_spacing(fp)
     assert not out["native"] and out["spacing"] == fp["cohort"]["spacing_mm"]["median"]
 
 
@@ -246,3 +296,55 @@ def test_encode_axes_leave_out_strips_of_thin_slices():
     assert plan_encode_axes([0.7, 3.0, 0.7])[0] == [1]
     axes, reason = plan_encode_axes([1.0, 5.0, 12.0])  # no plane within 2x: the one with the coarsest axis normal
     assert axes == [2] and reason
+
+
+def _write_template_image(root, make):
+    """Replace the template's image with ``make(label)`` (same grid); returns the label."""
+    import nibabel as nib
+
+    split = json.loads((root / "splits.json").read_text())
+    lab_img = nib.load(str(root / "labelsTr" / f"{split['template']}.nii.gz"))
+    lab = np.asarray(lab_img.dataobj)
+    image = make(lab)
+    helpers.write_nifti(root / "imagesTr" / f"{split['template']}.nii.gz", image, lab_img.affine, dtype=image.dtype)
+    return lab
+
+
+def test_ct_recognised_from_the_intensities_when_the_modality_is_unknown(tmp_path):
+    """dataset.json says "unknown" (as a plain-folder run writes without --modality): a CT-like
+    template (air -1000 HU around a body of soft tissue ~40 HU, integers) gets CT's fixed clip and
+    z-score and the reason names the rule; an MRI-like one (non-negative, not integers) per-volume
+    normalisation; a modality named in dataset.json wins over the rule."""
+    root = tmp_path / "ct"
+    helpers.make_cohort(root, n_unlabeled=2, n_test=0, shape=(32, 32, 24))
+    _set_modality(root, "unknown")
+    rng = np.random.default_rng(0)
+
+    def ct(lab):
+        body = np.zeros(lab.shape, bool)
+        body[4:-4, 4:-4, :] = True
+        img = np.where(body, 40 + rng.normal(0, 10, lab.shape), -1000 + rng.normal(0, 5, lab.shape))
+        img = img + 30 * (lab == 1) + 60 * (lab == 2)
+        return np.round(img).astype(np.int16)
+
+    _write_template_image(root, ct)
+    p = _plan(root, tmp_path)
+    norm = p["decisions"]["normalisation"]
+    image = p["fingerprint"]["template"]["intensity"]["image"]
+    assert image["p1"] <= -900 and image["integer_fraction"] == 1.0
+    assert norm["value"]["method"] == "fixed_clip_zscore" and "recognised as CT" in norm["reason"]
+    assert -900 < norm["value"]["lower"] < norm["value"]["upper"] < 200  # the foreground's soft tissue
+    _set_modality(root, "MRI")  # named: the rule is not asked
+    p = _plan(root, tmp_path)
+    assert p["decisions"]["normalisation"]["value"]["method"] == "percentile_clip_zscore"
+    assert "from dataset.json" in p["decisions"]["normalisation"]["reason"]
+
+    mri = tmp_path / "mri"
+    helpers.make_cohort(mri, n_unlabeled=2, n_test=0, shape=(32, 32, 24))
+    _set_modality(mri, "unknown")
+    p = _plan(mri, tmp_path)
+    norm = p["decisions"]["normalisation"]
+    assert norm["value"]["method"] == "percentile_clip_zscore" and "not recognised as CT" in norm["reason"]
+    # integer MRI values (uint16-like, non-negative) are not CT either
+    _write_template_image(mri, lambda lab: (200 + 100 * lab + rng.integers(0, 20, lab.shape)).astype(np.int16))
+    assert "not recognised as CT" in _plan(mri, tmp_path)["decisions"]["normalisation"]["reason"]

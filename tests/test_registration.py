@@ -208,3 +208,27 @@ def test_position_check_follows_the_field_of_view(tmp_path):
         _pad_case(moved, case, 28)
     check = R.position_check(moved, split["template"], split["unlabeled"], tmp_path / "reg_moved")
     assert not check["applies"] and "switched off" in check["reason"]
+
+
+def test_cases_in_parallel_give_the_serial_warps(tmp_path):
+    """warp_cases with 2 worker processes writes, for 3 synthetic cases, the same warped labels and
+    template-coordinate fields as one process registering them one after the other (1 ITK thread,
+    seed 1: bit for bit); a second call finds every case in the cache and registers none."""
+    import nibabel as nib
+
+    root = tmp_path / "ds"
+    split = helpers.make_cohort(root, n_unlabeled=3, n_test=0, shape=(28, 28, 28), seed=2)
+    cases = split["unlabeled"]
+    serial = R.warp_cases(root, split["template"], cases, tmp_path / "serial", params=FAST, workers=1)
+    parallel = R.warp_cases(root, split["template"], cases, tmp_path / "parallel", params=FAST, workers=2)
+    assert set(serial["seconds"]) == set(parallel["seconds"]) == set(cases)
+    for case in cases:
+        a = np.asarray(nib.load(serial["warp_dir"] / f"{case}.nii.gz").dataobj)
+        b = np.asarray(nib.load(parallel["warp_dir"] / f"{case}.nii.gz").dataobj)
+        assert (a > 0).sum() > 100 and np.array_equal(a, b)
+        with np.load(serial["warp_dir"] / f"{case}_coords.npz") as za, \
+                np.load(parallel["warp_dir"] / f"{case}_coords.npz") as zb:
+            assert np.array_equal(za["coords"], zb["coords"])
+    again = R.registration_labels(root, split["template"], cases, tmp_path / "parallel", params=FAST, workers=2)
+    assert again == {c: parallel["warp_dir"] / f"{c}.nii.gz" for c in cases}
+    assert R.warp_cases(root, split["template"], cases, tmp_path / "parallel", params=FAST)["seconds"] == {}

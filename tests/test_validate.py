@@ -150,31 +150,59 @@ def pool_store(tmp_path_factory, cohort):
 
 def test_store_estimate_matches_a_written_store(pool_store, cohort):
     """estimate_store_bytes from the images' headers and encode's settings against the bytes of a store
-    encode wrote (per-case grids exactly; meta.json and the records within their allowance)."""
+    encode wrote with its default storage, int8 (per-case grids exactly: 1 byte per value; meta.json,
+    which holds the channel scales, and the records within their allowance); the same store in float16
+    is twice the grid bytes."""
     from semisam_o1.data.dataset import Dataset
     from semisam_o1.data.images import canonical_shape
     from semisam_o1.data.store import (
-        META_BYTES,
+        NPY_HEADER_BYTES,
         RECORD_BYTES,
         FeatureStore,
         StoreGeometry,
         case_store_bytes,
         estimate_store_bytes,
+        meta_bytes,
     )
 
     features, cases = pool_store
+    assert json.loads((features / "store.json").read_text())["storage"] == "int8"
     ds = Dataset(cohort.root)
     shapes = {c: canonical_shape(ds.image_path(c)) for c in cases}
     geo = StoreGeometry(input_size=256, cell=4, raw_channels=3, channels=2, axes=(0, 1, 2))
+    assert geo.storage == "int8"
+    f16 = StoreGeometry(input_size=256, cell=4, raw_channels=3, channels=2, axes=(0, 1, 2), storage="float16")
     tile = geo.tile_for(shapes[cohort.template])
     assert tile == json.loads((features / "store.json").read_text())["packing"]["tile"]
     for c in cases:  # the grids: exact
         grids = sum((features / "cases" / c / f"axis{a}.npy").stat().st_size for a in range(3))
-        assert case_store_bytes(shapes[c], tile, geo) - META_BYTES == grids
-        assert (features / "cases" / c / "meta.json").stat().st_size <= META_BYTES
+        assert case_store_bytes(shapes[c], tile, geo) - meta_bytes(geo) == grids
+        assert case_store_bytes(shapes[c], tile, f16) - meta_bytes(f16) - 3 * NPY_HEADER_BYTES == \
+            2 * (grids - 3 * NPY_HEADER_BYTES)
+        assert meta_bytes(f16) < (features / "cases" / c / "meta.json").stat().st_size <= meta_bytes(geo)
     est = estimate_store_bytes(shapes, shapes[cohort.template], geo)
     real = FeatureStore(features).size_bytes()
-    assert real <= est <= real + RECORD_BYTES + len(cases) * META_BYTES
+    assert real <= est <= real + RECORD_BYTES + len(cases) * meta_bytes(geo)
+
+
+def test_the_estimate_of_a_resumed_run_follows_its_float16_store(cohort, tmp_path):
+    """A run resumed on a float16 store (written before int8 became the default) adds float16 cases:
+    validate estimates them at 2 bytes per value, a new run at 1 (int8)."""
+    from semisam_o1.data.dataset import Dataset
+    from semisam_o1.data.store import estimate_store_bytes, write_config
+
+    ds = Dataset(cohort.root)
+    pool = cohort.unlabeled[:2]
+    fresh = validate.validate_run(ds, cohort.template, pool, [], tmp_path / "new", rounds=1, quiet=True)
+    write_config(tmp_path / "old" / "features", {"format": 2, "storage": "float16", "axes": [0, 1, 2]})
+    resumed = validate.validate_run(ds, cohort.template, pool, [], tmp_path / "old", rounds=1, quiet=True)
+    shapes = {c: ds.read_image(c).shape for c in (cohort.template, *pool)}
+    for summary, storage in ((fresh, "int8"), (resumed, "float16")):
+        geo = validate.run_store_geometry({"storage": storage})
+        assert geo.storage == storage
+        assert summary["store_bytes"] == estimate_store_bytes(shapes, shapes[cohort.template], geo)
+    assert validate.run_store_geometry().storage == "int8"
+    assert 1.9 < resumed["store_bytes"] / fresh["store_bytes"] < 2.0
 
 
 def test_run_store_geometry_is_the_run_store():

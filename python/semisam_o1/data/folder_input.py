@@ -126,6 +126,9 @@ class FolderInput:
     test_images: Path | None = None
     test_labels: Path | None = None
     pixel_size: Path | None = None
+    #: dataset.json's ``modality`` ("CT", "MRI", ...); None: "unknown" (the plan then recognises CT
+    #: from the template's intensities, semisam_o1.stages.plan.recognise_modality)
+    modality: str | None = None
 
 
 @dataclass
@@ -137,13 +140,15 @@ class CheckedInputs:
     labels: dict[str, int]
     template: str
     test_labels: dict[str, Path]
+    modality: str | None = None
     pixel_size: dict[str, float] = field(default_factory=dict)
 
     @property
     def sources_digest(self) -> str:
+        given = {"modality": self.modality} if self.modality else {}  # a folder made without one: same digest
         return digest({"cases": {c: [e["source"], e["role"], _stat(e["source"])] for c, e in self.cases.items()},
-                       "labels": self.labels, "pixel_size": self.pixel_size,
-                       "test_labels": {c: [str(p), _stat(p)] for c, p in self.test_labels.items()}})
+                       "labels": self.labels, **({"pixel_size": self.pixel_size} if self.pixel_size else {}),
+                       "test_labels": {c: [str(p), _stat(p)] for c, p in self.test_labels.items()}, **given})
 
 
 def read_pixel_sizes(path: Path, cases: list[str]) -> dict[str, float]:
@@ -260,7 +265,11 @@ def check_inputs(inp: FolderInput) -> CheckedInputs:
             raise InputError(f"--pixel-size {inp.pixel_size}: for 2D images (PNG, JPEG, BMP, TIFF); volumes "
                              "carry their spacing")
         sizes = read_pixel_sizes(inp.pixel_size, list(cases))
-    return CheckedInputs(cases=cases, labels=names, template=template, test_labels=test_labels, pixel_size=sizes)
+    modality = (inp.modality or "").strip() or None
+    if modality is not None and modality.lower() == "unknown":
+        modality = None
+    return CheckedInputs(cases=cases, labels=names, template=template, test_labels=test_labels, modality=modality,
+                         pixel_size=sizes)
 
 
 def nifti_2d(pixels: np.ndarray, pixel_size: float | None):
@@ -344,7 +353,8 @@ def _write_dataset(p: CheckedInputs, root: Path) -> None:
         place_file(Path(entry["source"]), root / "imagesTr", case, pixel_size=p.pixel_size.get(case))
     for case, lab in p.test_labels.items():
         place_file(lab, root / "labelsTr", case, label=True, pixel_size=p.pixel_size.get(case))
-    write_json(root / "dataset.json", {"name": "folder input", "labels": p.labels, "modality": {"0": "unknown"},
+    write_json(root / "dataset.json", {"name": "folder input", "labels": p.labels,
+                                       "modality": {"0": p.modality or "unknown"},
                                        "numTraining": len(p.cases)})
     by_role = lambda role: [c for c, e in p.cases.items() if e["role"] == role]  # noqa: E731
     write_json(root / "splits.json", {"template": p.template, "unlabeled": by_role("unlabeled"),

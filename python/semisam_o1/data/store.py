@@ -57,6 +57,9 @@ from semisam_o1.data.slicing import SliceLayout, auto_tile
 STORE_FORMAT = 2
 READ_FORMATS = (1, 2)
 STORAGE_DTYPES = ("int8", "float16")
+# ``encode --storage`` of a new store: int8 is half the bytes of float16 at no round-0 pool Dice loss
+# (Hippocampus -0.0002, Left Atrium 2018 -0.0001: benchmarks/encode.md).
+DEFAULT_STORAGE = "int8"
 CONFIG_FILE = "store.json"
 REDUCTION_FILE = "reduction.npy"
 CASES_DIR = "cases"
@@ -78,6 +81,12 @@ def quantise_int8(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.rint(g / scale.reshape(-1, *([1] * (g.ndim - 1)))), -127, 127).astype(np.int8)
     return q, scale
+
+
+def config_storage(config: dict) -> str:
+    """The dtype of a store's features from its ``store.json``: its ``storage`` key, float16 for a
+    format-1 store (written before int8 storage, no key)."""
+    return str(config.get("storage") or "float16")
 
 
 def _file_dtype(am: dict) -> np.dtype:
@@ -333,13 +342,17 @@ class FeatureStore:
 
 
 NPY_HEADER_BYTES = 128  # numpy .npy format 1.0: magic + header padded to a multiple of 64 bytes (128 for 4D)
-META_BYTES = 1200  # cases/<case>/meta.json: measured 1,136 (Left Atrium) and 1,160 (Hippocampus) bytes
-RECORD_BYTES = 4096  # store.json + stage.json: measured 1,491 + 2,320 bytes (Hippocampus demo store)
+META_BYTES = 1200  # cases/<case>/meta.json (float16), rounded up from real stores (docs/accepted-inputs.md)
+# int8 adds, per axis, ``"dtype": "int8"`` and the ``"scale"`` list (json indent 1: one line per channel of
+# 4 spaces, repr of a float (at most 24 characters, e.g. 1.2345678901234567e-05), comma and newline)
+INT8_META_AXIS_BYTES = 48
+INT8_META_SCALE_BYTES = 30
+RECORD_BYTES = 4096  # store.json + stage.json, rounded up from a real store (docs/accepted-inputs.md)
 
 
 @dataclasses.dataclass(frozen=True)
 class StoreGeometry:
-    """What a float16 store's size depends on besides the images' shapes.
+    """What a store's size depends on besides the images' shapes.
 
     Attributes:
         input_size: the encoder's canvas side in pixels (LiteMedSAM: 256).
@@ -348,6 +361,7 @@ class StoreGeometry:
         channels: stored channels (``encode --channels``; 0 keeps ``raw_channels``).
         axes: slicing axes (``encode --axes``).
         tile: tile side in pixels (``encode --tile-size``; 0: auto, from the template's shape).
+        storage: the stored dtype (``encode --storage``: ``"int8"``, the default, or ``"float16"``).
     """
 
     input_size: int
@@ -356,6 +370,7 @@ class StoreGeometry:
     channels: int
     axes: tuple[int, ...]
     tile: int = 0
+    storage: str = DEFAULT_STORAGE
 
     @property
     def stored_channels(self) -> int:
@@ -368,14 +383,27 @@ class StoreGeometry:
         return int(self.tile) if self.tile else auto_tile(max(template_shape), self.input_size)
 
 
-def case_store_bytes(shape: Sequence[int], tile: int, geometry: StoreGeometry) -> int:
-    """Bytes of one case folder (``cases/<case>/``) as :func:`write_case` writes it in float16.
+def meta_bytes(geometry: StoreGeometry) -> int:
+    """Upper bound of one case's ``meta.json`` in bytes: :data:`META_BYTES`, plus for int8 storage
+    the channel scales of every axis (:data:`INT8_META_AXIS_BYTES` + C * :data:`INT8_META_SCALE_BYTES`
+    per axis; 64 channels on 3 axes: 5,904 bytes more)."""
+    if geometry.storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage {geometry.storage!r}: choose one of {STORAGE_DTYPES}")
+    extra = 0
+    if geometry.storage == "int8":
+        extra = len(geometry.axes) * (INT8_META_AXIS_BYTES + INT8_META_SCALE_BYTES * geometry.stored_channels)
+    return META_BYTES + extra
 
-    Per slicing axis ``a``, ``axis<a>.npy`` is a float16 grid (C, ...) with one cell per slice
-    along ``a`` and the slice's valid feature cells in-plane: the slice (su, sv) is resized so
-    its longest side is ``tile`` pixels and covers ceil(r / cell) cells per side
-    (:class:`semisam_o1.data.slicing.SliceLayout`). So ``2 * C * shape[a] * nu * nv`` bytes plus the
-    .npy header, and ``meta.json`` (:data:`META_BYTES`).
+
+def case_store_bytes(shape: Sequence[int], tile: int, geometry: StoreGeometry) -> int:
+    """Bytes of one case folder (``cases/<case>/``) as :func:`write_case` writes it.
+
+    Per slicing axis ``a``, ``axis<a>.npy`` is a grid (C, ...) of ``geometry.storage`` values with
+    one cell per slice along ``a`` and the slice's valid feature cells in-plane: the slice (su, sv)
+    is resized so its longest side is ``tile`` pixels and covers ceil(r / cell) cells per side
+    (:class:`semisam_o1.data.slicing.SliceLayout`). So ``itemsize * C * shape[a] * nu * nv`` bytes
+    (itemsize 1 for int8, 2 for float16) plus the .npy header, and ``meta.json``
+    (:func:`meta_bytes`: int8 adds the per-channel scales of every axis).
 
     Args:
         shape: canonical (X, Y, Z) voxel shape.
@@ -386,8 +414,8 @@ def case_store_bytes(shape: Sequence[int], tile: int, geometry: StoreGeometry) -
         bytes (int).
     """
 
-    itemsize = np.dtype(np.float16).itemsize
-    total = META_BYTES
+    itemsize = np.dtype(geometry.storage).itemsize
+    total = meta_bytes(geometry)
     for axis in geometry.axes:
         su, sv = (int(shape[d]) for d in range(3) if d != axis)
         plan = SliceLayout(su, sv, tile, geometry.cell)
@@ -397,7 +425,7 @@ def case_store_bytes(shape: Sequence[int], tile: int, geometry: StoreGeometry) -
 
 def estimate_store_bytes(shapes: Mapping[str, Sequence[int]], template_shape: Sequence[int],
                          geometry: StoreGeometry) -> int:
-    """Bytes of a float16 store holding ``shapes`` ({case: canonical shape}): every case
+    """Bytes of a store holding ``shapes`` ({case: canonical shape}): every case
     (:func:`case_store_bytes`) plus :data:`REDUCTION_FILE` (``raw_channels x channels`` float32,
     :func:`write_reduction`) and the two small JSON records (``store.json``, ``stage.json``:
     :data:`RECORD_BYTES`). Bytes of the files themselves (not rounded up to file-system blocks)."""
@@ -490,7 +518,8 @@ def write_case(store_root: str | os.PathLike, case: str, grids: dict, maps: dict
         maps: {axis: (offset (3,), step (3,))}: cell index i -> canonical voxel offset + step * i.
         meta: the case's meta.json fields (``case``, ``voxel_shape``, ``affine``, ``axes``,
             ``store_signature``, input hash ...); ``grids`` is filled in here.
-        storage: ``"float16"``, or ``"int8"`` (:func:`quantise_int8`, the scales in meta.json).
+        storage: ``"float16"`` (the default here; ``encode`` passes its store's), or ``"int8"``
+            (:func:`quantise_int8`, the scales in meta.json).
     """
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage {storage!r}: choose one of {STORAGE_DTYPES}")

@@ -3,8 +3,8 @@
 Some structures are divided into sub-regions that follow each other along one
 anatomical axis, separated by planes across it: MSD Hippocampus's Anterior
 (head) and Posterior (body and tail) meet at a coronal plane, so that the best
-single plane across the posterior-anterior axis misassigns 0.07% of the
-foreground voxels of the real labels (mean over 60 pool cases, measured by
+single plane across the posterior-anterior axis misassigns almost none of the
+foreground voxels of the real labels (docs/experiments.md, "Class planes";
 ``benchmarks/bench_class_planes.py``). Label transfer and a UNet trained on
 transferred labels do not know this: their Anterior/Posterior boundary is
 ragged.
@@ -19,8 +19,8 @@ label map the same structure: the foreground (whatever the label or network
 says is foreground) is kept, and its voxels are re-assigned to classes by
 slices along the axis, choosing the monotone slice-to-class assignment that
 agrees best with the given classes (on MSD Hippocampus this did better than
-maximising the summed softmax probabilities: 0.7697 vs 0.7683 mean Dice on the
-test set). Background is never changed.
+maximising the summed softmax probabilities: docs/experiments.md, "Class
+planes"). Background is never changed.
 
 Only the template's label is read. The slice assignment is an exact dynamic
 programme over the slices (O(slices x classes)).

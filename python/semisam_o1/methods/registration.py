@@ -23,9 +23,17 @@ passed as ``--random-seed`` (antspyx's ``ants.config._random_seed``, the value t
 ``ants.set_ants_deterministic`` sets; ANTs takes 0 for "seed from the clock", so the default is 1).
 Threads: ITK's ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``, which ITK reads once per process, when the
 first ANTs image is made: :func:`warp_template` sets it before that, so the first call's ``threads``
-holds for the process. Measured on a Hippocampus case (three runs each): with 1 thread and a fixed
-seed the warps are identical; with 2 threads they differ by up to 1 voxel, so ``propagate`` and
+holds for the process. With 1 thread and a fixed seed the warps are identical run to run; with
+2 threads they were not (docs/experiments.md, "The position term"), so ``propagate`` and
 :func:`registration_labels` register on 1 thread.
+
+**Cases in parallel.** :func:`warp_cases` (behind :func:`registration_labels` and
+:func:`position_check`) registers several cases at once, one per process of a
+``concurrent.futures.ProcessPoolExecutor`` (``spawn`` start: no ITK or torch state forked), each
+process single-threaded (ITK's variable set before it imports ANTs) with the same seed, so each
+case's warp is the one the serial loop computes, bit for bit (tests/test_registration.py). Workers:
+the CPUs this process may run on (``os.sched_getaffinity``) unless given; a tqdm bar counts the cases.
+Measured: benchmarks/results/registration.json, key ``parallel``.
 
 **Cache.** :func:`cached_warp` keeps each case's warped label (``<case>.nii.gz``, the case's own
 voxel order and affine, :func:`semisam_o1.data.images.write_label`) and template-coordinate field
@@ -36,7 +44,9 @@ so an interrupted run resumes with the cases already done.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import multiprocessing
 import os
 import tempfile
 import time
@@ -54,7 +64,7 @@ from semisam_o1.data.images import read_label, write_label
 from semisam_o1.methods.metrics import mask_extent
 
 __all__ = ["RegistrationParams", "Warp", "to_ants", "register", "warp_template", "soft_prior",
-           "cached_warp", "registration_labels"]
+           "cached_warp", "warp_cases", "registration_labels", "available_cpus"]
 
 
 @dataclass(frozen=True)
@@ -230,20 +240,58 @@ def cached_warp(folder: Path, template_image, template_label, case: str, case_im
     return warp
 
 
-def registration_labels(dataset, template: str, cases: Sequence[str], out_dir, threads: int | None = 1,
-                        params: RegistrationParams | None = None) -> dict[str, Path]:
-    """Warped template labels for ``cases`` (an independent label source, e.g. a referee for the
-    rounds' labels), computed once and cached in ``out_dir`` (see :func:`cached_warp`).
+def available_cpus() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` where that is missing)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# One template per worker process, read once by _worker_init: {"dataset", "image", "label", "out_dir",
+# "params", "threads"}.
+_WORKER: dict = {}
+
+
+def _worker_init(root: str, template: str, out_dir: str, params: RegistrationParams, threads: int | None) -> None:
+    """A registration worker's start: ITK's thread count before anything imports ANTs (ITK reads it once
+    per process), then the dataset and the template."""
+    if threads:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
+    ds = Dataset(root)
+    image = ds.read_image(template)
+    _WORKER.update(dataset=ds, image=image, label=ds.read_label(template, reference=image), out_dir=Path(out_dir),
+                   params=params, threads=threads)
+
+
+def _worker_warp(case: str) -> tuple[str, float]:
+    """Compute (or find in the cache) ``case``'s warp in a worker; returns ``(case, seconds)``."""
+    w = _WORKER
+    ds = w["dataset"]
+    warp = cached_warp(w["out_dir"], w["image"], w["label"], case, ds.read_image(case), ds.label_map, w["params"],
+                       w["threads"])
+    return case, warp.seconds
+
+
+def warp_cases(dataset, template: str, cases: Sequence[str], out_dir, threads: int | None = 1,
+               params: RegistrationParams | None = None, workers: int | None = None, quiet: bool = True) -> dict:
+    """The template's warp to every case of ``cases`` in the cache ``out_dir`` (:func:`cached_warp`),
+    several cases at once (module docstring, "Cases in parallel").
 
     Args:
         dataset: a :class:`semisam_o1.data.dataset.Dataset` or its folder.
-        template: the template's case id (its label is the only one read).
-        cases: case ids (the template is skipped).
+        template: the template's case id.
+        cases: case ids (the template and cases already cached are skipped).
         out_dir: cache folder.
-        threads: ITK threads per registration.
+        threads: ITK threads per registration (1: reproducible).
+        params: the registration.
+        workers: processes (default: :func:`available_cpus`); 1 registers in this process, one
+            case after the other.
+        quiet: no progress bar.
 
     Returns:
-        {case: path of its warped label (NIfTI, the case image's voxel order and affine)}.
+        ``{"warp_dir": the cache's key folder, "seconds": {case: seconds of its registration, for the
+        cases computed now}}``.
 
     Raises:
         InputError: an unknown case, a template label that does not fit its image.
@@ -254,21 +302,67 @@ def registration_labels(dataset, template: str, cases: Sequence[str], out_dir, t
     t_img = ds.read_image(template)
     t_lab = ds.read_label(template, reference=t_img)
     sub = Path(out_dir) / cache_key(t_img.path, t_lab.path, params)
-    out = {}
-    for case in progress([c for c in cases if c != template], quiet=True, desc="registration"):
-        cached_warp(Path(out_dir), t_img, t_lab, case, ds.read_image(case), ds.label_map, params, threads)
-        out[case] = sub / f"{case}.nii.gz"
-    return out
+    todo = [c for c in dict.fromkeys(cases) if c != template
+            and not ((sub / f"{c}.nii.gz").exists() and (sub / f"{c}_coords.npz").exists())]
+    for c in todo:
+        ds.image_path(c)  # an unknown case is refused before any registration starts
+    workers = min(int(workers or available_cpus()), len(todo))
+    seconds: dict[str, float] = {}
+    if workers <= 1:
+        for case in progress(todo, quiet=quiet, desc="registration"):
+            seconds[case] = cached_warp(Path(out_dir), t_img, t_lab, case, ds.read_image(case), ds.label_map,
+                                        params, threads).seconds
+        return {"warp_dir": sub, "seconds": seconds}
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                                initargs=(str(ds.root), template, str(out_dir), params,
+                                                          threads)) as pool:
+        futures = [pool.submit(_worker_warp, c) for c in todo]
+        try:
+            for fut in progress(concurrent.futures.as_completed(futures), quiet=quiet, desc="registration",
+                                total=len(futures)):
+                case, sec = fut.result()
+                seconds[case] = sec
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+    return {"warp_dir": sub, "seconds": seconds}
+
+
+def registration_labels(dataset, template: str, cases: Sequence[str], out_dir, threads: int | None = 1,
+                        params: RegistrationParams | None = None, workers: int | None = None,
+                        quiet: bool = True) -> dict[str, Path]:
+    """Warped template labels for ``cases`` (an independent label source, e.g. a referee for the
+    rounds' labels), computed once and cached in ``out_dir`` (see :func:`cached_warp`).
+
+    Args:
+        dataset: a :class:`semisam_o1.data.dataset.Dataset` or its folder.
+        template: the template's case id (its label is the only one read).
+        cases: case ids (the template is skipped).
+        out_dir: cache folder.
+        threads: ITK threads per registration.
+        workers: registrations at once (:func:`warp_cases`; default: the available CPUs).
+        quiet: no progress bar.
+
+    Returns:
+        {case: path of its warped label (NIfTI, the case image's voxel order and affine)}.
+
+    Raises:
+        InputError: an unknown case, a template label that does not fit its image.
+    """
+
+    done = warp_cases(dataset, template, cases, out_dir, threads, params, workers, quiet)
+    return {case: done["warp_dir"] / f"{case}.nii.gz" for case in cases if case != template}
 
 
 # --------------------------------------------------------------------------- does the position term apply?
 
 #: the position term applies when, by the registration, the voxels of a typical case's structure
 #: sit less than the template structure's half-extent away from where the normalised box puts
-#: them (the structure overlaps its template place). Measured on both datasets' first 20 pool
-#: cases: median offset 0.14 (MSD Hippocampus) and 0.28 (2018 Left Atrium), where the vote with
-#: the position term labels the pool at 0.791 / 0.779 against 0.744 / 0.689 without it
-#: (benchmarks/results/registration.json, "position_check")
+#: them (the structure overlaps its template place). Both datasets' pool cases sit well inside
+#: the limit, and there the position term lifts the round-0 labels (docs/experiments.md, "The
+#: position term"; benchmarks/results/registration.json, key "position_check")
 POSITION_OFFSET_LIMIT = 1.0
 
 
@@ -304,9 +398,11 @@ def position_offset(case_label: np.ndarray, coords: np.ndarray, template_shape, 
 
 
 def position_check(dataset, template: str, cases: Sequence[str], out_dir, threads: int | None = 1,
-                   params: RegistrationParams | None = None) -> dict:
+                   params: RegistrationParams | None = None, workers: int | None = None,
+                   quiet: bool = True) -> dict:
     """Whether the position term applies to this cohort, from the template registered to each case
-    (the cached warps of :func:`registration_labels`; missing ones are computed).
+    (the cached warps of :func:`registration_labels`; missing ones are computed first, ``workers``
+    at once: :func:`warp_cases`).
 
     Returns:
         ``{"offsets": {case: offset}, "median_offset": m, "limit": POSITION_OFFSET_LIMIT,
@@ -315,6 +411,7 @@ def position_check(dataset, template: str, cases: Sequence[str], out_dir, thread
 
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     params = params or RegistrationParams()
+    warp_cases(ds, template, cases, out_dir, threads, params, workers, quiet)
     t_img = ds.read_image(template)
     t_lab = ds.read_label(template, reference=t_img)
     extent = mask_extent(t_lab.array > 0)

@@ -49,12 +49,9 @@ class MethodOptions(Checked):
                          "centred mm scaled by the template's half-extent (mm)", choices=COORDS)
     bank_background: int = option(20000, "knn: background template voxels sampled into the bank (-1: all)")
     bank_ring: int = option(0, "knn: keep every background voxel within this many voxels of the foreground in "
-                            "the bank (benchmarks/propagate.md, 19 pool cases, k=10 w=1.5, 5000 sampled: ring 3 "
-                            "mean Dice 0.768 with smoothing + largest component, vs 0.778 for the 20000-voxel "
-                            "bank without ring)")
+                            "the bank (no gain: benchmarks/propagate.md, rows 'bank ring 3')")
     bank_reweight: bool = option(False, "knn: weight sampled background voxels by the inverse sampling rate in "
-                                 "the vote (benchmarks/propagate.md, 19 pool cases, k=10 w=1.5, 5000 sampled: mean "
-                                 "Dice 0.764, with ring 3 0.758, vs 0.778 unweighted with 20000)")
+                                 "the vote (no gain: benchmarks/propagate.md, rows 'reweighted')")
     recentre: int = option(1, "knn: passes that shift the case's coordinates so its predicted foreground "
                            "centroid meets the template's, then vote again (0: none)")
     query_stride: int = option(2, "knn: query every n-th voxel per axis, interpolate the vote shares")

@@ -27,6 +27,8 @@ from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.dataset import Dataset
 from semisam_o1.data.images import read_label
 from semisam_o1.methods.metrics import dice_per_class
+from semisam_o1.pipeline.referee import RELIABILITY_JSON
+from semisam_o1.pipeline.rounds import criterion
 from semisam_o1.pipeline.selection import SELECTION_JSON
 
 # RGBA per class index (background transparent), cycled for more classes
@@ -105,6 +107,15 @@ def _round_entry(work: Path, dataset: Dataset, r: int, unlabeled: list[str], tim
     return entry
 
 
+def _reliability_summary(work: Path) -> dict | None:
+    """The referee's reliability in brief (``referee/reliability.json``), or None without one."""
+    path = work / "referee" / RELIABILITY_JSON
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    return {k: info[k] for k in ("reliable", "reliable_cases", "pool_cases", "rule")} | {"file": str(path)}
+
+
 def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list[str], test: list[str],
                  rounds: int, times: dict, config: dict, selected: list[str] | None = None,
                  chosen: tuple[int, int, str] | None = None) -> dict:
@@ -140,7 +151,8 @@ def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list
         "n_test": len(test),
         "config": config,
         "rounds": per_round,
-        "chosen": {"labels_round": labels_round, "model_round": model_round, "reason": reason},
+        "chosen": {"labels_round": labels_round, "model_round": model_round, "reason": reason,
+                   "criterion": criterion(work), "referee_reliability": _reliability_summary(work)},
         "final_test_metrics": per_round[model_round].get("test_metrics"),
         "final_pool_dice": per_round[labels_round].get("pseudo_label_dice_unlabeled"),
         "selection": None if selected is None else {

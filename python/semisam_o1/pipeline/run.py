@@ -53,15 +53,19 @@ from semisam_o1.core.settings import ComputeOptions, as_dict, check_range, comma
 from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.dataset import Dataset, load_split
 from semisam_o1.data.folder_input import DATASET, FolderInput, materialise
+from semisam_o1.data.images import read_label
 from semisam_o1.methods.class_planes import CLASS_PLANES_JSON
+from semisam_o1.methods.metrics import mean_dice
 from semisam_o1.methods.registration import position_check, registration_labels
 from semisam_o1.pipeline.final import write_final
+from semisam_o1.pipeline.referee import check_referee, summary_line
 from semisam_o1.pipeline.report import write_report
-from semisam_o1.pipeline.rounds import choose_round, keep_going, round_evidence
+from semisam_o1.pipeline.rounds import choose_round, criterion, keep_going, round_evidence
 from semisam_o1.pipeline.selection import SELECTION_JSON, select_by_agreement
 from semisam_o1.pipeline.validate import validate_run
 from semisam_o1.stages import encode, evaluate, plan, predict, propagate, refine, train
 from semisam_o1.stages.plan import encode_overrides, read_plan
+from semisam_o1.stages.predict import label_file
 from semisam_o1.stages.propagate import PropagateSettings
 from semisam_o1.stages.refine import MODES as REFINE_MODES
 from semisam_o1.stages.refine import RefineSettings
@@ -104,6 +108,11 @@ class RunSettings(ComputeOptions, EngineOptions):
     pixel_size: Path | None = option(None, "with --images of 2D files (PNG, JPEG, BMP, TIFF): a CSV of CASE,"
                                      "PIXEL_SIZE_MM for every image (HD95 / ASD in mm); without it distances are "
                                      "in pixels", type=Path, metavar="CSV")
+    modality: str | None = option(None, "with --images: the scans' modality as dataset.json names it (CT, MRI, "
+                                  "MR, T1, T2, ...); CT selects CT's fixed-window normalisation. Default: "
+                                  "unknown, and the plan recognises CT from the template's intensities (1st "
+                                  "percentile <= -900 HU: air; integer values; 99th percentile <= 4000)",
+                                  metavar="NAME")
     output: Path = option(help="work folder: every stage's output, report.json and pictures",
                           flags=("-o", "--output"), type=Path, metavar="WORK", neutral=True)
     preset: str = option("cpu", "quick: tests (3 unlabeled, 2 test cases, 1 round, seconds of training); "
@@ -135,11 +144,15 @@ class RunSettings(ComputeOptions, EngineOptions):
                                   "classes follow each other along one axis, separated by planes, every pseudo-label "
                                   "and prediction gets the same structure")
     plan: str | None = option(None, "auto: plan the UNet from the data first (semisam-o1 plan into WORK/plan.json: "
-                       "patch from the template structure's extent, strides from the spacing, iterations from "
-                       "--budget-minutes, flips and normalisation from the template and modality) instead of "
-                       "the preset's network; default: the preset's (off only for quick)", choices=("off", "auto"))
-    budget_minutes: float | None = option(None, "with --plan auto: UNet training minutes per round on this "
-                                          "machine (default: the preset's)", type=float, metavar="MIN")
+                       "working spacing from the cohort's spacings and the template's thinnest class, patch from "
+                       "the median image shape shrunk to a voxel budget, strides from the spacing, iterations "
+                       "from --budget-minutes at a fixed reference rate (the same plan on every machine), flips "
+                       "and normalisation from the template and modality) instead of the preset's network; "
+                       "default: the preset's (off only for quick)", choices=("off", "auto"))
+    budget_minutes: float | None = option(None, "with --plan auto: UNet training minutes per round on the "
+                                          "reference CPU (semisam_o1.stages.plan.REFERENCE_VOXELS_PER_SECOND; "
+                                          "plan.json 'estimate' gives this machine's; default: the preset's)",
+                                          type=float, metavar="MIN")
     position: str = option("auto", "the position term of the round-0 vote (propagate --position-weight): auto: on "
                            "when the template registered to every pool case shows the structure at a consistent "
                            "place in the volumes' boxes (semisam_o1.methods.registration.position_check; "
@@ -189,8 +202,8 @@ class RunSettings(ComputeOptions, EngineOptions):
                 setattr(self, key, Path(getattr(self, key)))
         if self.images is None:
             extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels",
-                                 "pixel_size")
-                     if getattr(self, k) is not None]
+            extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels",
+                                 "modality", "pixel_size") if getattr(self, k) is not None]
             if extra:
                 raise InputError(f"--{extra[0].replace('_', '-')} goes with --images DIR")
             if self.input is None or self.split is None:
@@ -214,7 +227,7 @@ class RunSettings(ComputeOptions, EngineOptions):
 
         return FolderInput(images=self.images, template_image=self.template_image,
                            template_label=self.template_label, labels=self.labels,
-                           test_images=self.test_images, test_labels=self.test_labels,
+                           test_images=self.test_images, test_labels=self.test_labels, modality=self.modality,
                            pixel_size=self.pixel_size)
 
     @property
@@ -371,14 +384,18 @@ def _plan(stages: Stages, s: RunSettings) -> Path | None:
     return path
 
 
-def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[str], plan: Path | None) -> Path:
+def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[str], plan: Path | None,
+           hold_out_template: bool = False) -> Path:
+    """Round ``r``'s network; ``hold_out_template``: trained without the template's label (the
+    fallback criterion of :mod:`semisam_o1.pipeline.referee` scores it on the template)."""
     rd = stages.work / f"round{r}"
     model = rd / "model"
     stages.call(f"round{r}/train", "train", train,
                 train.SETTINGS(input=s.input, labels=stages.work / f"round{r - 1}" / "pseudo",
                                template=cohort.template, cases=(cohort.template, *cases), output=model,
                                ssl=s.ssl, preset=s.unet, iterations=s.iterations,
-                               template_share=s.template_share, spatial_aug=s.spatial_aug, seed=s.seed, round=r,
+                               template_share=0.0 if hold_out_template else s.template_share,
+                               spatial_aug=s.spatial_aug, seed=s.seed, round=r,
                                plan=plan,
                                **_compute(s)), model)
     return model
@@ -453,12 +470,35 @@ def _position(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> bool:
     if path.is_file():
         return bool(json.loads(path.read_text())["applies"])
     t0 = time.perf_counter()
-    # registers the template to every pool case into the referee's cache (one ITK thread, as _referee)
-    check = position_check(dataset, cohort.template, list(cohort.unlabeled), stages.work / "referee", threads=1)
+    # registers the template to every pool case into the referee's cache (one ITK thread, as _referee;
+    # --threads cases at once)
+    check = position_check(dataset, cohort.template, list(cohort.unlabeled), stages.work / "referee", threads=1,
+                           workers=s.threads, quiet=s.quiet)
     stages.times.setdefault("position", time.perf_counter() - t0)
     write_json(path, check)
     print(f"[run] position term: {check['reason']}", flush=True)
     return bool(check["applies"])
+
+
+def _template_dice(stages: Stages, s: RunSettings, dataset, cohort: Cohort, r: int, model: Path,
+                   rule: Path | None) -> float:
+    """Round ``r``'s network (trained without the template's label) scored on the template."""
+    out = stages.work / f"round{r}" / "template"
+    _predict(stages, s, f"round{r}/predict_template", model, out, [cohort.template], rule)
+    lm = dataset.label_map
+    truth = dataset.read_label(cohort.template)
+    pred = read_label(label_file(out, cohort.template), lm, reference=truth)
+    return float(mean_dice(pred.array, truth.array, lm.foreground))
+
+
+def _check_referee(dataset, cohort: Cohort, work: Path, referee: Path | None) -> str:
+    """The referee's reliability (``WORK/referee/reliability.json``, one terminal line); returns the
+    round rule's criterion (:func:`semisam_o1.pipeline.rounds.criterion`)."""
+    if referee is None:
+        return "none"
+    info = check_referee(dataset, cohort.template, cohort.unlabeled, referee, work / "round0" / "pseudo")
+    print(f"[run] {summary_line(info)}", flush=True)
+    return criterion(work)
 
 
 def _referee(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> Path | None:
@@ -469,8 +509,10 @@ def _referee(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> Path | 
     out = stages.work / "referee"
     print(f"[run] referee: the template's label registered to {len(cohort.unlabeled)} pool cases", flush=True)
     t0 = time.perf_counter()
-    # one ITK thread: warps are then identical from run to run (two threads differ by up to a voxel)
-    paths = registration_labels(dataset, cohort.template, list(cohort.unlabeled), out, threads=1)
+    # one ITK thread: warps are then identical from run to run (two threads differ by up to a voxel);
+    # --threads cases at once (default: the available CPUs), each still on one thread
+    paths = registration_labels(dataset, cohort.template, list(cohort.unlabeled), out, threads=1,
+                                workers=s.threads, quiet=s.quiet)
     stages.times.setdefault("referee", time.perf_counter() - t0)
     return next(iter(paths.values())).parent if paths else None
 
@@ -482,10 +524,12 @@ def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path
 
     train_cases = list(cohort.unlabeled)
     round_evidence(dataset, stages.work, 0, cohort.unlabeled, referee)
+    held_out = _check_referee(dataset, cohort, stages.work, referee) == "template"
     done = 0
     for r in range(1, s.rounds + 1):
         rd = stages.work / f"round{r}"
-        model = _train(stages, s, cohort, r, train_cases, plan)
+        model = _train(stages, s, cohort, r, train_cases, plan, hold_out_template=held_out)
+        template_dice = _template_dice(stages, s, dataset, cohort, r, model, rule) if held_out else None
         _predict(stages, s, f"round{r}/predict", model, rd / "pred", cohort.unlabeled, rule)
         _refine(stages, s, cohort, r, feats, rule)
         if r == 1 and s.selecting:
@@ -494,11 +538,13 @@ def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path
             _predict(stages, s, f"round{r}/predict_test", model, rd / "test", cohort.test, rule)
             _evaluate(stages, s, cohort, r)
         trained = train_cases if r > 1 else list(cohort.unlabeled)
-        round_evidence(dataset, stages.work, r, cohort.unlabeled, referee, trained_on=trained)
+        round_evidence(dataset, stages.work, r, cohort.unlabeled, referee, trained_on=trained,
+                       template_dice=template_dice)
         done = r
         if r < s.rounds and not keep_going(stages.work, r):
-            print(f"[run] round{r}: by the referee, its labels are worse than round 0's or no better than "
-                  f"round {r - 1}'s (semisam_o1.pipeline.rounds): no further rounds", flush=True)
+            why = (f"its network scores no better on the held-out template than round {r - 1}'s" if held_out else
+                   f"by the referee, its labels are worse than round 0's or no better than round {r - 1}'s")
+            print(f"[run] round{r}: {why} (semisam_o1.pipeline.rounds): no further rounds", flush=True)
             break
     return done, (train_cases if s.selecting else None)
 

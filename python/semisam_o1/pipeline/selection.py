@@ -13,14 +13,13 @@ the first train on the template plus the ``fraction`` of the pool with the
 highest agreement (ties: the earlier case in the pool's order); every pool case
 is still predicted, so every case keeps a pseudo-label.
 
-Why (measured on MSD Hippocampus, README and ``benchmarks/results/quality.json``
-key ``case_selection``): agreement correlates with the real Dice of a case's
-round-0 label (Pearson 0.41 over the 199 pool cases; the network's mean entropy
-only -0.23), the 50 cases with the highest agreement have round-0 labels at
-Dice 0.786 against 0.764 for the whole pool, and a UNet trained on them scores
-higher on the test set than one trained on all 199. This is the case-level
-counterpart of the authors' ``volume`` refinement (which ranks volumes by mean
-entropy); it reads no real label.
+Why: agreement correlates with the real Dice of a case's round-0 label more
+strongly than the network's mean entropy does, the cases with the highest
+agreement have better round-0 labels than the whole pool, and a UNet trained on
+them scores higher on the test set than one trained on all (docs/experiments.md,
+"Case selection"; ``benchmarks/results/quality.json``, key ``case_selection``).
+This is the case-level counterpart of the authors' ``volume`` refinement (which
+ranks volumes by mean entropy); it reads no real label.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ wastes them. :func:`validate_run` therefore reads, before anything is written:
   only. Pool labels are never read (a one-label run does not look at them);
 * the free disk of the work folder's file system against the bytes the run will write: the
   feature store (:func:`semisam_o1.data.store.estimate_store_bytes`, from the images' shapes and
-  ``encode``'s settings: :func:`run_store_geometry`) plus a margin (:func:`needed_bytes`).
+  ``encode``'s settings: :func:`run_store_geometry`; int8, or the dtype of the store a resumed run
+  adds to) plus a margin (:func:`needed_bytes`).
 
 Each problem is one :class:`semisam_o1.core.errors.InputError` naming the file (or folder).
 Measured seconds for 200 Hippocampus volumes: docs/accepted-inputs.md.
@@ -32,13 +33,20 @@ from typing import Iterable, Sequence
 from semisam_o1.core.errors import InputError
 from semisam_o1.core.progress import progress
 from semisam_o1.core.resume import check_output_dir
-from semisam_o1.data.store import StoreGeometry, estimate_store_bytes
+from semisam_o1.data.store import (
+    CONFIG_FILE,
+    DEFAULT_STORAGE,
+    FeatureStore,
+    StoreGeometry,
+    config_storage,
+    estimate_store_bytes,
+)
 from semisam_o1.stages import encode
 from semisam_o1.stages.encoders import DEFAULT_LAYERS, LITEMEDSAM_LAYERS
 
-# The store formula's error bound, checked on both datasets' real stores (docs/accepted-inputs.md:
-# the formula is within 0.1% of 21 Hippocampus and 21 Left Atrium stores); kept at the brief's 10%
-# so that a store written by another version of the encoder still fits.
+# The store formula's error bound: the formula matches both datasets' real stores far more closely
+# (docs/accepted-inputs.md, "Before `run` starts any stage"); kept at the brief's 10% so that a
+# store written by another version of the encoder still fits.
 STORE_MARGIN = 0.10
 # Per round, each case's outputs, uncompressed (an upper bound of the .nii.gz files): pool cases
 # get a prediction (uint8), an entropy map (float32) and a pseudo-label (uint8); test cases a
@@ -47,9 +55,10 @@ POOL_BYTES_PER_VOXEL_ROUND = 1 + 4 + 1
 TEST_BYTES_PER_VOXEL_ROUND = 1 + 4
 
 
-def run_store_geometry() -> StoreGeometry:
+def run_store_geometry(existing: dict | None = None) -> StoreGeometry:
     """The geometry of the store ``run`` writes: ``encode``'s default settings (``--channels``,
-    ``--axes``, ``--tile-size``) and its default encoder (LiteMedSAM's default layers, their channels
+    ``--axes``, ``--tile-size``, ``--storage``: int8, or the dtype of ``existing``, the ``store.json``
+    of a store the run adds to) and its default encoder (LiteMedSAM's default layers, their channels
     and grid side at the 256-pixel canvas: :data:`semisam_o1.stages.encoders.LITEMEDSAM_LAYERS`)."""
 
     defaults = {f.name: f.default for f in dataclasses.fields(encode.EncodeSettings)}
@@ -58,7 +67,8 @@ def run_store_geometry() -> StoreGeometry:
     grid = min(side for _, side in layers)
     return StoreGeometry(input_size=input_size, cell=input_size // grid, raw_channels=sum(c for c, _ in layers),
                          channels=int(defaults["channels"]), axes=tuple(defaults["axes"]),
-                         tile=int(defaults["tile_size"]))
+                         tile=int(defaults["tile_size"]),
+                         storage=config_storage(existing) if existing else defaults["storage"] or DEFAULT_STORAGE)
 
 
 def needed_bytes(store_bytes: int, pool_voxels: int, test_voxels: int, rounds: int) -> int:
@@ -145,7 +155,8 @@ def validate_run(dataset, template: str, unlabeled: Sequence[str], test: Sequenc
     shapes = _read_cohort(dataset, template, others, test_set, quiet)
     store_cases = [template, *[c for c in unlabeled if c != template]]
     missing = [c for c in store_cases if c not in _encoded_cases(work / "features", store_cases)]
-    store = estimate_store_bytes({c: shapes[c] for c in missing}, shapes[template], run_store_geometry()) \
+    existing = FeatureStore(work / "features").config if (work / "features" / CONFIG_FILE).is_file() else None
+    store = estimate_store_bytes({c: shapes[c] for c in missing}, shapes[template], run_store_geometry(existing)) \
         if missing else 0
     voxels = {c: int(math.prod(s)) for c, s in shapes.items()}
     needed = needed_bytes(store, sum(voxels[c] for c in unlabeled if c in voxels),

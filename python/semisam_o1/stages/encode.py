@@ -31,8 +31,12 @@ L2-normalised per cell, concatenated, 800 channels on the 64x64 grid), then redu
 second-moment matrix of all the reduction case's feature cells, which best preserves dot products in the
 least-squares sense) fitted on the reduction case (the split's template by default), which is encoded
 first. The basis is stored in the store (``reduction.npy``) and is part of its signature. On disk
-(``--storage``): int8 with one scale per channel and axis file (:func:`semisam_o1.data.store.quantise_int8`),
-or float16. What each lever costs and gains on both datasets: benchmarks/encode.md.
+(``--storage``): int8 with one scale per channel and axis file (:func:`semisam_o1.data.store.quantise_int8`;
+the default for a new store: half the bytes, round-0 pool Dice -0.0002 on Hippocampus and -0.0001 on
+Left Atrium 2018 against float16), or float16. Without ``--storage``, cases added to an existing store
+are written in the store's own dtype (a float16 store, format 1 included, stays float16, so a run
+started before int8 became the default resumes). What each lever costs and gains on both datasets:
+benchmarks/encode.md.
 
 Resume: the store's ``store.json`` is this stage's record (its configuration, signature and command).
 A case already in the store is skipped when it was written with the same store signature from the same
@@ -73,10 +77,13 @@ from semisam_o1.data.slicing import SliceLayout, auto_tile, intensity_range, res
 from semisam_o1.data.store import (
     CASES_DIR,
     CONFIG_FILE,
+    DEFAULT_STORAGE,
     REDUCTION_FILE,
+    STORAGE_DTYPES,
     STORE_FORMAT,
     UNSIGNED_KEYS,
     FeatureStore,
+    config_storage,
     write_case,
     write_config,
     write_reduction,
@@ -104,8 +111,9 @@ class EncodeSettings(CaseOptions, ComputeOptions, EngineOptions):
                                    choices=(0, 1, 2))
     slice_stride: int = option(1, "encode every n-th slice along each axis (centred), the features between "
                                   "encoded slices interpolated linearly (benchmarks/encode.md)")
-    storage: str = option("float16", "dtype of the stored features: int8 (one scale per channel and axis file) or "
-                                  "float16 (benchmarks/encode.md)", choices=("int8", "float16"))
+    storage: str | None = option(None, "dtype of the stored features: int8 (one scale per channel and axis file) or "
+                                       "float16 (benchmarks/encode.md); default: int8 for a new store, an existing "
+                                       "store's own dtype when adding to it", choices=STORAGE_DTYPES)
     channels: int = option(64, "reduce features to this many channels with a PCA basis fitted on the "
                                "reduction case (0: keep all)")
     reduction_case: str | None = option(None, "case to fit the channel reduction on (default: the split's "
@@ -142,7 +150,7 @@ class EncodeSettings(CaseOptions, ComputeOptions, EngineOptions):
             if len(self.window) != 2 or not self.window[1] > self.window[0]:
                 raise InputError(f"--window {' '.join(map(str, self.window))}: give LOW HIGH with HIGH above LOW")
         check_range("channels", self.channels, 0)
-        if self.storage not in ("int8", "float16"):
+        if self.storage is not None and self.storage not in STORAGE_DTYPES:
             raise InputError(f"--storage {self.storage}: choose int8 or float16")
         check_range("slice_stride", self.slice_stride, 1)
         check_range("tile_size", self.tile_size, 0)
@@ -396,11 +404,21 @@ def _choose_tile(s: EncodeSettings, enc, ds, red_case: str, chosen: list, existi
     return tile
 
 
-def _new_config(s: EncodeSettings, enc, tile: int, red_case: str) -> dict:
+def _choose_storage(s: EncodeSettings, existing: dict | None) -> str:
+    """The stored dtype: ``--storage``, else the existing store's (unless ``--overwrite`` rebuilds
+    it), else :data:`semisam_o1.data.store.DEFAULT_STORAGE` (int8)."""
+    if s.storage is not None:
+        return s.storage
+    if existing and not s.overwrite:
+        return config_storage(existing)
+    return DEFAULT_STORAGE
+
+
+def _new_config(s: EncodeSettings, enc, tile: int, red_case: str, storage: str) -> dict:
     channels = int(min(s.channels, enc.channels)) if s.channels else enc.channels
     return {
         "format": STORE_FORMAT,
-        "storage": s.storage,
+        "storage": storage,
         "package": f"semisam-o1 {__version__}",
         "encoder": enc.signature(),
         "preprocessing": {
@@ -414,14 +432,14 @@ def _new_config(s: EncodeSettings, enc, tile: int, red_case: str) -> dict:
         "axes": list(s.axes),
         **({"slice_stride": int(s.slice_stride)} if s.slice_stride != 1 else {}),  # stores of stride 1 keep their signature
         "channels": channels,
-        "command": command_line("encode", s),
+        "command": command_line("encode", dataclasses.replace(s, storage=storage)),  # the dtype it chose, spelled out
     }
 
 
 def _comparable(config: dict) -> dict:
     c = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in UNSIGNED_KEYS}
     if c.get("format") == 1:  # a format-1 store is a float16 store of format 2: it can be added to
-        c["format"], c["storage"] = STORE_FORMAT, "float16"
+        c["format"], c["storage"] = STORE_FORMAT, config_storage(c)
     if isinstance(c.get("reduction"), dict):
         c["reduction"].pop("basis_sha256", None)
     return c
@@ -485,7 +503,7 @@ def _setup(s: EncodeSettings, log) -> _EncodeSetup:
     enc = load_encoder(s.encoder, s.checkpoint, s.layers, device=s.device, threads=s.threads,
                        cache_dir=s.cache_dir, input_size=s.input_size, log=log, lazy=True)
     tile = _choose_tile(s, enc, ds, red_case, chosen, existing)
-    config = _new_config(s, enc, tile, red_case)
+    config = _new_config(s, enc, tile, red_case, _choose_storage(s, existing))
     keep = _keep_existing(root, existing, config, s.overwrite)
     return _EncodeSetup(root, ds, chosen, chosen[s.part_id::s.num_parts], enc, red_case, tile, config,
                  existing if keep else None, rebuild=existing is not None and not keep)

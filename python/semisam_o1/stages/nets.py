@@ -34,8 +34,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 # Per-volume intensity normalisation: clip to the [lower, upper] percentiles of
 # the volume, then z-score with the clipped volume's mean and standard
-# deviation (nnU-Net-style for MRI, where raw intensities have no fixed scale;
-# Hippocampus maxima range from ~100 to over 1e6).
+# deviation (nnU-Net-style for MRI, where raw intensities have no fixed scale:
+# docs/experiments.md, "Raw intensity scale").
 NORMALISATION = {"method": "percentile_clip_zscore", "lower_percentile": 0.5, "upper_percentile": 99.5}
 
 # Presets. ``patch`` is in canonical (X, Y, Z) voxels; every entry must be
@@ -73,8 +73,8 @@ PRESETS: dict[str, dict] = {
         "log_every": 1,
         "checkpoint_every": 0,
     },
-    # one round on ~200 Hippocampus volumes (train + predict) in under
-    # 20 minutes on 2 CPU cores: see benchmarks/results/quality.json
+    # sized for one round on ~200 small MRI crops (train + predict) on 2 CPU
+    # cores: docs/experiments.md, "How each addition contributes to the whole loop"
     "cpu": {
         **_COMMON,
         "channels": [16, 32, 64, 128],

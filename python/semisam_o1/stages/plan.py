@@ -11,20 +11,24 @@
   nnU-Net's experiment planner (Isensee et al., Nature Methods 2021: fingerprint -> rules ->
   plan), written for one template instead of a labelled training set:
 
-  - ``spacing``: the working spacing (mm) the network trains and predicts at: the finest of a
-    ladder of candidates (the fine axes coarsened first, towards isotropy) at which the planned
-    network affords ``MIN_AFFORDED_ITERATIONS`` training iterations within the time budget, never
-    so coarse that a template class is under ``MIN_CLASS_EDGE`` voxels across; a cohort of mixed
-    spacings is always resampled (to the median at least, as nnU-Net's target spacing); ``null``
+  - ``spacing``: the working spacing (mm) the network trains and predicts at: the cohort's median
+    spacing (nnU-Net's target spacing), refined on an axis towards the cohort's finest where a
+    template class would otherwise be under ``MIN_CLASS_THICKNESS`` voxels thick (from the template
+    label's Euclidean distance transform); never coarsened to pay for training time; ``null``
     when the cohort's own uniform spacing is kept;
-  - ``unet.patch``: covers the template structure's extent plus a margin on each side, rounded
-    up to the network's divisibility, never above the padded median image shape, and shrunk
-    (largest axis first) until it fits the voxel budget of a patch;
+  - ``unet.patch``: nnU-Net v2's rule: the median image shape at the working spacing, rounded up
+    to the network's divisibility and shrunk (longest edge in mm first, the topology recomputed)
+    until it fits a voxel budget: the smaller of ``--max-patch-voxels`` (memory) and the patch of
+    which two per iteration afford ``MIN_AFFORDED_ITERATIONS`` iterations in the budget;
   - ``unet.strides`` / ``unet.channels``: per level and axis, stride 2 while the axis's spacing
     is below twice the finest axis's and its edge stays at least 4 voxels (nnU-Net's rules for
     anisotropic data), at most 5 levels; channels start at 16 and double up to 128;
-  - ``unet.iterations``: from a time budget per round (``--budget-minutes``), divided by the
-    seconds per training iteration measured on this machine for the planned network;
+  - ``unet.iterations``: the time budget per round (``--budget-minutes``) converted to voxels at
+    the reference rate ``REFERENCE_VOXELS_PER_SECOND`` (a machine-independent cost model:
+    patch voxels x batch per iteration, calibrated once on recorded runs), divided by the voxels of
+    one iteration. No decision reads a time measured on this machine: the same data and settings
+    give the same decisions everywhere; ``estimate`` (outside ``decisions``) records this
+    machine's measured seconds per iteration and minutes per round (``--timing``);
   - ``unet.flip_axes``: every axis, except an axis along which the template's foreground classes
     follow each other (class planes: a flip would swap them, as MSD Hippocampus' Anterior |
     Posterior);
@@ -32,9 +36,11 @@
     within twice of square (a thin-slice stack is encoded along its slice axis only);
   - ``largest_component``: the classes whose predictions keep only their largest 26-connected
     component: those the template shows as one piece (:mod:`semisam_o1.methods.components`);
-  - ``normalisation``: CT: clip to the template foreground's 0.5 / 99.5 percentiles and z-score
-    with the template foreground's mean and sd (nnU-Net's CT scheme, from the one label there is);
-    every other modality: per-volume percentile clip and z-score.
+  - ``normalisation``: CT (named in ``dataset.json``, or, when it names none, recognised from the
+    template image: 1st percentile <= -900 (air, -1000 HU), integer values, 99th percentile <= 4000;
+    the reason says which rule fired): clip to the template foreground's 0.5 / 99.5 percentiles and
+    z-score with the template foreground's mean and sd (nnU-Net's CT scheme, from the one label there
+    is); every other modality: per-volume percentile clip and z-score.
 
 Only the template's label is read.
 """
@@ -61,30 +67,49 @@ from semisam_o1.methods.class_planes import learn
 from semisam_o1.methods.metrics import mask_extent
 from semisam_o1.stages import nets
 
-#: fraction of the structure's extent added on each side of the patch
-PATCH_MARGIN = 0.25
 #: smallest edge of the bottom feature map (nnU-Net's rule of 4 voxels)
 MIN_BOTTOM_EDGE = 4
 MAX_DOWNSAMPLINGS = 5
 BASE_CHANNELS = 16
 MAX_CHANNELS = 128
-#: iterations are clipped to this range whatever the budget says
-MIN_ITERATIONS, MAX_ITERATIONS = 200, 20000
-#: the working spacing is coarsened until the planned network affords this many iterations in the
-#: budget: the fewest measured on both datasets after which one round labels its pool better than
-#: the round-0 labels it trained on (docs/experiments.md, "The working spacing";
-#: experiments/training_length.json, la2018_working_spacing.json). MSD Hippocampus, 199 pool cases,
-#: round 0 0.782: 600 / 1200 / 2400 / 4173 iterations give 0.774 / 0.776 / 0.790 / 0.789; 2018 Left
-#: Atrium, 20 pool cases, round 0 0.779: 200 give 0.692, 1200 (at 2.5 mm) 0.788, 1647 0.786, and
-#: 2683 on its 79 pool cases 0.789 (round 0 0.773)
-MIN_AFFORDED_ITERATIONS = 2400
-#: candidate working spacings, as multiples of the finest axis's spacing
-SPACING_FACTORS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
-#: a template class must stay at least this many voxels across at the working spacing: the
-#: network's bottom level (MIN_BOTTOM_EDGE voxels) after one more halving
-MIN_CLASS_EDGE = 2 * MIN_BOTTOM_EDGE
+#: patches per training iteration
+BATCH_SIZE = 2
 #: patches per batch of a 2D network (2D images: volumes of one slice)
 BATCH_2D = 4
+#: iterations are clipped to this range whatever the budget says
+MIN_ITERATIONS, MAX_ITERATIONS = 200, 20000
+#: the patch is shrunk until the planned network affords this many iterations in the budget (at
+#: the reference rate): the fewest measured on both datasets after which one round labels its pool
+#: better than the round-0 labels it trained on (docs/experiments.md, "The working spacing";
+#: raw numbers in benchmarks/results/experiments/training_length.json and la2018_working_spacing.json)
+MIN_AFFORDED_ITERATIONS = 2400
+#: the machine-independent cost model of one training iteration: patch voxels x batch, processed at
+#: this many voxels per second (the reference machine). Calibrated once on the two plans recorded
+#: in benchmarks/results/datasets.json (`semisam-o1 run --preset cpu`, whole split, CPU "Intel(R)
+#: Xeon(R) Processor", 2 cores, AVX-512), their measured (timing probe) seconds per iteration:
+#: MSD Hippocampus, patch 32 x 56 x 40 x batch 2 = 143,360 voxels: 0.115 s (8.0e-7 s per voxel);
+#: 2018 Left Atrium, patch 80 x 80 x 40 x batch 2 = 512,000 voxels: 0.179 s (3.5e-7 s per voxel).
+#: The constant is their geometric mean, 5.3e-7 s per voxel = 1.89e6 voxels per second; it
+#: predicts 0.076 s and 0.271 s for the two (within a factor 1.5 each way: small patches cost more
+#: per voxel). The same runs' training stages (rounds 2-3, data loading included) took 0.091-0.100 s
+#: and 0.205-0.214 s per iteration (6.4-7.0e-7 and 4.0-4.2e-7 s per voxel): the same geometric mean.
+#: A budget in minutes is thus a budget in voxel-iterations; the time a round takes on another
+#: machine is only estimated (plan.json "estimate"), never decided on.
+REFERENCE_VOXELS_PER_SECOND = 1.89e6
+#: a template class must stay at least this many voxels THICK (2 x its largest inside distance to the
+#: boundary, Euclidean distance transform) at the working spacing where the cohort's finest spacing
+#: allows: the network's bottom level (MIN_BOTTOM_EDGE voxels) after one more halving. The value of
+#: the earlier "8 voxels across" rule, kept: not measured for thickness (no dataset here has a
+#: class whose thickness the cohort's spacings leave a choice about, besides OpenKBP's, unrun)
+MIN_CLASS_THICKNESS = 2 * MIN_BOTTOM_EDGE
+#: a template image is recognised as CT when its 1st percentile is at or below this (air is -1000 HU,
+#: padding outside the field of view -1024 / -2048 / -3024 HU; MRI has no negative scale) ...
+CT_AIR_HU = -900.0
+#: ... at least this fraction of its voxels hold integers (HU are stored as integers) ...
+CT_INTEGER_FRACTION = 0.99
+#: ... and its 99th percentile is at most this (dense bone ~2000-3000 HU; arbitrary scanner units
+#: of other modalities go higher)
+CT_MAX_P99_HU = 4000.0
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -95,12 +120,14 @@ class PlanSettings(ComputeOptions):
     split: Path = option(help="split JSON with 'template', 'unlabeled' and 'test'", type=Path, metavar="FILE")
     output: Path = option(help="plan file to write (JSON)", flags=("-o", "--output"), type=Path,
                           metavar="PLAN.json", neutral=True)
-    budget_minutes: float = option(8.0, "UNet training time of each round on this machine, in minutes; the "
-                                   "iterations are planned from it", metavar="MIN")
+    budget_minutes: float = option(8.0, "UNet training time of each round, in minutes on the reference CPU "
+                                   "(REFERENCE_VOXELS_PER_SECOND: the same plan on every machine); the patch "
+                                   "and iterations are planned from it", metavar="MIN")
     max_patch_voxels: int = option(64 * 64 * 64, "largest UNet patch, in voxels (memory and time per iteration)",
                                    metavar="N")
     timing: bool = option(True, "measure the seconds per training iteration of the planned network on this "
-                          "machine (--no-timing: plan the iterations from the budget at 1 s per iteration)")
+                          "machine and print the estimated minutes per round (plan.json 'estimate'; it decides "
+                          "nothing); --no-timing skips the measurement")
 
     def __post_init__(self):
         super().__post_init__()
@@ -113,9 +140,9 @@ class PlanSettings(ComputeOptions):
 
 
 def _summary(values: np.ndarray) -> dict:
-    """Per-axis median, min and max of (N, 3) values."""
+    """Per-axis median, min, max and 10th percentile of (N, 3) values."""
     return {"median": np.median(values, axis=0).round(4).tolist(), "min": values.min(axis=0).round(4).tolist(),
-            "max": values.max(axis=0).round(4).tolist()}
+            "max": values.max(axis=0).round(4).tolist(), "p10": np.percentile(values, 10, axis=0).round(4).tolist()}
 
 
 def cohort_geometry(dataset, cases: list[str]) -> dict:
@@ -134,13 +161,32 @@ def cohort_geometry(dataset, cases: list[str]) -> dict:
     return {"cases": len(cases), "shape": _summary(shapes_a), "spacing_mm": _summary(spacing_a)}
 
 
+def thickness_mm(mask: np.ndarray, spacing) -> float:
+    """Thickness of a structure, in mm: twice the largest Euclidean distance (``scipy.ndimage.
+    distance_transform_edt`` with the voxel spacing) from a voxel inside ``mask`` (X, Y, Z) bool to
+    the nearest voxel outside it, the volume's border counting as outside: the diameter of the
+    largest ball inside (a slab t voxels thick gives t + 1 for odd t, t for even t).
+
+    Returns 0.0 for an empty mask.
+    """
+    from scipy import ndimage
+
+    if not mask.any():
+        return 0.0
+    lo = [int(i.min()) for i in np.nonzero(mask)]
+    hi = [int(i.max()) + 1 for i in np.nonzero(mask)]
+    box = np.pad(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], 1)  # the border is outside
+    return float(2.0 * ndimage.distance_transform_edt(box, sampling=[float(x) for x in spacing]).max())
+
+
 def template_fingerprint(dataset, template: str) -> dict:
     """Classes, voxel counts, extents and intensities of the template (its image and label).
 
-    Returns a dict: ``classes`` {index: {name, voxels, extent_vox, extent_mm, components (26-connected
-    pieces)}}, ``foreground``
+    Returns a dict: ``classes`` {index: {name, voxels, extent_vox, extent_mm, thickness_mm
+    (:func:`thickness_mm`), components (26-connected pieces)}}, ``foreground``
     (the union: voxels, extent_vox, extent_mm, box_fraction), ``intensity`` (image and foreground
-    percentiles 0.5 / 50 / 99.5, mean and sd).
+    percentiles 0.5 / 50 / 99.5, mean and sd; the image's also its 1st / 99th percentiles and the
+    fraction of voxels holding integers, read by the CT rule of :func:`recognise_modality`).
 
     Raises:
         InputError: the template's label has no foreground voxel.
@@ -161,7 +207,8 @@ def template_fingerprint(dataset, template: str) -> dict:
         if mask.any():
             vox, mm = extent(mask)
             classes[str(c)] = {"name": dataset.label_map.names[c], "voxels": int(mask.sum()), "extent_vox": vox,
-                               "extent_mm": mm, "components": components.count(mask)}
+                               "extent_mm": mm, "thickness_mm": round(thickness_mm(mask, spacing), 3),
+                               "components": components.count(mask)}
     fg = lab > 0
     vox, mm = extent(fg)
     values, fg_values = image.array.ravel(), image.array[fg]
@@ -171,11 +218,14 @@ def template_fingerprint(dataset, template: str) -> dict:
         return {"p0_5": float(p[0]), "median": float(p[1]), "p99_5": float(p[2]), "mean": float(v.mean()),
                 "sd": float(v.std())}
 
+    p1, p99 = np.percentile(values, [1, 99])
+    image_stats = {**stats(values), "p1": float(p1), "p99": float(p99),
+                   "integer_fraction": round(float(np.mean(values == np.round(values))), 4)}
     return {"case": template, "shape": list(image.shape), "spacing_mm": spacing.round(4).tolist(),
             "classes": classes,
             "foreground": {"voxels": int(fg.sum()), "extent_vox": vox, "extent_mm": mm,
                            "box_fraction": float(np.prod(vox) / np.prod(image.shape))},
-            "intensity": {"image": stats(values), "foreground": stats(fg_values)}}
+            "intensity": {"image": image_stats, "foreground": stats(fg_values)}}
 
 
 def fingerprint(dataset, template: str, cases: list[str]) -> dict:
@@ -208,30 +258,46 @@ def plan_strides(patch, spacing) -> list[list[int]]:
     return levels
 
 
-def plan_patch(extent_vox, median_shape, spacing, max_voxels: int) -> tuple[list[int], list[list[int]], str]:
-    """UNet patch and per-level strides for a structure of ``extent_vox`` voxels.
+def plan_patch(median_shape, spacing, max_voxels: int) -> tuple[list[int], list[list[int]], str]:
+    """UNet patch and per-level strides, nnU-Net v2's ``ExperimentPlanner`` rule (Isensee et al.
+    2021): start from the cohort's median image shape at the working spacing and shrink the patch,
+    recomputing the network's topology, until it fits ``max_voxels`` voxels; the edge reduced each
+    step is the longest in mm (towards a patch isotropic in mm), by its axis's divisibility.
 
     Returns ``(patch, strides, reason)``; each patch edge is a multiple of the product of its
-    axis's strides (the UNet's divisibility).
+    axis's strides (the UNet's divisibility) and at least ``2 * MIN_BOTTOM_EDGE`` voxels unless the
+    median shape is smaller.
     """
-    want = [e * (1 + 2 * PATCH_MARGIN) for e in extent_vox]
-    cap = [max(m, 16) for m in median_shape]
-    patch = [max(2 * MIN_BOTTOM_EDGE, min(w, c)) for w, c in zip(want, cap)]
-    patch = [1 if m == 1 else p for p, m in zip(patch, median_shape)]  # 2D images: one slice
-    strides = plan_strides(patch, spacing)
-    step = [int(np.prod([lv[a] for lv in strides])) if strides else 1 for a in range(3)]
-    patch = [int(math.ceil(p / st)) * st for p, st in zip(patch, step)]
-    shrunk = False
-    while int(np.prod(patch)) > max_voxels and max(p // st for p, st in zip(patch, step)) > 1:
-        i = int(np.argmax([p / max(st, 1) * sp for p, st, sp in zip(patch, step, spacing)]))
-        if patch[i] - step[i] < step[i] * MIN_BOTTOM_EDGE // 2:
+    start = [1 if int(m) == 1 else max(int(m), 2 * MIN_BOTTOM_EDGE) for m in median_shape]  # 2D: one slice
+    patch, shrunk = list(start), False
+    for _ in range(10000):  # each pass removes voxels: ends long before
+        strides = plan_strides(patch, spacing)
+        step = [int(np.prod([lv[a] for lv in strides])) if strides else 1 for a in range(3)]
+        patch = [int(math.ceil(p / st)) * st for p, st in zip(patch, step)]
+        if int(np.prod(patch)) <= max_voxels:
             break
+        can = [a for a in range(3) if patch[a] - step[a] >= 2 * MIN_BOTTOM_EDGE]
+        if not can:
+            break
+        i = max(can, key=lambda a: (patch[a] * float(spacing[a]), -a))
         patch[i] -= step[i]
         shrunk = True
-    reason = (f"template foreground extent {list(extent_vox)} voxels + {PATCH_MARGIN:.0%} margin per side, "
-              f"capped at the median image shape {list(median_shape)}, multiples of {step}"
-              + (f", shrunk to at most {max_voxels} voxels (largest extent in mm first)" if shrunk else ""))
+    reason = (f"the cohort's median image shape at the working spacing {start} voxels (nnU-Net's starting "
+              f"patch), multiples of {step}"
+              + (f", shrunk (longest edge in mm first) to at most {max_voxels} voxels" if shrunk else
+                 f", within {max_voxels} voxels"))
     return patch, strides, reason
+
+
+def patch_voxel_budget(budget_seconds: float, max_patch_voxels: int, batch: int = BATCH_SIZE) -> tuple[int, str]:
+    """The patch's voxel budget: the largest patch of which ``batch`` per iteration afford
+    ``MIN_AFFORDED_ITERATIONS`` iterations in ``budget_seconds`` at ``REFERENCE_VOXELS_PER_SECOND``,
+    at most ``max_patch_voxels`` (memory); no machine is timed."""
+    afford = int(budget_seconds * REFERENCE_VOXELS_PER_SECOND / (MIN_AFFORDED_ITERATIONS * batch))
+    if afford >= max_patch_voxels:
+        return max_patch_voxels, f"--max-patch-voxels {max_patch_voxels} (the budget affords more)"
+    return max(afford, 1), (f"{MIN_AFFORDED_ITERATIONS} iterations of {batch} patches in the budget at the "
+                            f"reference {REFERENCE_VOXELS_PER_SECOND:.3g} voxels per second")
 
 
 def plan_flip_axes(dataset, template: str) -> tuple[list[int], str]:
@@ -264,16 +330,43 @@ def plan_largest_component(fp: dict) -> tuple[list[int], str]:
                  "component in every prediction")
 
 
+def recognise_modality(fp: dict) -> tuple[str, str]:
+    """The modality the plan acts on, and which rule gave it: ``dataset.json``'s when it names one
+    (anything but empty / ``unknown``); otherwise CT when the template image looks like Hounsfield
+    units: its 1st percentile at or below ``CT_AIR_HU`` (air, -1000 HU), at least
+    ``CT_INTEGER_FRACTION`` of its voxels integers, and its 99th percentile at most ``CT_MAX_P99_HU``;
+    else ``unknown``.
+
+    Returns:
+        (modality, the rule that fired, with the numbers).
+    """
+    given = str(fp.get("modality", "unknown")).strip()
+    if given and given.lower() != "unknown":
+        return given, f"modality {given} from dataset.json"
+    image = fp["template"]["intensity"]["image"]
+    p1, p99, integer = image.get("p1"), image.get("p99"), image.get("integer_fraction")
+    if p1 is None or p99 is None or integer is None:
+        return "unknown", "modality unknown (not in dataset.json; no intensity statistics to recognise it)"
+    facts = (f"template image 1st percentile {p1:g} (CT if <= {CT_AIR_HU:g}: air is -1000 HU), "
+             f"{integer:.1%} integer values (CT if >= {CT_INTEGER_FRACTION:.0%}), 99th percentile {p99:g} "
+             f"(CT if <= {CT_MAX_P99_HU:g})")
+    if p1 <= CT_AIR_HU and integer >= CT_INTEGER_FRACTION and p99 <= CT_MAX_P99_HU:
+        return "CT", f"modality not in dataset.json, recognised as CT from the intensities: {facts}"
+    return "unknown", f"modality not in dataset.json and not recognised as CT: {facts}"
+
+
 def plan_normalisation(fp: dict) -> tuple[dict, str]:
-    """CT: fixed clip and z-score from the template's foreground; other modalities: per volume."""
-    if fp["modality"].strip().upper() == "CT":
+    """CT (given or recognised, :func:`recognise_modality`): fixed clip and z-score from the
+    template's foreground; other modalities: per volume."""
+    modality, rule = recognise_modality(fp)
+    if modality.upper() == "CT":
         fg = fp["template"]["intensity"]["foreground"]
         return ({"method": "fixed_clip_zscore", "lower": fg["p0_5"], "upper": fg["p99_5"], "mean": fg["mean"],
                  "sd": max(fg["sd"], 1e-6)},
-                "CT intensities are calibrated (HU): one clip and z-score for every volume, from the template's "
-                "foreground")
+                f"{rule}; CT intensities are calibrated (HU): one clip and z-score for every volume, from the "
+                "template's foreground")
     return ({"method": "percentile_clip_zscore", "lower_percentile": 0.5, "upper_percentile": 99.5},
-            f"modality {fp['modality']}: intensities have no fixed scale, normalised per volume")
+            f"{rule}; modality {modality}: intensities have no fixed scale, normalised per volume")
 
 
 def seconds_per_iteration(unet: dict, num_classes: int, threads: int | None = None, steps: int = 4) -> float:
@@ -285,7 +378,9 @@ def seconds_per_iteration(unet: dict, num_classes: int, threads: int | None = No
 
     if threads:
         torch.set_num_threads(int(threads))
-    net = nets.build_net(nets.net_params(unet, num_classes))  # 2D (one-slice patch): MONAI's 2D UNet
+    if int(unet["patch"][2]) == 1:  # 2D images: MONAI's 2D UNet, as train builds it
+        unet = nets.for_2d(unet | {"flip_axes": []})
+    net = nets.build_net(nets.net_params(unet, num_classes))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     x = torch.randn(unet["batch_size"], 1, *unet["patch"])
@@ -301,42 +396,17 @@ def seconds_per_iteration(unet: dict, num_classes: int, threads: int | None = No
     return float(np.min(times))
 
 
-def working_spacings(spacing, flat: bool = False) -> list[list[float]]:
-    """Candidate working spacings (mm), finest first: for each factor f of ``SPACING_FACTORS``,
-    every axis at ``max(its spacing, f x the finest axis's)`` (the fine axes are coarsened first,
-    towards isotropy; a coarse axis is never refined). ``flat`` (2D images): the in-plane axes
-    only; the third keeps its spacing."""
-    finest = min(spacing[:2] if flat else spacing)
-    out = []
-    for f in SPACING_FACTORS:
-        ws = [round(max(float(s), f * finest), 4) for s in spacing]
-        if flat:
-            ws[2] = round(float(spacing[2]), 4)
-        if ws not in out:
-            out.append(ws)
-    return out
-
-
 def plan_network(fp: dict, working: list[float], max_voxels: int) -> tuple[dict, str]:
-    """The UNet (patch, strides, channels, residual units, batch) for the template structure at
-    ``working`` mm; returns ``(unet, patch reason)``."""
+    """The UNet (patch, strides, channels, residual units, batch) for the cohort at ``working`` mm
+    within a patch of ``max_voxels`` voxels; returns ``(unet, patch reason)``."""
     spacing = fp["cohort"]["spacing_mm"]["median"]
-    extent = [int(math.ceil(e / w)) for e, w in zip(fp["template"]["foreground"]["extent_mm"], working)]
     median_shape = [int(round(n * s / w)) for n, s, w in zip(fp["cohort"]["shape"]["median"], spacing, working)]
     if is_flat(fp):
         median_shape[2] = 1
-    patch, strides, reason = plan_patch(extent, median_shape, working, max_voxels)
+    patch, strides, reason = plan_patch(median_shape, working, max_voxels)
     channels = [min(BASE_CHANNELS * 2 ** i, MAX_CHANNELS) for i in range(len(strides) + 1)]
-    unet = {"patch": patch, "strides": strides, "channels": channels, "num_res_units": 1,
-            "batch_size": BATCH_2D if is_flat(fp) else 2}
-    return (nets.for_2d(unet | {"flip_axes": []}) if is_flat(fp) else unet), reason
-
-
-def smallest_class_edge(fp: dict, working: list[float]) -> float:
-    """The smallest extent, in voxels at ``working`` mm, of any template class along any axis (the
-    image axes of 2D images)."""
-    n = 2 if is_flat(fp) else 3
-    return min(e / w for c in fp["template"]["classes"].values() for e, w in zip(c["extent_mm"][:n], working[:n]))
+    return ({"patch": patch, "strides": strides, "channels": channels, "num_res_units": 1,
+             "batch_size": BATCH_2D if is_flat(fp) else BATCH_SIZE}, reason)
 
 
 def is_flat(fp: dict) -> bool:
@@ -345,52 +415,44 @@ def is_flat(fp: dict) -> bool:
     return int(shape.get("max", shape["median"])[2]) == 1
 
 
-def plan_spacing(fp: dict, budget_seconds: float, cost, max_voxels: int) -> dict:
-    """The working spacing: the finest candidate (:func:`working_spacings`) at which the planned
-    network affords ``MIN_AFFORDED_ITERATIONS`` iterations within ``budget_seconds``, never so
-    coarse that a template class is less than ``MIN_CLASS_EDGE`` voxels across.
-
-    Args:
-        fp: the fingerprint.
-        budget_seconds: training seconds per round.
-        cost: callable ``unet dict -> seconds per training iteration`` (the measured one is
-            :func:`seconds_per_iteration`).
-        max_voxels: the patch's voxel budget.
+def plan_spacing(fp: dict) -> dict:
+    """The working spacing, from the data alone: the cohort's median spacing (nnU-Net's target
+    spacing), except on an axis where that would leave a template class under
+    ``MIN_CLASS_THICKNESS`` voxels thick (:func:`thickness_mm`): there the spacing is refined
+    towards the cohort's fine spacings on that axis, at most to their 10th percentile (nnU-Net's
+    choice for an anisotropic axis; the minimum when no percentile is recorded): never finer than
+    most of the data holds detail for, and not led by one outlying volume.
+    Never coarsened to pay for training time (the patch is shrunk instead).
 
     Returns:
-        ``{"spacing": mm list, "native": bool, "unet": ..., "patch_reason": ..., "seconds": s per
-        iteration, "tried": [{"spacing", "patch", "seconds_per_iteration", "affords"}], "reason": ...}``;
-        ``native`` is True when the cohort's own (uniform) spacing is kept.
+        ``{"spacing": mm list, "native": bool, "reason": str}``; ``native`` is True when the
+        cohort's own (uniform) spacing is kept and no volume is resampled.
     """
     geometry = fp["cohort"]["spacing_mm"]
-    spacing = geometry["median"]
-    uniform = np.allclose(geometry["min"], geometry["max"], rtol=1e-3) and np.allclose(geometry["min"], spacing,
+    median = [float(x) for x in geometry["median"]]
+    finest = [float(x) for x in geometry.get("p10", geometry["min"])]
+    uniform = np.allclose(geometry["min"], geometry["max"], rtol=1e-3) and np.allclose(geometry["min"], median,
                                                                                         rtol=1e-3)
-    tried, chosen = [], None
-    for i, ws in enumerate(working_spacings(spacing, flat=is_flat(fp))):
-        if i and smallest_class_edge(fp, ws) < MIN_CLASS_EDGE:
-            break
-        unet, patch_reason = plan_network(fp, ws, max_voxels)
-        sec = float(cost(unet))
-        affords = int(budget_seconds / sec)
-        tried.append({"spacing": ws, "patch": unet["patch"], "seconds_per_iteration": round(sec, 4),
-                      "affords": affords})
-        chosen = {"spacing": ws, "native": i == 0 and uniform, "unet": unet, "patch_reason": patch_reason,
-                  "seconds": sec}
-        if affords >= MIN_AFFORDED_ITERATIONS:
-            break
-    last = tried[-1]
-    if last["affords"] >= MIN_AFFORDED_ITERATIONS:
-        why = (f"the finest spacing at which the planned network affords >= {MIN_AFFORDED_ITERATIONS} iterations "
-               f"in the budget ({last['affords']})")
-    else:
-        why = (f"no spacing affords {MIN_AFFORDED_ITERATIONS} iterations in the budget before a template class "
-               f"would be under {MIN_CLASS_EDGE} voxels across: the coarsest allowed")
-    grid = ("each volume on its own grid (the cohort's spacing is uniform)" if chosen["native"] else
+    classes = fp["template"]["classes"].values()
+    thin = min(classes, key=lambda c: c["thickness_mm"])
+    limit = thin["thickness_mm"] / MIN_CLASS_THICKNESS  # the coarsest spacing that keeps the floor
+    spacing = [round(min(m, max(f, limit)), 4) for m, f in zip(median, finest)]
+    if is_flat(fp):  # 2D images: the one-slice axis keeps its spacing (one slice stays one slice)
+        spacing[2] = round(median[2], 4)
+    refined = [a for a in range(3) if spacing[a] < median[a]]
+    vox = [round(thin["thickness_mm"] / w, 1) for w in spacing]
+    why = (f"the cohort's median spacing {[round(m, 4) for m in median]} mm (nnU-Net's target spacing; "
+           "never coarsened to pay for training time)")
+    floor = (f"the thinnest template class, {thin['name']}, is {thin['thickness_mm']:g} mm thick (2 x its largest "
+             f"distance to its boundary): {vox} voxels along each axis; floor {MIN_CLASS_THICKNESS} voxels "
+             "thick (the bottom level's 4 voxels after one more halving, the former across-rule's value, not "
+             "measured for thickness)")
+    if refined:
+        why += (f", refined on axes {refined} towards the cohort's 10th-percentile spacing {finest} mm to keep {thin['name']} "
+                f"at least {MIN_CLASS_THICKNESS} voxels thick where the data allows")
+    grid = ("each volume on its own grid (the cohort's spacing is uniform)" if uniform else
             "every volume resampled to it, outputs resampled back to each input's grid")
-    chosen["tried"] = tried
-    chosen["reason"] = f"{why}; {grid}; tried {[(t['spacing'], t['affords']) for t in tried]}"
-    return chosen
+    return {"spacing": median if uniform else spacing, "native": bool(uniform), "reason": f"{why}; {floor}; {grid}"}
 
 
 def plan_encode_axes(spacing, flat: bool = False) -> tuple[list[int], str]:
@@ -411,29 +473,26 @@ def plan_encode_axes(spacing, flat: bool = False) -> tuple[list[int], str]:
 
 
 def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
-    """Every decision of the plan, each ``{"value": ..., "reason": ...}``."""
-    num_classes = dataset.label_map.num_classes
+    """Every decision of the plan, each ``{"value": ..., "reason": ...}``: from the dataset and the
+    settings alone (no machine is timed), so the same data and settings give the same decisions
+    everywhere."""
     budget = settings.budget_minutes * 60.0
     spacing = fp["cohort"]["spacing_mm"]["median"]
-    if settings.timing:
-        sp = plan_spacing(fp, budget, lambda unet: seconds_per_iteration(unet, num_classes, settings.threads),
-                          settings.max_patch_voxels)
-        sec, sec_reason = sp["seconds"], f"measured {sp['seconds']:.3f} s per iteration on this machine"
-    else:
-        unet, patch_reason = plan_network(fp, spacing, settings.max_patch_voxels)
-        sp = {"spacing": spacing, "native": True, "unet": unet, "patch_reason": patch_reason,
-              "reason": "not measured (--no-timing): the cohort's median spacing, each volume on its own grid"}
-        sec, sec_reason = 1.0, "not measured (--no-timing): 1 s per iteration assumed"
-    unet, strides = sp["unet"], sp["unet"]["strides"]
+    sp = plan_spacing(fp)
+    max_voxels, budget_reason = patch_voxel_budget(budget, settings.max_patch_voxels,
+                                                   BATCH_2D if is_flat(fp) else BATCH_SIZE)
+    unet, patch_reason = plan_network(fp, sp["spacing"], max_voxels)
+    strides = unet["strides"]
+    voxels = int(np.prod(unet["patch"])) * unet["batch_size"]
     flips, flip_reason = plan_flip_axes(dataset, fp["template"]["case"])
     norm, norm_reason = plan_normalisation(fp)
-    iters = int(np.clip(budget / sec, MIN_ITERATIONS, MAX_ITERATIONS))
+    iters = int(np.clip(int(budget * REFERENCE_VOXELS_PER_SECOND / voxels), MIN_ITERATIONS, MAX_ITERATIONS))
     axes, axes_reason = plan_encode_axes(spacing, flat=is_flat(fp))
     lcc, lcc_reason = plan_largest_component(fp)
     return {
         "encode_axes": {"value": axes, "reason": axes_reason},
         "spacing": {"value": None if sp["native"] else sp["spacing"], "mm": sp["spacing"], "reason": sp["reason"]},
-        "patch": {"value": unet["patch"], "reason": sp["patch_reason"]},
+        "patch": {"value": unet["patch"], "reason": f"{patch_reason}; the voxel budget: {budget_reason}"},
         "strides": {"value": strides, "reason": f"{len(strides)} levels; an axis is downsampled while its spacing "
                                                 f"is below twice the finest and its edge stays >= {MIN_BOTTOM_EDGE} "
                                                 f"voxels (working spacing {sp['spacing']} mm)"},
@@ -442,12 +501,34 @@ def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
         "batch_size": {"value": unet["batch_size"], "reason": (
             f"{BATCH_2D} 2D patches (a 2D patch costs a fraction of a 3D one; nnU-Net's 2D batches are larger "
             "than its 3D ones)" if is_flat(fp) else "two patches: one foreground-centred on average")},
-        "iterations": {"value": iters, "reason": f"{settings.budget_minutes:g} min per round / {sec_reason}, "
-                                                 f"clipped to [{MIN_ITERATIONS}, {MAX_ITERATIONS}]"},
+        "iterations": {"value": iters, "reason": f"{settings.budget_minutes:g} min per round x "
+                                                 f"{REFERENCE_VOXELS_PER_SECOND:.3g} voxels per second (the reference "
+                                                 f"CPU's training rate) / {voxels} voxels per iteration (patch x "
+                                                 f"{unet['batch_size']}), clipped to [{MIN_ITERATIONS}, "
+                                                 f"{MAX_ITERATIONS}]; the same on every machine (this machine's "
+                                                 "time: plan.json 'estimate')"},
         "flip_axes": {"value": flips, "reason": flip_reason},
         "normalisation": {"value": norm, "reason": norm_reason},
         "largest_component": {"value": lcc, "reason": lcc_reason},
     }
+
+
+def estimate(decisions: dict, num_classes: int, settings: PlanSettings) -> dict:
+    """This machine's time for one round of the planned training, from :func:`seconds_per_iteration`
+    (``--timing``): printed and recorded, never decided on."""
+    d = decisions
+    voxels = int(np.prod(d["patch"]["value"])) * d["batch_size"]["value"]
+    out = {"reference_seconds_per_iteration": round(voxels / REFERENCE_VOXELS_PER_SECOND, 4),
+           "reference_minutes_per_round": round(d["iterations"]["value"] * voxels / REFERENCE_VOXELS_PER_SECOND
+                                                / 60.0, 2)}
+    if not settings.timing:
+        return {**out, "measured": False, "note": "not measured on this machine (--no-timing)"}
+    unet = {"patch": d["patch"]["value"], "strides": d["strides"]["value"], "channels": d["channels"]["value"],
+            "num_res_units": 1, "batch_size": d["batch_size"]["value"]}
+    sec = float(seconds_per_iteration(unet, num_classes, settings.threads))
+    return {**out, "measured": True, "seconds_per_iteration": round(sec, 4),
+            "minutes_per_round": round(d["iterations"]["value"] * sec / 60.0, 2),
+            "note": "measured on this machine now (fastest of 4 steps): an estimate only; no decision reads it"}
 
 
 def read_plan(path: str | os.PathLike) -> dict:
@@ -492,7 +573,8 @@ def make_plan(settings: PlanSettings) -> dict:
     """Fingerprint the dataset, decide, and write the plan (JSON) to ``settings.output``.
 
     Returns:
-        the plan: ``{"fingerprint": ..., "decisions": ..., "command": ...}``.
+        the plan: ``{"fingerprint": ..., "decisions": ..., "estimate": ..., "command": ...}``; the
+        decisions depend on the data and settings only, the estimate on this machine.
 
     Raises:
         InputError: bad dataset or split, an empty template label, or an unwritable output.
@@ -508,12 +590,19 @@ def make_plan(settings: PlanSettings) -> dict:
         raise InputError(f"{settings.split}: split has no 'template'")
     cases = dataset.select(cases=[template, *sp.get("unlabeled", [])])
     fp = fingerprint(dataset, template, cases)
-    plan = {"fingerprint": fp, "decisions": decide(dataset, fp, settings),
+    decisions = decide(dataset, fp, settings)
+    plan = {"fingerprint": fp, "decisions": decisions,
+            "estimate": estimate(decisions, dataset.label_map.num_classes, settings),
             "command": command_line("plan", settings)}
     write_json(settings.output, plan)
     if not settings.quiet:
         for key, d in plan["decisions"].items():
             print(f"[plan] {key}: {d['value']}  ({d['reason']})", flush=True)
+        est = plan["estimate"]
+        here = (f"{est['minutes_per_round']:g} min per round on this machine now ({est['seconds_per_iteration']:g} s "
+                "per iteration)" if est["measured"] else "not measured here (--no-timing)")
+        print(f"[plan] estimate: {here}; {est['reference_minutes_per_round']:g} min on the reference CPU "
+              "(decides nothing)", flush=True)
     return plan
 
 

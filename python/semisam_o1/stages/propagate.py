@@ -26,21 +26,17 @@ foreground, ``--bank-ring``, and inverse-sampling-rate vote weights,
 the per-class vote shares are brought back to the voxel grid by trilinear
 interpolation, smoothed (``--smooth``) and arg-maxed. Defaults (k = 10,
 w = 1.0, stride 2, 20,000 background voxels, smoothing sigma 1, largest
-component) are the best of benchmarks/bench_propagate.py on the Hippocampus
-unlabeled pool (benchmarks/propagate.md; for w at k = 10: mean Dice 0.781 /
-0.782 / 0.780 / 0.778 for w = 0.75 / 1 / 1.25 / 1.5 on 19 pool cases, 0.772
-for w = 1 vs 0.764 for w = 1.5 on all 199).
+component) are the best of benchmarks/bench_propagate.py on the MSD Hippocampus
+unlabeled pool (benchmarks/propagate.md; the weight w: docs/experiments.md,
+"Position weight").
 
 ``--recentre N`` (default 1) removes part of what the position term inherits from
 the template's box: after the vote, the case's coordinates are translated so that
 the centroid of its predicted foreground meets the template's foreground centroid,
-and the vote is run again (N times). On MSD Hippocampus the template's
-hippocampus sits 1.3 / 0.7 / 0.4 voxels off the pool's mean place in its box
-(left-right / posterior-anterior / inferior-superior); one pass moves the
-pseudo-labels' mean left-right centroid error from +0.63 to +0.48 voxels, the
-whole-hippocampus Dice on the 199 pool cases from 0.826 to 0.833 and the mean
-foreground Dice from 0.778 to 0.782 (class planes on; a second pass: 0.834 /
-0.780), at twice the vote time.
+and the vote is run again (N times, so N + 1 votes). A template whose structure
+sits off the cohort's mean place in its box hands that offset on to every case
+through the position term; one pass removes part of it and raises the labels' Dice,
+a second does not help further (docs/experiments.md, "Recentring").
 
 ``prototype``: class prototypes (the method's description in the paper). On
 each encoding axis's own feature-cell grid the template label is brought to
@@ -69,8 +65,8 @@ to each case by ANTs SyN (antspyx) and ``registration`` writes the warped templa
 ``position`` keeps the kNN vote but takes each case voxel's position in the template's frame
 through the warp (the bank's own normalised coordinates; no recentring); ``choose`` picks per case
 between those two labels by a label-free rule (:func:`separation`). Warps are cached in
-``OUTPUT/registration/`` (resumable). Measured on both datasets' 20 pool cases
-(benchmarks/propagate.md): not better than ``none``, which stays the default.
+``OUTPUT/registration/`` (resumable). None of them beats ``none``, which stays the default
+(benchmarks/propagate.md, "Registration as a prior").
 
 Post-processing: ``--smooth SIGMA`` smooths each class's score map with a Gaussian
 before the argmax; ``--largest-component`` keeps the largest 26-connected
@@ -284,7 +280,8 @@ def _class_planes(s: PropagateSettings, inp: _Inputs, label: np.ndarray, out: Pa
 @dataclass
 class _Registration:
     """The template as ``--prior`` registers it (:mod:`semisam_o1.methods.registration`), warps cached in
-    ``folder``; ITK runs on 1 thread, the only setting with reproducible warps (measured)."""
+    ``folder``; ITK runs on 1 thread, the only setting with reproducible warps
+    (:mod:`semisam_o1.methods.registration`, "Reproducibility")."""
 
     folder: Path
     image: object  # semisam_o1.data.images.Volume

@@ -29,9 +29,9 @@ Two modes:
        :func:`semisam_o1.methods.linalg.pca_basis`, uncentred PCA, the top
        ``project_dim`` eigenvectors of the bank's second-moment matrix, which
        best preserves the dot products the cosine vote uses; it is applied to
-       bank and queries. The kNN cost is Q x N x C; 64 dimensions cut the vote
-       time about threefold against the default store's 192 (see
-       benchmarks/refine.md for what it costs in agreement).
+       bank and queries. The kNN cost is Q x N x C, so the vote time falls with
+       the dimension (benchmarks/refine.md: time and agreement by dimension and
+       bank size).
     3. *Vote.* Case by case, the queries' features go through the C++ kernel
        :func:`semisam_o1.core.kernels.knn_vote` (on the ``--device``'s side): cosine
        similarity to every bank entry, the k most similar, and the label with
@@ -40,10 +40,8 @@ Two modes:
        the cohort, ``m_c`` of them in the bank; the kernel's ``label_weights``).
        This undoes the class balancing of the sample: the vote estimates the
        class posterior among the cohort's confident voxels. (Counting every
-       neighbour once instead favours the rare foreground classes: on the demo's
-       round-1 predictions, 20 pool cases, pool pseudo-label Dice 0.7525 against
-       0.7724 with these weights; benchmarks/results/experiments/
-       voxel_refinement_variants.json, key ``voxel_refinement_variants_demo_round1``.)
+       neighbour once instead favours the rare foreground classes and labels the
+       pool worse: benchmarks/refine.md, "Vote weights".)
        A query whose k neighbours all have similarity <= 0 keeps its label.
        Confident voxels never change.
        With ``position_weight`` w > 0 (default: ``propagate``'s, the same
@@ -142,8 +140,7 @@ class RefineSettings(CaseOptions, ComputeOptions):
     quantile: float = option(0.9, "entropy quantile (cohort-wide) at or above which voxels (voxel mode) or "
                              "volumes (volume mode, mean entropy) are refined")
     bank_size: int = option(100_000, "voxel mode: bank entries (class-balanced sample of the cohort's confident "
-                            "voxels and the template's); benchmarks/refine.md: 200,000 costs twice the time for "
-                            "about 0.5 point of agreement")
+                            "voxels and the template's); time and agreement by bank size: benchmarks/refine.md")
     project_dim: int = option(64, "voxel mode: uncentred-PCA dimension fitted on the bank (0: the store's full "
                               "dimension)")
     position_weight: float = forwarded(MethodOptions, "position_weight", help="voxel mode: w in cos - (w^2/2) |p_q - p_b|^2, p the voxel's "

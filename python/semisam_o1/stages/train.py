@@ -39,14 +39,12 @@ Randomness
     (:data:`STREAM_TORCH`). Different (seed, round) pairs never share a stream, and a
     resumed CPU run gives the same model as an uninterrupted one.
 
-Spatial augmentation and pseudo-labels (measured on MSD Hippocampus)
-    A single UNet trained on pseudo-labels gains from ``--spatial-aug 0.5``
-    (mean foreground test Dice: +0.0015 to +0.0037 in four models; the loop's
-    round-1 models +0.003 on average over four seeds), one trained on the real
-    labels does not (the "noisy student" effect, Xie et al., CVPR 2020); but
-    ``run``'s whole loop with it in every round ends no better (four seeds:
-    0.774 vs 0.776 without), so ``run`` leaves it off. Numbers:
-    ``benchmarks/results/quality.json``, key ``spatial_augmentation``.
+Spatial augmentation and pseudo-labels
+    A single UNet trained on pseudo-labels gains a little from ``--spatial-aug``,
+    one trained on the real labels does not (the "noisy student" effect, Xie et
+    al., CVPR 2020); but ``run``'s whole loop with it in every round ends no
+    better, since the later rounds learn from the augmented models' predictions,
+    so ``run`` leaves it off (docs/experiments.md, "Spatial augmentation").
 
 Semi-supervised consistency (``--ssl mt``)
     Mean teacher (Tarvainen & Valpola, NeurIPS 2017): the teacher is an
@@ -54,9 +52,8 @@ Semi-supervised consistency (``--ssl mt``)
     batch with Gaussian noise (sigma 0.1, clipped to +-0.2, as Yu et al., MICCAI
     2019), and the student is pulled to the teacher's softmax by a mean squared
     error weighted by ``consistency * exp(-5 (1 - t/T)^2)`` (sigmoid ramp-up over
-    ``consistency_rampup`` of the iterations). Measured on MSD Hippocampus: a
-    round-1 UNet with it scores 0.772 mean foreground test Dice, the same as
-    without (docs/experiments.md, "Mean teacher").
+    ``consistency_rampup`` of the iterations). A round-1 UNet with it scores no
+    better than without (docs/experiments.md, "Mean teacher").
 
 Model selection
     The **last checkpoint** is kept: ``model.pt`` holds the student's weights
@@ -133,8 +130,7 @@ class TrainSettings(CaseOptions, ComputeOptions):
     output: Path = option(help="model folder to write", flags=("-o", "--output"), type=Path, metavar="MODEL",
                           neutral=True)
     ssl: str = option("none", "semi-supervised consistency: none, or mt (mean teacher, Tarvainen & Valpola "
-                      "2017; round-1 UNet on MSD Hippocampus: 0.772 mean foreground test Dice, the same as "
-                      "without; docs/experiments.md)", choices=SSL_MODES)
+                      "2017; no better than none: docs/experiments.md, \"Mean teacher\")", choices=SSL_MODES)
     preset: str = option("cpu", "network / schedule size (semisam_o1.stages.nets.PRESETS)", choices=tuple(nets.PRESETS))
     iterations: int | None = option(None, "optimiser steps of the preset's batch (default: the preset's)",
                                     type=int, metavar="N")
