@@ -202,7 +202,6 @@ class RunSettings(ComputeOptions, EngineOptions):
                 setattr(self, key, Path(getattr(self, key)))
         if self.images is None:
             extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels",
-            extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels",
                                  "modality", "pixel_size") if getattr(self, k) is not None]
             if extra:
                 raise InputError(f"--{extra[0].replace('_', '-')} goes with --images DIR")
