@@ -229,3 +229,60 @@ def corrupt_gzip_stream(path: Path) -> Path:
     blob[len(blob) // 2] ^= 0x5A  # the header (first 352 bytes of raw) and the trailer are untouched
     Path(path).write_bytes(bytes(blob))
     return Path(path)
+
+
+# --------------------------------------------------------------------------- 2D cohorts
+
+
+def synthetic_2d(rng: np.random.Generator, shape=(56, 72), radius=12.0, rgb: bool = False):
+    """A 2D image with one bright (reddish, for ``rgb``) disc near the centre on a textured background.
+
+    Returns ``(pixels uint8 (H, W) or (H, W, 3), mask uint8 (H, W) 0/1)``."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = h / 2 + rng.uniform(-4, 4), w / 2 + rng.uniform(-4, 4)
+    r = radius * rng.uniform(0.85, 1.15)
+    mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
+    base = 60 + 20 * rng.standard_normal((h, w))
+    grey = np.clip(base + 120 * mask, 0, 255)
+    if not rgb:
+        return grey.astype(np.uint8), mask
+    pix = np.stack([grey, np.clip(base + 30 * mask, 0, 255), np.clip(base + 10 * mask, 0, 255)], axis=-1)
+    return pix.astype(np.uint8), mask
+
+
+def make_2d_cohort(root: str | Path, seed: int = 0) -> dict:
+    """A folder cohort of 2D images for ``run --images``: ``images/`` (the template t.png, RGB and
+    greyscale PNG, a JPEG, a 16-bit TIFF, sizes differing), ``template_label.png`` (0 / 255),
+    ``test/`` (2 images) and ``test_labels/`` (0 / 1 PNG).
+
+    Returns the paths and each image's (rows, columns)."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "test").mkdir()
+    (root / "test_labels").mkdir()
+    sizes = {}
+    pix, mask = synthetic_2d(rng, rgb=True)
+    Image.fromarray(pix).save(root / "images" / "t.png")
+    Image.fromarray(mask * 255).save(root / "template_label.png")
+    sizes["t"] = mask.shape
+    specs = [("a", ".png", True, (56, 72)), ("b", ".png", False, (60, 70)), ("c", ".jpg", True, (52, 76)),
+             ("d", ".tif", False, (58, 74))]
+    for name, ext, rgb, shape in specs:
+        pix, mask = synthetic_2d(rng, shape=shape, rgb=rgb)
+        if ext == ".tif":
+            Image.fromarray(pix.astype(np.uint16) * 256).save(root / "images" / f"{name}{ext}")  # 16-bit
+        else:
+            Image.fromarray(pix).save(root / "images" / f"{name}{ext}", quality=95)
+        sizes[name] = shape
+    for name, rgb, shape in (("s1", True, (56, 72)), ("s2", False, (62, 68))):
+        pix, mask = synthetic_2d(rng, shape=shape, rgb=rgb)
+        Image.fromarray(pix).save(root / "test" / f"{name}.png")
+        Image.fromarray(mask).save(root / "test_labels" / f"{name}.png")
+        sizes[name] = shape
+    return {"images": root / "images", "template_image": root / "images" / "t.png",
+            "template_label": root / "template_label.png", "test_images": root / "test",
+            "test_labels": root / "test_labels", "sizes": sizes}

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,16 @@ from semisam_o1.data.images import (
     check_same_geometry,
     ending,
     geometry,
+    is_2d_format,
     is_nifti,
     itk_reader,
     label_values,
+    read_2d,
     read_itk,
+    read_label_values,
     refuse_broken_link,
     sitk_module,
+    write_2d,
 )
 
 CASES_JSON = "cases.json"
@@ -129,6 +133,7 @@ class FolderInput:
     labels: str | None = None
     test_images: Path | None = None
     test_labels: Path | None = None
+    pixel_size: Path | None = None
     #: dataset.json's ``modality`` ("CT", "MRI", ...); None: "unknown" (the plan then recognises CT
     #: from the template's intensities, semisam_o1.stages.plan.recognise_modality)
     modality: str | None = None
@@ -136,20 +141,58 @@ class FolderInput:
 
 @dataclass
 class CheckedInputs:
-    """The checked inputs: case id -> (source file, role), the label names, the test labels."""
+    """The checked inputs: case id -> (source file, role), the label names, the test labels and the
+    pixel sizes of 2D images (mm, from ``--pixel-size``; empty without it)."""
 
     cases: dict[str, dict]
     labels: dict[str, int]
     template: str
     test_labels: dict[str, Path]
     modality: str | None = None
+    pixel_size: dict[str, float] = field(default_factory=dict)
 
     @property
     def sources_digest(self) -> str:
         given = {"modality": self.modality} if self.modality else {}  # a folder made without one: same digest
         return digest({"cases": {c: [e["source"], e["role"], _stat(e["source"])] for c, e in self.cases.items()},
-                       "labels": self.labels,
+                       "labels": self.labels, **({"pixel_size": self.pixel_size} if self.pixel_size else {}),
                        "test_labels": {c: [str(p), _stat(p)] for c, p in self.test_labels.items()}, **given})
+
+
+def read_pixel_sizes(path: Path, cases: list[str]) -> dict[str, float]:
+    """``--pixel-size CSV``: case id -> pixel size in mm, from a CSV whose first column is the case
+    id (or the image's file name) and whose second is the pixel's side in mm (a header row is
+    skipped); every 2D case must be listed.
+
+    Raises:
+        InputError: unreadable file, a value that is not a positive number, or a case missing.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        rows = list(csv.reader(path.read_text().splitlines()))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: --pixel-size file unreadable ({exc})") from None
+    sizes: dict[str, float] = {}
+    for n, row in enumerate(rows, start=1):
+        if not row or not row[0].strip():
+            continue
+        if len(row) < 2:
+            raise InputError(f"{path}: line {n}: CASE,PIXEL_SIZE_MM expected")
+        try:
+            value = float(row[1])
+        except ValueError:
+            if n == 1:
+                continue  # the header
+            raise InputError(f"{path}: line {n}: pixel size {row[1]!r} is not a number") from None
+        if not (value > 0 and np.isfinite(value)):
+            raise InputError(f"{path}: line {n}: pixel size {value} must be a positive number of mm")
+        sizes[case_id(row[0].strip())] = value
+    missing = [c for c in cases if c not in sizes]
+    if missing:
+        raise InputError(f"{path}: no pixel size for {len(missing)} image(s), first {missing[0]}")
+    return {c: sizes[c] for c in cases}
 
 
 def _stat(path) -> list:
@@ -219,17 +262,61 @@ def check_inputs(inp: FolderInput) -> CheckedInputs:
         raise InputError(f"{t_lab}: --labels {inp.labels} names {value}={name}, a value the template's label does "
                          "not hold (each class is learnt from its template voxels); drop it or label it")
     test_labels[template] = t_lab.resolve()
+    flat = [c for c, e in cases.items() if is_2d_format(e["source"])]
+    if flat and len(flat) != len(cases):
+        raise InputError(f"{cases[flat[0]]['source']}: a 2D image among volumes; one run labels 2D images or "
+                         "volumes, not both")
+    for c, lab in test_labels.items():  # 2D masks are read now (converted later): name the user's file
+        if c != template and is_2d_format(lab):
+            extra = sorted(set(label_values(lab)) - set(names.values()))
+            if extra:
+                raise InputError(f"{lab}: label value {extra[0]} is not a class of the template's label "
+                                 f"(classes {sorted(names.values())}; name it with --labels)")
+    sizes = {}
+    if inp.pixel_size is not None:
+        if not flat:
+            raise InputError(f"--pixel-size {inp.pixel_size}: for 2D images (PNG, JPEG, BMP, TIFF); volumes "
+                             "carry their spacing")
+        sizes = read_pixel_sizes(inp.pixel_size, list(cases))
     modality = (inp.modality or "").strip() or None
     if modality is not None and modality.lower() == "unknown":
         modality = None
-    return CheckedInputs(cases=cases, labels=names, template=template, test_labels=test_labels, modality=modality)
+    return CheckedInputs(cases=cases, labels=names, template=template, test_labels=test_labels, modality=modality,
+                         pixel_size=sizes)
 
 
-def place_file(source: Path, folder: Path, case: str) -> Path:
-    """``folder/<case><ending>``: a symbolic link to a NIfTI source, else its NIfTI conversion."""
+def nifti_2d(pixels: np.ndarray, pixel_size: float | None):
+    """The NIfTI image of a 2D file's pixels (rows, columns[, 3]): (rows, columns, 1) or, for
+    colour, (rows, columns, 1, 3), stored as read (uint8 / uint16 / ...), with the pixel size (mm)
+    on both in-plane axes and 1 across (no pixel size: 1, units unknown)."""
+    import nibabel as nib
+
+    data = pixels[:, :, None] if pixels.ndim == 2 else pixels[:, :, None, :]
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    s = float(pixel_size) if pixel_size else 1.0
+    affine = np.diag([s, s, s, 1.0])
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm" if pixel_size else "unknown")
+    return img
+
+
+def place_file(source: Path, folder: Path, case: str, label: bool = False, pixel_size: float | None = None) -> Path:
+    """``folder/<case><ending>``: a symbolic link to a NIfTI source, else its NIfTI conversion (a 2D
+    file: :func:`nifti_2d`; a label's values through
+    :func:`semisam_o1.data.images.mask_values`, so a 0 / 255 mask becomes 0 / 1)."""
     sitk = sitk_module()
 
     folder.mkdir(parents=True, exist_ok=True)
+    if is_2d_format(source):
+        import nibabel as nib
+
+        pixels = read_label_values(source).array[:, :, 0] if label else read_2d(source)
+        target = folder / f"{case}.nii.gz"
+        nib.save(nifti_2d(pixels, pixel_size), str(target))
+        return target
     if is_nifti(source):
         target = folder / f"{case}{ending(source)}"
         target.symlink_to(source.resolve())
@@ -303,9 +390,9 @@ def name_sources(message: str, dataset: str | os.PathLike) -> str:
 
 def _write_dataset(p: CheckedInputs, root: Path) -> None:
     for case, entry in p.cases.items():
-        place_file(Path(entry["source"]), root / "imagesTr", case)
+        place_file(Path(entry["source"]), root / "imagesTr", case, pixel_size=p.pixel_size.get(case))
     for case, lab in p.test_labels.items():
-        place_file(lab, root / "labelsTr", case)
+        place_file(lab, root / "labelsTr", case, label=True, pixel_size=p.pixel_size.get(case))
     write_json(root / "dataset.json", {"name": "folder input", "labels": p.labels,
                                        "modality": {"0": p.modality or "unknown"},
                                        "numTraining": len(p.cases)})
@@ -326,8 +413,12 @@ def read_cases(dataset: str | os.PathLike) -> dict[str, dict] | None:
 
 
 def output_name(source: str | os.PathLike) -> str:
-    """The label file name for an image: the image's own name."""
-    return Path(source).name
+    """The label file name for an image: the image's own name (a JPEG image's label is PNG:
+    JPEG is lossy)."""
+    name = Path(source).name
+    if ending(name) in (".jpg", ".jpeg"):
+        return name[: len(name) - len(ending(name))] + ".png"
+    return name
 
 
 def write_label_like(nifti_label: str | os.PathLike, source: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -341,6 +432,15 @@ def write_label_like(nifti_label: str | os.PathLike, source: str | os.PathLike, 
 
     nifti_label, source, target = Path(nifti_label), Path(source), Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if is_2d_format(source):
+        import nibabel as nib
+
+        values = np.asarray(nib.load(str(nifti_label)).dataobj)
+        values = values.reshape(values.shape[:2]) if values.ndim > 2 else values
+        rows, cols, _ = geometry(source)[0]
+        if values.shape != (rows, cols):
+            raise InputError(f"{nifti_label}: shape {values.shape} differs from its image {source} {(rows, cols)}")
+        return write_2d(target if is_2d_format(target) else target.with_suffix(".png"), values)
     if is_nifti(target):
         if ending(target) == ending(nifti_label):
             with atomic_path(target) as tmp:

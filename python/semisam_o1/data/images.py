@@ -69,10 +69,23 @@ class Volume:
     native_affine: np.ndarray
     header: object
     ornt: np.ndarray = field(repr=False)
+    #: (X, Y, Z, 3) float32 RGB of a colour 2D image (``array`` then holds its luma), else None
+    channels: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.array.shape)
+
+    @property
+    def is_2d(self) -> bool:
+        """A 2D image: one slice along the third canonical axis."""
+        return self.array.shape[2] == 1
+
+    @property
+    def encoder_input(self) -> np.ndarray:
+        """What a 2D encoder is given: the RGB channels of a colour image (X, Y, Z, 3), else the
+        intensities (X, Y, Z)."""
+        return self.channels if self.channels is not None else self.array
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -155,15 +168,20 @@ def _to_canonical(img, path: Path, data: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.ascontiguousarray(array), canon_affine, transform
 
 
-def _squeeze_3d(data_shape: tuple, path: Path) -> tuple[int, int, int]:
+def _squeeze_3d(data_shape: tuple, path: Path, rgb_ok: bool = False) -> tuple[int, ...]:
     """The 3D shape of a file: trailing singleton dimensions (a 4D file with one
-    channel or time point) are dropped. Raises InputError for a real 4D file,
-    fewer than 3 dimensions or a zero-size dimension."""
+    channel or time point) are dropped; a 2D file is (X, Y, 1). With ``rgb_ok``, a colour 2D
+    image ``(X, Y, 1, 3)`` is kept as it is. Raises InputError for a real 4D file,
+    fewer than 2 dimensions or a zero-size dimension."""
     shape = tuple(int(s) for s in data_shape)
-    if len(shape) >= 3 and min(shape) < 1:
+    if len(shape) >= 2 and min(shape) < 1:
         raise InputError(f"{path}: empty image (shape {shape})")
+    if len(shape) == 2:  # a 2D NIfTI: one slice along the third axis
+        return shape + (1,)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
+    if len(shape) == 4 and shape[2] == 1 and shape[3] == 3 and rgb_ok:
+        return shape
     if len(shape) == 4:
         raise InputError(
             f"{path}: a 4D image with {shape[3]} channels or time points (shape {shape}); "
@@ -191,8 +209,8 @@ def _verified_gzip_bytes(path: Path) -> bytes:
         raise InputError(f"{path}: the file is corrupt (gzip stream: {exc})") from None
 
 
-def _read_data(img, path: Path, dtype) -> np.ndarray:
-    shape = _squeeze_3d(img.shape, path)
+def _read_data(img, path: Path, dtype, rgb_ok: bool = False) -> np.ndarray:
+    shape = _squeeze_3d(img.shape, path, rgb_ok=rgb_ok)
     if path.name.endswith(".gz"):  # the voxels from the checked bytes, decompressed once
         img = type(img).from_bytes(_verified_gzip_bytes(path))
     try:
@@ -210,8 +228,10 @@ def canonical_shape(path: str | os.PathLike) -> tuple[int, int, int]:
     import nibabel as nib
 
     path = Path(path)
+    if is_2d_format(path):
+        return geometry(path)[0]
     img = _load_nifti(path)
-    shape = _squeeze_3d(img.shape, path)
+    shape = _squeeze_3d(img.shape, path, rgb_ok=True)[:3]
     ornt = nib.orientations.io_orientation(img.affine)
     return tuple(int(shape[int(d)]) for d in np.argsort(ornt[:, 0]))
 
@@ -227,14 +247,22 @@ def read_image(path: str | os.PathLike) -> Volume:
     zero-size image, or NaN/Inf intensities.
     """
     path = Path(path)
+    if is_2d_format(path):
+        return _volume_2d(path, read_2d(path), label=False)
     img = _load_nifti(path)
-    data = _read_data(img, path, np.float32)  # applies scl_slope / scl_inter
+    data = _read_data(img, path, np.float32, rgb_ok=True)  # applies scl_slope / scl_inter
     if not np.all(np.isfinite(data)):
         n = int((~np.isfinite(data)).sum())
         raise InputError(f"{path}: {n} voxels are NaN or Inf; an image must hold finite intensities")
+    channels = None
+    if data.ndim == 4:  # a colour 2D image (X, Y, 1, 3)
+        channels = data
+        data = luma(data)
     array, affine, ornt = _to_canonical(img, path, data)
+    if channels is not None:
+        channels = np.ascontiguousarray(_to_canonical(img, path, channels)[0], dtype=np.float32)
     return Volume(array=array.astype(np.float32, copy=False), affine=affine, path=path,
-                  native_affine=img.affine.copy(), header=img.header.copy(), ornt=ornt)
+                  native_affine=img.affine.copy(), header=img.header.copy(), ornt=ornt, channels=channels)
 
 
 def _integer_label_data(raw: np.ndarray, path: Path) -> np.ndarray:
@@ -283,6 +311,11 @@ def read_label_values(path: str | os.PathLike, reference: Volume | None = None) 
     InputError as :func:`read_label` does, except for undeclared values.
     """
     path = Path(path)
+    if is_2d_format(path):
+        vol = _volume_2d(path, mask_values(path, read_2d(path)), label=True)
+        if reference is not None:
+            check_same_grid(vol, reference)
+        return vol
     img = _load_nifti(path)
     raw = _read_data(img, path, None)  # scl_slope / scl_inter applied when set
     values = _integer_label_data(raw, path)
@@ -396,7 +429,11 @@ def write_map(path: str | os.PathLike, array: np.ndarray, reference: Volume) -> 
 ITK_ENDINGS = (".nrrd", ".mha")
 
 
-ENDINGS = NIFTI_ENDINGS + ITK_ENDINGS
+#: 2D image formats read through Pillow (Clark et al., Pillow): images and masks
+IMAGE_2D_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+ENDINGS = NIFTI_ENDINGS + ITK_ENDINGS + IMAGE_2D_ENDINGS
 
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -456,9 +493,11 @@ def geometry(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray]
     import nibabel as nib
 
     path = Path(path)
+    if is_2d_format(path):
+        return _header_2d(path), np.eye(4)
     if is_nifti(path):
         img = _load_nifti(path)
-        shape, affine = _squeeze_3d(img.shape, path), img.affine
+        shape, affine = _squeeze_3d(img.shape, path, rgb_ok=True)[:3], img.affine
     else:
         r = itk_reader(path)
         shape, affine = _itk_affine(r.GetSize(), r.GetSpacing(), r.GetOrigin(), r.GetDirection())
@@ -489,7 +528,7 @@ def check_same_geometry(label: Path, image: Path, atol_mm: float = 1e-3) -> None
 def label_values(path: Path) -> list[int]:
     """The values a label file holds (NIfTI through semisam_o1.data.images, others through SimpleITK)."""
 
-    if is_nifti(path):
+    if is_nifti(path) or is_2d_format(path):
         return [int(v) for v in np.unique(read_label_values(path).array)]
     arr = sitk_module().GetArrayViewFromImage(read_itk(path))
     rounded = np.rint(arr)
@@ -505,3 +544,171 @@ def read_itk(path: Path):
     except RuntimeError as exc:
         raise InputError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1][:200]})") from None
 
+
+
+
+# --------------------------------------------------------------------------- 2D images (Pillow)
+#
+# A 2D image is a volume with one slice: array (X, Y, 1) with X the image's rows and Y its columns
+# (``array[i, j, 0]`` is the pixel of row i, column j, as Pillow / NumPy show it), an identity
+# affine (1 "pixel" per voxel; a pixel size comes from a 2D NIfTI or ``run --pixel-size``, which
+# converts the file to NIfTI with it), and, for a colour image, its RGB in ``Volume.channels``.
+
+#: ITU-R BT.601 luma weights: the intensities of a colour image
+LUMA = (0.299, 0.587, 0.114)
+
+_NOTED_255: set[str] = set()
+
+
+def is_2d_format(path: str | os.PathLike) -> bool:
+    """A file of a 2D format read through Pillow (:data:`IMAGE_2D_ENDINGS`)."""
+    return ending(path) in IMAGE_2D_ENDINGS
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> (...) float32 luma (:data:`LUMA`)."""
+    return np.tensordot(np.asarray(rgb, np.float32), np.asarray(LUMA, np.float32), axes=([-1], [0]))
+
+
+def _open_2d(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        img = Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+    if getattr(img, "n_frames", 1) > 1:
+        raise InputError(f"{path}: {img.n_frames} frames or pages; a 2D image has one")
+    return img
+
+
+def _header_2d(path: Path) -> tuple[int, int, int]:
+    """(rows, columns, 1) of a 2D file from its header."""
+    w, h = _open_2d(Path(path)).size
+    if w < 1 or h < 1:
+        raise InputError(f"{path}: empty image ({h} x {w})")
+    return (int(h), int(w), 1)
+
+
+def read_2d(path: str | os.PathLike) -> np.ndarray:
+    """The pixels of a 2D file: (rows, columns) for greyscale (uint8, uint16, int32 or float32 as
+    stored: 8- and 16-bit TIFF keep their values) or (rows, columns, 3) for colour. Palette images
+    are expanded; the alpha channel of an RGBA / LA image is dropped.
+
+    Raises:
+        InputError: unreadable or truncated file, several frames, NaN / Inf, or an image whose
+            colour channels are constant while its alpha channel is not (the picture is in the
+            alpha channel only).
+    """
+    path = Path(path)
+    img = _open_2d(path)
+    try:
+        img.load()
+        mode = img.mode
+        if mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            mode = img.mode
+        if mode in ("RGBA", "LA", "PA"):
+            arr = np.asarray(img)
+            colour, alpha = arr[..., :-1], arr[..., -1]
+            if colour.min() == colour.max() and alpha.min() != alpha.max():
+                raise InputError(f"{path}: the picture is in the alpha channel only (its {mode[:-1]} channels "
+                                 "are constant); save it as a greyscale or RGB image")
+            arr = colour if mode == "RGBA" else colour[..., 0]
+        elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            arr = np.asarray(img.convert("RGB"))
+        elif mode == "1":
+            arr = np.asarray(img, dtype=np.uint8)
+        else:
+            arr = np.asarray(img)
+    except InputError:
+        raise
+    except Exception as exc:  # truncated files, unsupported TIFF compressions
+        raise InputError(f"{path}: cannot read the pixels, is the file truncated? ({type(exc).__name__}: {exc})") \
+            from None
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[2] != 3:
+        raise InputError(f"{path}: {arr.shape[2]} channels per pixel; greyscale or RGB is needed")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise InputError(f"{path}: {int((~np.isfinite(arr)).sum())} pixels are NaN or Inf")
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return np.ascontiguousarray(arr)
+
+
+def mask_values(path: str | os.PathLike, pixels: np.ndarray) -> np.ndarray:
+    """The integer class values of a 2D mask's pixels (rows, columns). A mask holding only 0 and
+    255 is read as binary (255 -> 1), with one note line on stderr (the first such file of the
+    process). A colour mask is accepted when its three channels are equal.
+
+    Raises:
+        InputError: channels that differ, or values that are not non-negative integers.
+    """
+    path = Path(path)
+    if pixels.ndim == 3:
+        if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])):
+            raise InputError(f"{path}: a colour mask; a mask holds one class value per pixel (greyscale)")
+        pixels = pixels[..., 0]
+    values = _integer_label_data(pixels, path)
+    present = np.unique(values)
+    if 255 in present and set(present.tolist()) <= {0, 255}:
+        if not _NOTED_255:
+            import sys
+
+            print(f"semisam-o1: note: {path}: the mask holds only 0 and 255: read as binary (255 -> 1); "
+                  "other such masks are read the same way", file=sys.stderr, flush=True)
+        _NOTED_255.add(str(path))
+        values = (values > 0).astype(np.uint8)
+    return values
+
+
+def _volume_2d(path: Path, pixels: np.ndarray, label: bool) -> Volume:
+    """A :class:`Volume` (X = rows, Y = columns, Z = 1; identity affine) of a 2D file's pixels."""
+    import nibabel as nib
+
+    if label:
+        array = np.ascontiguousarray(pixels[:, :, None])
+        channels = None
+    elif pixels.ndim == 3:
+        channels = np.ascontiguousarray(pixels[:, :, None, :], dtype=np.float32)
+        array = np.ascontiguousarray(luma(channels))
+    else:
+        array, channels = np.ascontiguousarray(pixels[:, :, None], dtype=np.float32), None
+    header = nib.Nifti1Header()
+    header.set_data_shape(array.shape)
+    header.set_qform(np.eye(4), code=1)
+    header.set_sform(np.eye(4), code=1)
+    header.set_xyzt_units("unknown")
+    ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
+                                           nib.orientations.axcodes2ornt(("R", "A", "S")))
+    return Volume(array=array, affine=np.eye(4), path=path, native_affine=np.eye(4), header=header, ornt=ornt,
+                  channels=channels)
+
+
+def write_2d(path: str | os.PathLike, values: np.ndarray) -> Path:
+    """Write a 2D label (rows, columns) of non-negative integer values as ``path``'s format (PNG,
+    TIFF or BMP; 8-bit when every value is at most 255, else 16-bit PNG / TIFF), atomically.
+
+    Raises:
+        ValueError: a value above 65535, or above 255 for BMP; or a JPEG target (lossy: write PNG).
+    """
+    from PIL import Image
+
+    path = Path(path)
+    values = np.asarray(values)
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[..., 0]
+    e = ending(path)
+    if e in (".jpg", ".jpeg"):
+        raise ValueError(f"{path}: labels are not written as JPEG (lossy); write PNG")
+    vmax = int(values.max(initial=0))
+    if vmax > 65535 or (vmax > 255 and e == ".bmp"):
+        raise ValueError(f"{path}: label value {vmax} does not fit the format")
+    img = Image.fromarray(values.astype(np.uint8)) if vmax <= 255 else Image.fromarray(values.astype(np.uint16))
+    fmt = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}[e]
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt)
+    return path

@@ -86,14 +86,17 @@ class SliceLayout:
 
 
 def resize_slices(slices: np.ndarray, plan: SliceLayout) -> np.ndarray:
-    """(N, su, sv) float32 0-255 -> (N, ru, rv) float32, bilinear (antialiased when shrinking)."""
+    """(N, su, sv) float32 0-255 -> (N, ru, rv) float32, bilinear (antialiased when shrinking);
+    RGB slices (N, su, sv, 3) -> (N, ru, rv, 3), each channel alike."""
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(slices, np.float32))[:, None]
+    arr = np.ascontiguousarray(slices, np.float32)
+    rgb = arr.ndim == 4
+    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 1)) if rgb else arr[:, None])
     if (plan.ru, plan.rv) == (plan.su, plan.sv):
-        return t[:, 0].numpy()
+        return arr
     shrink = plan.ru < plan.su or plan.rv < plan.sv
     out = F.interpolate(t, size=(plan.ru, plan.rv), mode="bilinear", align_corners=False, antialias=shrink)
-    return out[:, 0].numpy()
+    return np.moveaxis(out.numpy(), 1, -1) if rgb else out[:, 0].numpy()
 

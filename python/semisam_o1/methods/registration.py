@@ -100,9 +100,13 @@ class Warp:
 
 def to_ants(array: np.ndarray, spacing: Sequence[float]):
     """An ``ants.ANTsImage`` of a canonical (X, Y, Z) array: float32, ``spacing`` (mm), origin 0,
-    identity direction (see the module's docstring for why that suffices)."""
+    identity direction (see the module's docstring for why that suffices). A 2D image (Z = 1) is
+    a 2D ANTsImage: ANTs registers 2D images with the same transforms."""
     import ants
 
+    if array.ndim == 3 and array.shape[2] == 1:
+        return ants.from_numpy(np.ascontiguousarray(array[:, :, 0], dtype=np.float32), origin=(0.0, 0.0),
+                               spacing=tuple(float(s) for s in spacing[:2]), direction=np.eye(2))
     return ants.from_numpy(np.ascontiguousarray(array, dtype=np.float32), origin=(0.0, 0.0, 0.0),
                            spacing=tuple(float(s) for s in spacing), direction=np.eye(3))
 
@@ -149,11 +153,15 @@ def _coords_field(fixed, moving, transforms: list[str], folder: str, moving_spac
 
     path = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=transforms,
                                  compose=os.path.join(folder, "comp_"))
-    disp = ants.image_read(path).numpy().astype(np.float64)  # (X, Y, Z, 3) mm
-    shape = disp.shape[:3]
+    disp = ants.image_read(path).numpy().astype(np.float64)  # (X, Y, Z, 3) mm; 2D: (X, Y, 2)
+    dim = disp.shape[-1]
+    shape = disp.shape[:dim]
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
     phys = grid * np.asarray(fixed.spacing, np.float64) + disp
-    return (phys / np.asarray(moving_spacing, np.float64)).astype(np.float32)
+    coords = (phys / np.asarray(moving_spacing[:dim], np.float64)).astype(np.float32)
+    if dim == 2:  # a 2D image: (X, Y, 1, 3), on the template's one slice
+        coords = np.concatenate([coords, np.zeros(coords.shape[:2] + (1,), np.float32)], -1)[:, :, None]
+    return coords
 
 
 def warp_template(template_image, template_label: np.ndarray, case_image, params: RegistrationParams | None = None,
@@ -181,6 +189,8 @@ def warp_template(template_image, template_label: np.ndarray, case_image, params
                                     transformlist=tx, interpolator="genericLabel")
         coords = _coords_field(fixed, moving, tx, folder, template_image.spacing)
     label = np.rint(lab.numpy()).astype(np.uint8)
+    if label.ndim == 2:
+        label = label[:, :, None]
     return Warp(label=label, coords=coords, seconds=time.perf_counter() - t0)
 
 

@@ -93,7 +93,7 @@ class RunSettings(ComputeOptions, EngineOptions):
                                 flags=("-i", "--input"), type=Path, metavar="DATASET")
     split: Path | None = option(None, "split JSON with 'template', 'unlabeled' and 'test' (with -i)", type=Path,
                                 metavar="FILE")
-    images: Path | None = option(None, "a plain folder of scans (.nii.gz, .nii, .nrrd, .mha): the cohort to label "
+    images: Path | None = option(None, "a plain folder of scans (.nii.gz, .nii, .nrrd, .mha) or of 2D images (.png, .jpg, .bmp, .tif): the cohort to label "
                                  "(instead of -i and --split; written as an MSD dataset into WORK/dataset)",
                                  type=Path, metavar="DIR")
     template_image: Path | None = option(None, "with --images: the one labelled scan (inside DIR or not)",
@@ -105,6 +105,9 @@ class RunSettings(ComputeOptions, EngineOptions):
     test_images: Path | None = option(None, "with --images: a folder of scans to evaluate the model on (needs "
                                       "--test-labels, files named like their images)", type=Path, metavar="DIR")
     test_labels: Path | None = option(None, "with --test-images: their labels", type=Path, metavar="DIR")
+    pixel_size: Path | None = option(None, "with --images of 2D files (PNG, JPEG, BMP, TIFF): a CSV of CASE,"
+                                     "PIXEL_SIZE_MM for every image (HD95 / ASD in mm); without it distances are "
+                                     "in pixels", type=Path, metavar="CSV")
     modality: str | None = option(None, "with --images: the scans' modality as dataset.json names it (CT, MRI, "
                                   "MR, T1, T2, ...); CT selects CT's fixed-window normalisation. Default: "
                                   "unknown, and the plan recognises CT from the template's intensities (1st "
@@ -193,12 +196,13 @@ class RunSettings(ComputeOptions, EngineOptions):
         """Either ``-i DATASET --split FILE`` or ``--images DIR --template-image FILE --template-label
         FILE``; with the latter, ``input`` / ``split`` become ``WORK/dataset`` and its split."""
 
-        for key in ("input", "split", "images", "template_image", "template_label", "test_images", "test_labels"):
+        for key in ("input", "split", "images", "template_image", "template_label", "test_images", "test_labels",
+                    "pixel_size"):
             if getattr(self, key) is not None:
                 setattr(self, key, Path(getattr(self, key)))
         if self.images is None:
             extra = [k for k in ("template_image", "template_label", "labels", "test_images", "test_labels",
-                                 "modality") if getattr(self, k) is not None]
+                                 "modality", "pixel_size") if getattr(self, k) is not None]
             if extra:
                 raise InputError(f"--{extra[0].replace('_', '-')} goes with --images DIR")
             if self.input is None or self.split is None:
@@ -222,7 +226,8 @@ class RunSettings(ComputeOptions, EngineOptions):
 
         return FolderInput(images=self.images, template_image=self.template_image,
                            template_label=self.template_label, labels=self.labels,
-                           test_images=self.test_images, test_labels=self.test_labels, modality=self.modality)
+                           test_images=self.test_images, test_labels=self.test_labels, modality=self.modality,
+                           pixel_size=self.pixel_size)
 
     @property
     def unet(self) -> str:

@@ -167,7 +167,8 @@ def pack_tiles(tiles: Sequence[np.ndarray], tile: int, size: int) -> np.ndarray:
     """Pack resized slices into encoder canvases (module docstring, steps 3-4).
 
     Args:
-        tiles: 2D float32 0-255 slices, each at most ``tile`` x ``tile`` pixels.
+        tiles: 2D float32 0-255 slices, each at most ``tile`` x ``tile`` pixels, greyscale (ru, rv)
+            (repeated to the 3 channels) or RGB (ru, rv, 3).
         tile: tile side in pixels (divides ``size``).
         size: canvas side in pixels.
 
@@ -182,7 +183,9 @@ def pack_tiles(tiles: Sequence[np.ndarray], tile: int, size: int) -> np.ndarray:
     for t, sl2d in enumerate(tiles):
         c, pos = divmod(t, per_canvas)
         ty, tx = divmod(pos, per_side)
-        canvases[c, :, ty * tile: ty * tile + sl2d.shape[0], tx * tile: tx * tile + sl2d.shape[1]] = sl2d
+        if sl2d.ndim == 3:  # RGB (ru, rv, 3): one colour per channel
+            sl2d = np.moveaxis(sl2d, -1, 0)
+        canvases[c, :, ty * tile: ty * tile + sl2d.shape[-2], tx * tile: tx * tile + sl2d.shape[-1]] = sl2d
     return canvases
 
 
@@ -229,6 +232,8 @@ class _Encoding:
         self.batch_size = max(1, int(batch_size))
         self.window = window
         self.slice_stride = max(1, int(slice_stride))
+        #: a cohort of 2D images (volumes of one slice); a case of the other kind is refused
+        self.flat = False
         self.per_side = enc.input_size // self.tile
         self.per_canvas = self.per_side ** 2
         #: seconds spent per phase since construction (benchmarks/bench_encode_profile.py reads them)
@@ -240,7 +245,7 @@ class _Encoding:
         with ``j`` the slice's index among the encoded ones."""
 
         t0 = time.perf_counter()
-        lo, hi = intensity_range(array, PERCENTILES, self.window)
+        lo, hi = intensity_range(array, PERCENTILES, self.window)  # RGB: one range for the 3 channels
         img = scale_volume(array, lo, hi)
         layouts, firsts, tiles = {}, {}, []
         for axis in self.axes:
@@ -257,7 +262,7 @@ class _Encoding:
         """Run the encoder over every slice of every axis of one volume.
 
         Args:
-            array: (X, Y, Z) float32 canonical volume.
+            array: (X, Y, Z) float32 canonical volume, or (X, Y, Z, 3) RGB of a colour 2D image.
             sink: ``sink(axis, j, feats)`` receives the (C, nu, nv) float32 valid cells of the j-th
                 encoded slice of axis (slice ``first + j * slice_stride``).
 
@@ -493,6 +498,8 @@ def _setup(s: EncodeSettings, log) -> _EncodeSetup:
     red_case = _default_reduction_case(s, chosen, existing)
     if red_case not in ds.images:
         raise InputError(f"--reduction-case {red_case}: not found in {ds.root}/imagesTr")
+    if canonical_shape(ds.image_path(red_case))[2] == 1:
+        s.axes = (2,)  # 2D images (X, Y, 1): the one slice along axis 2 is the image, one canvas tile each
     enc = load_encoder(s.encoder, s.checkpoint, s.layers, device=s.device, threads=s.threads,
                        cache_dir=s.cache_dir, input_size=s.input_size, log=log, lazy=True)
     tile = _choose_tile(s, enc, ds, red_case, chosen, existing)
@@ -600,7 +607,7 @@ def _fit_first(setup: _EncodeSetup, job: _Encoding, store: _Store, log) -> tuple
     log(f"fitting the {setup.config['channels']}-channel reduction on {red} (encoded first)")
     t0 = time.perf_counter()
     vol = setup.dataset.read_image(red)
-    raw, maps, n = job.encode_case(vol.array, None)
+    raw, maps, n = job.encode_case(vol.encoder_input, None)
     seconds = time.perf_counter() - t0
     basis, kept = fit_reduction(raw, setup.config["channels"])
     store.create(basis, kept)
@@ -623,7 +630,10 @@ def _encode_one(case: str, setup: _EncodeSetup, job: _Encoding, store: _Store, i
         if input_hash.get(case) is None:
             raise InputError(f"{setup.dataset.image_path(case)}: file not found or unreadable")
         vol = setup.dataset.read_image(case)
-        grids, maps, n = job.encode_case(vol.array, store.basis)
+        if vol.is_2d != job.flat:
+            raise InputError(f"{vol.path}: a {'2D image' if vol.is_2d else 'volume'} of shape {vol.shape} in a cohort "
+                             f"of {'2D images' if job.flat else 'volumes'}; one run takes one or the other")
+        grids, maps, n = job.encode_case(vol.encoder_input, store.basis)
     if store.config is None:  # a new store without reduction: created with its first case
         store.create(None, None)
     dt = time.perf_counter() - t0
@@ -697,6 +707,7 @@ def encode(settings: EncodeSettings) -> dict:
 
         torch.set_num_threads(int(s.threads))
     job = _Encoding(setup.enc, setup.tile, s.axes, s.batch_size, s.window, s.slice_stride)
+    job.flat = canonical_shape(setup.dataset.image_path(setup.reduction_case))[2] == 1
     for folder in (setup.root, setup.root / CASES_DIR):  # a killed shard's half-written case folders
         sweep_temporaries(folder)
     store = _Store(setup)

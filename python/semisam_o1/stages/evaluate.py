@@ -322,11 +322,16 @@ class _Scorer:
         box = _bbox(pred_mask | gt_mask)  # distances and overlaps are the same on the grown box
         pred_mask, gt_mask = pred_mask[box], gt_mask[box]
         out = {"dice": dice(pred_mask, gt_mask)}
-        out.update(self._monai(pred_mask, gt_mask, [float(s) for s in spacing]))
+        spacing = [float(s) for s in spacing]
+        if pred_mask.ndim == 3 and gt_mask.shape[2] == 1 and pred_mask.shape[2] == 1:
+            # a 2D image: contours and distances in its plane (in 3D, every pixel of a one-slice
+            # mask would be a surface pixel)
+            pred_mask, gt_mask, spacing = pred_mask[:, :, 0], gt_mask[:, :, 0], spacing[:2]
+        out.update(self._monai(pred_mask, gt_mask, spacing))
         return {**out, **flags}
 
     def _monai(self, pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: list[float]) -> dict:
-        """Jaccard, HD95 and ASD (MONAI) of two non-empty (X, Y, Z) bool masks."""
+        """Jaccard, HD95 and ASD (MONAI) of two non-empty (X, Y, Z) or 2D (X, Y) bool masks."""
         import torch
 
         yp = torch.from_numpy(np.ascontiguousarray(pred_mask))[None, None].float()

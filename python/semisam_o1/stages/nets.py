@@ -114,6 +114,19 @@ def preset(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
+def for_2d(cfg: dict) -> dict:
+    """A preset (or planned) network for 2D images, volumes of one slice (X, Y, 1): the patch is one
+    slice thick, no level downsamples the third axis, no flip along it, and the UNet is MONAI's 2D
+    one (``spatial_dims`` 2, :func:`build_net`); patches, sliding windows and flips stay the 3D ones
+    on (X, Y, 1), so training and prediction run the same code for both."""
+    out = copy.deepcopy(cfg)
+    out["spatial_dims"] = 2
+    out["patch"] = [int(out["patch"][0]), int(out["patch"][1]), 1]
+    out["strides"] = [[s[0], s[1], 1] if isinstance(s, (list, tuple)) else [s, s, 1] for s in out["strides"]]
+    out["flip_axes"] = [int(a) for a in out["flip_axes"] if int(a) != 2]
+    return out
+
+
 def normalise(array: np.ndarray, params: dict | None = None) -> np.ndarray:
     """Intensity normalisation, the same in ``train`` and ``predict``.
 
@@ -189,13 +202,18 @@ def resample_label(label: np.ndarray, shape, num_classes: int) -> np.ndarray:
 
 
 def net_params(cfg: dict, num_classes: int) -> dict:
-    """Keyword arguments of ``monai.networks.nets.UNet`` for a preset dict."""
+    """Keyword arguments of ``monai.networks.nets.UNet`` for a preset dict (``spatial_dims`` 2 for
+    a 2D one, :func:`for_2d`: each level's stride of the two image axes)."""
+    dims = int(cfg.get("spatial_dims", 3))
+    strides = list(cfg["strides"])
+    if dims == 2:
+        strides = [list(s[:2]) if isinstance(s, (list, tuple)) else s for s in strides]
     return {
-        "spatial_dims": 3,
+        "spatial_dims": dims,
         "in_channels": 1,
         "out_channels": int(num_classes),
         "channels": list(cfg["channels"]),
-        "strides": list(cfg["strides"]),
+        "strides": strides,
         "num_res_units": int(cfg["num_res_units"]),
         "norm": "INSTANCE",
         "dropout": float(cfg.get("dropout", 0.0)),
@@ -203,13 +221,30 @@ def net_params(cfg: dict, num_classes: int) -> dict:
 
 
 def build_net(params: dict):
-    """A MONAI 3D UNet (``monai.networks.nets.UNet``) from :func:`net_params` output."""
+    """A MONAI UNet (``monai.networks.nets.UNet``) from :func:`net_params` output. A 2D one
+    (``spatial_dims`` 2) takes and returns (B, C, X, Y, 1) tensors: the one-slice third axis is
+    dropped before the network and put back after it, so callers handle 2D images as volumes."""
+    import torch
     from monai.networks.nets import UNet
 
     p = dict(params)
     p["channels"] = tuple(p["channels"])
-    p["strides"] = tuple(p["strides"])
-    return UNet(**p)
+    p["strides"] = tuple(tuple(s) if isinstance(s, list) else s for s in p["strides"])
+    net = UNet(**p)
+    if int(p.get("spatial_dims", 3)) != 2:
+        return net
+
+    class OneSlice(torch.nn.Module):
+        """A 2D network over (B, C, X, Y, 1) tensors."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.net = inner
+
+        def forward(self, x):
+            return self.net(x[..., 0])[..., None]
+
+    return OneSlice(net)
 
 
 def set_threads(threads: int | None) -> None:

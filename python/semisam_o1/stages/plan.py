@@ -65,6 +65,7 @@ from semisam_o1.data.images import canonical_shape
 from semisam_o1.methods import components
 from semisam_o1.methods.class_planes import learn
 from semisam_o1.methods.metrics import mask_extent
+from semisam_o1.stages import nets
 
 #: smallest edge of the bottom feature map (nnU-Net's rule of 4 voxels)
 MIN_BOTTOM_EDGE = 4
@@ -73,6 +74,8 @@ BASE_CHANNELS = 16
 MAX_CHANNELS = 128
 #: patches per training iteration
 BATCH_SIZE = 2
+#: patches per batch of a 2D network (2D images: volumes of one slice)
+BATCH_2D = 4
 #: iterations are clipped to this range whatever the budget says
 MIN_ITERATIONS, MAX_ITERATIONS = 200, 20000
 #: the patch is shrunk until the planned network affords this many iterations in the budget (at
@@ -245,7 +248,7 @@ def plan_strides(patch, spacing) -> list[list[int]]:
     sp = [float(s) for s in spacing]
     levels = []
     while len(levels) < MAX_DOWNSAMPLINGS:
-        finest = min(sp)
+        finest = min(v for v, n in zip(sp, size) if n > 1)  # a one-slice axis (2D images) has no say
         stride = [2 if (sp[a] < 2 * finest and size[a] / 2 >= MIN_BOTTOM_EDGE) else 1 for a in range(3)]
         if not any(s == 2 for s in stride):
             break
@@ -265,7 +268,7 @@ def plan_patch(median_shape, spacing, max_voxels: int) -> tuple[list[int], list[
     axis's strides (the UNet's divisibility) and at least ``2 * MIN_BOTTOM_EDGE`` voxels unless the
     median shape is smaller.
     """
-    start = [max(int(m), 2 * MIN_BOTTOM_EDGE) for m in median_shape]
+    start = [1 if int(m) == 1 else max(int(m), 2 * MIN_BOTTOM_EDGE) for m in median_shape]  # 2D: one slice
     patch, shrunk = list(start), False
     for _ in range(10000):  # each pass removes voxels: ends long before
         strides = plan_strides(patch, spacing)
@@ -302,9 +305,10 @@ def plan_flip_axes(dataset, template: str) -> tuple[list[int], str]:
 
     label = dataset.read_label(template).array
     rule, _ = learn(label, dataset.label_map.num_classes)
+    every = [a for a in range(3) if label.shape[a] > 1]  # a 2D image has no third axis to flip
     if rule is None:
-        return [0, 1, 2], "no axis orders the template's foreground classes: a flip along any axis keeps them"
-    axes = [a for a in range(3) if a != rule.axis]
+        return every, "no axis orders the template's foreground classes: a flip along any axis keeps them"
+    axes = [a for a in every if a != rule.axis]
     return axes, (f"the template's classes follow each other along axis {rule.axis}: a flip there would swap "
                   "them")
 
@@ -371,12 +375,12 @@ def seconds_per_iteration(unet: dict, num_classes: int, threads: int | None = No
     not the median: other work on a shared machine only ever slows a step down)."""
     import torch
     from monai.losses import DiceCELoss
-    from monai.networks.nets import UNet
 
     if threads:
         torch.set_num_threads(int(threads))
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=num_classes, channels=unet["channels"],
-               strides=unet["strides"], num_res_units=unet["num_res_units"], norm="INSTANCE")
+    if int(unet["patch"][2]) == 1:  # 2D images: MONAI's 2D UNet, as train builds it
+        unet = nets.for_2d(unet | {"flip_axes": []})
+    net = nets.build_net(nets.net_params(unet, num_classes))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     x = torch.randn(unet["batch_size"], 1, *unet["patch"])
@@ -397,10 +401,18 @@ def plan_network(fp: dict, working: list[float], max_voxels: int) -> tuple[dict,
     within a patch of ``max_voxels`` voxels; returns ``(unet, patch reason)``."""
     spacing = fp["cohort"]["spacing_mm"]["median"]
     median_shape = [int(round(n * s / w)) for n, s, w in zip(fp["cohort"]["shape"]["median"], spacing, working)]
+    if is_flat(fp):
+        median_shape[2] = 1
     patch, strides, reason = plan_patch(median_shape, working, max_voxels)
     channels = [min(BASE_CHANNELS * 2 ** i, MAX_CHANNELS) for i in range(len(strides) + 1)]
     return ({"patch": patch, "strides": strides, "channels": channels, "num_res_units": 1,
-             "batch_size": BATCH_SIZE}, reason)
+             "batch_size": BATCH_2D if is_flat(fp) else BATCH_SIZE}, reason)
+
+
+def is_flat(fp: dict) -> bool:
+    """A cohort of 2D images: every case is one slice along the third axis."""
+    shape = fp["cohort"]["shape"]
+    return int(shape.get("max", shape["median"])[2]) == 1
 
 
 def plan_spacing(fp: dict) -> dict:
@@ -425,6 +437,8 @@ def plan_spacing(fp: dict) -> dict:
     thin = min(classes, key=lambda c: c["thickness_mm"])
     limit = thin["thickness_mm"] / MIN_CLASS_THICKNESS  # the coarsest spacing that keeps the floor
     spacing = [round(min(m, max(f, limit)), 4) for m, f in zip(median, finest)]
+    if is_flat(fp):  # 2D images: the one-slice axis keeps its spacing (one slice stays one slice)
+        spacing[2] = round(median[2], 4)
     refined = [a for a in range(3) if spacing[a] < median[a]]
     vox = [round(thin["thickness_mm"] / w, 1) for w in spacing]
     why = (f"the cohort's median spacing {[round(m, 4) for m in median]} mm (nnU-Net's target spacing; "
@@ -441,11 +455,13 @@ def plan_spacing(fp: dict) -> dict:
     return {"spacing": median if uniform else spacing, "native": bool(uniform), "reason": f"{why}; {floor}; {grid}"}
 
 
-def plan_encode_axes(spacing) -> tuple[list[int], str]:
+def plan_encode_axes(spacing, flat: bool = False) -> tuple[list[int], str]:
     """The axes encode slices along: an axis whose slices (the plane of the two other axes) have
     pixels more than twice as long one way as the other is left out (the encoder sees square
     pixels; a 1.5 x 10 mm strip costs a canvas for little detail), unless that would leave none.
     The factor 2 is the strides rule's anisotropy bound (:func:`plan_strides`)."""
+    if flat:
+        return [2], "2D images: the image itself, one canvas per image (axis 2)"
     sp = [float(x) for x in spacing]
     keep = [a for a in range(3) if max(sp[b] for b in range(3) if b != a) <= 2 * min(sp[b] for b in range(3) if b != a)]
     if not keep:
@@ -463,14 +479,15 @@ def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
     budget = settings.budget_minutes * 60.0
     spacing = fp["cohort"]["spacing_mm"]["median"]
     sp = plan_spacing(fp)
-    max_voxels, budget_reason = patch_voxel_budget(budget, settings.max_patch_voxels)
+    max_voxels, budget_reason = patch_voxel_budget(budget, settings.max_patch_voxels,
+                                                   BATCH_2D if is_flat(fp) else BATCH_SIZE)
     unet, patch_reason = plan_network(fp, sp["spacing"], max_voxels)
     strides = unet["strides"]
     voxels = int(np.prod(unet["patch"])) * unet["batch_size"]
     flips, flip_reason = plan_flip_axes(dataset, fp["template"]["case"])
     norm, norm_reason = plan_normalisation(fp)
     iters = int(np.clip(int(budget * REFERENCE_VOXELS_PER_SECOND / voxels), MIN_ITERATIONS, MAX_ITERATIONS))
-    axes, axes_reason = plan_encode_axes(spacing)
+    axes, axes_reason = plan_encode_axes(spacing, flat=is_flat(fp))
     lcc, lcc_reason = plan_largest_component(fp)
     return {
         "encode_axes": {"value": axes, "reason": axes_reason},
@@ -481,7 +498,9 @@ def decide(dataset, fp: dict, settings: PlanSettings) -> dict:
                                                 f"voxels (working spacing {sp['spacing']} mm)"},
         "channels": {"value": unet["channels"], "reason": f"{BASE_CHANNELS} doubling per level, at most "
                                                           f"{MAX_CHANNELS}"},
-        "batch_size": {"value": unet["batch_size"], "reason": "two patches: one foreground-centred on average"},
+        "batch_size": {"value": unet["batch_size"], "reason": (
+            f"{BATCH_2D} 2D patches (a 2D patch costs a fraction of a 3D one; nnU-Net's 2D batches are larger "
+            "than its 3D ones)" if is_flat(fp) else "two patches: one foreground-centred on average")},
         "iterations": {"value": iters, "reason": f"{settings.budget_minutes:g} min per round x "
                                                  f"{REFERENCE_VOXELS_PER_SECOND:.3g} voxels per second (the reference "
                                                  f"CPU's training rate) / {voxels} voxels per iteration (patch x "

@@ -101,7 +101,7 @@ from semisam_o1.core.settings import CaseOptions, ComputeOptions, check_range, o
 from semisam_o1.core.version import __version__
 from semisam_o1.data.cases import case_id_from_path, find_case_file
 from semisam_o1.data.dataset import Dataset, load_split
-from semisam_o1.data.images import read_label
+from semisam_o1.data.images import canonical_shape, read_label
 from semisam_o1.stages import nets
 from semisam_o1.stages.plan import read_plan, unet_overrides
 
@@ -422,6 +422,8 @@ def prepare(settings: TrainSettings) -> _TrainSetup | dict:
     if not settings.labels.is_dir():
         raise InputError(f"{settings.labels}: labels folder not found")
     template, cases = training_cases(ds, settings)
+    if canonical_shape(ds.image_path(template))[2] == 1:  # 2D images: a 2D network
+        cfg = nets.for_2d(cfg)
     labels = label_paths(ds, settings.labels, template, cases)
     record = open_stage(settings.output, "train", settings, inputs={**stage_inputs(ds, template, cases, labels), "unet": digest(cfg)},
                         overwrite=settings.overwrite)
