@@ -159,9 +159,12 @@ class RunSettings(ComputeOptions, EngineOptions):
                            "WORK/referee/position.json), off otherwise; on; off", choices=("auto", "on", "off"))
     referee: str = option("registration", "label-free choice of the round handed back and early stopping: "
                           "registration: each round's pool labels are compared with the template's label warped "
-                          "to every pool case (ANTs SyN; semisam_o1.pipeline.rounds); none: every round runs and the last "
-                          "one is kept (it changes no stage's output, so a finished run may be re-run with "
-                          "another value)", choices=("registration", "none"), neutral=True)
+                          "to every pool case (ANTs SyN), over the cases where the registration beats the pasted "
+                          "template (semisam_o1.pipeline.referee); when most do not, the rounds train without "
+                          "the template's label and are scored on it; none: every round runs and the last one "
+                          "is kept (a finished run may be re-run with another value; where the registration "
+                          "proved unreliable its rounds then train again)", choices=("registration", "none"),
+                          neutral=True)
     seed: int = option(0, "seed of every random stream (independent streams per round: semisam_o1.core.seeds)")
 
     def __post_init__(self):
