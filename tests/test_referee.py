@@ -160,6 +160,7 @@ def test_run_whose_registration_fails_trains_without_the_template_and_says_so(tm
     report = json.loads((work / "report.json").read_text())
     assert report["chosen"]["criterion"] == "template"
     assert report["chosen"]["referee_reliability"]["reliable"] is False
+    assert report["chosen"]["referee_reliability"]["position_decided_on_unreliable_registration"] is False
     assert "weak evidence" in report["chosen"]["reason"]
     cmd = json.loads((work / "round1" / "model" / "stage.json").read_text())["command"]
     assert "--template-share 0.0" in cmd

@@ -128,7 +128,10 @@ def _reliability_summary(work: Path) -> dict | None:
     if not path.is_file():
         return None
     info = json.loads(path.read_text())
-    return {k: info[k] for k in ("reliable", "reliable_cases", "pool_cases", "rule")} | {"file": str(path)}
+    position = work / "referee" / "position.json"
+    return {k: info[k] for k in ("reliable", "reliable_cases", "pool_cases", "rule")} | {
+        "file": str(path), "position_decided_on_unreliable_registration": (not info["reliable"]
+                                                                          and position.is_file())}
 
 
 def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list[str], test: list[str],

@@ -510,6 +510,9 @@ def _check_referee(dataset, cohort: Cohort, work: Path, referee: Path | None) ->
         return "none"
     info = check_referee(dataset, cohort.template, cohort.unlabeled, referee, work / "round0" / "pseudo")
     print(f"[run] {summary_line(info)}", flush=True)
+    if not info["reliable"] and (work / "referee" / "position.json").is_file():
+        print("[run] position term: WARNING: --position auto decided it from these registrations, which the "
+              "round-0 labels show unreliable; compare with --position on / off", flush=True)
     return criterion(work)
 
 
