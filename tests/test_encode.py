@@ -463,7 +463,7 @@ def test_bad_inputs_one_line_each_nothing_written(pool_onnx, dataset, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2
     lines = [l for l in err.splitlines() if "error" in l]
-    for name, what in zip(BAD, ["cannot read", "4D", "2D", "NaN", "empty", "not a readable NIfTI"]):
+    for name, what in zip(BAD, ["truncated", "4D", "2D", "NaN", "empty", "not a readable NIfTI"]):
         hit = [l for l in lines if name in l]
         assert len(hit) == 1 and what in hit[0], (name, hit)
     assert len(lines) == len(BAD)  # no summary line repeating one of them
