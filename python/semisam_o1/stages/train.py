@@ -1,7 +1,7 @@
 """Train a MONAI 3D UNet from scratch on pseudo-labels (the template keeps its real label).
 
 ``semisam-o1 train -i DATASET -l LABELS [--template ID] [--cases ID ... | --split FILE]
--o MODEL [--ssl none|mt] [--preset quick|cpu|paper] [--iterations N] [--template-share F]
+-o MODEL [--ssl none|mt|w2s] [--confidence PRED] [--preset quick|cpu|paper] [--iterations N] [--template-share F]
 [--spatial-aug P] [--device auto|cpu|cuda] [--seed S] [--round R] [--threads N] [--overwrite]``
 
 What is read (the honest one-label protocol)
@@ -55,6 +55,16 @@ Semi-supervised consistency (``--ssl mt``)
     ``consistency_rampup`` of the iterations). A round-1 UNet with it scores no
     better than without (docs/experiments.md, "Mean teacher").
 
+Weak-to-strong consistency (``--ssl w2s``)
+    UniMatch-style (Yang et al., CVPR 2023) in 3D, :mod:`semisam_o1.stages.semi`: the
+    supervised DiceCE is weighted per voxel by the target's confidence (``--confidence
+    PRED``: a previous round's prediction folder, whose ``<case>_entropy.nii.gz`` gives
+    ``1 - H / ln K``; the template's real label and cases without a map weigh 1), and the
+    network's confident predictions on each patch teach a strongly perturbed copy
+    (intensity jitter, blur, CutMix within the batch) and a pass with dropped bottleneck
+    channels. One iteration costs 3 forward / backward passes of the batch against 1
+    (docs/experiments.md, "Weak-to-strong consistency").
+
 Model selection
     The **last checkpoint** is kept: ``model.pt`` holds the student's weights
     after the final iteration. No validation Dice on labelled volumes (as the
@@ -101,13 +111,17 @@ from semisam_o1.core.settings import CaseOptions, ComputeOptions, check_range, o
 from semisam_o1.core.version import __version__
 from semisam_o1.data.cases import case_id_from_path, find_case_file
 from semisam_o1.data.dataset import Dataset, load_split
-from semisam_o1.data.images import canonical_shape, read_label
-from semisam_o1.stages import nets
+from semisam_o1.data.images import canonical_shape, check_same_grid, read_image, read_label
+from semisam_o1.stages import nets, semi
 from semisam_o1.stages.plan import read_plan, unet_overrides
+from semisam_o1.stages.predict import entropy_file
 
-SSL_MODES = ("none", "mt")
+SSL_MODES = ("none", "mt", "w2s")
 
-LOG_FIELDS = ["iteration", "loss", "supervised", "consistency", "consistency_weight", "lr", "seconds"]
+#: ``confident_share`` (``--ssl w2s`` only): share of the batch's voxels whose weak prediction is
+#: confident enough to teach the perturbed views (:data:`semisam_o1.stages.semi.CONFIDENCE`)
+LOG_FIELDS = ["iteration", "loss", "supervised", "consistency", "consistency_weight", "lr", "seconds",
+              "confident_share"]
 
 #: purposes of the random streams (:func:`semisam_o1.core.seeds.int_seed` keys after seed and round)
 STREAM_INIT = 1  # initial weights
@@ -129,8 +143,14 @@ class TrainSettings(CaseOptions, ComputeOptions):
                                   metavar="ID")
     output: Path = option(help="model folder to write", flags=("-o", "--output"), type=Path, metavar="MODEL",
                           neutral=True)
-    ssl: str = option("none", "semi-supervised consistency: none, or mt (mean teacher, Tarvainen & Valpola "
-                      "2017; no better than none: docs/experiments.md, \"Mean teacher\")", choices=SSL_MODES)
+    ssl: str = option("none", "semi-supervised consistency: none; mt (mean teacher, Tarvainen & Valpola "
+                      "2017; no better than none: docs/experiments.md, \"Mean teacher\"); w2s (UniMatch-style "
+                      "weak-to-strong and feature-perturbation consistency with confidence-weighted pseudo-labels, "
+                      "3 passes per iteration: docs/experiments.md, \"Weak-to-strong consistency\")",
+                      choices=SSL_MODES)
+    confidence: Path | None = option(None, "with --ssl w2s: a prediction folder of the previous round (predict's "
+                                     "<case>_entropy.nii.gz); each pseudo-label voxel weighs 1 - entropy / ln K "
+                                     "(unset, and for cases without a map: 1)", type=Path, metavar="PRED")
     preset: str = option("cpu", "network / schedule size (semisam_o1.stages.nets.PRESETS)", choices=tuple(nets.PRESETS))
     iterations: int | None = option(None, "optimiser steps of the preset's batch (default: the preset's)",
                                     type=int, metavar="N")
@@ -153,6 +173,10 @@ class TrainSettings(CaseOptions, ComputeOptions):
         self.labels, self.output = Path(self.labels), Path(self.output)
         if self.ssl not in SSL_MODES:
             raise InputError(f"--ssl {self.ssl}: choose one of {', '.join(SSL_MODES)}")
+        if self.confidence is not None:
+            self.confidence = Path(self.confidence)
+            if self.ssl != "w2s":
+                raise InputError(f"--confidence {self.confidence}: only with --ssl w2s")
         if self.preset not in nets.PRESETS:
             raise InputError(f"--preset {self.preset}: choose one of {', '.join(nets.PRESETS)}")
         if self.template_share is not None and self.template_share < 0:
@@ -220,16 +244,50 @@ def label_paths(ds: Dataset, labels: Path, template: str, cases: list[str]) -> d
     return out
 
 
-def stage_inputs(ds: Dataset, template: str, cases: list[str], labels: dict[str, Path]) -> dict:
+def confidence_paths(folder: Path | None, template: str, cases: list[str]) -> dict[str, Path] | None:
+    """{case: entropy map} of the pseudo-labelled cases with a ``<case>_entropy.nii.gz`` in ``folder``
+    (``--confidence``); None without a folder.
+
+    Raises:
+        InputError: ``folder`` is not a folder.
+    """
+    if folder is None:
+        return None
+    if not folder.is_dir():
+        raise InputError(f"{folder}: confidence folder (--confidence) not found")
+    return {c: entropy_file(folder, c) for c in cases if c != template and entropy_file(folder, c).is_file()}
+
+
+def stage_inputs(ds: Dataset, template: str, cases: list[str], labels: dict[str, Path],
+                 confidence: dict[str, Path] | None = None) -> dict:
     """What the model is computed from, for the stage record: the training cases, the template and
-    the SHA-256 of every image and label file trained on (JSON-ready)."""
-    return {"template": template, "training_cases": list(cases),
-            "images": {c: file_sha256(ds.image_path(c)) for c in cases},
-            "labels": {c: file_sha256(labels[c]) for c in cases}}
+    the SHA-256 of every image and label file trained on, and of every entropy map weighting them
+    (JSON-ready)."""
+    out = {"template": template, "training_cases": list(cases),
+           "images": {c: file_sha256(ds.image_path(c)) for c in cases},
+           "labels": {c: file_sha256(labels[c]) for c in cases}}
+    if confidence is not None:
+        out["confidence"] = {c: file_sha256(p) for c, p in sorted(confidence.items())}
+    return out
+
+
+def confidence_weight(entropy: np.ndarray, num_classes: int) -> np.ndarray:
+    """A pseudo-label's voxel weights from its round's softmax entropy: ``clip(1 - H / ln K, 0, 1)``.
+
+    Args:
+        entropy: (X, Y, Z) entropy in nats (predict's ``<case>_entropy.nii.gz``).
+        num_classes: K (background included); K = 1 gives weight 1.
+
+    Returns:
+        (X, Y, Z) float32 in [0, 1].
+    """
+    if num_classes < 2:
+        return np.ones(entropy.shape, np.float32)
+    return np.clip(1.0 - np.asarray(entropy, np.float64) / math.log(num_classes), 0.0, 1.0).astype(np.float32)
 
 
 def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], norm: dict, quiet: bool = True,
-                       working_spacing=None):
+                       working_spacing=None, confidence: dict[str, Path] | None = None):
     """Read and check every training image / label, normalise, keep in memory.
 
     Args:
@@ -240,13 +298,17 @@ def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], n
         working_spacing: (3,) mm, or None: the network's grid (a plan's ``spacing``); images are
             resampled to it after normalisation (:func:`semisam_o1.stages.nets.resample`) and labels
             with :func:`semisam_o1.stages.nets.resample_label`.
+        confidence: None, or {case: entropy map} (:func:`confidence_paths`): every volume then also
+            gets ``"weight"`` (1, X, Y, Z) float32, :func:`confidence_weight` of its map (resampled
+            trilinearly), 1 everywhere for a case without one.
 
     Returns:
         a list of dicts ``{"case", "image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}``
-        (on the working grid).
+        (on the working grid), plus ``"weight"`` with ``confidence``.
 
     Raises:
-        InputError: naming the case for a label on another grid or undeclared label values.
+        InputError: naming the case for a label or an entropy map on another grid or undeclared
+            label values.
     """
 
     data = []
@@ -258,7 +320,18 @@ def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], n
             shape = nets.working_shape(img.shape, img.spacing, working_spacing)
             image = nets.resample(image, shape, "trilinear")
             label = nets.resample_label(label, shape, ds.label_map.num_classes)
-        data.append({"case": case, "image": image, "label": label[None]})
+        entry = {"case": case, "image": image, "label": label[None]}
+        if confidence is not None:
+            if case in confidence:
+                ent = read_image(confidence[case])
+                check_same_grid(ent, img, what="image")
+                weight = confidence_weight(ent.array, ds.label_map.num_classes)[None]
+                if working_spacing is not None:
+                    weight = np.clip(nets.resample(weight, image.shape[1:], "trilinear"), 0.0, 1.0)
+            else:
+                weight = np.ones(image.shape, np.float32)
+            entry["weight"] = np.ascontiguousarray(weight, dtype=np.float32)
+        data.append(entry)
     return data
 
 
@@ -271,6 +344,8 @@ def _pad_to(data: list[dict], patch) -> None:
             width = [(0, 0)] + [(q // 2, q - q // 2) for q in pads]
             d["image"] = np.pad(d["image"], width, mode="constant", constant_values=0.0)
             d["label"] = np.pad(d["label"], width, mode="constant", constant_values=0)
+            if "weight" in d:
+                d["weight"] = np.pad(d["weight"], width, mode="constant", constant_values=1.0)
 
 
 def _add_indices(data: list[dict]) -> None:
@@ -288,8 +363,9 @@ SPATIAL_AUG_ROTATE = 0.26  # ~15 degrees
 SPATIAL_AUG_SCALE = 0.15
 
 
-def _transforms(cfg: dict, spatial_aug: float = 0.0):
-    """The MONAI training transforms of a preset ``cfg`` (module docstring), as one ``Compose``."""
+def _transforms(cfg: dict, spatial_aug: float = 0.0, weighted: bool = False):
+    """The MONAI training transforms of a preset ``cfg`` (module docstring), as one ``Compose``;
+    ``weighted``: the volumes' ``"weight"`` maps move with their labels (trilinear under the affine)."""
     from monai.transforms import (
         Compose,
         RandAffined,
@@ -302,15 +378,17 @@ def _transforms(cfg: dict, spatial_aug: float = 0.0):
     pos, neg = cfg["pos_neg"]
     ts = []
     index_keys = dict(fg_indices_key="fg", bg_indices_key="bg")
+    keys, modes = (["image", "label", "weight"], ("bilinear", "nearest", "bilinear")) if weighted else \
+        (["image", "label"], ("bilinear", "nearest"))
     if spatial_aug > 0:
-        ts.append(RandAffined(keys=["image", "label"], prob=float(spatial_aug),
+        ts.append(RandAffined(keys=keys, prob=float(spatial_aug),
                               rotate_range=(SPATIAL_AUG_ROTATE,) * 3, scale_range=(SPATIAL_AUG_SCALE,) * 3,
-                              mode=("bilinear", "nearest"), padding_mode="border"))
+                              mode=modes, padding_mode="border"))
         index_keys = {}  # the label moves: the crop finds its foreground again
-    ts.append(RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=list(cfg["patch"]),
+    ts.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=list(cfg["patch"]),
                                      pos=pos, neg=neg, num_samples=1, **index_keys))
     for axis in cfg["flip_axes"]:
-        ts.append(RandFlipd(keys=["image", "label"], prob=cfg["flip_prob"], spatial_axis=int(axis)))
+        ts.append(RandFlipd(keys=keys, prob=cfg["flip_prob"], spatial_axis=int(axis)))
     ts.append(RandScaleIntensityd(keys="image", factors=cfg["intensity_scale"], prob=cfg["intensity_prob"]))
     ts.append(RandShiftIntensityd(keys="image", offsets=cfg["intensity_shift"], prob=cfg["intensity_prob"]))
     return Compose(ts)
@@ -365,6 +443,8 @@ def model_config(settings: TrainSettings, cfg: dict, ds: Dataset, template: str,
         "preset_params": cfg,
         "iterations": int(cfg["iterations"]),
         "ssl": settings.ssl,
+        **({"w2s": dict(semi.PARAMETERS), "confidence": None if settings.confidence is None
+            else str(settings.confidence.resolve())} if settings.ssl == "w2s" else {}),
         "net_class": "monai.networks.nets.UNet",
         "net": nets.net_params(cfg, ds.label_map.num_classes),
         "normalisation": dict(cfg["normalisation"]),
@@ -425,7 +505,9 @@ def prepare(settings: TrainSettings) -> _TrainSetup | dict:
     if canonical_shape(ds.image_path(template))[2] == 1:  # 2D images: a 2D network
         cfg = nets.for_2d(cfg)
     labels = label_paths(ds, settings.labels, template, cases)
-    record = open_stage(settings.output, "train", settings, inputs={**stage_inputs(ds, template, cases, labels), "unet": digest(cfg)},
+    confidence = confidence_paths(settings.confidence, template, cases)
+    record = open_stage(settings.output, "train", settings,
+                        inputs={**stage_inputs(ds, template, cases, labels, confidence), "unet": digest(cfg)},
                         overwrite=settings.overwrite)
     if record.finished:
         if not settings.quiet:
@@ -434,7 +516,7 @@ def prepare(settings: TrainSettings) -> _TrainSetup | dict:
         return {**(record.summary() or {}), "skipped": True}
     t0 = time.time()
     data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), quiet=settings.quiet,
-                              working_spacing=cfg.get("spacing"))
+                              working_spacing=cfg.get("spacing"), confidence=confidence)
     return _TrainSetup(cfg=cfg, config=model_config(settings, cfg, ds, template, cases), data=data, record=record,
                  load_seconds=time.time() - t0)
 
@@ -537,6 +619,20 @@ def training_step(net, teacher, optim, loss_fn, x, y, it: int, n_iter: int, cfg:
     return float(loss.detach()), float(sup.detach()), float(cons.detach()), w
 
 
+def w2s_step(net, hook, optim, x, y, weight) -> tuple:
+    """One optimiser step of ``--ssl w2s`` (:func:`semisam_o1.stages.semi.w2s_losses`) on the batch
+    ``x`` / ``y`` (as :func:`training_step`) with voxel weights ``weight`` (B, 1, X, Y, Z) or None.
+
+    Returns:
+        (total loss, supervised loss, consistency, confident share) as floats.
+    """
+    loss, sup, cons, share = semi.w2s_losses(net, hook, x, y, weight)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return float(loss.detach()), float(sup.detach()), float(cons.detach()), share
+
+
 def fit(setup: _TrainSetup, settings: TrainSettings, dev) -> tuple:
     """Train from scratch (or from this signature's checkpoint) for the preset's iterations.
 
@@ -555,9 +651,11 @@ def fit(setup: _TrainSetup, settings: TrainSettings, dev) -> tuple:
     cfg, data, n_iter = setup.cfg, setup.data, int(setup.cfg["iterations"])
     _pad_to(data, cfg["patch"])
     _add_indices(data)
-    transforms = _transforms(cfg, settings.spatial_aug)
+    weighted = bool(data) and "weight" in data[0]
+    transforms = _transforms(cfg, settings.spatial_aug, weighted)
     set_track_meta(False)
     net, optim, teacher = build_networks(setup.config, settings, dev)
+    hook = semi.BottleneckDropout().attach(net) if settings.ssl == "w2s" else None
     ckpt_path = settings.output / nets.CHECKPOINT_NAME
     start, log_rows, before = load_checkpoint(ckpt_path, setup.record.signature, net, optim, teacher, settings.quiet)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -578,12 +676,19 @@ def fit(setup: _TrainSetup, settings: TrainSettings, dev) -> tuple:
                                                                       settings.template_share)]
         x = torch.stack([torch.as_tensor(np.asarray(s["image"]), dtype=torch.float32) for s in samples]).to(dev)
         y = torch.stack([torch.as_tensor(np.asarray(s["label"])).long() for s in samples]).to(dev)
-        lv, sup, cons, w = training_step(net, teacher, optim, loss_fn, x, y, it, n_iter, cfg)
+        share = ""
+        if hook is not None:
+            wt = None if not weighted else torch.stack(
+                [torch.as_tensor(np.asarray(s["weight"]), dtype=torch.float32) for s in samples]).to(dev)
+            lv, sup, cons, share = w2s_step(net, hook, optim, x, y, wt)
+            w, share = 1.0, round(share, 6)
+        else:
+            lv, sup, cons, w = training_step(net, teacher, optim, loss_fn, x, y, it, n_iter, cfg)
         if not np.isfinite(lv):
             raise RuntimeError(f"training diverged at iteration {it + 1} (loss {lv})")
         if (it + 1) % log_every == 0 or it + 1 == n_iter:
             log_rows.append([it + 1, round(lv, 6), round(sup, 6), round(cons, 6), round(w, 6), lr,
-                             round(before + time.time() - t0, 3)])
+                             round(before + time.time() - t0, 3), share])
         bar.update(1)
         bar.set_postfix(loss=f"{lv:.4f}")
         if ckpt_every and (it + 1) % ckpt_every == 0 and it + 1 < n_iter:
@@ -592,6 +697,8 @@ def fit(setup: _TrainSetup, settings: TrainSettings, dev) -> tuple:
                             "optim": optim.state_dict(), "teacher": None if teacher is None else teacher.state_dict(),
                             "iteration": it + 1, "log": log_rows, "seconds": before + time.time() - t0}, tmp)
     bar.close()
+    if hook is not None:
+        hook.detach()
     wall = time.time() - t0
     return net, log_rows, before + wall, wall, max(0, n_iter - start), time.process_time() - c0
 

@@ -1,0 +1,206 @@
+"""``train --ssl w2s`` (weak-to-strong consistency, :mod:`semisam_o1.stages.semi`).
+
+Asserts: the weighted DiceCE equals MONAI's DiceCELoss with unit weights and ignores zero-weight
+voxels; the confidence weight from an entropy map; the bottleneck hook perturbs only the second half
+of the batch; the strong views keep shapes and paste CutMix boxes from the next patch; the option
+(and its confidence folder) recorded in config.json / stage.json; an interrupted w2s run resumes to
+the weights of an uninterrupted one; and, on a synthetic cohort of clean image structure with noisy
+pseudo-labels, the w2s network scores a higher Dice on held-out images than plain training with
+the same seed and iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import helpers
+import numpy as np
+import pytest
+import torch
+
+from semisam_o1.core.errors import InputError
+from semisam_o1.core.resume import read_record
+from semisam_o1.stages import nets, semi
+from semisam_o1.stages import train as T
+from semisam_o1.stages.predict import PredictSettings, entropy_file, predict
+from semisam_o1.stages.train import TrainSettings, train
+
+THREADS = 2
+
+#: the network of the synthetic comparison: small enough for 2 loaded cores
+SYNTH_PRESET = {**nets.PRESETS["quick"], "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1,
+                "patch": [24, 24, 24], "batch_size": 2, "lr": 0.003, "log_every": 10, "checkpoint_every": 0}
+
+
+def _train(data_root, labels, template, output, **kw):
+    kw = {"preset": "quick", "device": "cpu", "threads": THREADS, "quiet": True, **kw}
+    return train(TrainSettings(input=data_root, labels=labels, template=template, output=output, **kw))
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+def test_weighted_dice_ce_matches_monai_and_ignores_zero_weights():
+    from monai.losses import DiceCELoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 6, 5, 4, generator=g)
+    target = torch.randint(0, 3, (2, 1, 6, 5, 4), generator=g)
+    ref = DiceCELoss(to_onehot_y=True, softmax=True)(logits, target)
+    torch.testing.assert_close(semi.weighted_dice_ce(logits, target), ref)
+    torch.testing.assert_close(semi.weighted_dice_ce(logits, target, torch.ones(2, 1, 6, 5, 4)), ref)
+    # zero-weight voxels do not count: changing their logits or targets changes nothing
+    weight = (torch.rand(2, 1, 6, 5, 4, generator=g) > 0.5).float()
+    a = semi.weighted_dice_ce(logits, target, weight)
+    logits2 = torch.where(weight.bool(), logits, torch.randn(logits.shape, generator=g))
+    target2 = torch.where(weight.bool(), target, torch.randint(0, 3, target.shape, generator=g))
+    torch.testing.assert_close(semi.weighted_dice_ce(logits2, target2, weight), a)
+    # a NumPy reference of the weighted cross-entropy term (Dice part removed by a perfect prediction)
+    w = torch.rand(2, 1, 6, 5, 4, generator=g)
+    logp = torch.log_softmax(logits, 1).numpy()
+    t = target.numpy()
+    ce = -np.take_along_axis(logp, t, axis=1)
+    expected_ce = float((w.numpy() * ce).sum() / w.numpy().sum())
+    onehot = torch.zeros_like(logits).scatter_(1, target, 1.0)
+    dice_term = float(semi.weighted_dice_ce(logits, target, w)) - expected_ce
+    prob = torch.softmax(logits, 1)
+    inter = (w * prob * onehot).sum((2, 3, 4))
+    den = (w * prob).sum((2, 3, 4)) + (w * onehot).sum((2, 3, 4))
+    assert dice_term == pytest.approx(float((1 - (2 * inter + 1e-5) / (den + 1e-5)).mean()), abs=1e-5)
+
+
+def test_confidence_weight_from_entropy():
+    ent = np.array([0.0, math.log(3) / 2, math.log(3), 2.0])
+    np.testing.assert_allclose(T.confidence_weight(ent, 3), [1.0, 0.5, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(T.confidence_weight(ent, 1), 1.0)
+
+
+def test_bottleneck_dropout_perturbs_only_the_second_half():
+    params = nets.net_params(SYNTH_PRESET, 2)
+    net = nets.build_net(params)
+    hook = semi.BottleneckDropout().attach(net)
+    bottom = semi.BottleneckDropout.bottleneck(net)
+    seen = {}
+    bottom.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))  # after the dropout hook
+    x = torch.randn(1, 1, 24, 24, 24)
+    net.train()
+    plain = net(x)
+    hook.active = True
+    both = net(torch.cat([x, x]))
+    hook.active = False
+    torch.testing.assert_close(both[:1], plain)
+    assert not torch.allclose(both[1:], plain)
+    dropped = seen["out"][1]
+    zero_channels = (dropped.abs().flatten(1).amax(1) == 0).sum().item()
+    assert 0 < zero_channels < dropped.shape[0]  # whole channels are dropped, not all
+    hook.detach()
+    torch.testing.assert_close(net(torch.cat([x, x]))[1:], plain)
+
+
+def test_strong_views_shapes_and_cutmix_from_the_next_patch(monkeypatch):
+    monkeypatch.setattr(semi, "JITTER_PROB", 0.0)
+    monkeypatch.setattr(semi, "BLUR_PROB", 0.0)
+    monkeypatch.setattr(semi, "CUTMIX_PROB", 1.0)
+    torch.manual_seed(0)
+    x = torch.stack([torch.full((1, 10, 12, 8), float(i)) for i in range(3)])
+    strong, pasted = semi.strong_views(x)
+    assert strong.shape == x.shape and pasted.shape == (3, 1, 10, 12, 8) and pasted.dtype == torch.bool
+    for i in range(3):
+        share = pasted[i].float().mean().item()
+        assert 0.0 < share < 0.6
+        np.testing.assert_array_equal(strong[i, 0][pasted[i, 0]].numpy(), float((i + 1) % 3))
+        np.testing.assert_array_equal(strong[i, 0][~pasted[i, 0]].numpy(), float(i))
+    # the blur keeps the mean of a constant patch and smooths a step
+    step = torch.zeros(1, 1, 9, 9, 9)
+    step[..., 4:] = 1.0
+    blurred = semi._blur(step, 1.0)
+    assert blurred.shape == step.shape
+    assert 0.0 < blurred[0, 0, 4, 4, 3].item() < 0.5 < blurred[0, 0, 4, 4, 4].item() < 1.0
+
+
+def test_w2s_trains_and_records_the_option(setup_small, tmp_path):
+    d = setup_small
+    out = tmp_path / "model_w2s"
+    s = _train(d["root"], d["labels"], d["template"], out, iterations=3, ssl="w2s", confidence=d["pred"])
+    assert s["ssl"] == "w2s" and nets.is_finished(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["ssl"] == "w2s" and cfg["w2s"]["passes_per_iteration"] == 3
+    assert cfg["confidence"] == str(d["pred"].resolve())
+    rec = read_record(out)
+    assert rec["signed"]["settings"]["ssl"] == "w2s"
+    assert set(rec["signed"]["inputs"]["confidence"]) == {d["others"][0]}  # the case with an entropy map
+    assert "--ssl w2s" in rec["command"] and "--confidence" in rec["command"]
+    rows = [r.split(",") for r in (out / "train_log.csv").read_text().strip().splitlines()]
+    assert rows[0][-1] == "confident_share" and all(0.0 <= float(r[-1]) <= 1.0 for r in rows[1:])
+    # another entropy map is another input: refused without --overwrite
+    import nibabel as nib
+
+    ent = entropy_file(d["pred"], d["others"][0])
+    old = nib.load(str(ent))
+    nib.save(nib.Nifti1Image(np.asarray(old.dataobj, np.float32) * 0.5, old.affine, old.header), str(ent))
+    with pytest.raises(InputError, match="confidence"):
+        _train(d["root"], d["labels"], d["template"], out, iterations=3, ssl="w2s", confidence=d["pred"])
+    with pytest.raises(InputError, match="only with --ssl w2s"):
+        TrainSettings(input="d", labels="l", output="o", ssl="none", confidence="p")
+
+
+def test_w2s_interrupted_resumes_to_the_same_model(setup_small, tmp_path, monkeypatch):
+    d = setup_small
+    quick = dict(nets.PRESETS["quick"], checkpoint_every=2)
+    monkeypatch.setitem(nets.PRESETS, "quick", quick)
+    kw = dict(iterations=4, seed=3, round=2, ssl="w2s", confidence=d["pred"])
+    full = tmp_path / "full"
+    _train(d["root"], d["labels"], d["template"], full, **kw)
+
+    real_build = nets.build_net
+    calls = {"n": 0}
+
+    def build_interrupting(params):
+        net = real_build(params)
+        forward = net.forward
+
+        def counted(x):
+            calls["n"] += 1
+            if calls["n"] == 7:  # iteration 4's first pass (2 passes per iteration), after iteration 2's checkpoint
+                raise KeyboardInterrupt
+            return forward(x)
+
+        net.forward = counted
+        return net
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(nets, "build_net", build_interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        _train(d["root"], d["labels"], d["template"], part, **kw)
+    monkeypatch.setattr(nets, "build_net", real_build)
+    assert (part / "checkpoint.pt").is_file() and not nets.is_finished(part)
+    _train(d["root"], d["labels"], d["template"], part, **kw)
+    assert nets.is_finished(part)
+    a = torch.load(full / "model.pt", weights_only=True)
+    b = torch.load(part / "model.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def setup_small(tmp_path, data_root, split):
+    """Two pool cases with their real labels as pseudo-labels, one with an entropy map."""
+    import shutil
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    others = list(split["unlabeled"][:2])
+    for c in others:
+        shutil.copy(data_root / "labelsTr" / f"{c}.nii.gz", labels / f"{c}.nii.gz")
+    pred = tmp_path / "pred"
+    import nibabel as nib
+
+    img = nib.load(str(data_root / "imagesTr" / f"{others[0]}.nii.gz"))
+    ent = np.random.default_rng(0).uniform(0, math.log(3), size=img.shape[:3]).astype(np.float32)
+    pred.mkdir()
+    out = nib.Nifti1Image(ent, img.affine, img.header)
+    out.set_data_dtype(np.float32)
+    nib.save(out, str(entropy_file(pred, others[0])))
+    return {"root": data_root, "labels": labels, "template": split["template"], "others": others, "pred": pred}
