@@ -204,3 +204,96 @@ def setup_small(tmp_path, data_root, split):
     out.set_data_dtype(np.float32)
     nib.save(out, str(entropy_file(pred, others[0])))
     return {"root": data_root, "labels": labels, "template": split["template"], "others": others, "pred": pred}
+
+
+# --------------------------------------------------------------------------- where consistency must help
+
+
+def noisy_cohort(root: Path, *, n_pool: int, n_test: int, shape=(32, 32, 32), seed: int = 0) -> dict:
+    """A one-class synthetic cohort of clean image structure with noisy pseudo-labels.
+
+    Each image holds two or three bright ellipsoids (radii 3-7 voxels) on a darker background with
+    a smooth gradient; the scans differ as scanners do: contrast 40-90 over a background of 100,
+    noise sd 6-20, blur sigma 0-1.2 voxels. The real labels (``labelsTr``) are the ellipsoids.
+    The pseudo-labels (``ROOT/pseudo``) of the pool are wrong as round-0 labels are: each ellipsoid
+    eroded or dilated by 1-2 voxels, one ellipsoid of the case missing with probability 0.4, and a
+    false sphere (radius 3-4) in the background with probability 0.6.
+
+    Returns: {"template", "pool", "test", "pseudo": folder}.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    ids = [f"blob_{i:03d}" for i in range(1 + n_pool + n_test)]
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"))
+    pseudo = root / "pseudo"
+    for n, case in enumerate(ids):
+        blobs = []
+        for _ in range(int(rng.integers(2, 4))):
+            centre = rng.uniform(8, np.array(shape) - 8)
+            radii = rng.uniform(3, 7, size=3)
+            blobs.append(sum(((grid[d] - centre[d]) / radii[d]) ** 2 for d in range(3)) <= 1.0)
+        label = np.any(blobs, axis=0).astype(np.uint8)
+        image = 100.0 + rng.uniform(40, 90) * label + 0.6 * grid[0]
+        sigma = rng.uniform(0.0, 1.2)
+        if sigma > 0.2:
+            image = ndimage.gaussian_filter(image, sigma)
+        image = image + rng.normal(0, rng.uniform(6, 20), size=shape)
+        helpers.write_nifti(root / "imagesTr" / f"{case}.nii.gz", image.astype(np.float32))
+        helpers.write_nifti(root / "labelsTr" / f"{case}.nii.gz", label, dtype=np.uint8)
+        if 1 <= n <= n_pool:
+            noisy = np.zeros(shape, bool)
+            missing = int(rng.integers(len(blobs))) if rng.random() < 0.4 else -1
+            for b, blob in enumerate(blobs):
+                if b == missing:
+                    continue
+                steps = int(rng.integers(1, 3))
+                op = ndimage.binary_dilation if rng.random() < 0.5 else ndimage.binary_erosion
+                noisy |= op(blob, iterations=steps)
+            if rng.random() < 0.6:
+                outside = np.argwhere(ndimage.distance_transform_edt(label == 0) > 6)
+                c = outside[rng.integers(len(outside))]
+                noisy |= sum((grid[d] - c[d]) ** 2 for d in range(3)) <= rng.uniform(3, 4) ** 2
+            helpers.write_nifti(pseudo / f"{case}.nii.gz", noisy.astype(np.uint8), dtype=np.uint8)
+    meta = {"name": "Blobs", "modality": {"0": "MRI"}, "labels": {"background": 0, "blob": 1},
+            "numTraining": len(ids), "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return {"template": ids[0], "pool": ids[1:1 + n_pool], "test": ids[1 + n_pool:], "pseudo": pseudo}
+
+
+def compare_on_noisy_cohort(root: Path, *, iterations: int, n_pool: int, n_test: int, seed: int = 0,
+                            modes=("none", "w2s"), threads: int = 1) -> dict:
+    """Train each ``--ssl`` mode on the noisy cohort with the same seed and iterations; the mean Dice
+    of its predictions against the real labels on the held-out images ("test") and on the pool."""
+    import nibabel as nib
+
+    c = noisy_cohort(root, n_pool=n_pool, n_test=n_test)
+    out = {}
+    for mode in modes:
+        model = root / f"model_{mode}"
+        s = _train(root, c["pseudo"], c["template"], model, cases=(c["template"], *c["pool"]), ssl=mode,
+                   iterations=iterations, seed=seed, threads=threads)
+        scores = {}
+        for subset in ("test", "pool"):
+            pred = root / f"pred_{mode}_{subset}"
+            predict(PredictSettings(input=root, model=model, output=pred, cases=tuple(c[subset]), device="cpu",
+                                    threads=threads, quiet=True))
+            dice = []
+            for case in c[subset]:
+                p = np.asarray(nib.load(str(pred / f"{case}.nii.gz")).dataobj) > 0
+                t = np.asarray(nib.load(str(root / "labelsTr" / f"{case}.nii.gz")).dataobj) > 0
+                dice.append(helpers.dice_reference(p, t))
+            scores[subset] = float(np.mean(dice))
+        out[mode] = {**scores, "train_seconds": s["train_seconds"]}
+    return out
+
+
+def test_w2s_beats_plain_training_on_noisy_pseudo_labels(tmp_path, monkeypatch):
+    """Clean image structure, noisy pseudo-labels: with the same seed and 300 iterations, the w2s
+    network's held-out Dice beats plain training's by a margin (seeds 0 / 1 / 2 measured +0.058 /
+    +0.052 / +0.023 on the held-out images, +0.051 / +0.057 / +0.022 on the pool: docs/experiments.md,
+    "Weak-to-strong consistency"). About 2 minutes on 1 thread of a loaded 2-core machine."""
+    monkeypatch.setitem(nets.PRESETS, "quick", dict(SYNTH_PRESET))
+    r = compare_on_noisy_cohort(tmp_path, iterations=300, n_pool=6, n_test=6, seed=0)
+    assert r["w2s"]["test"] > r["none"]["test"] + 0.02, r
+    assert r["w2s"]["pool"] > r["none"]["pool"], r

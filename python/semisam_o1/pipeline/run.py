@@ -405,12 +405,22 @@ def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[s
     stages.call(f"round{r}/train", "train", train,
                 train.SETTINGS(input=s.input, labels=stages.work / f"round{r - 1}" / "pseudo",
                                template=cohort.template, cases=(cohort.template, *cases), output=model,
-                               ssl=s.ssl, preset=s.unet, iterations=s.iterations,
+                               ssl=s.ssl, confidence=_confidence(stages, s, r), preset=s.unet,
+                               iterations=s.iterations,
                                template_share=0.0 if hold_out_template else s.template_share,
                                spatial_aug=s.spatial_aug, seed=s.seed, round=r,
                                plan=plan,
                                **_compute(s)), model)
     return model
+
+
+def _confidence(stages: Stages, s: RunSettings, r: int) -> Path | None:
+    """With ``--ssl w2s``, round ``r``'s pseudo-labels are weighted by the entropy maps of round
+    ``r - 1``'s predictions (``round{r-1}/pred``); round 1 trains on round 0's labels, whose vote
+    shares are not kept, so every voxel weighs 1 there."""
+    if s.ssl != "w2s" or r < 2:
+        return None
+    return stages.work / f"round{r - 1}" / "pred"
 
 
 def _predict(stages: Stages, s: RunSettings, name: str, model: Path, out: Path, cases: list[str],
