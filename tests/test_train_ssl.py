@@ -297,3 +297,19 @@ def test_w2s_beats_plain_training_on_noisy_pseudo_labels(tmp_path, monkeypatch):
     r = compare_on_noisy_cohort(tmp_path, iterations=300, n_pool=6, n_test=6, seed=0)
     assert r["w2s"]["test"] > r["none"]["test"] + 0.02, r
     assert r["w2s"]["pool"] > r["none"]["pool"], r
+
+
+def test_run_passes_the_previous_rounds_entropy_maps_to_w2s(tmp_path):
+    """run --ssl w2s: round r >= 2 trains with --confidence WORK/round{r-1}/pred; round 1 (round 0's
+    labels, no entropy) and the other modes without."""
+    from types import SimpleNamespace
+
+    from semisam_o1.pipeline import run as R
+
+    stages = SimpleNamespace(work=tmp_path)
+    s = R.RunSettings(input=tmp_path, split=tmp_path / "s.json", output=tmp_path, preset="quick", ssl="w2s")
+    assert R._confidence(stages, s, 1) is None
+    assert R._confidence(stages, s, 2) == tmp_path / "round1" / "pred"
+    assert R._confidence(stages, s, 3) == tmp_path / "round2" / "pred"
+    plain = R.RunSettings(input=tmp_path, split=tmp_path / "s.json", output=tmp_path, preset="quick")
+    assert plain.ssl == "none" and R._confidence(stages, plain, 2) is None
