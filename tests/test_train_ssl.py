@@ -313,3 +313,27 @@ def test_run_passes_the_previous_rounds_entropy_maps_to_w2s(tmp_path):
     assert R._confidence(stages, s, 3) == tmp_path / "round2" / "pred"
     plain = R.RunSettings(input=tmp_path, split=tmp_path / "s.json", output=tmp_path, preset="quick")
     assert plain.ssl == "none" and R._confidence(stages, plain, 2) is None
+
+
+def test_w2s_losses_on_a_2d_network():
+    """A 2D cohort's network (one-slice volumes, semisam_o1.stages.nets.for_2d): the hook finds the
+    wrapped UNet's bottleneck, the strong views keep the one-slice axis, and the loss trains."""
+    cfg = nets.for_2d(dict(SYNTH_PRESET, patch=[16, 16, 16]))
+    net = nets.build_net(nets.net_params(cfg, 3))
+    hook = semi.BottleneckDropout().attach(net)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16, 1)
+    y = torch.randint(0, 3, (2, 1, 16, 16, 1))
+    strong, pasted = semi.strong_views(x)
+    assert strong.shape == x.shape and pasted.shape == (2, 1, 16, 16, 1)
+    loss, sup, cons, share = semi.w2s_losses(net, hook, x, y, torch.rand(2, 1, 16, 16, 1))
+    assert torch.isfinite(loss) and 0.0 <= share <= 1.0
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    net.train()
+    plain = net(x)
+    hook.active = True
+    both = net(torch.cat([x, x]))
+    hook.active = False
+    torch.testing.assert_close(both[:2], plain)
+    assert not torch.allclose(both[2:], plain)

@@ -104,9 +104,11 @@ def weighted_dice_ce(logits, target, weight=None, smooth: float = 1e-5):
 
 class BottleneckDropout:
     """A forward hook on a MONAI UNet's bottleneck: while :attr:`active`, the second half of the
-    batch leaves the bottleneck with whole channels dropped (``torch.nn.functional.dropout3d``, p,
-    scaled by 1 / (1 - p)), the first half unchanged (UniMatch's feature perturbation, there on the
-    encoder's features; here on the deepest ones, since MONAI's UNet nests its skip connections).
+    batch leaves the bottleneck with whole channels dropped (``torch.nn.functional.dropout3d``, or
+    ``dropout2d`` in a 2D network; p, scaled by 1 / (1 - p)), the first half
+    unchanged (UniMatch's feature perturbation, there on the encoder's features; here on the deepest
+    ones, since MONAI's UNet nests its skip connections). 3D and 2D (one-slice, :func:`semisam_o1.
+    stages.nets.for_2d`) networks alike.
 
     Use :meth:`attach` / :meth:`detach`.
     """
@@ -123,7 +125,7 @@ class BottleneckDropout:
         from monai.networks.layers.simplelayers import SkipConnection
         from torch import nn
 
-        block = net.model
+        block = getattr(net, "net", net).model  # a 2D network is wrapped (semisam_o1.stages.nets.build_net)
         while True:
             if not (isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection)):
                 raise TypeError("not a monai.networks.nets.UNet block: Sequential(down, SkipConnection, up)")
@@ -149,7 +151,8 @@ class BottleneckDropout:
         import torch.nn.functional as F
 
         half = out.shape[0] // 2
-        return torch.cat([out[:half], F.dropout3d(out[half:], p=self.p, training=True)])
+        drop = F.dropout3d if out.ndim == 5 else F.dropout2d  # (B, C, X, Y, Z) or a 2D network's (B, C, X, Y)
+        return torch.cat([out[:half], drop(out[half:], p=self.p, training=True)])
 
 
 def _uniform(lo: float, hi: float) -> float:
@@ -159,7 +162,8 @@ def _uniform(lo: float, hi: float) -> float:
 
 
 def _blur(x, sigma: float):
-    """Gaussian blur of one (1, C, X, Y, Z) patch, separable, reflect-padded, radius ceil(2 sigma)."""
+    """Gaussian blur of one (1, C, X, Y, Z) patch, separable, reflect-padded, radius ceil(2 sigma);
+    an axis of one voxel (a 2D image) is left alone."""
     import torch
     import torch.nn.functional as F
 
@@ -169,6 +173,8 @@ def _blur(x, sigma: float):
     k = k / k.sum()
     c = x.shape[1]
     for axis in range(3):
+        if x.shape[2 + axis] == 1:
+            continue
         shape = [1, 1, 1]
         shape[axis] = k.numel()
         pad = [0, 0, 0, 0, 0, 0]
@@ -179,18 +185,25 @@ def _blur(x, sigma: float):
     return x
 
 
-def cutmix_box(shape) -> tuple[slice, slice, slice]:
+def cutmix_box(shape) -> tuple[slice, ...]:
     """A random box of a patch of ``shape`` (X, Y, Z): volume share uniform in :data:`CUTMIX_SHARE`,
-    side ratios log-uniform in [0.3, 1 / 0.3] (product 1), position uniform (3D form of UniMatch's box)."""
+    side ratios log-uniform in [0.3, 1 / 0.3] (product 1), position uniform (3D form of UniMatch's box);
+    an axis of one voxel (a 2D image) is covered whole and the share spread over the others."""
     import torch
 
     share = _uniform(*CUTMIX_SHARE)
-    r1 = math.exp(_uniform(math.log(0.3), -math.log(0.3)))
-    r2 = math.exp(_uniform(math.log(0.3), -math.log(0.3)))
-    ratios = (r1, r2, 1.0 / (r1 * r2))
+    axes = [a for a, n in enumerate(shape) if n > 1]
+    ratios = [1.0] * len(shape)
+    for a in axes[:-1]:
+        ratios[a] = math.exp(_uniform(math.log(0.3), -math.log(0.3)))
+    if axes:
+        ratios[axes[-1]] = 1.0 / math.prod(ratios[a] for a in axes[:-1])
     out = []
     for n, r in zip(shape, ratios):
-        side = int(min(n, max(1, round(n * share ** (1.0 / 3.0) * r))))
+        if n == 1:
+            out.append(slice(0, 1))
+            continue
+        side = int(min(n, max(1, round(n * share ** (1.0 / len(axes)) * r))))
         start = int(torch.randint(0, n - side + 1, ()))
         out.append(slice(start, start + side))
     return tuple(out)
