@@ -337,3 +337,21 @@ def test_w2s_losses_on_a_2d_network():
     hook.active = False
     torch.testing.assert_close(both[:2], plain)
     assert not torch.allclose(both[2:], plain)
+
+
+def test_report_shows_how_each_round_trained(tmp_path):
+    """report.json's round entry: the round's --ssl mode, whether entropy maps weighted its
+    pseudo-labels, and w2s's confident share over the last tenth of its logged iterations."""
+    from semisam_o1.pipeline import report as Rp
+
+    model = tmp_path / "model"
+    model.mkdir()
+    assert Rp._training(model) is None
+    (model / "config.json").write_text(json.dumps({"ssl": "w2s", "confidence": "/w/round1/pred"}))
+    rows = ["iteration,loss,supervised,consistency,consistency_weight,lr,seconds,confident_share"]
+    rows += [f"{10 * i},1,1,0,1,0.001,1,{i / 100}" for i in range(1, 21)]
+    (model / "train_log.csv").write_text("\n".join(rows) + "\n")
+    assert Rp._training(model) == {"ssl": "w2s", "confidence_weighted": True,
+                                   "confident_share": pytest.approx((0.19 + 0.20) / 2)}
+    (model / "config.json").write_text(json.dumps({"ssl": "none"}))
+    assert Rp._training(model) == {"ssl": "none", "confidence_weighted": False, "confident_share": None}

@@ -4,7 +4,9 @@
   (from ``evaluate``), voxels changed by refinement, and the seconds per stage;
   as a diagnostic, each round's pseudo-label Dice on the unlabeled pool against
   the real labels where they exist, and (rounds >= 1) the Dice of the UNet's
-  predictions on the pool before refinement (read here only, never by a stage).
+  predictions on the pool before refinement (read here only, never by a stage),
+  and how the round's network trained (``training``: its ``--ssl`` mode, whether
+  entropy maps weighted its pseudo-labels, w2s's share of confident voxels).
   These Dice values are :func:`semisam_o1.methods.metrics.dice_per_class` (a class absent
   from both volumes counts 1, from one of them 0: ``evaluate``'s convention).
 * ``report_dice_by_round.png``: Dice per class by round (pseudo-labels on the
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -102,6 +105,25 @@ def _label_free(work: Path, r: int, unlabeled: list[str]) -> dict | None:
             "referee_cases": len(referee), "template_dice": e.get("template_dice"), "change": e.get("change")}
 
 
+def _training(model: Path) -> dict | None:
+    """How round r's network was trained (``round{r}/model``): ``ssl`` (the consistency mode),
+    ``confidence_weighted`` (``--ssl w2s`` with a previous round's entropy maps), and, for w2s, the
+    mean share of voxels confident enough to teach the perturbed views over the last tenth of the
+    logged iterations (``train_log.csv`` ``confident_share``); None without a config."""
+    cfg = _read_json(model / "config.json")
+    if cfg is None:
+        return None
+    out = {"ssl": cfg.get("ssl", "none"), "confidence_weighted": cfg.get("confidence") is not None,
+           "confident_share": None}
+    log = model / "train_log.csv"
+    if out["ssl"] == "w2s" and log.is_file():
+        rows = list(csv.DictReader(log.read_text().splitlines()))
+        shares = [float(r["confident_share"]) for r in rows if r.get("confident_share")]
+        if shares:
+            out["confident_share"] = float(np.mean(shares[-max(1, len(shares) // 10):]))
+    return out
+
+
 def _round_entry(work: Path, dataset: Dataset, r: int, unlabeled: list[str], times: dict) -> dict:
     """The report's entry for round ``r``: pool Dice of its pseudo-labels (and, r >= 1, of the
     UNet's predictions before refinement), its test metrics, refinement counts and seconds."""
@@ -112,6 +134,7 @@ def _round_entry(work: Path, dataset: Dataset, r: int, unlabeled: list[str], tim
         # what refinement changed in quality
         entry["prediction_dice_unlabeled"] = _pseudo_dice(dataset, rd / "pred", unlabeled)
         entry["test_metrics"] = _class_summary(_read_json(rd / "test_metrics.json"))
+        entry["training"] = _training(rd / "model")
         refine_info = _read_json(rd / "pseudo" / "refine.json")
         if refine_info is not None:
             entry["refinement"] = {k: v for k, v in refine_info.items() if k != "cases"}
