@@ -286,3 +286,39 @@ def make_2d_cohort(root: str | Path, seed: int = 0) -> dict:
     return {"images": root / "images", "template_image": root / "images" / "t.png",
             "template_label": root / "template_label.png", "test_images": root / "test",
             "test_labels": root / "test_labels", "sizes": sizes}
+
+
+# --------------------------------------------------------------------------- an interrupted training
+
+
+def interrupt_training(monkeypatch, nets, at_forward: int, train):
+    """Run ``train()`` with every network ``nets.build_net`` builds raising KeyboardInterrupt on the
+    ``at_forward``-th forward pass (counted over all networks); the real builder is restored after.
+
+    Raises:
+        AssertionError: ``train()`` finished without being interrupted.
+    """
+    import pytest
+
+    real_build = nets.build_net
+    calls = {"n": 0}
+
+    def build_interrupting(params):
+        net = real_build(params)
+        forward = net.forward
+
+        def counted(x):
+            calls["n"] += 1
+            if calls["n"] == at_forward:
+                raise KeyboardInterrupt
+            return forward(x)
+
+        net.forward = counted
+        return net
+
+    monkeypatch.setattr(nets, "build_net", build_interrupting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train()
+    finally:
+        monkeypatch.setattr(nets, "build_net", real_build)

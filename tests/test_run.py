@@ -321,8 +321,8 @@ def test_a_stage_that_redid_work_is_not_reported_as_skipped(tmp_path, capsys, mo
     """run's stage line says "done earlier, skipped" only when the stage left its finished record
     untouched; a stage that redid a case (its output deleted) rewrites the record and is reported
     as finished, with its seconds (#32: a re-encoded case was reported as skipped)."""
-    import types
     import time as _time
+    import types
 
     from semisam_o1.core.resume import RECORD
     from semisam_o1.pipeline.run import RunSettings, Stages

@@ -15,6 +15,7 @@ import math
 import shutil
 from pathlib import Path
 
+import helpers
 import nibabel as nib
 import numpy as np
 import pytest
@@ -448,27 +449,10 @@ def test_interrupted_training_resumes_to_the_same_model(setup, data_root, monkey
     full = setup["root"] / f"model_full_{spatial_aug}"
     _train(data_root, setup["labels"], setup["template"], full, **kw)
 
-    real_build = nets.build_net
-    calls = {"n": 0}
-
-    def build_interrupting(params):
-        net = real_build(params)
-        forward = net.forward
-
-        def counted(x):
-            calls["n"] += 1
-            if calls["n"] == 4:  # iteration 4, after the checkpoint of iteration 2
-                raise KeyboardInterrupt
-            return forward(x)
-
-        net.forward = counted
-        return net
-
     part = setup["root"] / f"model_resumed_{spatial_aug}"
-    monkeypatch.setattr(nets, "build_net", build_interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        _train(data_root, setup["labels"], setup["template"], part, **kw)
-    monkeypatch.setattr(nets, "build_net", real_build)
+    # iteration 4, after the checkpoint of iteration 2
+    helpers.interrupt_training(monkeypatch, nets, 4,
+                               lambda: _train(data_root, setup["labels"], setup["template"], part, **kw))
     assert (part / "checkpoint.pt").is_file() and not nets.is_finished(part)
     ck = torch.load(part / "checkpoint.pt", weights_only=False)
     assert ck["signature"] == read_record(part)["signature"]

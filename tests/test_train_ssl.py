@@ -154,27 +154,10 @@ def test_w2s_interrupted_resumes_to_the_same_model(setup_small, tmp_path, monkey
     full = tmp_path / "full"
     _train(d["root"], d["labels"], d["template"], full, **kw)
 
-    real_build = nets.build_net
-    calls = {"n": 0}
-
-    def build_interrupting(params):
-        net = real_build(params)
-        forward = net.forward
-
-        def counted(x):
-            calls["n"] += 1
-            if calls["n"] == 7:  # iteration 4's first pass (2 passes per iteration), after iteration 2's checkpoint
-                raise KeyboardInterrupt
-            return forward(x)
-
-        net.forward = counted
-        return net
-
     part = tmp_path / "part"
-    monkeypatch.setattr(nets, "build_net", build_interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        _train(d["root"], d["labels"], d["template"], part, **kw)
-    monkeypatch.setattr(nets, "build_net", real_build)
+    # iteration 4's first pass (2 passes per iteration), after iteration 2's checkpoint
+    helpers.interrupt_training(monkeypatch, nets, 7,
+                               lambda: _train(d["root"], d["labels"], d["template"], part, **kw))
     assert (part / "checkpoint.pt").is_file() and not nets.is_finished(part)
     _train(d["root"], d["labels"], d["template"], part, **kw)
     assert nets.is_finished(part)
