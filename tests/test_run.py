@@ -315,38 +315,3 @@ def test_an_equivalent_path_is_the_same_run(tmp_path, monkeypatch, cohort):
     other = RunSettings(input=tmp_path, split=cohort.split_file, output=tmp_path / "w", preset="quick")
     with pytest.raises(InputError, match="started with input="):
         check_settings(tmp_path / "w", other)
-
-
-def test_a_stage_that_redid_work_is_not_reported_as_skipped(tmp_path, capsys, monkeypatch):
-    """run's stage line says "done earlier, skipped" only when the stage left its finished record
-    untouched; a stage that redid a case (its output deleted) rewrites the record and is reported
-    as finished, with its seconds (#32: a re-encoded case was reported as skipped)."""
-    import time as _time
-    import types
-
-    from semisam_o1.core.resume import RECORD
-    from semisam_o1.pipeline.run import RunSettings, Stages
-
-    folder = tmp_path / "stage_out"
-    folder.mkdir()
-
-    def write_record():
-        (folder / RECORD).write_text(json.dumps({"stage": "x", "signature": "s", "finished": True,
-                                                 "updated": _time.time_ns()}))
-
-    write_record()
-    work = tmp_path / "w"
-    work.mkdir()
-    s = RunSettings(input=tmp_path, split=tmp_path / "s.json", output=work, preset="quick")
-    stages = Stages(work, s)
-    idle = types.SimpleNamespace(STAGE=lambda settings: {})
-    redo = types.SimpleNamespace(STAGE=lambda settings: write_record())
-    settings = types.SimpleNamespace()
-    import semisam_o1.pipeline.run as run_module
-
-    monkeypatch.setattr(run_module, "command_line", lambda command, st: f"semisam-o1 {command}")
-    stages.call("encode", "encode", idle, settings, folder)
-    assert "encode: done earlier" in capsys.readouterr().out
-    stages.call("encode", "encode", redo, settings, folder)
-    out = capsys.readouterr().out
-    assert "encode: finished in" in out and "skipped" not in out

@@ -48,7 +48,7 @@ from semisam_o1.core.device import resolve_device
 from semisam_o1.core.engine import EngineOptions
 from semisam_o1.core.errors import InputError
 from semisam_o1.core.files import atomic_path, sweep_temporaries, write_json
-from semisam_o1.core.resume import RECORD, FolderLock, check_output_dir, read_record, result_settings
+from semisam_o1.core.resume import FolderLock, check_output_dir, read_record, result_settings
 from semisam_o1.core.settings import ComputeOptions, as_dict, check_range, command_line, forwarded, option
 from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.dataset import Dataset, load_split
@@ -317,17 +317,17 @@ class Stages:
 
     def call(self, name: str, command: str, module, stage_settings, folder: Path):
         """Run ``module.STAGE(stage_settings)`` as stage ``name`` writing into ``folder``;
-        returns its summary. A stage whose record says it finished returns at once; it counts as
-        skipped only when it left its record untouched (a stage that redid a case whose output was
-        deleted rewrites it, and is reported as finished, with its seconds)."""
+        returns its summary. A stage whose record says it finished returns at once."""
 
-        before = _record_stamp(folder)
+        before = read_record(folder) if folder.is_dir() else None
         line = command_line(command, stage_settings)
         t0 = time.perf_counter()
         print(f"[run] {name}: {line}", flush=True)
         summary = module.STAGE(stage_settings)
         seconds = time.perf_counter() - t0
-        skipped = before is not None and before == _record_stamp(folder)
+        after = read_record(folder) if folder.is_dir() else None
+        skipped = bool(before and before.get("finished") and after
+                       and after.get("signature") == before.get("signature"))
         if skipped:
             print(f"[run] {name}: done earlier ({self.times.get(name, 0):.0f} s), skipped", flush=True)
         else:
@@ -335,16 +335,6 @@ class Stages:
             self.save()
             print(f"[run] {name}: finished in {seconds:.0f} s", flush=True)
         return summary
-
-
-def _record_stamp(folder: Path) -> tuple[int, int] | None:
-    """(modification time in ns, size) of a finished stage record in ``folder``, else None."""
-    path = Path(folder) / RECORD
-    record = read_record(folder) if path.is_file() else None
-    if not record or not record.get("finished"):
-        return None
-    st = path.stat()
-    return st.st_mtime_ns, st.st_size
 
 
 def _compute(settings: RunSettings) -> dict:
