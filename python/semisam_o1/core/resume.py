@@ -58,12 +58,13 @@ def _resolved(value, plain):
     return plain
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between the nested dicts ``a`` and ``b`` (sorted)."""
     keys = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff(va, vb, f"{prefix}{k}.")
+            keys += changed_keys(va, vb, f"{prefix}{k}.")
         elif va != vb:
             keys.append(f"{prefix}{k}")
     return keys
@@ -185,7 +186,7 @@ def open_stage(folder: str | os.PathLike, stage: str, settings, *, inputs: dict 
             raise InputError(f"{folder}: holds the output of `{previous.get('stage')}`, not `{stage}`; "
                              "use another folder")
         if previous.get("signature") != record.signature:
-            changed = _diff(previous.get("signed") or {}, signed) or ["signature"]
+            changed = changed_keys(previous.get("signed") or {}, signed) or ["signature"]
             raise InputError(f"{folder}: was written by `{stage}` with other settings or inputs "
                              f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); "
                              "use --overwrite to redo it, or another folder")

@@ -9,6 +9,7 @@ benchmarks report it as a baseline.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -45,10 +46,5 @@ def paste_at_centre(label: np.ndarray, shape: Sequence[int], label_spacing: Sequ
         i = np.rint(offset_mm / sp_t + (n_t - 1) / 2.0).astype(np.int64)
         inside.append((i >= 0) & (i < n_t))
         index.append(np.clip(i, 0, n_t - 1))
-    out = label[np.ix_(*index)]
-    keep = np.ones(tuple(shape), bool)
-    for axis, m in enumerate(inside):
-        view = [1] * ndim
-        view[axis] = -1
-        keep &= m.reshape(view)
-    return np.where(keep, out, 0).astype(label.dtype)
+    keep = functools.reduce(np.logical_and, np.meshgrid(*inside, indexing="ij", sparse=True))
+    return np.where(keep, label[np.ix_(*index)], 0).astype(label.dtype)

@@ -35,6 +35,8 @@ from semisam_o1.methods.metrics import mean_dice
 from semisam_o1.methods.paste import paste_at_centre
 
 RELIABILITY_JSON = "reliability.json"
+#: the position check's record beside it (``run --position auto``, written by :mod:`semisam_o1.pipeline.run`)
+POSITION_JSON = "position.json"
 #: fewest reliable cases for a paired comparison with a standard error (two differences)
 MIN_RELIABLE_CASES = 2
 RULE = ("a pool case's registered template label is reliable when it agrees with the case's round-0 label "
@@ -77,24 +79,30 @@ def reliability(dataset, template: str, cases: Sequence[str], referee: Path, rou
 
 def check_referee(dataset, template: str, cases: Sequence[str], referee: Path, round0: Path) -> dict:
     """:func:`reliability`, written to ``referee/reliability.json`` (read back when it is there)."""
-    path = Path(referee) / RELIABILITY_JSON
-    if path.is_file():
-        return json.loads(path.read_text())
+    known = read_reliability(referee)
+    if known is not None:
+        return known
     out = reliability(dataset, template, cases, referee, round0)
-    write_json(path, out)
+    write_json(Path(referee) / RELIABILITY_JSON, out)
     return out
+
+
+def read_reliability(referee: Path | None) -> dict | None:
+    """``referee/reliability.json`` (the one reader of that record), or None when there is no
+    referee folder or no readable record (a referee checked before this rule existed)."""
+    if referee is None:
+        return None
+    try:
+        return json.loads((Path(referee) / RELIABILITY_JSON).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def reliable_cases(referee: Path | None) -> set[str] | None:
     """The pool cases whose referee label is reliable (``reliability.json``), or None when the run
-    has no reliability record (a referee checked before this rule existed: every case counts)."""
-    if referee is None:
-        return None
-    path = Path(referee) / RELIABILITY_JSON
-    if not path.is_file():
-        return None
-    info = json.loads(path.read_text())
-    return {c for c, v in info["cases"].items() if v["reliable"]}
+    has no reliability record (every case counts)."""
+    info = read_reliability(referee)
+    return None if info is None else {c for c, v in info["cases"].items() if v["reliable"]}
 
 
 def summary_line(info: dict) -> str:

@@ -30,7 +30,7 @@ from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.dataset import Dataset
 from semisam_o1.data.images import read_label
 from semisam_o1.methods.metrics import dice_per_class
-from semisam_o1.pipeline.referee import RELIABILITY_JSON, reliable_cases
+from semisam_o1.pipeline.referee import POSITION_JSON, RELIABILITY_JSON, read_reliability, reliable_cases
 from semisam_o1.pipeline.rounds import criterion, read_evidence
 from semisam_o1.pipeline.selection import SELECTION_JSON
 
@@ -147,14 +147,13 @@ def _round_entry(work: Path, dataset: Dataset, r: int, unlabeled: list[str], tim
 
 def _reliability_summary(work: Path) -> dict | None:
     """The referee's reliability in brief (``referee/reliability.json``), or None without one."""
-    path = work / "referee" / RELIABILITY_JSON
-    if not path.is_file():
+    info = read_reliability(work / "referee")
+    if info is None:
         return None
-    info = json.loads(path.read_text())
-    position = work / "referee" / "position.json"
+    position = work / "referee" / POSITION_JSON
     return {k: info[k] for k in ("reliable", "reliable_cases", "pool_cases", "rule")} | {
-        "file": str(path), "position_decided_on_unreliable_registration": (not info["reliable"]
-                                                                          and position.is_file())}
+        "file": str(work / "referee" / RELIABILITY_JSON),
+        "position_decided_on_unreliable_registration": not info["reliable"] and position.is_file()}
 
 
 def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list[str], test: list[str],

@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from semisam_o1.core.files import write_json
-from semisam_o1.pipeline.referee import reliable_cases
+from semisam_o1.pipeline.referee import read_reliability, reliable_cases
 from semisam_o1.pipeline.selection import label_agreement
 
 ROUND_JSON = "round.json"
@@ -138,13 +138,8 @@ def criterion(work: Path) -> str:
     """``referee`` when the run's registration referee is reliable (or was checked before the
     reliability rule existed), ``template`` when it is not (the rounds were trained without the
     template's label and are scored on it; :mod:`semisam_o1.pipeline.referee`)."""
-    path = work / "referee" / "reliability.json"
-    if not path.is_file():
-        return "referee"
-    try:
-        return "referee" if json.loads(path.read_text())["reliable"] else "template"
-    except (OSError, ValueError, KeyError):
-        return "referee"
+    info = read_reliability(work / "referee")
+    return "template" if info is not None and info.get("reliable") is False else "referee"
 
 
 def _template_scores(work: Path, rounds: int) -> dict[int, float]:

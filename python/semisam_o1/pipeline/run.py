@@ -58,7 +58,7 @@ from semisam_o1.methods.class_planes import CLASS_PLANES_JSON
 from semisam_o1.methods.metrics import mean_dice
 from semisam_o1.methods.registration import position_check, registration_labels
 from semisam_o1.pipeline.final import write_final
-from semisam_o1.pipeline.referee import check_referee, summary_line
+from semisam_o1.pipeline.referee import POSITION_JSON, check_referee, summary_line
 from semisam_o1.pipeline.report import write_report
 from semisam_o1.pipeline.rounds import choose_round, criterion, keep_going, round_evidence
 from semisam_o1.pipeline.selection import SELECTION_JSON, select_by_agreement
@@ -478,7 +478,7 @@ def _position(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> bool:
     if s.position != "auto":
         return s.position == "on"
 
-    path = stages.work / "referee" / "position.json"
+    path = stages.work / "referee" / POSITION_JSON
     if path.is_file():
         return bool(json.loads(path.read_text())["applies"])
     t0 = time.perf_counter()
@@ -510,7 +510,7 @@ def _check_referee(dataset, cohort: Cohort, work: Path, referee: Path | None) ->
         return "none"
     info = check_referee(dataset, cohort.template, cohort.unlabeled, referee, work / "round0" / "pseudo")
     print(f"[run] {summary_line(info)}", flush=True)
-    if not info["reliable"] and (work / "referee" / "position.json").is_file():
+    if not info["reliable"] and (work / "referee" / POSITION_JSON).is_file():
         print("[run] position term: WARNING: --position auto decided it from these registrations, which the "
               "round-0 labels show unreliable; compare with --position on / off", flush=True)
     return criterion(work)

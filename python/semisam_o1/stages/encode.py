@@ -60,7 +60,7 @@ from semisam_o1.core.engine import EngineOptions, run_cases
 from semisam_o1.core.errors import InputError, ReportedError
 from semisam_o1.core.files import file_sha256, sweep_temporaries
 from semisam_o1.core.progress import progress
-from semisam_o1.core.resume import check_output_dir, write_finished
+from semisam_o1.core.resume import changed_keys, check_output_dir, write_finished
 from semisam_o1.core.settings import (
     REQUIRED,
     CaseOptions,
@@ -445,17 +445,6 @@ def _comparable(config: dict) -> dict:
     return c
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff_keys(va, vb, prefix + k + ".")
-        elif va != vb:
-            out.append(prefix + k)
-    return out
-
-
 def _keep_existing(root: Path, existing: dict | None, config: dict, overwrite: bool) -> bool:
     """Whether the store's configuration ``existing`` is kept (it matches ``config`` and its
     basis file is the one it signed).
@@ -466,7 +455,7 @@ def _keep_existing(root: Path, existing: dict | None, config: dict, overwrite: b
     """
     if existing is None:
         return False
-    diff = _diff_keys(_comparable(existing), _comparable(config))
+    diff = changed_keys(_comparable(existing), _comparable(config))
     if diff and not overwrite:
         hint = ""
         if "storage" in diff:

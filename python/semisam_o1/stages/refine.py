@@ -534,6 +534,18 @@ def _vote_queries(inputs: _Inputs, case: str, threshold: float, knn: KnnBank, pr
     return image, lab, new, {"queries": n_q}
 
 
+def _relabel_cases(inputs: _Inputs, s: RefineSettings, record, reuse: bool, relabel, summary: dict,
+                   timings: dict, t_start: float) -> dict:
+    """Both modes' last step: write every case with ``relabel`` (None: nothing left to do), time
+    it, and finish the record; returns the summary."""
+    t0 = time.perf_counter()
+    record.start()
+    summary["cases"] = _write_cases(inputs, reuse, s.output, relabel, s.quiet)
+    timings["vote_s"] = time.perf_counter() - t0
+    summary["timings"] = dict(timings, total_s=time.perf_counter() - t_start)
+    return _finish(inputs, record, s.output, summary)
+
+
 def _refine_voxel(inputs: _Inputs, s: RefineSettings, record, device: str) -> dict:
     """Voxel mode (module docstring): threshold, bank, projection, vote; returns the summary."""
     t_start = time.perf_counter()
@@ -574,12 +586,7 @@ def _refine_voxel(inputs: _Inputs, s: RefineSettings, record, device: str) -> di
         def relabel(case):
             return _vote_queries(inputs, case, threshold, knn, projection, pos_w, k, vote_weights)
 
-    t0 = time.perf_counter()
-    record.start()
-    summary["cases"] = _write_cases(inputs, reuse, s.output, relabel, s.quiet)
-    timings["vote_s"] = time.perf_counter() - t0
-    summary["timings"] = dict(timings, total_s=time.perf_counter() - t_start)
-    return _finish(inputs, record, s.output, summary)
+    return _relabel_cases(inputs, s, record, reuse, relabel, summary, timings, t_start)
 
 
 # --------------------------------------------------------------------------- volume mode
@@ -654,12 +661,7 @@ def _refine_volume(inputs: _Inputs, s: RefineSettings, record, device: str) -> d
             new = volume_vote(lab, [(neighbour_label(n), x) for n, x in neighbours[case]], inputs.n_classes)
         return image, lab, new, {"uncertain": case in neighbours, "mean_entropy": means[case]}
 
-    t0 = time.perf_counter()
-    record.start()
-    summary["cases"] = _write_cases(inputs, reuse, s.output, relabel, s.quiet)
-    timings["vote_s"] = time.perf_counter() - t0
-    summary["timings"] = dict(timings, total_s=time.perf_counter() - t_start)
-    return _finish(inputs, record, s.output, summary)
+    return _relabel_cases(inputs, s, record, reuse, relabel, summary, timings, t_start)
 
 
 # --------------------------------------------------------------------------- the stage
