@@ -327,6 +327,48 @@ def test_knn_scores_match_the_numpy_reference(tmp_path, real):
     assert (got == want).mean() > 0.999  # float32 ties may differ on a handful of voxels
 
 
+class _Cells:
+    """A store entry stand-in with given cell sizes (voxels per cell) per encoding axis."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def cell_to_voxel(self, axis):
+        return np.zeros(3), np.asarray(self.steps[axis], dtype=np.float64)
+
+
+@pytest.mark.parametrize("steps,axes,grid,stride,want", [
+    # 3 axes of a small 3D volume: every voxel axis is a slice axis once (1 voxel per cell): stride 2 stays
+    ({0: (1, 1.59, 1.59), 1: (1.09, 1, 1.09), 2: (1.59, 1.59, 1)}, (0, 1, 2), "cells", 2, (2, 2, 2)),
+    # a 2D image on a 1024 canvas (about 6 pixels per cell), encoded along axis 2 only
+    ({2: (5.96, 5.97, 1)}, (2,), "cells", 2, (5, 5, 2)),
+    ({2: (6.0, 6.0, 1)}, (2,), "cells", 2, (6, 6, 2)),
+    # a thin-slice volume encoded along its slice axis only: in-plane cells of 3.4 voxels
+    ({2: (3.4, 3.4, 1)}, (2,), "cells", 1, (3, 3, 1)),
+    ({2: (5.96, 5.97, 1)}, (2,), "voxels", 2, (2, 2, 2)),
+])
+def test_query_strides_follow_the_feature_cells(steps, axes, grid, stride, want):
+    model = TV.TemplateModel.__new__(TV.TemplateModel)
+    model.params = TV.MethodOptions(query_grid=grid, query_stride=stride)
+    model.axes = axes
+    assert TV.query_strides(model, _Cells(steps)) == want
+
+
+def test_query_grid_cells_matches_voxels_where_cells_are_small(tmp_path, real):
+    """On one-hot features with one voxel per cell (every store of the synthetic cohort), the default
+    ``cells`` grid queries the same voxels as ``voxels`` at the same stride: identical scores."""
+    _, labels, template, cases = real
+    from semisam_o1.data.store import FeatureStore
+
+    store = FeatureStore(_store(tmp_path / "features", {c: labels[c] for c in (template, cases[0])}))
+    out = {}
+    for grid in TV.QUERY_GRIDS:
+        params = TV.MethodOptions(query_grid=grid, bank_background=3000)
+        model = TV.build_template_model(store.load(template), labels[template], 3, params)
+        out[grid] = TV.score_case(model, store.load(cases[0]), threads=2)
+    np.testing.assert_array_equal(out["cells"], out["voxels"])
+
+
 def test_interp_and_largest_component():
     vals = np.arange(2 * 3 * 1 * 1, dtype=np.float32).reshape(2, 3, 1, 1)
     out = TV._interp_to_grid(vals, [np.array([0, 2, 4]), np.array([0]), np.array([0])], (5, 2, 1))
@@ -456,6 +498,7 @@ def test_cli_options_parse_into_settings():
     assert s.subset == "unlabeled" and s.prototypes_per_class == 4 and s.largest_component is False
     assert s.axes == (0, 2) and s.method == "knn" and s.position_weight == 1.0 and s.k == 10
     assert (s.bank_background, s.recentre, s.query_stride, s.smooth, s.class_planes) == (20000, 1, 2, 1.0, "auto")
+    assert s.query_grid == "cells"
     # the recorded command reproduces the settings
     from semisam_o1.core.settings import command_line
 

@@ -28,6 +28,7 @@ COORDS = ("extent", "mm")
 
 
 PRIORS = ("none", "registration", "position", "choose")
+QUERY_GRIDS = ("cells", "voxels")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -55,6 +56,9 @@ class MethodOptions(Checked):
     recentre: int = option(1, "knn: passes that shift the case's coordinates so its predicted foreground "
                            "centroid meets the template's, then vote again (0: none)")
     query_stride: int = option(2, "knn: query every n-th voxel per axis, interpolate the vote shares")
+    query_grid: str = option("cells", "knn: cells: per axis, query no finer than the features' cells (the "
+                             "larger of --query-stride and the cell size in voxels; benchmarks/propagate.md, "
+                             "'Query grid'); voxels: every --query-stride-th voxel", choices=QUERY_GRIDS)
     prototypes_per_class: int = option(3, "prototype: prototypes per foreground class (k-means when > 1)")
     background_prototypes: int = option(8, "prototype: prototypes for the background (k-means when > 1)")
     largest_component: bool = option(True, "keep the largest 26-connected component of each foreground class "
@@ -81,6 +85,8 @@ class MethodOptions(Checked):
         check_range("bank_ring", self.bank_ring, 0)
         check_range("recentre", self.recentre, 0)
         check_range("query_stride", self.query_stride, 1)
+        if self.query_grid not in QUERY_GRIDS:
+            raise InputError(f"--query-grid {self.query_grid}: choose one of {', '.join(QUERY_GRIDS)}")
         check_range("prototypes_per_class", self.prototypes_per_class, 1)
         check_range("background_prototypes", self.background_prototypes, 1)
         check_range("smooth", self.smooth, 0)
@@ -291,11 +297,11 @@ def augment_with_position(features: np.ndarray, coords: np.ndarray, weight: floa
     return np.concatenate([core, pad[:, None]], 1)
 
 
-def _grid_points(shape: Sequence[int], stride: int) -> tuple[np.ndarray, ...]:
-    """Indices of a stride-``stride`` sub-grid that always includes the last voxel."""
+def _grid_points(shape: Sequence[int], strides: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """Indices of a sub-grid with stride ``strides[d]`` along axis d that always includes the last voxel."""
     idx = []
-    for n in shape:
-        g = np.arange(0, n, stride)
+    for n, stride in zip(shape, strides):
+        g = np.arange(0, n, int(stride))
         if g[-1] != n - 1:
             g = np.append(g, n - 1)
         idx.append(g)
@@ -557,12 +563,36 @@ def _vote_shares(model: TemplateModel, q: np.ndarray, positions: np.ndarray, dev
     return share
 
 
+def query_strides(model: TemplateModel, cf) -> tuple[int, int, int]:
+    """Per voxel axis, every how many voxels the kNN vote is queried (the shares are interpolated between).
+
+    ``--query-grid voxels``: ``query_stride`` on every axis. ``cells`` (default): per axis the larger of
+    ``query_stride`` and the features' resolution there, the size in voxels (floored) of the finest
+    feature cell among the encoding axes: a query between two cells sees interpolated features only, so
+    it adds work and little else (a 2D image of 384 pixels on a 1024-pixel canvas has cells of 6 pixels:
+    36 times fewer queries than every pixel, 9 times fewer than stride 2).
+
+    Args:
+        model: from :func:`build_template_model` (its ``axes`` and ``params``).
+        cf: the case's store entry (:meth:`CaseFeatures.cell_to_voxel`).
+
+    Returns:
+        (3,) ints >= 1.
+    """
+    p = model.params
+    base = max(1, int(p.query_stride))
+    if p.query_grid == "voxels":
+        return (base, base, base)
+    finest = np.min([np.asarray(cf.cell_to_voxel(a)[1], dtype=np.float64) for a in model.axes], axis=0)
+    return tuple(max(base, int(np.floor(f + 1e-9))) for f in finest)
+
+
 def _score_knn(model: TemplateModel, cf, spacing, device: str, threads: int | None,
                positions: np.ndarray | None = None) -> np.ndarray:
     p, K = model.params, model.num_classes
     shape = tuple(int(s) for s in cf.voxel_shape)
-    stride = max(1, int(p.query_stride))
-    sub = _grid_points(shape, stride)
+    strides = query_strides(model, cf)
+    sub = _grid_points(shape, strides)
     feats = cf.on_voxel_grid(axes=list(model.axes))
     C = feats.shape[0]
     q = feats[:, sub[0]][:, :, sub[1]][:, :, :, sub[2]].reshape(C, -1).T
@@ -582,7 +612,7 @@ def _score_knn(model: TemplateModel, cf, spacing, device: str, threads: int | No
         pos = pos + (model.fg_centroid - pos[fgq].mean(0))[None].astype(np.float32)
         share = _vote_shares(model, q, pos, device, threads)
     share = share.T.reshape(K, len(sub[0]), len(sub[1]), len(sub[2]))
-    if stride == 1:
+    if all(n == 1 for n in strides):
         return np.ascontiguousarray(share, dtype=np.float32)
     return _interp_to_grid(share, sub, shape)
 
