@@ -4,16 +4,18 @@ features' cells (``--query-grid cells``), seconds per case and round-0 pool Dice
 For each finished run folder given (``WORK``, whose ``round0/pseudo/stage.json`` holds the propagate
 settings the run used), the propagate stage is run again twice with those settings, once per query
 grid, into ``--scratch``; each pseudo-label is compared with the real label (read by this benchmark
-only: ``WORK/dataset/labelsTr`` when it has the case, else ``--truth DIR`` of masks named like the
-images). Both grids run in one process, one after the other, so their seconds compare.
+only: the run's dataset's ``labelsTr`` when it has the case, else ``--truth DIR`` of masks named like
+the images). Both grids run in one process, one after the other, so their seconds compare.
 
     python -m benchmarks.bench_query_grid --runs WORK_A WORK_B ... --names A B ... \\
         [--truth DIR_A DIR_B ...] --scratch /tmp/qgrid --write benchmarks/results/encode.json
 
-Writes the key ``propagate_working_spacing`` of ``encode.json`` (issue: "propagate at the working
-spacing or on the feature cells"): ``command``, ``cpu``, ``speedup`` (the smallest per-dataset
-seconds-per-case ratio voxels / cells), ``dice_loss`` per dataset (voxels' mean Dice minus cells'),
-and per dataset both grids' seconds per case, mean Dice and the strides used.
+Updates the key ``propagate_working_spacing`` of ``encode.json`` (issue: "propagate at the working
+spacing or on the feature cells"): per dataset (``datasets``; a later call replaces the rows of the
+datasets it measures and keeps the others) both grids' seconds per case, mean Dice, the strides used,
+the command and CPU of its measurement; ``speedup`` (per dataset, seconds-per-case ratio voxels /
+cells; 1.0 where the strides are equal) and ``dice_loss`` per dataset (voxels' mean Dice minus
+cells').
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from semisam_o1.stages.propagate import PropagateSettings, propagate
 
 REPO = Path(__file__).resolve().parents[1]
 GRIDS = ("voxels", "cells")
+KEY = "propagate_working_spacing"
 
 
-def _truth_files(work: Path, truth: Path | None) -> dict[str, Path]:
-    files = {p.name.split(".")[0]: p for p in (work / "dataset" / "labelsTr").glob("*")}
+def _truth_files(dataset: Path, truth: Path | None) -> dict[str, Path]:
+    files = {p.name.split(".")[0]: p for p in (dataset / "labelsTr").glob("*")}
     if truth is not None:
         files.update(list_images(truth, "--truth"))
     return files
@@ -68,11 +71,11 @@ def _strides(s: PropagateSettings) -> list[list[int]]:
 
 def measure(work: Path, truth: Path | None, scratch: Path) -> dict:
     """Both grids on one run's pool: seconds per case, mean foreground Dice, per-case Dice."""
-    files = _truth_files(work, truth)
-    row = {}
+    row, files = {}, None
     for grid in GRIDS:
         out = scratch / work.name / grid
         s = _settings(work, grid, out)
+        files = files or _truth_files(Path(s.input), truth)
         t0 = time.perf_counter()
         propagate(s)
         sec = (time.perf_counter() - t0) / len(s.cases)
@@ -99,14 +102,20 @@ def main(argv=None) -> int:
     ap.add_argument("--write", type=Path, default=REPO / "benchmarks" / "results" / "encode.json")
     args = ap.parse_args(argv)
     truths = args.truth or ["-"] * len(args.runs)
-    rows = {}
+    command = "python -m benchmarks.bench_query_grid " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        rows = json.loads(args.write.read_text())[KEY]["datasets"]
+    except (OSError, ValueError, KeyError):
+        rows = {}
     for work, name, truth in zip(args.runs, args.names, truths):
-        rows[name] = measure(work, None if truth == "-" else Path(truth), args.scratch)
+        rows[name] = {**measure(work, None if truth == "-" else Path(truth), args.scratch),
+                      "command": command, "cpu": cpu_model()}
         print(name, json.dumps(rows[name]), flush=True)
-    entry = {"command": "python -m benchmarks.bench_query_grid " + shlex.join(sys.argv[1:] if argv is None else argv),
-             "cpu": cpu_model(), "speedup": min(r["speedup"] for r in rows.values()),
+    entry = {"what": "propagate --query-grid voxels (every 2nd voxel) vs cells (no finer than the feature "
+                     "cells), both grids in one process per dataset",
+             "speedup": {n: r["speedup"] for n, r in rows.items()},
              "dice_loss": {n: r["dice_loss"] for n, r in rows.items()}, "datasets": rows}
-    write_json_key(args.write, "propagate_working_spacing", entry)
+    write_json_key(args.write, KEY, entry)
     return 0
 
 
