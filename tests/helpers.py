@@ -322,3 +322,31 @@ def interrupt_training(monkeypatch, nets, at_forward: int, train):
             train()
     finally:
         monkeypatch.setattr(nets, "build_net", real_build)
+
+
+def damage_itk_stream(path: Path, how: str) -> Path:
+    """Rewrite the compressed .nrrd (gzip) / .mha (zlib) that SimpleITK wrote at ``path`` with its
+    voxel data re-compressed into stored deflate blocks and then damaged: ``"changed"``, one byte of
+    the data changed (the stream still decompresses to its full length: only the gzip CRC-32 /
+    zlib Adler-32 check can tell; SimpleITK returns the changed voxels of an .mha), or ``"cut"``,
+    the stream's 4-byte trailer cut off (every voxel is there; SimpleITK reads both formats). An
+    .mha's ``CompressedDataSize`` is set to the new stream's length."""
+    import gzip
+    import re
+    import zlib
+
+    blob = Path(path).read_bytes()
+    nrrd = blob.startswith(b"NRRD")
+    marker = b"\n\n" if nrrd else b"ElementDataFile = LOCAL\n"
+    start = blob.index(marker) + len(marker)
+    raw = zlib.decompress(blob[start:], wbits=47)
+    stream = bytearray(gzip.compress(raw, compresslevel=0) if nrrd else zlib.compress(raw, 0))
+    if how == "changed":
+        stream[len(stream) // 2] ^= 0x5A
+    else:
+        del stream[-4:]
+    header = blob[:start]
+    if not nrrd:
+        header = re.sub(rb"CompressedDataSize = \d+", b"CompressedDataSize = %d" % len(stream), header)
+    Path(path).write_bytes(header + bytes(stream))
+    return Path(path)

@@ -225,6 +225,20 @@ def test_label_on_another_grid(tmp_path, scans):
     assert vol.shape  # the original is untouched and readable
 
 
+def test_damaged_compressed_mha_in_the_images_folder(tmp_path, scans):
+    """A compressed .mha of --images whose zlib stream holds a changed byte (SimpleITK alone returns
+    the changed voxels and prints its own lines): one line naming the user's file, exit 2, no WORK."""
+    images = Path(shutil.copytree(scans["images"], tmp_path / "scans"))
+    bad = images / f"{scans['pool'][1]}.mha"
+    sitk.WriteImage(sitk.ReadImage(str(bad)), str(bad), useCompression=True)
+    helpers.damage_itk_stream(bad, "changed")
+    line, _ = _bad_run(tmp_path, "--images", str(images), "--template-image", str(images / scans["template_image"].name),
+                       "--template-label", str(scans["template_label"]))
+    assert line.startswith("semisam-o1 run: error: ") and line.endswith(
+        f"{bad.name}: the file is corrupt (zlib Adler-32 check failed)"), line
+    assert str(images) in line or str(images.resolve()) in line
+
+
 def test_broken_link_in_the_images_folder(tmp_path, scans):
     """A scan of --images that is a symbolic link to a file that is gone: one line naming the link
     (it is not dropped from the cohort silently); a hidden or unsupported broken link is ignored."""

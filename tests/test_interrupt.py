@@ -266,6 +266,17 @@ def test_interrupted_train_resumes_from_its_checkpoint(inputs, tmp_path, sig):
     assert not ckpt.exists() and json.loads((out / "stage.json").read_text())["finished"]
 
 
+def _fast_run(v: dict, work: Path, *extra) -> list[str]:
+    """``semisam-o1 run --preset quick`` on the cohort, its encode stage given the fast ONNX encoder."""
+    setup = ("from pathlib import Path\nfrom semisam_o1.stages import encode\nchecked = encode.EncodeSettings.__post_init__\n"
+             "def fast(self):\n"
+             f"    self.encoder, self.checkpoint, self.channels = 'onnx', Path({str(v['fast'])!r}), 0\n"
+             "    checked(self)\n"
+             "encode.EncodeSettings.__post_init__ = fast")
+    return _patched_cli(setup, "run", "-i", v["ds"], "--split", v["ds"] / "splits.json", "-o", work, "--preset",
+                        "quick", "--threads", THREADS, *extra)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_interrupt_run(inputs, tmp_path, sig):
     """run (its encode stage given the fast ONNX encoder) interrupted (Ctrl-C, or SIGTERM: exit 143)
@@ -273,13 +284,7 @@ def test_interrupt_run(inputs, tmp_path, sig):
     finished pseudo-labels and runs to the report."""
     v = inputs
     work = tmp_path / "work"
-    setup = ("from pathlib import Path\nfrom semisam_o1.stages import encode\nchecked = encode.EncodeSettings.__post_init__\n"
-             "def fast(self):\n"
-             f"    self.encoder, self.checkpoint, self.channels = 'onnx', Path({str(v['fast'])!r}), 0\n"
-             "    checked(self)\n"
-             "encode.EncodeSettings.__post_init__ = fast")
-    cmd = _patched_cli(setup, "run", "-i", v["ds"], "--split", v["ds"] / "splits.json", "-o", work, "--preset",
-                       "quick", "--threads", THREADS)
+    cmd = _fast_run(v, work)
     pseudo = work / "round0" / "pseudo"
     rc, err = _interrupt(cmd, lambda: len(_label_files(pseudo, v["pool"])) > 0, tmp_path, sig=sig)
     _assert_interrupted(rc, err, "run", sig)
@@ -292,3 +297,36 @@ def test_interrupt_run(inputs, tmp_path, sig):
     assert "encode: done earlier" in log
     assert _mtimes(kept) == kept
     assert (work / "report.json").is_file() and not _temporaries(work)
+
+
+def test_run_resumes_after_a_case_features_were_deleted(inputs, tmp_path):
+    """A finished run whose features of one pool case were deleted (WORK/features/cases/CASE), run
+    again with the same command: exit 0, encode says it re-encoded that case (not "done earlier"),
+    propagate rewrites that case's pseudo-label only (the others keep their mtime) and says so, no
+    stage asks for --overwrite; run once more untouched, every stage is done earlier, skipped."""
+    v = inputs
+    work = tmp_path / "work"
+    cmd = _fast_run(v, work, "--referee", "none", "--position", "on")
+    _run_again(cmd)
+    gone, kept = v["pool"][1], [c for c in v["pool"] if c != v["pool"][1]]
+    pseudo = work / "round0" / "pseudo"
+    before = _mtimes(_label_files(pseudo, v["pool"]))
+    shutil.rmtree(work / "features" / "cases" / gone)
+
+    log = _run_again(cmd)
+    assert "--overwrite" not in log, log
+    assert "[run] encode: 1 case re-encoded (its features were missing)" in log, log
+    assert "encode: done earlier" not in log
+    assert f"[run] propagate: 1 case redone (its inputs changed: inputs.features.{gone})" in log, log
+    assert (work / "features" / "cases" / gone / "meta.json").is_file()
+    after = _mtimes(_label_files(pseudo, v["pool"]))
+    assert after[pseudo / f"{gone}.nii.gz"] != before[pseudo / f"{gone}.nii.gz"]  # rewritten
+    assert all(after[pseudo / f"{c}.nii.gz"] == before[pseudo / f"{c}.nii.gz"] for c in kept)
+    record = json.loads((pseudo / "stage.json").read_text())
+    assert record["finished"] and record["redone"]["cases"] == [gone]
+    assert (work / "report.json").is_file() and not _temporaries(work)
+
+    log = _run_again(cmd)
+    assert "[run] encode: done earlier" in log and "[run] propagate: done earlier" in log, log
+    assert "redone" not in log and "re-encoded" not in log, log
+    assert _mtimes(_label_files(pseudo, v["pool"])) == after

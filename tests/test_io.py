@@ -480,6 +480,35 @@ def test_corrupt_gzip_stream_is_an_error(tmp_path):
         assert str(exc.value) == f"{p}: the file is corrupt (gzip CRC check failed)"
 
 
+ITK_DAMAGE = {  # (ending, damage) -> the line
+    (".mha", "changed"): "the file is corrupt (zlib Adler-32 check failed)",
+    (".mha", "cut"): "the file is truncated (its zlib stream ends early)",
+    (".nrrd", "changed"): "the file is corrupt (gzip CRC check failed)",
+    (".nrrd", "cut"): "the file is truncated (its gzip stream ends early)",
+}
+
+
+@pytest.mark.parametrize("ending,damage", list(ITK_DAMAGE), ids=[f"{e[1:]}-{d}" for e, d in ITK_DAMAGE])
+def test_corrupt_compressed_nrrd_and_mha_are_errors(tmp_path, ending, damage):
+    """A compressed .mha (zlib) or .nrrd (gzip encoding) whose stream holds a changed byte (stored
+    blocks: only the checksum can tell; SimpleITK returns the changed voxels of an .mha) or lacks its
+    trailer (SimpleITK reads both): one line naming the file, as a .nii.gz; the intact file reads."""
+    import SimpleITK as sitk
+    from semisam_o1.data.images import label_values, read_itk
+
+    data = np.random.default_rng(0).integers(0, 3, size=(12, 14, 16)).astype(np.uint8)
+    good = tmp_path / f"good{ending}"
+    sitk.WriteImage(sitk.GetImageFromArray(data), str(good), useCompression=True)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_itk(good)), data)
+    bad = tmp_path / f"bad{ending}"
+    bad.write_bytes(good.read_bytes())
+    helpers.damage_itk_stream(bad, damage)
+    for reader in (read_itk, label_values):
+        with pytest.raises(InputError) as exc:
+            reader(bad)
+        assert str(exc.value) == f"{bad}: {ITK_DAMAGE[ending, damage]}"
+
+
 def test_broken_link_in_a_dataset_folder_is_an_error(tmp_path):
     """A NIfTI name in imagesTr that is a broken symbolic link: an error naming it, not a case
     silently missing from the cohort."""

@@ -504,3 +504,42 @@ def test_cli_options_parse_into_settings():
 
     argv = command_line("propagate", s).split()[2:]
     assert from_namespace(P.SETTINGS, parser.parse_args(argv)) == s
+
+
+def test_a_changed_input_is_redone_inside_run_only(tmp_path):
+    """The stage record (semisam_o1.core.resume.open_stage) of a finished folder whose per-case input
+    of one case changed: refused with a request for --overwrite alone; inside run (redo_changed) that
+    case alone is redone (its file removed before the record is rewritten; the others kept, the
+    record says what was redone); a changed shared input (the template's features) redoes every
+    case; a changed setting is refused even inside run."""
+    from semisam_o1.core.errors import InputError
+    from semisam_o1.core.resume import open_stage, read_record
+
+    out = tmp_path / "pseudo"
+
+    def settings(**kw):
+        return P.SETTINGS(input=tmp_path, features=tmp_path, template="t", output=out, **kw)
+
+    def inputs(**changed):
+        return {"store": "s", "features": {"t": "a", "c1": "b", "c2": "c", **changed}}
+
+    first = open_stage(out, "propagate", settings(), inputs=inputs(), per_case="features")
+    first.start()
+    for c in ("c1", "c2"):
+        (out / f"{c}.nii.gz").write_text(c)
+    first.finish({"written": 2})
+    with pytest.raises(InputError, match="inputs.features.c1 differ.*--overwrite"):
+        open_stage(out, "propagate", settings(), inputs=inputs(c1="B"), per_case="features")
+    record = open_stage(out, "propagate", settings(redo_changed=True), inputs=inputs(c1="B"),
+                        redo_changed=True, per_case="features")
+    assert not record.finished and record.reuse and record.redo_cases(["c1", "c2"]) == ["c1"]
+    assert record.drop_outputs(lambda c: [out / f"{c}.nii.gz"], ["c1", "c2"]) == ["c1"]
+    assert not (out / "c1.nii.gz").exists() and (out / "c2.nii.gz").is_file()
+    record.start()
+    assert read_record(out)["redone"] == {"cases": ["c1"], "changed": ["inputs.features.c1"]}
+    record.finish({"written": 1})
+    shared = open_stage(out, "propagate", settings(), inputs=inputs(c1="B", t="A"), redo_changed=True,
+                        per_case="features")
+    assert shared.redo_cases(["c1", "c2"]) == ["c1", "c2"]
+    with pytest.raises(InputError, match="settings.k differ"):
+        open_stage(out, "propagate", settings(k=3), inputs=inputs(c1="B"), redo_changed=True, per_case="features")

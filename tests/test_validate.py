@@ -98,6 +98,33 @@ def test_run_refuses_a_corrupt_gzip_stream(tmp_path, cohort, capsys):
     assert not (tmp_path / "w").exists()
 
 
+class _Validated(Exception):
+    """Raised where ``run`` takes its lock, i.e. once every input check passed."""
+
+
+def test_run_refuses_a_declared_class_the_template_lacks(tmp_path, cohort, capsys, monkeypatch):
+    """dataset.json declaring a class (value 3) that the template's label does not hold: refused before
+    anything is encoded (as ``run --images`` refuses ``--labels 1=A,2=B,3=C`` with a template lacking
+    3), one line naming dataset.json and the class, exit 2, no work folder."""
+    from semisam_o1.pipeline import run as run_module
+
+    root = _copy_cohort(cohort, tmp_path / "ds")
+    meta = json.loads((root / "dataset.json").read_text())
+    msd = all(str(k).isdigit() for k in meta["labels"])  # MSD {"0": name} or nnU-Net v2 {name: 0}
+    meta["labels"] = {**meta["labels"], **({"3": "extra"} if msd else {"extra": 3})}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+    def checked(work):
+        raise _Validated(work)
+
+    monkeypatch.setattr(run_module, "FolderLock", checked)  # past the checks: the test fails here
+    line = _run_main(capsys, root, cohort.split_file, tmp_path / "w")
+    assert line == (f"semisam-o1 run: error: {root / 'dataset.json'}: declares the class extra=3, which the "
+                    f"template's label {root / 'labelsTr' / (cohort.template + '.nii.gz')} does not hold (each class "
+                    "is learnt from its template voxels); drop it from labels or label it in the template"), line
+    assert not (tmp_path / "w").exists()
+
+
 def test_run_refuses_a_test_case_without_label(tmp_path, cohort, capsys):
     root = _copy_cohort(cohort, tmp_path / "ds")
     (root / "labelsTr" / f"{cohort.test[0]}.nii.gz").unlink()

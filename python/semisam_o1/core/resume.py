@@ -11,7 +11,14 @@ the command that reproduces it alone, and whether it finished. On a re-run:
   ``--overwrite``, which redoes every case.
 
 ``run`` relies on the same records (it has no markers of its own): calling a
-finished stage again returns at once.
+finished stage again returns at once. Inside ``run`` (``redo_changed``), a folder
+whose settings are the same but whose inputs changed (a case re-encoded after its
+features were deleted, hence a new pseudo-label, hence a new model, ...) is redone
+instead of refused: only the cases whose own inputs changed when the stage has
+per-case inputs (``per_case``) and nothing else changed, else every case. The
+outputs to redo are removed before the record is rewritten
+(:meth:`StageRecord.drop_outputs`), so an interrupted redo never keeps a stale file,
+and the record says what was redone (``redone``).
 """
 
 from __future__ import annotations
@@ -102,6 +109,10 @@ class StageRecord:
     signature: str
     command: str
     previous: dict | None
+    #: set by :func:`open_stage` with ``redo_changed``: the signed keys that changed, and the cases to
+    #: redo (None: every case); ``changed`` is empty when nothing is redone for changed inputs
+    changed: list = dataclasses.field(default_factory=list)
+    redo: frozenset | None = None
 
     @property
     def path(self) -> Path:
@@ -121,12 +132,44 @@ class StageRecord:
 
     def __post_init__(self):
         self._reuse = bool(self.previous and self.previous.get("signature") == self.signature)
+        self._dropped = None  # the cases drop_outputs removed (None: not called)
+
+    @property
+    def redoing(self) -> bool:
+        """This call redoes work because the stage's inputs changed (``redo_changed``)."""
+        return bool(self.changed)
+
+    def redo_cases(self, cases) -> list:
+        """Of ``cases`` (those the stage writes), those whose finished outputs this call redoes
+        because their inputs changed: all of them when the stage has no per-case inputs, when more
+        than those changed, or when the entry of a case it does not write changed (an input every
+        case is computed from: propagate's template features)."""
+        if not self.changed:
+            return []
+        cases = list(cases)
+        if self.redo is None or not self.redo <= set(cases):
+            return cases
+        return [c for c in cases if c in self.redo]
+
+    def drop_outputs(self, files, cases) -> list:
+        """Remove the output files (``files(case)``: paths) of :meth:`redo_cases`, before
+        :meth:`start`: once the record carries the new signature an existing file counts as
+        finished. Returns the cases dropped."""
+        redo = self.redo_cases(cases)
+        for case in redo:
+            for path in files(case):
+                Path(path).unlink(missing_ok=True)
+        self._dropped = redo
+        return redo
 
     def _write(self, finished: bool, summary: dict | None) -> None:
+        dropped = self._dropped
+        redone = ({"redone": {"cases": "all" if dropped is None else sorted(dropped), "changed": self.changed}}
+                  if self.changed else {})
         write_json(self.path, {"stage": self.stage, "version": __version__, "signature": self.signature,
                                "command": self.command, "finished": finished,
                                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "signed": self.signed,
-                               **({"summary": summary} if summary is not None else {})})
+                               **redone, **({"summary": summary} if summary is not None else {})})
 
     def start(self) -> None:
         """Create the folder and write the record (not finished). Call it once the
@@ -164,16 +207,27 @@ def read_record(folder: str | os.PathLike) -> dict | None:
 
 
 def open_stage(folder: str | os.PathLike, stage: str, settings, *, inputs: dict | None = None,
-               overwrite: bool = False) -> StageRecord:
+               overwrite: bool = False, redo_changed: bool = False, per_case: str | None = None) -> StageRecord:
     """The record of ``stage`` writing into ``folder`` with ``settings`` (a settings
     dataclass) computed from ``inputs`` (JSON-ready digests of what it reads).
 
     Nothing is written here (see :meth:`StageRecord.start`).
 
+    Args:
+        redo_changed: (``run``) a folder written with the same settings from other inputs (or for
+            other cases: ``run`` derives them, e.g. the case selection from the round-0 labels) is
+            redone instead of refused: ``record.changed`` names the changed keys, ``record.redo``
+            the cases to redo (None: every case); the stage removes their outputs with
+            :meth:`StageRecord.drop_outputs` before :meth:`StageRecord.start`.
+        per_case: the key of ``inputs`` holding ``{case: digest}``: when only the entries of some of the
+            cases the stage writes changed, only those cases are redone (the others' files are kept;
+            see :meth:`StageRecord.redo_cases`).
+
     Raises:
         InputError: ``folder`` is not writable or is a file; or it holds this or another
             stage's output made from other settings or inputs and ``overwrite`` is False
-            (the line names the keys that differ).
+            (the line names the keys that differ); with ``redo_changed``, only other settings than
+            the cases.
     """
 
     folder = check_output_dir(folder)
@@ -186,13 +240,36 @@ def open_stage(folder: str | os.PathLike, stage: str, settings, *, inputs: dict 
             raise InputError(f"{folder}: holds the output of `{previous.get('stage')}`, not `{stage}`; "
                              "use another folder")
         if previous.get("signature") != record.signature:
-            changed = changed_keys(previous.get("signed") or {}, signed) or ["signature"]
-            raise InputError(f"{folder}: was written by `{stage}` with other settings or inputs "
-                             f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); "
-                             "use --overwrite to redo it, or another folder")
+            before = previous.get("signed") or {}
+            changed = changed_keys(before, _as_json(signed)) or ["signature"]
+            if not (redo_changed and all(k.startswith("inputs.") or k == "settings.cases" for k in changed)):
+                raise InputError(f"{folder}: was written by `{stage}` with other settings or inputs "
+                                 f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); "
+                                 "use --overwrite to redo it, or another folder")
+            record.changed, record.redo = changed, _changed_cases(before.get("inputs") or {},
+                                                                  _as_json(signed)["inputs"], per_case)
     record.previous = previous if not overwrite else None
-    record._reuse = bool(record.previous and record.previous.get("signature") == record.signature)
+    record._reuse = bool(record.previous and (record.previous.get("signature") == record.signature
+                                              or (record.changed and record.redo is not None)))
     return record
+
+
+def _as_json(obj):
+    """``obj`` as it reads back from a record (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _changed_cases(before: dict, after: dict, per_case: str | None) -> frozenset | None:
+    """The cases whose entry of ``inputs[per_case]`` differs between two records' inputs, when
+    nothing else in the inputs differs; None (every case) otherwise."""
+    if per_case is None:
+        return None
+    if {k: v for k, v in before.items() if k != per_case} != {k: v for k, v in after.items() if k != per_case}:
+        return None
+    b, a = before.get(per_case) or {}, after.get(per_case) or {}
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return None
+    return frozenset(c for c in set(a) | set(b) if a.get(c) != b.get(c))
 
 
 class FolderLock:

@@ -62,6 +62,15 @@ def option(default: Any = REQUIRED, help: str = "", *, flags: Sequence[str] | No
     return dataclasses.field(default=default, metadata=meta)
 
 
+def redo_changed_option() -> Any:
+    """The ``redo_changed`` field of a stage that ``run`` calls: no command-line flag, not signed.
+    True: a folder written with the same settings from other inputs is redone, only for the cases
+    whose inputs changed where the stage can tell, instead of refused with a request for
+    ``--overwrite`` (:func:`semisam_o1.core.resume.open_stage`)."""
+    return option(False, "(run) redo the work whose inputs changed instead of refusing the folder", cli=False,
+                  neutral=True)
+
+
 _SAME = object()
 
 

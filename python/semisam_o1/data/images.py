@@ -12,9 +12,11 @@ Rules (each holds for every subcommand because they all come through here):
 * **Images** are read as real values (nibabel applies ``scl_slope`` /
   ``scl_inter``), float32. NaN/Inf, zero-size and non-3D images are errors.
   A 4D file whose 4th dimension is 1 is read as 3D.
-* **Compressed files** (``.nii.gz``) are decompressed to their end before their voxels are used,
-  so gzip's CRC-32 and length check run: a corrupt stream is an error naming the file, never
-  silently wrong voxels (nibabel alone stops reading at the last voxel, before the check).
+* **Compressed files** (``.nii.gz``; a ``.nrrd`` with gzip encoding, an ``.mha`` with compressed
+  data) are decompressed to their end before their voxels are used, so the stream's own checks
+  run (gzip: CRC-32 and length; zlib: Adler-32) and its length is the header's: a corrupt stream is
+  an error naming the file, never silently wrong voxels (nibabel alone stops reading at the last
+  voxel, before the check; SimpleITK returns wrong voxels for some damaged .mha streams).
 * **Labels** stored as float are rounded when every value lies within 1e-3 of
   an integer, never truncated; other values are an error naming the file and
   the value. Label values come from ``dataset.json`` ``labels`` and are mapped
@@ -538,11 +540,127 @@ def label_values(path: Path) -> list[int]:
 
 
 def read_itk(path: Path):
+    """A .nrrd / .mha image read by SimpleITK, its compressed voxel data checked to its end first
+    (:func:`check_itk_compression`: SimpleITK returns wrong voxels for some damaged .mha streams
+    and accepts a .nrrd whose gzip trailer is cut off).
+
+    Raises:
+        InputError: one line naming the file (a damaged stream, or what SimpleITK could not read).
+    """
     sitk = sitk_module()
+    check_itk_compression(Path(path))
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1][:200]})") from None
+
+
+#: bytes per value of the NRRD ``type`` names and the MetaImage ``ElementType`` names
+_NRRD_TYPES = {**dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+               **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t",
+                                "ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+               **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32",
+                                "uint32_t", "float"), 4),
+               **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int",
+                                "int64", "int64_t", "ulonglong", "unsigned long long", "unsigned long long int",
+                                "uint64", "uint64_t", "double"), 8)}
+_MET_TYPES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+              "MET_DOUBLE": 8}
+
+
+def _itk_compressed_payload(path: Path) -> tuple[bytes, int, int | None, str] | None:
+    """The compressed voxel data of a .nrrd (``encoding: gzip``) or .mha (``CompressedData = True``)
+    whose data follow the header in the same file: ``(payload, zlib wbits, expected bytes or None,
+    stream name)``; None for an uncompressed file, detached data or a header not understood here
+    (SimpleITK alone reads those)."""
+    blob = path.read_bytes()
+    if blob.startswith(b"NRRD000"):
+        end = blob.find(b"\n\n")
+        if end < 0:
+            return None
+        fields = {}
+        for line in blob[:end].decode("latin-1").splitlines()[1:]:
+            if line.startswith("#") or ":=" in line or ":" not in line:
+                continue
+            key, value = line.split(":", 1)
+            fields[key.strip().lower()] = value.strip()
+        if fields.get("encoding", "").lower() not in ("gzip", "gz") or any(
+                k in fields for k in ("data file", "datafile", "line skip", "lineskip", "byte skip", "byteskip")):
+            return None
+        try:
+            n = int(np.prod([int(s) for s in fields["sizes"].split()]))
+            expected = n * _NRRD_TYPES[fields["type"].lower()]
+        except (KeyError, ValueError):
+            expected = None
+        return blob[end + 2:], 16 + zlib.MAX_WBITS, expected, "gzip"
+    marker = b"ElementDataFile = LOCAL"
+    pos = blob.find(marker)
+    if not blob.startswith((b"ObjectType", b"NDims")) or pos < 0:
+        return None
+    start = blob.find(b"\n", pos) + 1
+    fields = {}
+    for line in blob[:pos].decode("latin-1").splitlines():
+        if "=" in line:
+            key, value = line.split("=", 1)
+            fields[key.strip()] = value.strip()
+    if fields.get("CompressedData", "").lower() != "true" or start <= 0:
+        return None
+    payload = blob[start:]
+    if "CompressedDataSize" in fields:
+        try:
+            size = int(fields["CompressedDataSize"])
+        except ValueError:
+            size = None
+        if size is not None and len(payload) < size:
+            raise InputError(f"{path}: the file is truncated (its compressed data hold {len(payload)} of the "
+                             f"{size} bytes its header gives)")
+        payload = payload[:size] if size is not None else payload
+    try:
+        n = int(np.prod([int(s) for s in fields["DimSize"].split()]))
+        expected = n * int(fields.get("ElementNumberOfChannels", "1")) * _MET_TYPES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        expected = None
+    return payload, 32 + zlib.MAX_WBITS, expected, "zlib"
+
+
+def check_itk_compression(path: Path) -> None:
+    """Decompress the voxel data of a compressed .nrrd / .mha to their end, so that the stream's own
+    checks run (gzip: CRC-32 and length; zlib: Adler-32) and its length is the header's sizes times
+    the value size, as :func:`_verified_gzip_bytes` does for a .nii.gz. Nothing is kept (the stream
+    is inflated in pieces); SimpleITK then reads the file.
+
+    Raises:
+        InputError: ``FILE: the file is corrupt (...)`` or ``FILE: the file is truncated (...)``.
+    """
+    try:
+        found = _itk_compressed_payload(path)
+    except OSError:
+        return  # SimpleITK names what cannot be read
+    if found is None:
+        return
+    payload, wbits, expected, name = found
+    inflater = zlib.decompressobj(wbits)
+    size, view, piece = 0, memoryview(payload), 1 << 20
+    try:
+        for i in range(0, len(view), piece):
+            data = view[i:i + piece]
+            while data and not inflater.eof:
+                size += len(inflater.decompress(data, 1 << 26))
+                data = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+    except zlib.error as exc:
+        text = str(exc)
+        check = ("CRC" if name == "gzip" else "Adler-32") if "incorrect data check" in text else \
+            "length" if "incorrect length check" in text else None
+        problem = f"{name} {check} check failed" if check else f"its {name} stream does not decompress: {text}"
+        raise InputError(f"{path}: the file is corrupt ({problem})") from None
+    if not inflater.eof:
+        raise InputError(f"{path}: the file is truncated (its {name} stream ends early)")
+    if expected is not None and size != expected:
+        raise InputError(f"{path}: the file is corrupt (its compressed voxel data hold {size} bytes, its header's "
+                         f"sizes need {expected})")
 
 
 

@@ -77,9 +77,11 @@ def reliability(dataset, template: str, cases: Sequence[str], referee: Path, rou
             "reliable": n_ok >= MIN_RELIABLE_CASES and 2 * n_ok >= len(per_case)}
 
 
-def check_referee(dataset, template: str, cases: Sequence[str], referee: Path, round0: Path) -> dict:
-    """:func:`reliability`, written to ``referee/reliability.json`` (read back when it is there)."""
-    known = read_reliability(referee)
+def check_referee(dataset, template: str, cases: Sequence[str], referee: Path, round0: Path,
+                  again: bool = False) -> dict:
+    """:func:`reliability`, written to ``referee/reliability.json`` (read back when it is there, unless
+    ``again``: the round-0 labels changed)."""
+    known = None if again else read_reliability(referee)
     if known is not None:
         return known
     out = reliability(dataset, template, cases, referee, round0)

@@ -26,6 +26,12 @@ so a killed run resumes where it stopped, and the stages skip finished cases)::
       final/                    the kept round's labels, model bundle, cases.csv, report page
       report.json, report_dice_by_round.png, report_montage.png
 
+A re-run whose inputs changed under it (a feature folder, or one case's features, deleted: encode
+writes them again) says what it redid, and every stage downstream redoes the work whose inputs
+changed (propagate only the cases whose features changed; a network whose training labels changed
+is trained again, ...: ``redo_changed``, :func:`semisam_o1.core.resume.open_stage`), and so do the
+files ``run`` derives from them (the referee's reliability, the case selection, the test metrics).
+
 The rounds stop early when a round's labels do not agree better with the referee than the
 best earlier round's, and the labels and model handed back are the best round's
 (:mod:`semisam_o1.pipeline.rounds`, label-free); ``report.json`` gives per round the test-set
@@ -39,6 +45,7 @@ Method: SemiSAM-O1 (Zhang et al., arXiv 2604.24109, 2026).
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import shutil
 import time
@@ -299,13 +306,15 @@ def check_settings(work: Path, settings: RunSettings) -> None:
 
 
 class Stages:
-    """Calls stage functions with their settings, prints each stage's command, and keeps
-    the seconds of the stages that did work (``run.json``)."""
+    """Calls stage functions with their settings, prints each stage's command and what it did,
+    and keeps the seconds of the stages that did work (``run.json``) and the names of those that
+    did work in this call (``worked``: what ``run`` derives from their outputs is derived again)."""
 
     def __init__(self, work: Path, settings: RunSettings):
         self.work = work
         self.settings = settings
         self.times: dict[str, float] = {}
+        self.worked: set[str] = set()
         path = work / SETTINGS_JSON
         if path.is_file():
             self.times = dict(json.loads(path.read_text()).get("seconds", {}))
@@ -326,15 +335,39 @@ class Stages:
         summary = module.STAGE(stage_settings)
         seconds = time.perf_counter() - t0
         after = read_record(folder) if folder.is_dir() else None
-        skipped = bool(before and before.get("finished") and after
-                       and after.get("signature") == before.get("signature"))
-        if skipped:
+        same = bool(before and after and after.get("signature") == before.get("signature"))
+        redone = _redone(summary, after, same, earlier=name in self.times or bool(before and before.get("finished")))
+        if same and before.get("finished") and not redone:
             print(f"[run] {name}: done earlier ({self.times.get(name, 0):.0f} s), skipped", flush=True)
         else:
+            self.worked.add(name)
             self.times[name] = seconds
             self.save()
-            print(f"[run] {name}: finished in {seconds:.0f} s", flush=True)
+            print(f"[run] {name}: {redone + ', ' if redone else ''}finished in {seconds:.0f} s", flush=True)
         return summary
+
+
+def _redone(summary, after: dict | None, same: bool, earlier: bool) -> str:
+    """What a stage that had finished before redid in this call, in words ('' when nothing): encode's
+    cases written again (their features deleted or damaged), or the work of a stage whose inputs
+    changed (its record's ``redone``, :func:`semisam_o1.core.resume.open_stage`)."""
+    summary = summary if isinstance(summary, dict) else {}
+    if "encoded" in summary:  # encode, whose record does not change when it writes a case again
+        if not earlier or not summary["encoded"]:
+            return ""
+        damaged = len(summary.get("damaged") or {})
+        parts = [(n, why) for n, why in ((summary["encoded"] - damaged, "were missing"),
+                                         (damaged, "did not verify")) if n]
+        return "; ".join(f"{n} case{'s' if n > 1 else ''} re-encoded ({'their' if n > 1 else 'its'} features {why})"
+                         for n, why in parts)
+    redone = (after or {}).get("redone")
+    if same or not redone:
+        return ""
+    keys = ", ".join(redone["changed"][:3]) + (" ..." if len(redone["changed"]) > 3 else "")
+    if redone["cases"] == "all":
+        return f"redone (its inputs changed: {keys})"
+    n = len(redone["cases"])
+    return f"{n} case{'s' if n > 1 else ''} redone ({'their' if n > 1 else 'its'} inputs changed: {keys})"
 
 
 def _compute(settings: RunSettings) -> dict:
@@ -367,7 +400,7 @@ def _propagate(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, feats
     stages.call("propagate", "propagate", propagate,
                 propagate.SETTINGS(input=s.input, features=feats, template=cohort.template, output=out,
                                    cases=tuple(cohort.unlabeled), class_planes=s.class_planes, **weight,
-                                   **_compute(s)), out)
+                                   redo_changed=True, **_compute(s)), out)
     rule = out / CLASS_PLANES_JSON
     return rule if rule.is_file() else None
 
@@ -399,7 +432,7 @@ def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[s
                                iterations=s.iterations,
                                template_share=0.0 if hold_out_template else s.template_share,
                                spatial_aug=s.spatial_aug, seed=s.seed, round=r,
-                               plan=plan,
+                               plan=plan, redo_changed=True,
                                **_compute(s)), model)
     return model
 
@@ -417,7 +450,7 @@ def _predict(stages: Stages, s: RunSettings, name: str, model: Path, out: Path, 
              rule: Path | None) -> None:
     stages.call(name, "predict", predict,
                 predict.SETTINGS(input=s.input, model=model, output=out, cases=tuple(cases), class_planes=rule,
-                                 **_compute(s), **_engine(s)), out)
+                                 redo_changed=True, **_compute(s), **_engine(s)), out)
 
 
 def _refine(stages: Stages, s: RunSettings, cohort: Cohort, r: int, feats: Path, rule: Path | None) -> None:
@@ -431,15 +464,18 @@ def _refine(stages: Stages, s: RunSettings, cohort: Cohort, r: int, feats: Path,
     stages.call(f"round{r}/refine", "refine", refine,
                 refine.SETTINGS(input=s.input, features=feats, pred=rd / "pred", output=rd / "pseudo",
                                 template=cohort.template, cases=tuple(cohort.unlabeled), mode=s.refine_mode,
-                                k=s.refine_k, quantile=s.refine_quantile, seed=s.seed, class_planes=rule, **_compute(s)),
+                                k=s.refine_k, quantile=s.refine_quantile, seed=s.seed, class_planes=rule,
+                                redo_changed=True, **_compute(s)),
                 rd / "pseudo")
 
 
-def _select(dataset, s: RunSettings, cohort: Cohort, work: Path) -> list[str]:
-    """The pool cases the rounds after the first train on (``round1/selection.json``)."""
+def _select(dataset, stages: Stages, s: RunSettings, cohort: Cohort) -> list[str]:
+    """The pool cases the rounds after the first train on (``round1/selection.json``; made again when
+    the labels it compares were written in this call)."""
 
+    work = stages.work
     path = work / "round1" / SELECTION_JSON
-    if not path.is_file():
+    if not path.is_file() or stages.worked & {"propagate", "round1/predict"}:
         print(f"[run] round1/select: keep the {s.select:g} of the pool whose round-0 pseudo-labels agree best "
               "with round 1's prediction", flush=True)
         select_by_agreement(dataset, work / "round0" / "pseudo", work / "round1" / "pred", cohort.unlabeled,
@@ -453,7 +489,7 @@ def _select(dataset, s: RunSettings, cohort: Cohort, work: Path) -> list[str]:
 def _evaluate(stages: Stages, s: RunSettings, cohort: Cohort, r: int) -> None:
     rd = stages.work / f"round{r}"
     out = rd / "test_metrics.json"
-    if out.is_file():
+    if out.is_file() and f"round{r}/predict_test" not in stages.worked:
         return
     print(f"[run] round{r}/evaluate", flush=True)
     evaluate.STAGE(evaluate.SETTINGS(input=rd / "test", gt=s.input, cases=tuple(cohort.test), output=out,
@@ -461,13 +497,14 @@ def _evaluate(stages: Stages, s: RunSettings, cohort: Cohort, r: int) -> None:
 
 
 def copy_labels(src: Path, dst: Path, cases: list[str]) -> None:
-    """Copy the label files of ``cases`` from ``src`` to ``dst`` (atomically, missing ones only)."""
+    """Copy the label files of ``cases`` from ``src`` to ``dst`` (atomically; those missing or, the
+    prediction being redone, different)."""
 
     dst.mkdir(parents=True, exist_ok=True)
     for case in cases:
         f = find_case_file(src, case, what="prediction")
         target = dst / f.name
-        if not target.exists():
+        if not target.exists() or not filecmp.cmp(f, target, shallow=False):
             with atomic_path(target) as tmp:
                 shutil.copyfile(f, tmp)
 
@@ -503,12 +540,15 @@ def _template_dice(stages: Stages, s: RunSettings, dataset, cohort: Cohort, r: i
     return float(mean_dice(pred.array, truth.array, lm.foreground))
 
 
-def _check_referee(dataset, cohort: Cohort, work: Path, referee: Path | None) -> str:
-    """The referee's reliability (``WORK/referee/reliability.json``, one terminal line); returns the
-    round rule's criterion (:func:`semisam_o1.pipeline.rounds.criterion`)."""
+def _check_referee(dataset, cohort: Cohort, stages: Stages, referee: Path | None) -> str:
+    """The referee's reliability (``WORK/referee/reliability.json``, checked again when the round-0
+    labels were written in this call; one terminal line); returns the round rule's criterion
+    (:func:`semisam_o1.pipeline.rounds.criterion`)."""
     if referee is None:
         return "none"
-    info = check_referee(dataset, cohort.template, cohort.unlabeled, referee, work / "round0" / "pseudo")
+    work = stages.work
+    info = check_referee(dataset, cohort.template, cohort.unlabeled, referee, work / "round0" / "pseudo",
+                         again="propagate" in stages.worked)
     print(f"[run] {summary_line(info)}", flush=True)
     if not info["reliable"] and (work / "referee" / POSITION_JSON).is_file():
         print("[run] position term: WARNING: --position auto decided it from these registrations, which the "
@@ -539,7 +579,7 @@ def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path
 
     train_cases = list(cohort.unlabeled)
     round_evidence(dataset, stages.work, 0, cohort.unlabeled, referee)
-    held_out = _check_referee(dataset, cohort, stages.work, referee) == "template"
+    held_out = _check_referee(dataset, cohort, stages, referee) == "template"
     done = 0
     for r in range(1, s.rounds + 1):
         rd = stages.work / f"round{r}"
@@ -548,7 +588,7 @@ def _rounds(dataset, stages: Stages, s: RunSettings, cohort: Cohort, feats: Path
         _predict(stages, s, f"round{r}/predict", model, rd / "pred", cohort.unlabeled, rule)
         _refine(stages, s, cohort, r, feats, rule)
         if r == 1 and s.selecting:
-            train_cases = _select(dataset, s, cohort, stages.work)
+            train_cases = _select(dataset, stages, s, cohort)
         if cohort.test:
             _predict(stages, s, f"round{r}/predict_test", model, rd / "test", cohort.test, rule)
             _evaluate(stages, s, cohort, r)

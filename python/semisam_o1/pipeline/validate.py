@@ -7,7 +7,9 @@ wastes them. :func:`validate_run` therefore reads, before anything is written:
   (:func:`semisam_o1.core.resume.check_output_dir`);
 * the template: its image (header, 3D, finite intensities) and its label, which must lie on the
   image's grid, hold only the classes ``dataset.json`` declares (:func:`semisam_o1.data.images.read_label`
-  does both checks) and have at least one foreground voxel;
+  does both checks), have at least one foreground voxel and hold every class ``dataset.json``
+  declares (a class without template voxels cannot be learnt: ``run --images`` refuses a
+  ``--labels`` value the template lacks in the same way);
 * every pool and test image in full, streaming one case at a time with a progress bar
   (:func:`semisam_o1.data.images.read_image`: a readable 3D NIfTI, finite intensities); every test case
   needs its label (``evaluate`` scores against it), on its image's grid with declared classes
@@ -119,6 +121,14 @@ def _read_cohort(dataset, template: str, others: Sequence[str], test: set[str], 
     label = dataset.read_label(template, reference=image)  # same grid, declared classes only
     if not np.any(label.array > 0):
         raise InputError(f"{dataset.label_path(template)}: the template's label has no foreground voxel")
+    lm = dataset.label_map
+    absent = sorted(set(lm.foreground) - {int(k) for k in np.unique(label.array)})
+    if absent:  # as run --images refuses a --labels value the template lacks
+        name, value = lm.names[absent[0]], lm.values[absent[0]]
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise InputError(f"{dataset.root / 'dataset.json'}: declares the class {name}={value}{more}, which the "
+                         f"template's label {dataset.label_path(template)} does not hold (each class is learnt from "
+                         "its template voxels); drop it from labels or label it in the template")
     shapes = {template: image.shape}
     del image, label
     for case in progress(list(others), quiet=quiet, desc="validate inputs"):

@@ -52,7 +52,7 @@ from semisam_o1.core.errors import InputError
 from semisam_o1.core.files import file_sha256, write_json
 from semisam_o1.core.progress import progress
 from semisam_o1.core.resume import StageRecord, open_stage
-from semisam_o1.core.settings import CaseOptions, ComputeOptions, option, select_cases
+from semisam_o1.core.settings import CaseOptions, ComputeOptions, option, redo_changed_option, select_cases
 from semisam_o1.data.dataset import Dataset
 from semisam_o1.data.folder_input import case_id, list_images, place_file, write_label_like
 from semisam_o1.data.images import (
@@ -95,6 +95,7 @@ class PredictSettings(CaseOptions, ComputeOptions, EngineOptions):
                                        "rule's axis", type=Path, metavar="RULE")
     overwrite: bool = option(False, "re-predict every case, even in a folder made from another model or rule",
                              neutral=True)
+    redo_changed: bool = redo_changed_option()
 
     def __post_init__(self):
         super().__post_init__()
@@ -256,7 +257,8 @@ def prepare(settings: PredictSettings, dev) -> _PredictSetup:
     inputs = {"model_sha256": file_sha256(settings.model / nets.WEIGHTS_NAME),
               "class_planes": None if rule is None else rule.to_json(),
               "images": {c: file_sha256(ds.image_path(c)) for c in cases}}
-    record = open_stage(settings.output, "predict", settings, inputs=inputs, overwrite=settings.overwrite)
+    record = open_stage(settings.output, "predict", settings, inputs=inputs, overwrite=settings.overwrite,
+                        redo_changed=settings.redo_changed, per_case="images")
     return _PredictSetup(ds=ds, cases=cases, net=net, config=config, rule=rule, record=record)
 
 
@@ -317,6 +319,8 @@ def predict(settings: PredictSettings) -> dict:
     if setup.record.finished:
         summary = setup.record.summary() or {}
         return {**summary, "predicted": 0, "skipped": len(setup.cases)}
+    setup.record.drop_outputs(lambda c: (label_file(settings.output, c), entropy_file(settings.output, c),
+                                         probs_file(settings.output, c)), setup.cases)
     setup.record.start()
     ent_path = settings.output / ENTROPY_JSON
     entropies = _read_entropies(ent_path) if setup.record.reuse and ent_path.is_file() else {}

@@ -110,7 +110,7 @@ from semisam_o1.core.errors import InputError
 from semisam_o1.core.files import file_sha256
 from semisam_o1.core.progress import progress
 from semisam_o1.core.resume import digest, open_stage
-from semisam_o1.core.settings import CaseOptions, ComputeOptions, option, select_cases
+from semisam_o1.core.settings import CaseOptions, ComputeOptions, option, redo_changed_option, select_cases
 from semisam_o1.data.dataset import Dataset
 from semisam_o1.data.images import canonical_shape, write_label, write_map
 from semisam_o1.data.store import FeatureStore
@@ -155,6 +155,7 @@ class PropagateSettings(CaseOptions, ComputeOptions, MethodOptions):
     save_scores: bool = option(False, "also write per-class score maps to OUTPUT/scores/")
     overwrite: bool = option(False, "redo every case of a folder written with other settings or inputs",
                              neutral=True)
+    redo_changed: bool = redo_changed_option()
 
     def __post_init__(self):
         super().__post_init__()
@@ -408,11 +409,13 @@ def propagate(settings: PropagateSettings) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(s.device, kernels=True)
     inp = _open_inputs(s)
-    record = open_stage(s.output, "propagate", s, inputs=inp.signed, overwrite=s.overwrite)
+    record = open_stage(s.output, "propagate", s, inputs=inp.signed, overwrite=s.overwrite,
+                        redo_changed=s.redo_changed, per_case="features")
     if record.finished:
         return record.summary()
     model, t_label = _template_model(s, inp)
     reuse = record.reuse  # (read before start(), which marks the folder as this signature's)
+    redone = record.drop_outputs(lambda c: (s.output / f"{c}.nii.gz", s.output / "scores" / f"{c}.nii.gz"), inp.cases)
     record.start()
     out = record.folder
     rule = _class_planes(s, inp, t_label, out)
@@ -428,6 +431,7 @@ def propagate(settings: PropagateSettings) -> dict:
                    class_planes=None if rule is None else rule.to_json(inp.ds.label_map.names), device=device,
                    seconds=round(time.perf_counter() - t_start, 2),
                    seconds_per_case=round(float(np.mean(seconds)), 3) if seconds else None,
+                   **({"redone": redone} if record.redoing else {}),
                    **({"chosen": chosen} if s.prior == "choose" else {}))
     record.finish(summary)
     if not s.quiet:

@@ -94,7 +94,15 @@ from semisam_o1.core.errors import InputError
 from semisam_o1.core.files import file_sha256, write_json
 from semisam_o1.core.progress import progress
 from semisam_o1.core.resume import check_output_dir, digest, open_stage
-from semisam_o1.core.settings import CaseOptions, ComputeOptions, check_range, forwarded, option, select_cases
+from semisam_o1.core.settings import (
+    CaseOptions,
+    ComputeOptions,
+    check_range,
+    forwarded,
+    option,
+    redo_changed_option,
+    select_cases,
+)
 from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.dataset import Dataset, load_split
 from semisam_o1.data.images import check_same_grid, read_image, read_label, write_label
@@ -152,6 +160,7 @@ class RefineSettings(CaseOptions, ComputeOptions):
     seed: int = option(0, "seed of the bank sampling (voxel mode)")
     overwrite: bool = option(False, "redo every case of an output folder written with other settings or inputs",
                              neutral=True)
+    redo_changed: bool = redo_changed_option()
 
     def __post_init__(self):
         super().__post_init__()
@@ -694,9 +703,11 @@ def refine(settings: RefineSettings) -> dict:
 
     device = resolve_device(settings.device, kernels=True)
     inputs = _open_inputs(settings)
-    record = open_stage(settings.output, "refine", settings, inputs=inputs.digests(), overwrite=settings.overwrite)
+    record = open_stage(settings.output, "refine", settings, inputs=inputs.digests(), overwrite=settings.overwrite,
+                        redo_changed=settings.redo_changed)  # no per-case redo: the threshold is cohort-wide
     if record.finished:
         return record.summary()
+    record.drop_outputs(lambda c: (settings.output / f"{c}.nii.gz",), inputs.cases)
     run = _refine_voxel if settings.mode == "voxel" else _refine_volume
     summary = run(inputs, settings, record, device)
     if not settings.quiet:

@@ -107,7 +107,7 @@ from semisam_o1.core.errors import InputError
 from semisam_o1.core.files import atomic_path, file_sha256, write_json
 from semisam_o1.core.progress import progress
 from semisam_o1.core.resume import StageRecord, digest, open_stage
-from semisam_o1.core.settings import CaseOptions, ComputeOptions, check_range, option, select_cases
+from semisam_o1.core.settings import CaseOptions, ComputeOptions, check_range, option, redo_changed_option, select_cases
 from semisam_o1.core.version import __version__
 from semisam_o1.data.cases import case_id_from_path, find_case_file
 from semisam_o1.data.dataset import Dataset, load_split
@@ -167,6 +167,7 @@ class TrainSettings(CaseOptions, ComputeOptions):
                         "(semisam_o1.core.seeds), so no two (seed, round) pairs share one")
     overwrite: bool = option(False, "retrain even if MODEL holds a model (finished, or from other settings)",
                              neutral=True)
+    redo_changed: bool = redo_changed_option()
 
     def __post_init__(self):
         super().__post_init__()
@@ -508,7 +509,7 @@ def prepare(settings: TrainSettings) -> _TrainSetup | dict:
     confidence = confidence_paths(settings.confidence, template, cases)
     record = open_stage(settings.output, "train", settings,
                         inputs={**stage_inputs(ds, template, cases, labels, confidence), "unet": digest(cfg)},
-                        overwrite=settings.overwrite)
+                        overwrite=settings.overwrite, redo_changed=settings.redo_changed)
     if record.finished:
         if not settings.quiet:
             print(f"train: {settings.output} is a finished model of these settings and inputs, skipped",
@@ -741,7 +742,7 @@ def train(settings: TrainSettings) -> dict:
     setup = prepare(settings)
     if isinstance(setup, dict):
         return setup
-    if settings.overwrite:
+    if settings.overwrite or setup.record.redoing:  # (redoing: run, the training data changed)
         for name in (nets.CONFIG_NAME, nets.WEIGHTS_NAME, nets.LOG_NAME, nets.CHECKPOINT_NAME):
             (settings.output / name).unlink(missing_ok=True)
     setup.record.start()
