@@ -63,7 +63,7 @@ def link_split(data: Path, root: Path) -> tuple[Path, Path, dict]:
     return root / "pool", root / "test", split
 
 
-def run_args(data: Path, root: Path, work: Path, split: dict, preset: str) -> list[str]:
+def run_args(data: Path, root: Path, work: Path, split: dict, preset: str, rounds: int | None = None) -> list[str]:
     """The user's ``semisam-o1 run`` arguments for the linked folders."""
     pool, test = root / "pool", root / "test"
     template = next(p for p in pool.iterdir() if p.name.split(".")[0] == split["template"])
@@ -72,6 +72,8 @@ def run_args(data: Path, root: Path, work: Path, split: dict, preset: str) -> li
             "--test-labels", str(data / "labels"), "-o", str(work), "--preset", preset]
     if (data / "pixel_size.csv").is_file():
         args += ["--pixel-size", str(data / "pixel_size.csv")]
+    if rounds is not None:
+        args += ["--rounds", str(rounds)]
     return args
 
 
@@ -136,12 +138,13 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, required=True, help="links, the run's WORK and the baselines' folders")
     ap.add_argument("--work", type=Path, default=None, help="the run's WORK (default: ROOT/<dataset>/work)")
     ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--rounds", type=int, default=None, help="run's --rounds (default: the preset's)")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "datasets.json")
     a = ap.parse_args(argv)
     data, root = a.dataset.resolve(), a.root.resolve() / a.dataset.name
     _, _, split = link_split(data, root)
     work = (a.work or root / "work").resolve()
-    args = run_args(data, root, work, split, a.preset)
+    args = run_args(data, root, work, split, a.preset, a.rounds)
     seconds_now = run_pipeline(args)
     r = finished_run(work)
     report = r["report"]
