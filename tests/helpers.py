@@ -288,6 +288,48 @@ def make_2d_cohort(root: str | Path, seed: int = 0) -> dict:
             "test_labels": root / "test_labels", "sizes": sizes}
 
 
+#: the hue cohort's colours: equal luma (120.0 and 120.1, ITU-R BT.601), different hue
+HUE_BACKGROUND = (120, 120, 120)
+HUE_STRUCTURE = (200, 95, 40)
+
+
+def hue_image(rng: np.random.Generator, shape=(40, 40)) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image whose structure (an ellipse of radii 4..6.5 pixels anywhere in the image) differs
+    from the background in hue only: the two colours have the same luma to 0.1 grey level, and
+    every channel carries Gaussian noise (sd 6), so the luma alone cannot separate them.
+
+    Returns ``(pixels uint8 (H, W, 3), mask uint8 (H, W) 0/1)``."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = rng.uniform(8, h - 8), rng.uniform(8, w - 8)
+    ry, rx = rng.uniform(4, 6.5), rng.uniform(4, 6.5)
+    mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
+    pix = np.where(mask[..., None] > 0, np.array(HUE_STRUCTURE, float), np.array(HUE_BACKGROUND, float))
+    return np.clip(pix + rng.normal(0, 6, pix.shape), 0, 255).astype(np.uint8), mask
+
+
+def make_hue_dataset(root: str | Path, n: int = 4, rgb: bool = True, seed: int = 0) -> Path:
+    """An MSD-layout dataset of ``n`` :func:`hue_image` images ``c0`` .. ``c<n-1>`` as 2D NIfTI (as
+    ``run --images`` converts PNG: colour ``(X, Y, 1, 3)``), or, with ``rgb=False``, the same
+    images' rounded luma (greyscale); ``labelsTr/`` holds every true mask and ``pseudo/`` those of
+    ``c1`` .. (the pseudo-labels a training reads beside the template's real label)."""
+    from semisam_o1.data.folder_input import nifti_2d
+    from semisam_o1.data.images import luma
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for d in ("imagesTr", "labelsTr", "pseudo"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pix, mask = hue_image(rng)
+        img = pix if rgb else np.rint(luma(pix)).astype(np.uint8)
+        nib.save(nifti_2d(img, None), str(root / "imagesTr" / f"c{i}.nii.gz"))
+        for folder in ("labelsTr", "pseudo") if i else ("labelsTr",):
+            nib.save(nifti_2d(mask, None), str(root / folder / f"c{i}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
+    return root
+
+
 # --------------------------------------------------------------------------- an interrupted training
 
 
