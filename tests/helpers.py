@@ -288,6 +288,41 @@ def make_2d_cohort(root: str | Path, seed: int = 0) -> dict:
             "test_labels": root / "test_labels", "sizes": sizes}
 
 
+def make_nnunet_2d(root: str | Path, channels: str = "rgb", seed: int = 0) -> dict:
+    """An nnU-Net v2 2D dataset of :func:`synthetic_2d` images: ``imagesTr/<case>_0000.png`` (cases
+    ``t`` (the template), ``a``, ``b``, ``c``, ``s1``, ``s2``; sizes differ), ``labelsTr/<case>.png``
+    (0 / 1), ``dataset.json`` (``file_ending`` ``.png``, ``labels`` {"background": 0, "lesion": 1})
+    and ``splits.json`` (template ``t``, unlabeled ``a b c``, test ``s1 s2``).
+
+    ``channels``: ``rgb`` (one RGB PNG per case, ``channel_names`` R, G, B), ``split`` (nnU-Net's
+    three greyscale files ``_0000`` .. ``_0002`` per case) or ``grey`` (one greyscale PNG).
+
+    Returns the root, the split file, each case's (rows, columns) and its RGB / grey pixels."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for d in ("imagesTr", "labelsTr"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    sizes, pixels = {}, {}
+    for case, shape in (("t", (56, 72)), ("a", (56, 72)), ("b", (60, 70)), ("c", (52, 76)), ("s1", (56, 72)),
+                        ("s2", (62, 68))):
+        pix, mask = synthetic_2d(rng, shape=shape, rgb=channels != "grey")
+        if channels == "split":
+            for k in range(3):
+                Image.fromarray(np.ascontiguousarray(pix[..., k])).save(root / "imagesTr" / f"{case}_{k:04d}.png")
+        else:
+            Image.fromarray(pix).save(root / "imagesTr" / f"{case}_0000.png")
+        Image.fromarray(mask).save(root / "labelsTr" / f"{case}.png")
+        sizes[case], pixels[case] = shape, pix
+    names = {"0": "gray"} if channels == "grey" else {"0": "R", "1": "G", "2": "B"}
+    (root / "dataset.json").write_text(json.dumps({"channel_names": names, "labels": {"background": 0, "lesion": 1},
+                                                   "numTraining": len(sizes), "file_ending": ".png"}))
+    split = root / "splits.json"
+    split.write_text(json.dumps({"template": "t", "unlabeled": ["a", "b", "c"], "test": ["s1", "s2"]}))
+    return {"root": root, "split": split, "sizes": sizes, "pixels": pixels}
+
+
 #: the hue cohort's colours: equal luma (120.0 and 120.1, ITU-R BT.601), different hue
 HUE_BACKGROUND = (120, 120, 120)
 HUE_STRUCTURE = (200, 95, 40)
