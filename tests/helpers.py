@@ -288,6 +288,83 @@ def make_2d_cohort(root: str | Path, seed: int = 0) -> dict:
             "test_labels": root / "test_labels", "sizes": sizes}
 
 
+def make_nnunet_2d(root: str | Path, channels: str = "rgb", seed: int = 0) -> dict:
+    """An nnU-Net v2 2D dataset of :func:`synthetic_2d` images: ``imagesTr/<case>_0000.png`` (cases
+    ``t`` (the template), ``a``, ``b``, ``c``, ``s1``, ``s2``; sizes differ), ``labelsTr/<case>.png``
+    (0 / 1), ``dataset.json`` (``file_ending`` ``.png``, ``labels`` {"background": 0, "lesion": 1})
+    and ``splits.json`` (template ``t``, unlabeled ``a b c``, test ``s1 s2``).
+
+    ``channels``: ``rgb`` (one RGB PNG per case, ``channel_names`` R, G, B), ``split`` (nnU-Net's
+    three greyscale files ``_0000`` .. ``_0002`` per case) or ``grey`` (one greyscale PNG).
+
+    Returns the root, the split file, each case's (rows, columns) and its RGB / grey pixels."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for d in ("imagesTr", "labelsTr"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    sizes, pixels = {}, {}
+    for case, shape in (("t", (56, 72)), ("a", (56, 72)), ("b", (60, 70)), ("c", (52, 76)), ("s1", (56, 72)),
+                        ("s2", (62, 68))):
+        pix, mask = synthetic_2d(rng, shape=shape, rgb=channels != "grey")
+        if channels == "split":
+            for k in range(3):
+                Image.fromarray(np.ascontiguousarray(pix[..., k])).save(root / "imagesTr" / f"{case}_{k:04d}.png")
+        else:
+            Image.fromarray(pix).save(root / "imagesTr" / f"{case}_0000.png")
+        Image.fromarray(mask).save(root / "labelsTr" / f"{case}.png")
+        sizes[case], pixels[case] = shape, pix
+    names = {"0": "gray"} if channels == "grey" else {"0": "R", "1": "G", "2": "B"}
+    (root / "dataset.json").write_text(json.dumps({"channel_names": names, "labels": {"background": 0, "lesion": 1},
+                                                   "numTraining": len(sizes), "file_ending": ".png"}))
+    split = root / "splits.json"
+    split.write_text(json.dumps({"template": "t", "unlabeled": ["a", "b", "c"], "test": ["s1", "s2"]}))
+    return {"root": root, "split": split, "sizes": sizes, "pixels": pixels}
+
+
+#: the hue cohort's colours: equal luma (120.0 and 120.1, ITU-R BT.601), different hue
+HUE_BACKGROUND = (120, 120, 120)
+HUE_STRUCTURE = (200, 95, 40)
+
+
+def hue_image(rng: np.random.Generator, shape=(40, 40)) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image whose structure (an ellipse of radii 4..6.5 pixels anywhere in the image) differs
+    from the background in hue only: the two colours have the same luma to 0.1 grey level, and
+    every channel carries Gaussian noise (sd 6), so the luma alone cannot separate them.
+
+    Returns ``(pixels uint8 (H, W, 3), mask uint8 (H, W) 0/1)``."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = rng.uniform(8, h - 8), rng.uniform(8, w - 8)
+    ry, rx = rng.uniform(4, 6.5), rng.uniform(4, 6.5)
+    mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
+    pix = np.where(mask[..., None] > 0, np.array(HUE_STRUCTURE, float), np.array(HUE_BACKGROUND, float))
+    return np.clip(pix + rng.normal(0, 6, pix.shape), 0, 255).astype(np.uint8), mask
+
+
+def make_hue_dataset(root: str | Path, n: int = 4, rgb: bool = True, seed: int = 0) -> Path:
+    """An MSD-layout dataset of ``n`` :func:`hue_image` images ``c0`` .. ``c<n-1>`` as 2D NIfTI (as
+    ``run --images`` converts PNG: colour ``(X, Y, 1, 3)``), or, with ``rgb=False``, the same
+    images' rounded luma (greyscale); ``labelsTr/`` holds every true mask and ``pseudo/`` those of
+    ``c1`` .. (the pseudo-labels a training reads beside the template's real label)."""
+    from semisam_o1.data.folder_input import nifti_2d
+    from semisam_o1.data.images import luma
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for d in ("imagesTr", "labelsTr", "pseudo"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pix, mask = hue_image(rng)
+        img = pix if rgb else np.rint(luma(pix)).astype(np.uint8)
+        nib.save(nifti_2d(img, None), str(root / "imagesTr" / f"c{i}.nii.gz"))
+        for folder in ("labelsTr", "pseudo") if i else ("labelsTr",):
+            nib.save(nifti_2d(mask, None), str(root / folder / f"c{i}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
+    return root
+
+
 # --------------------------------------------------------------------------- an interrupted training
 
 

@@ -85,6 +85,7 @@ def test_2d_cohort_end_to_end(finished_2d):
     assert 0.0 <= dice <= 1.0
     config = json.loads((work / "round1" / "model" / "config.json").read_text())
     assert config["net"]["spatial_dims"] == 2 and config["patch"][2] == 1
+    assert config["net"]["in_channels"] == 1  # RGB and greyscale images mixed: the network sees intensities
     store = json.loads((work / "features" / "store.json").read_text())
     assert store["axes"] == [2]
     # the round-0 pseudo-labels of the pool are on each image's grid

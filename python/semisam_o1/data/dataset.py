@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 from semisam_o1.core.errors import InputError
 from semisam_o1.data.cases import index_folder, list_paths
-from semisam_o1.data.images import NIFTI_ENDINGS, Volume, read_image, read_label
+from semisam_o1.data.images import IMAGE_2D_ENDINGS, NIFTI_ENDINGS, Volume, read_image, read_label
 from semisam_o1.data.labels import LabelMap
 
 
@@ -47,7 +47,9 @@ class Dataset:
         ending = self.meta.get("file_ending")
         endings = (ending,) if ending else NIFTI_ENDINGS
         if ending and ending not in NIFTI_ENDINGS:
-            raise InputError(f"{meta_path}: file_ending {ending!r} is not supported (only .nii.gz and .nii)")
+            hint = "; `semisam-o1 run -i` converts an nnU-Net 2D dataset of PNG / JPEG / BMP / TIFF files" \
+                if str(ending).lower() in IMAGE_2D_ENDINGS else ""
+            raise InputError(f"{meta_path}: file_ending {ending!r} is not supported (only .nii.gz and .nii){hint}")
         self.file_ending = ending
         self.labels: dict[str, Path] = index_folder(self.root / "labelsTr", strip_channel=False, endings=endings)
         self.images: dict[str, Path] = {}

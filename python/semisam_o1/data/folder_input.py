@@ -12,6 +12,12 @@
       cases.json        case id -> original file, format and role, the labels' original files,
                         and the digest of the sources
 
+``run -i DATASET --split FILE`` with an nnU-Net v2 dataset of 2D files (``file_ending`` ``.png``,
+:class:`NnUNet2DInput`, :func:`check_nnunet_2d`) is converted the same way: every image of
+``imagesTr/`` / ``imagesTs/`` (``CASE_0000.png``, or nnU-Net's per-channel ``CASE_0000`` ..
+``CASE_0002`` stacked into one colour image) and every label of ``labelsTr/``; roles from the
+user's split; the final labels are named ``CASE.png`` as nnU-Net names labels.
+
 The case id of a file is its name without the ending (``scan_07.nrrd`` -> ``scan_07``).
 SimpleITK (Lowekamp et al., Front. Neuroinform. 2013) reads .nrrd / .mha and writes their
 NIfTI conversion with spacing, origin and direction kept (ITK's LPS world converted to
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -35,8 +42,11 @@ import numpy as np
 from semisam_o1.core.errors import InputError
 from semisam_o1.core.files import atomic_path, temporary_prefix, write_json
 from semisam_o1.core.resume import digest
+from semisam_o1.data.cases import list_paths
+from semisam_o1.data.dataset import load_split
 from semisam_o1.data.images import (
     ENDINGS,
+    IMAGE_2D_ENDINGS,
     check_same_geometry,
     ending,
     geometry,
@@ -51,6 +61,7 @@ from semisam_o1.data.images import (
     sitk_module,
     write_2d,
 )
+from semisam_o1.data.labels import LabelMap
 
 CASES_JSON = "cases.json"
 DATASET = "dataset"
@@ -154,7 +165,9 @@ class CheckedInputs:
     @property
     def sources_digest(self) -> str:
         given = {"modality": self.modality} if self.modality else {}  # a folder made without one: same digest
-        return digest({"cases": {c: [e["source"], e["role"], _stat(e["source"])] for c, e in self.cases.items()},
+        return digest({"cases": {c: [e["source"], e["role"], _stat(e["source"]),
+                                     *[[f, _stat(f)] for f in e.get("channels", [])[1:]]]
+                                 for c, e in self.cases.items()},
                        "labels": self.labels, **({"pixel_size": self.pixel_size} if self.pixel_size else {}),
                        "test_labels": {c: [str(p), _stat(p)] for c, p in self.test_labels.items()}, **given})
 
@@ -285,6 +298,152 @@ def check_inputs(inp: FolderInput) -> CheckedInputs:
                          pixel_size=sizes)
 
 
+# --------------------------------------------------------------------------- nnU-Net v2 2D datasets
+
+
+@dataclass
+class NnUNet2DInput:
+    """``run -i DATASET --split FILE`` where DATASET is an nnU-Net v2 dataset of 2D files
+    (``dataset.json`` ``file_ending`` ``.png``, ``.jpg``, ``.bmp``, ``.tif``; :func:`nnunet_2d_ending`):
+    converted into ``WORK/dataset`` as ``--images`` is."""
+
+    root: Path
+    split: Path
+
+
+_CHANNEL_NAME = re.compile(r"(.+)_(\d{4})")
+
+
+def nnunet_2d_ending(root: str | os.PathLike | None) -> str | None:
+    """The ``file_ending`` of the ``dataset.json`` in ``root`` when it names a 2D format (an nnU-Net
+    v2 dataset of PNG, JPEG, BMP or TIFF files), else None (no folder, no or unreadable
+    ``dataset.json``: :class:`semisam_o1.data.dataset.Dataset` reports those)."""
+    if root is None:
+        return None
+    try:
+        meta = json.loads((Path(root) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return None
+    found = meta.get("file_ending") if isinstance(meta, dict) else None
+    return found if isinstance(found, str) and ending(f"x{found}") in IMAGE_2D_ENDINGS else None
+
+
+def _channel_files(folder: Path, file_ending: str) -> dict[str, list[Path]]:
+    """Case id -> its channel files ``CASE_0000<ending>``, ``CASE_0001<ending>``, ... (in channel
+    order) in an nnU-Net images folder; hidden files and other endings skipped.
+
+    Raises:
+        InputError: a file without the ``_XXXX`` channel suffix, channels with a gap, or a broken link.
+    """
+    if not folder.is_dir():
+        return {}
+    files: dict[str, dict[int, Path]] = {}
+    bad = []
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or not f.name.lower().endswith(file_ending.lower()):
+            continue
+        refuse_broken_link(f)
+        if not f.is_file():
+            continue
+        m = _CHANNEL_NAME.fullmatch(f.name[: len(f.name) - len(file_ending)])
+        if m is None:
+            bad.append(f)
+            continue
+        files.setdefault(m.group(1), {})[int(m.group(2))] = f
+    if bad:
+        raise InputError(f"{folder}: {len(bad)} image(s) without nnU-Net's channel suffix (CASE_0000{file_ending}): "
+                         + list_paths(bad))
+    for case, chans in files.items():
+        if sorted(chans) != list(range(len(chans))):
+            raise InputError(f"{folder}: case {case} has channel files {sorted(chans)}; nnU-Net numbers them "
+                             "_0000, _0001, ... without a gap")
+    return {case: [chans[i] for i in range(len(chans))] for case, chans in files.items()}
+
+
+def check_nnunet_2d(inp: NnUNet2DInput) -> CheckedInputs:
+    """Check an nnU-Net v2 2D dataset and its split without writing anything: ``dataset.json``
+    (``labels``, ``file_ending``, ``channel_names``), ``imagesTr/`` and ``imagesTs/`` (``CASE_0000``
+    one file per case, greyscale or RGB; or ``CASE_0000`` .. ``CASE_0002`` three greyscale files,
+    red, green and blue), ``labelsTr/CASE<ending>`` on their images' grids, the split's cases.
+
+    Returns:
+        the :class:`CheckedInputs` :func:`materialise` writes: every image (roles from the split;
+        images the split does not name are ``unlabeled``), every label of ``labelsTr``, and per
+        case ``label_name``, ``CASE<ending>`` (``.png`` for JPEG), the name of its label in
+        ``WORK/final/labels``.
+
+    Raises:
+        InputError: one line naming the file: unreadable ``dataset.json`` or no ``labels``, no
+            image, files without the channel suffix, channel counts that differ between cases or
+            from ``channel_names``, a label without an image, a label of another size than its
+            image, a split naming a case the dataset lacks, or a template without a label.
+    """
+    root = Path(inp.root)
+    meta_path = root / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{meta_path}: cannot parse ({exc})") from None
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise InputError(f"{meta_path}: no 'labels' entry")
+    label_map = LabelMap.from_dataset_json(meta["labels"], source=str(meta_path))
+    file_ending = str(meta.get("file_ending"))
+    images: dict[str, list[Path]] = {}
+    for sub in ("imagesTr", "imagesTs"):
+        for case, files in _channel_files(root / sub, file_ending).items():
+            if case in images:
+                raise InputError(f"case {case} has an image in two folders: {images[case][0]} and {files[0]}")
+            images[case] = files
+    if not images:
+        raise InputError(f"{root}: no images in imagesTr/ (names CASE_0000{file_ending})")
+    counts = sorted({len(f) for f in images.values()})
+    if len(counts) > 1:
+        example = next(c for c, f in images.items() if len(f) != counts[0])
+        raise InputError(f"{root}: cases have {' or '.join(map(str, counts))} channel files (e.g. {example}: "
+                         f"{len(images[example])}); every case needs the same channels")
+    n = counts[0]
+    if n not in (1, 3):
+        raise InputError(f"{images[next(iter(images))][0]}: {n} channel files per case; 1 (a greyscale or RGB image) "
+                         "or 3 (red, green, blue) are supported")
+    declared = meta.get("channel_names") or {}
+    if declared and len(declared) != n and not (n == 1 and len(declared) == 3):  # 3: one RGB file, as nnU-Net
+        raise InputError(f"{meta_path}: channel_names lists {len(declared)} channel(s), imagesTr holds {n} file(s) "
+                         "per case")
+    labels = {}
+    lab_dir = root / "labelsTr"
+    for f in sorted(lab_dir.iterdir()) if lab_dir.is_dir() else []:
+        if f.name.startswith(".") or not f.name.lower().endswith(file_ending.lower()):
+            continue
+        refuse_broken_link(f)
+        labels[f.name[: len(f.name) - len(file_ending)]] = f
+    orphans = [f for c, f in labels.items() if c not in images]
+    if orphans:
+        raise InputError(f"{root}: {len(orphans)} label(s) without an image in imagesTr/: {list_paths(orphans)}")
+    sp = load_split(inp.split)
+    template = sp.get("template")
+    if not isinstance(template, str):
+        raise InputError(f"{inp.split}: the split has no single 'template' case")
+    test = [str(c) for c in sp.get("test", []) or []]
+    unknown = [c for c in [template, *(sp.get("unlabeled", []) or []), *test] if c not in images]
+    if unknown:
+        raise InputError(f"{inp.split}: case {unknown[0]} is not in {root / 'imagesTr'} or imagesTs"
+                         + (f" ({len(unknown)} such cases)" if len(unknown) > 1 else ""))
+    if template not in labels:
+        raise InputError(f"{lab_dir}: no label for the template {template} ({template}{file_ending})")
+    for case, lab in labels.items():
+        check_same_geometry(lab, images[case][0])
+    cases = {}
+    for case in [template, *sorted(c for c in images if c != template)]:
+        files = images[case]
+        cases[case] = {"source": str(files[0].resolve()), "role": "template" if case == template else "test"
+                       if case in test else "unlabeled", "label_name": output_name(f"{case}{file_ending}"),
+                       **({"channels": [str(f.resolve()) for f in files]} if n > 1 else {})}
+    modality = str(next(iter(declared.values()))).strip() if len(declared) == 1 else None
+    return CheckedInputs(cases=cases, labels=dict(zip(label_map.names, label_map.values)), template=template,
+                         test_labels={c: f.resolve() for c, f in labels.items()},
+                         modality=None if not modality or modality.lower() == "unknown" else modality)
+
+
 def nifti_2d(pixels: np.ndarray, pixel_size: float | None):
     """The NIfTI image of a 2D file's pixels (rows, columns[, 3]): (rows, columns, 1) or, for
     colour, (rows, columns, 1, 3), stored as read (uint8 / uint16 / ...), with the pixel size (mm)
@@ -326,15 +485,40 @@ def place_file(source: Path, folder: Path, case: str, label: bool = False, pixel
     return target
 
 
-def materialise(inp: FolderInput, work: str | os.PathLike) -> tuple[Path, Path]:
-    """Write (or reuse) ``WORK/dataset``; returns ``(dataset folder, split file)``.
+def place_channels(sources: list[Path], folder: Path, case: str) -> Path:
+    """``folder/<case>.nii.gz``: one colour image (:func:`nifti_2d`, ``(rows, columns, 1, 3)``) from
+    nnU-Net's three per-channel files of a case (``case_0000`` red, ``_0001`` green, ``_0002`` blue).
 
     Raises:
-        InputError: a bad input (see :func:`check_inputs`; nothing written), or a ``WORK/dataset`` made
-            from other sources (or unreadable) once a stage has written into ``WORK``.
+        InputError: a channel file that is not greyscale, or channels of different sizes.
+    """
+    import nibabel as nib
+
+    planes = [read_2d(f) for f in sources]
+    for f, plane in zip(sources, planes):
+        if plane.ndim != 2:
+            raise InputError(f"{f}: a colour file as one of {len(sources)} channel files; each channel file of "
+                             "a case holds one greyscale plane")
+        if plane.shape != planes[0].shape:
+            raise InputError(f"{f}: size {plane.shape} differs from its case's first channel {sources[0]} "
+                             f"{planes[0].shape}")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{case}.nii.gz"
+    nib.save(nifti_2d(np.stack(planes, axis=-1), None), str(target))
+    return target
+
+
+def materialise(inp: FolderInput | NnUNet2DInput, work: str | os.PathLike) -> tuple[Path, Path]:
+    """Write (or reuse) ``WORK/dataset``; returns ``(dataset folder, split file)`` (the split of a
+    :class:`NnUNet2DInput` is the user's; ``WORK/dataset/splits.json`` then holds its roles).
+
+    Raises:
+        InputError: a bad input (see :func:`check_inputs`, :func:`check_nnunet_2d`; nothing written),
+            or a ``WORK/dataset`` made from other sources (or unreadable) once a stage has written
+            into ``WORK``.
     """
 
-    p = check_inputs(inp)
+    p = check_inputs(inp) if isinstance(inp, FolderInput) else check_nnunet_2d(inp)
     root = Path(work) / DATASET
     split_file = root / "splits.json"
     mapping = root / CASES_JSON
@@ -390,7 +574,10 @@ def name_sources(message: str, dataset: str | os.PathLike) -> str:
 
 def _write_dataset(p: CheckedInputs, root: Path) -> None:
     for case, entry in p.cases.items():
-        place_file(Path(entry["source"]), root / "imagesTr", case, pixel_size=p.pixel_size.get(case))
+        if len(entry.get("channels", [])) > 1:
+            place_channels([Path(f) for f in entry["channels"]], root / "imagesTr", case)
+        else:
+            place_file(Path(entry["source"]), root / "imagesTr", case, pixel_size=p.pixel_size.get(case))
     for case, lab in p.test_labels.items():
         place_file(lab, root / "labelsTr", case, label=True, pixel_size=p.pixel_size.get(case))
     write_json(root / "dataset.json", {"name": "folder input", "labels": p.labels,

@@ -710,6 +710,26 @@ def _header_2d(path: Path) -> tuple[int, int, int]:
     return (int(h), int(w), 1)
 
 
+#: Pillow modes :func:`read_2d` reads as colour (rows, columns, 3)
+COLOUR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def colour_channels(path: str | os.PathLike) -> int:
+    """3 when :func:`read_image` gives ``path`` colour channels (``Volume.channels``: an RGB 2D file,
+    or a 2D NIfTI of shape (X, Y, 1, 3)), else 1; from the header alone.
+
+    Raises:
+        InputError: an unreadable file (as :func:`geometry`).
+    """
+    path = Path(path)
+    if is_2d_format(path):
+        return 3 if _open_2d(path).mode in COLOUR_MODES else 1
+    if is_nifti(path):
+        shape = _squeeze_3d(_load_nifti(path).shape, path, rgb_ok=True)
+        return 3 if len(shape) == 4 else 1
+    return 1
+
+
 def read_2d(path: str | os.PathLike) -> np.ndarray:
     """The pixels of a 2D file: (rows, columns) for greyscale (uint8, uint16, int32 or float32 as
     stored: 8- and 16-bit TIFF keep their values) or (rows, columns, 3) for colour. Palette images

@@ -115,11 +115,12 @@ def write_labels(work: Path, dataset, final: Path, template: str, unlabeled: lis
     """
 
     sources = _sources(dataset, [template, *unlabeled])
+    names = {c: e.get("label_name") for c, e in (read_cases(dataset.root) or {}).items()}  # nnU-Net: CASE.png
     written = {}
     for case, source in sources.items():
         lab = dataset.label_path(case) if case == template else \
             find_case_file(work / f"round{round_}" / "pseudo", case)
-        written[case] = write_label_like(lab, source, final / "labels" / output_name(source))
+        written[case] = write_label_like(lab, source, final / "labels" / (names.get(case) or output_name(source)))
     return written
 
 

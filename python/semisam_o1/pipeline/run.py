@@ -59,7 +59,14 @@ from semisam_o1.core.resume import FolderLock, check_output_dir, read_record, re
 from semisam_o1.core.settings import ComputeOptions, as_dict, check_range, command_line, forwarded, option
 from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.dataset import Dataset, load_split
-from semisam_o1.data.folder_input import DATASET, FolderInput, materialise, name_sources
+from semisam_o1.data.folder_input import (
+    DATASET,
+    FolderInput,
+    NnUNet2DInput,
+    materialise,
+    name_sources,
+    nnunet_2d_ending,
+)
 from semisam_o1.data.images import read_label
 from semisam_o1.methods.class_planes import CLASS_PLANES_JSON
 from semisam_o1.methods.metrics import mean_dice
@@ -95,8 +102,9 @@ SETTINGS_JSON = "run.json"
 class RunSettings(ComputeOptions, EngineOptions):
     """Settings of ``semisam-o1 run``; None fields take the preset's value."""
 
-    input: Path | None = option(None, "MSD / nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json); or "
-                                "give --images, --template-image and --template-label instead",
+    input: Path | None = option(None, "MSD / nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json; an nnU-Net "
+                                "v2 2D one, file_ending .png / .jpg / .bmp / .tif, is converted into WORK/dataset); "
+                                "or give --images, --template-image and --template-label instead",
                                 flags=("-i", "--input"), type=Path, metavar="DATASET")
     split: Path | None = option(None, "split JSON with 'template', 'unlabeled' and 'test' (with -i)", type=Path,
                                 metavar="FILE")
@@ -230,14 +238,24 @@ class RunSettings(ComputeOptions, EngineOptions):
 
     @property
     def folder_input(self):
-        """The plain-folder inputs (a :class:`semisam_o1.data.folder_input.FolderInput`), or None with -i."""
+        """What ``WORK/dataset`` is made from: the plain-folder inputs (a
+        :class:`semisam_o1.data.folder_input.FolderInput`), an nnU-Net v2 2D dataset given as ``-i`` (a
+        :class:`semisam_o1.data.folder_input.NnUNet2DInput`), or None (``-i`` a NIfTI dataset, read as it is)."""
         if self.images is None:
+            if nnunet_2d_ending(self.input) is not None:
+                return NnUNet2DInput(root=self.input, split=self.split)
             return None
 
         return FolderInput(images=self.images, template_image=self.template_image,
                            template_label=self.template_label, labels=self.labels,
                            test_images=self.test_images, test_labels=self.test_labels, modality=self.modality,
                            pixel_size=self.pixel_size)
+
+    @property
+    def dataset(self) -> Path:
+        """The dataset folder the stages read: ``-i``, or ``WORK/dataset`` where ``run`` converts the
+        input (``--images``, an nnU-Net v2 2D ``-i``)."""
+        return self.input if self.folder_input is None else self.output / DATASET
 
     @property
     def unet(self) -> str:
@@ -386,7 +404,7 @@ def _encode(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, plan: Pa
     else:
         planned = encode_overrides(read_plan(plan))
     stages.call("encode", "encode", encode,
-                encode.SETTINGS(input=s.input, output=feats, cases=(cohort.template, *cohort.unlabeled),
+                encode.SETTINGS(input=s.dataset, output=feats, cases=(cohort.template, *cohort.unlabeled),
                                 **planned, **_compute(s), **_engine(s)), feats)
     return feats
 
@@ -398,7 +416,7 @@ def _propagate(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, feats
     out = work / "round0" / "pseudo"
     weight = {} if position else {"position_weight": 0.0}
     stages.call("propagate", "propagate", propagate,
-                propagate.SETTINGS(input=s.input, features=feats, template=cohort.template, output=out,
+                propagate.SETTINGS(input=s.dataset, features=feats, template=cohort.template, output=out,
                                    cases=tuple(cohort.unlabeled), class_planes=s.class_planes, **weight,
                                    redo_changed=True, **_compute(s)), out)
     rule = out / CLASS_PLANES_JSON
@@ -412,7 +430,7 @@ def _plan(stages: Stages, s: RunSettings) -> Path | None:
 
     path = stages.work / "plan.json"
     if not path.is_file():
-        settings = plan.SETTINGS(input=s.input, split=s.split, output=path, budget_minutes=s.budget_minutes,
+        settings = plan.SETTINGS(input=s.dataset, split=s.split, output=path, budget_minutes=s.budget_minutes,
                                  device=s.device, threads=s.threads, quiet=s.quiet)
         print(f"[run] plan: {command_line('plan', settings)}", flush=True)
         plan.STAGE(settings)
@@ -426,7 +444,7 @@ def _train(stages: Stages, s: RunSettings, cohort: Cohort, r: int, cases: list[s
     rd = stages.work / f"round{r}"
     model = rd / "model"
     stages.call(f"round{r}/train", "train", train,
-                train.SETTINGS(input=s.input, labels=stages.work / f"round{r - 1}" / "pseudo",
+                train.SETTINGS(input=s.dataset, labels=stages.work / f"round{r - 1}" / "pseudo",
                                template=cohort.template, cases=(cohort.template, *cases), output=model,
                                ssl=s.ssl, confidence=_confidence(stages, s, r), preset=s.unet,
                                iterations=s.iterations,
@@ -449,7 +467,7 @@ def _confidence(stages: Stages, s: RunSettings, r: int) -> Path | None:
 def _predict(stages: Stages, s: RunSettings, name: str, model: Path, out: Path, cases: list[str],
              rule: Path | None) -> None:
     stages.call(name, "predict", predict,
-                predict.SETTINGS(input=s.input, model=model, output=out, cases=tuple(cases), class_planes=rule,
+                predict.SETTINGS(input=s.dataset, model=model, output=out, cases=tuple(cases), class_planes=rule,
                                  redo_changed=True, **_compute(s), **_engine(s)), out)
 
 
@@ -462,7 +480,7 @@ def _refine(stages: Stages, s: RunSettings, cohort: Cohort, r: int, feats: Path,
         return
 
     stages.call(f"round{r}/refine", "refine", refine,
-                refine.SETTINGS(input=s.input, features=feats, pred=rd / "pred", output=rd / "pseudo",
+                refine.SETTINGS(input=s.dataset, features=feats, pred=rd / "pred", output=rd / "pseudo",
                                 template=cohort.template, cases=tuple(cohort.unlabeled), mode=s.refine_mode,
                                 k=s.refine_k, quantile=s.refine_quantile, seed=s.seed, class_planes=rule,
                                 redo_changed=True, **_compute(s)),
@@ -492,7 +510,7 @@ def _evaluate(stages: Stages, s: RunSettings, cohort: Cohort, r: int) -> None:
     if out.is_file() and f"round{r}/predict_test" not in stages.worked:
         return
     print(f"[run] round{r}/evaluate", flush=True)
-    evaluate.STAGE(evaluate.SETTINGS(input=rd / "test", gt=s.input, cases=tuple(cohort.test), output=out,
+    evaluate.STAGE(evaluate.SETTINGS(input=rd / "test", gt=s.dataset, cases=tuple(cohort.test), output=out,
                                      quiet=True))
 
 
@@ -641,7 +659,7 @@ def run(settings: RunSettings) -> dict:
 
 def _validated(s: RunSettings, work: Path) -> tuple[Dataset, Cohort]:
     """The dataset and the run's cases, every input read and checked (:func:`validate_run`)."""
-    dataset = Dataset(s.input)
+    dataset = Dataset(s.dataset)
     cohort = case_lists(dataset, s)
     check_settings(work, s)
     validate_run(dataset, cohort.template, cohort.unlabeled, cohort.test, work, rounds=s.rounds,

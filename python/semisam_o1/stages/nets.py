@@ -26,6 +26,7 @@ import numpy as np
 
 from semisam_o1.core.errors import InputError
 from semisam_o1.core.resume import RECORD
+from semisam_o1.data.images import Volume, colour_channels
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.pt"
@@ -164,6 +165,61 @@ def normalise(array: np.ndarray, params: dict | None = None) -> np.ndarray:
     return ((a - mean) / std).astype(np.float32)
 
 
+def normalise_channels(channels: np.ndarray, params: dict | None = None) -> np.ndarray:
+    """:func:`normalise` applied to each channel of ``channels`` on its own (an RGB image: each
+    colour clipped and z-scored with its own percentiles, mean and standard deviation).
+
+    Args:
+        channels: (C, X, Y, Z) any real dtype.
+        params: as for :func:`normalise`.
+
+    Returns:
+        (C, X, Y, Z) float32.
+    """
+    return np.stack([normalise(c, params) for c in np.asarray(channels)])
+
+
+def image_channels(volume: Volume, in_channels: int) -> np.ndarray:
+    """A network's raw input from an image: ``(1, X, Y, Z)`` its intensities (a colour image's
+    luma) for a one-channel network, ``(3, X, Y, Z)`` its RGB for a three-channel one.
+
+    Args:
+        volume: the image (:func:`semisam_o1.data.images.read_image`).
+        in_channels: the network's input channels (``config.json`` ``net.in_channels``).
+
+    Returns:
+        float32 (in_channels, X, Y, Z).
+
+    Raises:
+        InputError: a three-channel network and an image without colour channels.
+    """
+    if int(in_channels) == 1:
+        return np.asarray(volume.array, np.float32)[None]
+    if volume.channels is None:
+        raise InputError(_not_colour(volume.path, in_channels))
+    return np.ascontiguousarray(np.moveaxis(volume.channels, -1, 0), dtype=np.float32)
+
+
+def check_channels(path, in_channels: int) -> None:
+    """Raise InputError (one line naming ``path``) when a network of ``in_channels`` input channels
+    cannot take the image ``path`` (a greyscale image for an RGB network); header only."""
+    if int(in_channels) != 1 and colour_channels(path) != int(in_channels):
+        raise InputError(_not_colour(path, in_channels))
+
+
+def _not_colour(path, in_channels: int) -> str:
+    return (f"{path}: a greyscale image, but the model takes RGB images ({int(in_channels)} input channels: it was "
+            "trained on a colour cohort); give the image in colour or use a model trained on greyscale images")
+
+
+def cohort_channels(paths) -> int:
+    """The UNet's input channels for a cohort of images: 3 when every image is colour (RGB 2D
+    images: the network sees the three channels), else 1 (the intensities; a colour image among
+    greyscale ones gives its luma, so that the model takes every image of the cohort). Headers only."""
+    paths = list(paths)
+    return 3 if paths and all(colour_channels(p) == 3 for p in paths) else 1
+
+
 def working_shape(shape, spacing, working_spacing) -> tuple[int, int, int]:
     """The voxel shape of a volume of ``shape`` voxels at ``spacing`` mm resampled to
     ``working_spacing`` mm (the same physical extent; at least 1 voxel per axis)."""
@@ -203,14 +259,15 @@ def resample_label(label: np.ndarray, shape, num_classes: int) -> np.ndarray:
 
 def net_params(cfg: dict, num_classes: int) -> dict:
     """Keyword arguments of ``monai.networks.nets.UNet`` for a preset dict (``spatial_dims`` 2 for
-    a 2D one, :func:`for_2d`: each level's stride of the two image axes)."""
+    a 2D one, :func:`for_2d`: each level's stride of the two image axes; ``in_channels`` the
+    preset's, 1 unless set: 3 for an RGB cohort, :func:`cohort_channels`)."""
     dims = int(cfg.get("spatial_dims", 3))
     strides = list(cfg["strides"])
     if dims == 2:
         strides = [list(s[:2]) if isinstance(s, (list, tuple)) else s for s in strides]
     return {
         "spatial_dims": dims,
-        "in_channels": 1,
+        "in_channels": int(cfg.get("in_channels", 1)),
         "out_channels": int(num_classes),
         "channels": list(cfg["channels"]),
         "strides": strides,

@@ -4,8 +4,9 @@
 [--subset NAMES]] [--device auto|cpu|cuda] [--threads N] [--probabilities]
 [--class-planes RULE] [--overwrite]``
 
-For each case: the image is normalised with the model's own normalisation
-(:func:`semisam_o1.stages.nets.normalise`), run through
+For each case: the image (its RGB for a model of 3 input channels, trained on a colour 2D cohort;
+a greyscale image is then refused before anything is written) is normalised with the model's own
+normalisation (:func:`semisam_o1.stages.nets.normalise_channels`), run through
 ``monai.inferers.sliding_window_inference`` (window = the training patch,
 Gaussian blending, zero padding for volumes smaller than the window), and the
 softmax probabilities p (K classes) give
@@ -150,7 +151,8 @@ def predict_volume(net, image: np.ndarray, config: dict, device, mirror: bool = 
 
     Args:
         net: the UNet in eval mode on ``device``.
-        image: (X, Y, Z) canonical image array, raw intensities.
+        image: (X, Y, Z) canonical image array, raw intensities, or (C, X, Y, Z) the network's input
+            channels (:func:`semisam_o1.stages.nets.image_channels`; each normalised on its own).
         config: the model's config.json (normalisation, patch, preset parameters, and ``spacing``:
             the working spacing in mm the network was trained at, or None for the image's own).
         device: the torch.device of ``net``.
@@ -169,12 +171,14 @@ def predict_volume(net, image: np.ndarray, config: dict, device, mirror: bool = 
     from monai.inferers import sliding_window_inference
 
     cfg = config["preset_params"]
-    norm = nets.normalise(image, config["normalisation"])[None]
+    image = np.asarray(image)
+    norm = nets.normalise_channels(image if image.ndim == 4 else image[None], config["normalisation"])
+    grid = norm.shape[1:]
     working = config.get("spacing")
     if working is not None:
         if spacing is None:
             raise ValueError("the model works at a resampled spacing: give the image's spacing")
-        norm = nets.resample(norm, nets.working_shape(image.shape, spacing, working), "trilinear")
+        norm = nets.resample(norm, nets.working_shape(grid, spacing, working), "trilinear")
     x = torch.as_tensor(norm[None]).to(device)
     flips = mirror_sets(config) if mirror else [()]
     total = None
@@ -191,9 +195,24 @@ def predict_volume(net, image: np.ndarray, config: dict, device, mirror: bool = 
             total = probs if total is None else total + probs
     probs = (total / len(flips)).cpu().numpy().astype(np.float32)
     if working is not None:
-        probs = nets.resample(probs, image.shape, "trilinear")
+        probs = nets.resample(probs, grid, "trilinear")
         probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-12)
     return probs
+
+
+def in_channels(config: dict) -> int:
+    """The model's input channels (``config.json`` ``net.in_channels``; 1 for a model without it)."""
+    return int(config["net"].get("in_channels", 1))
+
+
+def model_input(volume, config: dict) -> np.ndarray:
+    """The (C, X, Y, Z) raw input of the model ``config`` for an image (its intensities, or its RGB
+    channels for a three-channel model: :func:`semisam_o1.stages.nets.image_channels`).
+
+    Raises:
+        InputError: a greyscale image for a three-channel model (one line naming the file).
+    """
+    return nets.image_channels(volume, in_channels(config))
 
 
 def labels_from_probs(probs: np.ndarray, config: dict, rule=None) -> np.ndarray:
@@ -252,8 +271,9 @@ def prepare(settings: PredictSettings, dev) -> _PredictSetup:
         raise InputError(f"{settings.model}: trained on label values {config['label_map']['values']}, "
                          f"the dataset declares {list(ds.label_map.values)}")
     rule = planes.read(settings.class_planes) if settings.class_planes is not None else None
-    for case in cases:  # a header that cannot be read stops here, before the folder exists
+    for case in cases:  # a header that cannot be read, or a greyscale image for an RGB model, stops here
         canonical_shape(ds.image_path(case))
+        nets.check_channels(ds.image_path(case), in_channels(config))
     inputs = {"model_sha256": file_sha256(settings.model / nets.WEIGHTS_NAME),
               "class_planes": None if rule is None else rule.to_json(),
               "images": {c: file_sha256(ds.image_path(c)) for c in cases}}
@@ -270,7 +290,8 @@ def predict_case(setup: _PredictSetup, settings: PredictSettings, case: str, dev
     """
     out = settings.output
     img = setup.ds.read_image(case)
-    probs = predict_volume(setup.net, img.array, setup.config, dev, mirror=settings.mirror, spacing=img.spacing)
+    probs = predict_volume(setup.net, model_input(img, setup.config), setup.config, dev, mirror=settings.mirror,
+                           spacing=img.spacing)
     ent = entropy_map(probs)
     if settings.probabilities:
         write_map(probs_file(out, case), np.moveaxis(probs, 0, -1), img)
@@ -402,7 +423,8 @@ def _predict_file(setup: _PredictSetup, settings: PredictSettings, case: str, so
 
     with tempfile.TemporaryDirectory() as tmp:
         img = _read_scan(source, Path(tmp))
-        probs = predict_volume(setup.net, img.array, setup.config, dev, mirror=settings.mirror, spacing=img.spacing)
+        probs = predict_volume(setup.net, model_input(img, setup.config), setup.config, dev, mirror=settings.mirror,
+                               spacing=img.spacing)
         lab = labels_from_probs(probs, setup.config, setup.rule)
         target = Path(settings.output) / source.name
         if is_nifti(source):
@@ -438,6 +460,7 @@ def _prepare_files(settings: PredictSettings, dev) -> tuple[_PredictSetup, dict[
     label_map = LabelMap.from_values(config["label_map"]["values"], config["label_map"]["names"])
     expected = (read_bundle(settings.model) or {}).get("spacing_mm")
     for path in scans.values():
+        nets.check_channels(path, in_channels(config))
         _warn_if_spacing_differs(path, geometry(path)[1], expected)
     inputs = {"model_sha256": file_sha256(settings.model / nets.WEIGHTS_NAME),
               "class_planes": None if rule is None else rule.to_json(),

@@ -26,7 +26,9 @@ Training
     +-15 degrees and scaling up to +-15% about each axis, image trilinear,
     label nearest, border padding). Intensities are normalised per volume by
     :func:`semisam_o1.stages.nets.normalise` (0.5/99.5 percentile clip + z-score),
-    the same function ``predict`` uses. All volumes are kept in memory.
+    the same function ``predict`` uses. A cohort of colour 2D images (every image of the dataset
+    RGB) trains on the three channels, each normalised on its own (``in_channels`` 3 in
+    config.json; :func:`semisam_o1.stages.nets.cohort_channels`). All volumes are kept in memory.
     Each patch comes from a training volume drawn uniformly, or, with
     ``--template-share F``, from the template (the one real label) with
     probability F and uniformly from the pseudo-labelled volumes otherwise.
@@ -288,7 +290,7 @@ def confidence_weight(entropy: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], norm: dict, quiet: bool = True,
-                       working_spacing=None, confidence: dict[str, Path] | None = None):
+                       working_spacing=None, confidence: dict[str, Path] | None = None, in_channels: int = 1):
     """Read and check every training image / label, normalise, keep in memory.
 
     Args:
@@ -302,21 +304,25 @@ def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], n
         confidence: None, or {case: entropy map} (:func:`confidence_paths`): every volume then also
             gets ``"weight"`` (1, X, Y, Z) float32, :func:`confidence_weight` of its map (resampled
             trilinearly), 1 everywhere for a case without one.
+        in_channels: the network's input channels: 1 (the intensities; a colour image's luma) or
+            3 (the RGB channels of colour 2D images, :func:`semisam_o1.stages.nets.image_channels`),
+            each channel normalised on its own (:func:`semisam_o1.stages.nets.normalise_channels`).
 
     Returns:
-        a list of dicts ``{"case", "image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}``
-        (on the working grid), plus ``"weight"`` with ``confidence``.
+        a list of dicts ``{"case", "image": (C, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}``
+        (C = ``in_channels``; on the working grid), plus ``"weight"`` (1, X, Y, Z) with ``confidence``.
 
     Raises:
         InputError: naming the case for a label or an entropy map on another grid or undeclared
-            label values.
+            label values, or a greyscale image for a three-channel network.
     """
 
     data = []
     for case in progress(cases, desc="load", quiet=quiet):
         img = ds.read_image(case)
         lab = read_label(labels[case], ds.label_map, reference=img)
-        image, label = nets.normalise(img.array, norm)[None], np.ascontiguousarray(lab.array)
+        image = nets.normalise_channels(nets.image_channels(img, in_channels), norm)
+        label = np.ascontiguousarray(lab.array)
         if working_spacing is not None:
             shape = nets.working_shape(img.shape, img.spacing, working_spacing)
             image = nets.resample(image, shape, "trilinear")
@@ -330,7 +336,7 @@ def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], n
                 if working_spacing is not None:
                     weight = np.clip(nets.resample(weight, image.shape[1:], "trilinear"), 0.0, 1.0)
             else:
-                weight = np.ones(image.shape, np.float32)
+                weight = np.ones((1, *image.shape[1:]), np.float32)
             entry["weight"] = np.ascontiguousarray(weight, dtype=np.float32)
         data.append(entry)
     return data
@@ -505,6 +511,9 @@ def prepare(settings: TrainSettings) -> _TrainSetup | dict:
     template, cases = training_cases(ds, settings)
     if canonical_shape(ds.image_path(template))[2] == 1:  # 2D images: a 2D network
         cfg = nets.for_2d(cfg)
+        channels = nets.cohort_channels(ds.image_path(c) for c in ds.cases)  # every image it will predict
+        if channels != 1:  # an RGB cohort: the network sees the three colours
+            cfg["in_channels"] = channels
     labels = label_paths(ds, settings.labels, template, cases)
     confidence = confidence_paths(settings.confidence, template, cases)
     record = open_stage(settings.output, "train", settings,
@@ -517,7 +526,8 @@ def prepare(settings: TrainSettings) -> _TrainSetup | dict:
         return {**(record.summary() or {}), "skipped": True}
     t0 = time.time()
     data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), quiet=settings.quiet,
-                              working_spacing=cfg.get("spacing"), confidence=confidence)
+                              working_spacing=cfg.get("spacing"), confidence=confidence,
+                              in_channels=int(cfg.get("in_channels", 1)))
     return _TrainSetup(cfg=cfg, config=model_config(settings, cfg, ds, template, cases), data=data, record=record,
                  load_seconds=time.time() - t0)
 
@@ -585,7 +595,7 @@ def seed_block(settings: TrainSettings, block: int, transforms) -> np.random.Gen
 
 
 def training_step(net, teacher, optim, loss_fn, x, y, it: int, n_iter: int, cfg: dict) -> tuple:
-    """One optimiser step on the batch ``x`` (B, 1, X, Y, Z) float32 / ``y`` (B, 1, X, Y, Z) int64.
+    """One optimiser step on the batch ``x`` (B, C, X, Y, Z) float32 / ``y`` (B, 1, X, Y, Z) int64.
 
     The loss is DiceCE plus, with a teacher, the mean teacher's consistency (mean squared
     difference of the softmaxes, weight ramped up as in the module docstring); the teacher is
