@@ -368,3 +368,36 @@ def test_cohort_labels_against_themselves(cohort, tmp_path):
         pc = res["per_class"][name]
         assert pc["dice"]["mean"] == pytest.approx(1.0) and pc["hd95"]["mean"] == 0.0 and pc["n_cases"] == 2
         assert pc["n_empty_gt"] == 0
+
+
+def test_distances_of_2d_images_are_in_pixels_unless_a_pixel_size_is_known(tmp_path, capsys):
+    """PNG masks (no size) score HD95 / ASD in pixels and say so (JSON ``distance_unit``, CSV
+    columns, table header); the same masks as 2D NIfTI with a pixel size of 0.5 mm, in mm (half);
+    a 3D NIfTI stays mm."""
+    from PIL import Image
+
+    from semisam_o1.data.folder_input import nifti_2d
+
+    gt = np.zeros((30, 40), np.uint8)
+    gt[10:20, 10:20] = 1
+    pred = np.roll(gt, 3, axis=0)  # a square shifted by 3 pixels: HD95 3 pixels
+    for folder, mask in (("gt", gt), ("pred", pred)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(mask).save(tmp_path / folder / "c.png")
+    assert cli_main(["evaluate", "-i", str(tmp_path / "pred"), "-g", str(tmp_path / "gt"),
+                     "-o", str(tmp_path / "px.json")]) == 0
+    px = json.loads((tmp_path / "px.json").read_text())
+    assert px["distance_unit"] == "pixels"
+    assert px["cases"]["c"]["1"]["hd95"] == pytest.approx(3.0)
+    assert "HD95 px" in capsys.readouterr().out
+    assert "hd95_px" in (tmp_path / "px.csv").read_text().splitlines()[0]
+    import nibabel as nib
+
+    for folder, mask in (("gt_mm", gt), ("pred_mm", pred)):
+        (tmp_path / folder).mkdir()
+        nib.save(nifti_2d(mask, 0.5), str(tmp_path / folder / "c.nii.gz"))
+    mm = _score(tmp_path / "pred_mm", tmp_path / "gt_mm")
+    assert mm["distance_unit"] == "mm" and mm["cases"]["c"]["1"]["hd95"] == pytest.approx(1.5)
+    _label(tmp_path / "gt3" / "c.nii.gz", _cube())
+    _label(tmp_path / "pred3" / "c.nii.gz", _cube())
+    assert _score(tmp_path / "pred3", tmp_path / "gt3")["distance_unit"] == "mm"

@@ -84,7 +84,8 @@ def index_folder(
     endings: Sequence[str] = NIFTI_ENDINGS,
     label_ids: Iterable[str] | None = None,
 ) -> dict[str, Path]:
-    """Map case id -> file for the NIfTI files of ``folder`` (hidden files skipped).
+    """Map case id -> file for the files of ``folder`` with one of ``endings`` (default: NIfTI; hidden
+    files skipped).
 
     ``strip_channel``: True / False, or ``"auto"`` to decide from the names (and
     ``label_ids`` when given) whether the folder uses nnU-Net's ``_0000``
@@ -97,11 +98,10 @@ def index_folder(
         return {}
     files = []
     for p in sorted(folder.iterdir()):
-        if not any(p.name.endswith(e) for e in endings):
+        matched = [e for e in endings if p.name.endswith(e)]
+        if not matched or p.name.startswith("."):
             continue
-        stem = case_id_from_path(p, strip_channel=False)
-        if stem is None:
-            continue
+        stem = p.name[: len(p.name) - max(len(e) for e in matched)]
         refuse_broken_link(p)
         if not p.is_file():
             continue

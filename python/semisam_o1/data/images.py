@@ -436,6 +436,8 @@ IMAGE_2D_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 ENDINGS = NIFTI_ENDINGS + ITK_ENDINGS + IMAGE_2D_ENDINGS
+#: the formats a label (mask) may come in: every image format but lossy JPEG
+LABEL_ENDINGS = NIFTI_ENDINGS + ITK_ENDINGS + tuple(e for e in IMAGE_2D_ENDINGS if e not in (".jpg", ".jpeg"))
 
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -824,6 +826,19 @@ def _volume_2d(path: Path, pixels: np.ndarray, label: bool) -> Volume:
                                            nib.orientations.axcodes2ornt(("R", "A", "S")))
     return Volume(array=array, affine=np.eye(4), path=path, native_affine=np.eye(4), header=header, ornt=ornt,
                   channels=channels)
+
+
+def distance_unit(vol: Volume) -> str:
+    """The unit of distances measured on ``vol``'s grid: ``"pixels"`` for a one-slice image (2D)
+    whose header names no length unit (a 2D file, or a 2D NIfTI written without ``--pixel-size``:
+    its spacing is 1 per pixel, not a size), else ``"mm"`` (NIfTI's and ITK's convention for volumes)."""
+    if vol.array.shape[2] != 1:
+        return "mm"
+    try:
+        unit = vol.header.get_xyzt_units()[0]
+    except AttributeError:  # a header that carries no units (ITK formats: mm by convention)
+        return "mm"
+    return "pixels" if unit in (None, "unknown") else "mm"
 
 
 def write_2d(path: str | os.PathLike, values: np.ndarray) -> Path:

@@ -49,6 +49,11 @@ standard deviation (population, ddof=0) are over all the evaluated cases
 reported beside them. The convention is written in ``metrics.json``
 (``convention``) and under the printed table.
 
+Distances are in mm, except on 2D images whose size is unknown (a PNG / TIFF / BMP mask, or a 2D
+NIfTI written without ``--pixel-size``: :func:`semisam_o1.data.images.distance_unit`), where they
+are in pixels: ``distance_unit`` in the JSON, ``hd95_px`` / ``asd_px`` in the CSV, ``HD95 px`` in the
+table. Ground truth and predictions may be NIfTI, NRRD / MHA or 2D masks (PNG, TIFF, BMP).
+
 Outputs (``-o``, default ``PRED/metrics.json``), written atomically after every
 case is scored: the JSON (``command``, ``convention``, ``cases`` per case and
 class, ``per_class`` mean / std / counts, ``summary`` ``{metric: {class: mean}}``
@@ -79,7 +84,7 @@ from semisam_o1.core.resume import check_output_dir
 from semisam_o1.core.settings import REQUIRED, Checked, command_line, option
 from semisam_o1.data.cases import find_case_file, index_label_folder, list_paths
 from semisam_o1.data.dataset import Dataset
-from semisam_o1.data.images import check_same_grid, read_label, read_label_values
+from semisam_o1.data.images import LABEL_ENDINGS, check_same_grid, distance_unit, read_label, read_label_values
 from semisam_o1.data.labels import LabelMap
 from semisam_o1.methods.metrics import dice
 
@@ -187,9 +192,10 @@ def _ground_truth(gt: Path):
     if (gt / "dataset.json").is_file() and (gt / "labelsTr").is_dir():
         ds = Dataset(gt)
         return dict(ds.labels), ds.label_map, "dataset"
-    files = index_label_folder(gt)
+    files = index_label_folder(gt, LABEL_ENDINGS)
     if not files:
-        raise InputError(f"{gt}: no label files (.nii.gz / .nii) and no dataset (dataset.json + labelsTr/)")
+        raise InputError(f"{gt}: no label files ({' / '.join(LABEL_ENDINGS)}) and no dataset "
+                         "(dataset.json + labelsTr/)")
     return files, None, "folder"
 
 
@@ -235,7 +241,7 @@ def _resolve_cases(pred: Path, gt_files: dict, cases: Sequence[str] | None):
     if cases:
         chosen, pred_files = _listed_cases(pred, gt_files, cases)
         return chosen, pred_files, []
-    pred_index = index_label_folder(pred)
+    pred_index = index_label_folder(pred, LABEL_ENDINGS)
     chosen = sorted(set(pred_index) & set(gt_files))
     if not chosen:
         raise InputError(f"{pred}: no prediction file matches a ground-truth case "
@@ -347,11 +353,12 @@ class _Scorer:
         return out
 
 
-def score_case(scorer: _Scorer, case: str, gt_file: Path, pred_file: Path, label_map) -> dict:
-    """The metrics of one case, per foreground class.
+def score_case(scorer: _Scorer, case: str, gt_file: Path, pred_file: Path, label_map) -> tuple[dict, str]:
+    """The metrics of one case, per foreground class, and the unit of its distances.
 
     Returns:
-        ``{class name: {dice, jaccard, hd95, asd, empty_gt, empty_pred}}``.
+        ``({class name: {dice, jaccard, hd95, asd, empty_gt, empty_pred}}, unit)``, unit ``"mm"`` or
+        ``"pixels"`` (:func:`semisam_o1.data.images.distance_unit` of the ground truth).
 
     Raises:
         InputError: a file is unreadable, holds an undeclared value, or the prediction's grid
@@ -364,8 +371,8 @@ def score_case(scorer: _Scorer, case: str, gt_file: Path, pred_file: Path, label
         check_same_grid(pred_vol, gt_vol, what="ground truth")
     except InputError as exc:
         raise InputError(f"case {case}: {exc}") from None
-    return {label_map.names[c]: scorer(pred_vol.array == c, gt_vol.array == c, gt_vol.spacing)
-            for c in label_map.foreground}
+    return ({label_map.names[c]: scorer(pred_vol.array == c, gt_vol.array == c, gt_vol.spacing)
+             for c in label_map.foreground}, distance_unit(gt_vol))
 
 
 def _stats(values: list[float]) -> dict:
@@ -436,9 +443,11 @@ def evaluate(settings: EvaluateSettings) -> dict:
     scorer = _Scorer()
     bar = progress(chosen, quiet=settings.quiet, desc="evaluate")
     try:
-        per_case = {case: score_case(scorer, case, gt_files[case], pred_files[case], label_map) for case in bar}
+        scored = {case: score_case(scorer, case, gt_files[case], pred_files[case], label_map) for case in bar}
     finally:
         getattr(bar, "close", lambda: None)()  # an error line starts on a line of its own
+    per_case = {case: metrics for case, (metrics, _) in scored.items()}
+    units = sorted({unit for _, unit in scored.values()})
     per_class, summary, mean_fg = summarise(per_case, label_map)
     result = {
         "command": command_line("evaluate", settings),
@@ -447,6 +456,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         "classes": {name: int(v) for name, v in zip(label_map.names, label_map.values)},
         "metrics": dict(METRIC_SOURCES), "convention": CONVENTION, "monai_version": monai.__version__,
         "n_cases": len(chosen), "unmatched_predictions": unmatched,
+        "distance_unit": "/".join(units) if units else "mm",
         "cases": per_case, "per_class": per_class, "summary": summary, "mean_foreground": mean_fg,
         "output": {"json": str(out), "csv": str(csv_path)},
     }
@@ -473,11 +483,17 @@ def _print_result(result: dict, unmatched: list[str]) -> None:
     print(f"wrote {result['output']['json']} and {result['output']['csv']}")
 
 
+def _unit_suffix(result: dict) -> str:
+    """``mm``, ``px`` (2D images without a pixel size) or ``mm/px`` (both among the cases)."""
+    return result.get("distance_unit", "mm").replace("pixels", "px")
+
+
 def format_csv(result: dict) -> str:
     """CSV text: one row per case and class, then ``mean`` and ``std`` rows per class."""
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "class", "value", "dice", "jaccard", "hd95_mm", "asd_mm", "empty_gt", "empty_pred"])
+    u = _unit_suffix(result)
+    w.writerow(["case", "class", "value", "dice", "jaccard", f"hd95_{u}", f"asd_{u}", "empty_gt", "empty_pred"])
     names = list(result["per_class"])
     for case, entry in result["cases"].items():
         for name in names:
@@ -504,7 +520,9 @@ def _fmt(x) -> str:
 def format_table(result: dict) -> str:
     """A small text table: per class n, mean ± std of each metric, empty counts; the
     empty-mask convention as its footer."""
-    head = f"{'class':<16} {'n':>4} {'Dice':>16} {'Jaccard':>16} {'HD95 mm':>16} {'ASD mm':>16} {'empty gt/pred':>14}"
+    u = _unit_suffix(result)
+    head = (f"{'class':<16} {'n':>4} {'Dice':>16} {'Jaccard':>16} {'HD95 ' + u:>16} {'ASD ' + u:>16} "
+            f"{'empty gt/pred':>14}")
     lines = [f"{result['n_cases']} case(s); classes from {result['classes_from']}", head, "-" * len(head)]
     for name, pc in result["per_class"].items():
         cells = []
