@@ -15,6 +15,22 @@ from semisam_o1.data.images import IMAGE_2D_ENDINGS, NIFTI_ENDINGS, Volume, read
 from semisam_o1.data.labels import LabelMap
 
 
+def read_dataset_json(meta_path: Path) -> tuple[dict, LabelMap]:
+    """``dataset.json`` decoded, and the label map of its ``labels`` (the one reader of the file).
+
+    Raises:
+        InputError: one line naming ``meta_path``: unreadable, not JSON, not an object, or without
+            ``labels`` (or labels :class:`LabelMap` refuses).
+    """
+    try:
+        meta = json.loads(Path(meta_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{meta_path}: cannot parse ({exc})") from None
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise InputError(f"{meta_path}: no 'labels' entry")
+    return meta, LabelMap.from_dataset_json(meta["labels"], source=str(meta_path))
+
+
 class Dataset:
     """An MSD / nnU-Net dataset folder: ``dataset.json``, ``imagesTr/``, ``labelsTr/``
     (and ``imagesTs/`` when present).
@@ -37,13 +53,7 @@ class Dataset:
             raise InputError(f"{self.root}: dataset folder not found")
         if not meta_path.is_file():
             raise InputError(f"{meta_path}: not found (an MSD / nnU-Net dataset needs dataset.json)")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{meta_path}: cannot parse ({exc})") from None
-        if "labels" not in self.meta:
-            raise InputError(f"{meta_path}: no 'labels' entry")
-        self.label_map = LabelMap.from_dataset_json(self.meta["labels"], source=str(meta_path))
+        self.meta, self.label_map = read_dataset_json(meta_path)
         ending = self.meta.get("file_ending")
         endings = (ending,) if ending else NIFTI_ENDINGS
         if ending and ending not in NIFTI_ENDINGS:

@@ -43,7 +43,7 @@ from semisam_o1.core.errors import InputError
 from semisam_o1.core.files import atomic_path, temporary_prefix, write_json
 from semisam_o1.core.resume import digest
 from semisam_o1.data.cases import list_paths
-from semisam_o1.data.dataset import load_split
+from semisam_o1.data.dataset import load_split, read_dataset_json
 from semisam_o1.data.images import (
     ENDINGS,
     IMAGE_2D_ENDINGS,
@@ -61,7 +61,6 @@ from semisam_o1.data.images import (
     sitk_module,
     write_2d,
 )
-from semisam_o1.data.labels import LabelMap
 
 CASES_JSON = "cases.json"
 DATASET = "dataset"
@@ -380,13 +379,7 @@ def check_nnunet_2d(inp: NnUNet2DInput) -> CheckedInputs:
     """
     root = Path(inp.root)
     meta_path = root / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{meta_path}: cannot parse ({exc})") from None
-    if not isinstance(meta, dict) or "labels" not in meta:
-        raise InputError(f"{meta_path}: no 'labels' entry")
-    label_map = LabelMap.from_dataset_json(meta["labels"], source=str(meta_path))
+    meta, label_map = read_dataset_json(meta_path)
     file_ending = str(meta.get("file_ending"))
     images: dict[str, list[Path]] = {}
     for sub in ("imagesTr", "imagesTs"):

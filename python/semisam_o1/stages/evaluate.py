@@ -70,7 +70,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io as _io
-import json
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -83,7 +82,7 @@ from semisam_o1.core.progress import progress
 from semisam_o1.core.resume import check_output_dir
 from semisam_o1.core.settings import REQUIRED, Checked, command_line, option
 from semisam_o1.data.cases import find_case_file, index_label_folder, list_paths
-from semisam_o1.data.dataset import Dataset
+from semisam_o1.data.dataset import Dataset, read_dataset_json
 from semisam_o1.data.images import LABEL_ENDINGS, check_same_grid, distance_unit, read_label, read_label_values
 from semisam_o1.data.labels import LabelMap
 from semisam_o1.methods.metrics import dice
@@ -168,13 +167,7 @@ def _label_map_from(dataset: Path):
     meta_path = dataset / "dataset.json" if dataset.is_dir() else dataset
     if not meta_path.is_file():
         raise InputError(f"{meta_path}: dataset.json not found (--dataset takes a dataset folder or its dataset.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{meta_path}: cannot parse ({exc})") from None
-    if not isinstance(meta, dict) or "labels" not in meta:
-        raise InputError(f"{meta_path}: no 'labels' entry")
-    return LabelMap.from_dataset_json(meta["labels"], source=str(meta_path))
+    return read_dataset_json(meta_path)[1]
 
 
 def _ground_truth(gt: Path):
