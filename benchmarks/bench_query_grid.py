@@ -61,12 +61,11 @@ def _settings(work: Path, grid: str, out: Path) -> PropagateSettings:
 
 
 def _strides(s: PropagateSettings) -> list[list[int]]:
-    """The distinct query strides ``cells`` takes over the run's cases (a model stand-in: params, axes)."""
+    """The distinct query strides ``cells`` takes over the run's cases."""
     store = FeatureStore(s.features)
     axes = tuple(s.axes) if s.axes else store.axes
-    model = type("M", (), {"params": MethodOptions(query_grid="cells", query_stride=s.query_stride),
-                           "axes": axes})()
-    return sorted({tuple(query_strides(model, store.load(c))) for c in s.cases})
+    params = MethodOptions(query_grid="cells", query_stride=s.query_stride)
+    return sorted({tuple(query_strides(params, axes, store.load(c))) for c in s.cases})
 
 
 def measure(work: Path, truth: Path | None, scratch: Path) -> dict:

@@ -348,10 +348,8 @@ class _Cells:
     ({2: (5.96, 5.97, 1)}, (2,), "voxels", 2, (2, 2, 2)),
 ])
 def test_query_strides_follow_the_feature_cells(steps, axes, grid, stride, want):
-    model = TV.TemplateModel.__new__(TV.TemplateModel)
-    model.params = TV.MethodOptions(query_grid=grid, query_stride=stride)
-    model.axes = axes
-    assert TV.query_strides(model, _Cells(steps)) == want
+    params = TV.MethodOptions(query_grid=grid, query_stride=stride)
+    assert TV.query_strides(params, axes, _Cells(steps)) == want
 
 
 def test_query_grid_cells_matches_voxels_where_cells_are_small(tmp_path, real):

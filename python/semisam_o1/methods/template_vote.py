@@ -563,7 +563,7 @@ def _vote_shares(model: TemplateModel, q: np.ndarray, positions: np.ndarray, dev
     return share
 
 
-def query_strides(model: TemplateModel, cf) -> tuple[int, int, int]:
+def query_strides(params: MethodOptions, axes: Sequence[int], cf) -> tuple[int, int, int]:
     """Per voxel axis, every how many voxels the kNN vote is queried (the shares are interpolated between).
 
     ``--query-grid voxels``: ``query_stride`` on every axis. ``cells`` (default): per axis the larger of
@@ -573,17 +573,17 @@ def query_strides(model: TemplateModel, cf) -> tuple[int, int, int]:
     36 times fewer queries than every pixel, 9 times fewer than stride 2).
 
     Args:
-        model: from :func:`build_template_model` (its ``axes`` and ``params``).
+        params: the method's options (``query_grid``, ``query_stride``).
+        axes: the encoding axes the vote uses.
         cf: the case's store entry (:meth:`CaseFeatures.cell_to_voxel`).
 
     Returns:
         (3,) ints >= 1.
     """
-    p = model.params
-    base = max(1, int(p.query_stride))
-    if p.query_grid == "voxels":
+    base = max(1, int(params.query_stride))
+    if params.query_grid == "voxels":
         return (base, base, base)
-    finest = np.min([np.asarray(cf.cell_to_voxel(a)[1], dtype=np.float64) for a in model.axes], axis=0)
+    finest = np.min([np.asarray(cf.cell_to_voxel(a)[1], dtype=np.float64) for a in axes], axis=0)
     return tuple(max(base, int(np.floor(f + 1e-9))) for f in finest)
 
 
@@ -591,7 +591,7 @@ def _score_knn(model: TemplateModel, cf, spacing, device: str, threads: int | No
                positions: np.ndarray | None = None) -> np.ndarray:
     p, K = model.params, model.num_classes
     shape = tuple(int(s) for s in cf.voxel_shape)
-    strides = query_strides(model, cf)
+    strides = query_strides(p, model.axes, cf)
     sub = _grid_points(shape, strides)
     feats = cf.on_voxel_grid(axes=list(model.axes))
     C = feats.shape[0]
