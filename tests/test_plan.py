@@ -348,3 +348,37 @@ def test_ct_recognised_from_the_intensities_when_the_modality_is_unknown(tmp_pat
     # integer MRI values (uint16-like, non-negative) are not CT either
     _write_template_image(mri, lambda lab: (200 + 100 * lab + rng.integers(0, 20, lab.shape)).astype(np.int16))
     assert "not recognised as CT" in _plan(mri, tmp_path)["decisions"]["normalisation"]["reason"]
+
+
+def test_a_left_right_pair_is_not_flipped_across_and_a_midline_class_is(tmp_path):
+    """Two classes that mirror each other across axis 0 (a right and a left parotid) and one class on
+    the midline (a brainstem): a flip along axis 0 would swap the pair, so the plan keeps axes 1 and 2
+    only; relabelled as one class, the pair flips freely (a class is never swapped with itself)."""
+    from semisam_o1.methods.mirror import swapped_classes
+
+    lab = np.zeros((40, 30, 20), np.uint8)
+    lab[6:12, 10:20, 5:15] = 1      # right: x 6..11
+    lab[28:34, 10:20, 5:15] = 2     # left: its mirror about x = 19.5
+    lab[17:23, 4:26, 8:12] = 3      # midline, long along y
+    spacing = (1.0, 1.0, 2.5)
+    assert swapped_classes(lab, 0, spacing) == [(1, 2), (2, 1)]
+    assert swapped_classes(lab, 1, spacing) == [] and swapped_classes(lab, 2, spacing) == []
+    # off-centre by a third of the gap: still nearer the other class than itself
+    shifted = np.zeros_like(lab)
+    shifted[6:12, 10:20, 5:15] = 1
+    shifted[22:28, 10:20, 5:15] = 2
+    assert swapped_classes(shifted, 0, spacing) == [(1, 2), (2, 1)]
+    assert swapped_classes(np.where(lab > 0, 1, 0), 0, spacing) == []
+
+    root = tmp_path / "pair"
+    split = helpers.make_cohort(root, n_unlabeled=2, n_test=0, shape=(40, 30, 20))
+    import nibabel as nib
+
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "right": 1, "left": 2, "midline": 3}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+    path = root / "labelsTr" / f"{split['template']}.nii.gz"
+    helpers.write_nifti(path, lab, nib.load(str(path)).affine)
+    d = _plan(root, tmp_path)["decisions"]["flip_axes"]
+    assert d["value"] == [1, 2] and "axis 0" in d["reason"]

@@ -29,9 +29,10 @@
     one iteration. No decision reads a time measured on this machine: the same data and settings
     give the same decisions everywhere; ``estimate`` (outside ``decisions``) records this
     machine's measured seconds per iteration and minutes per round (``--timing``);
-  - ``unet.flip_axes``: every axis, except an axis along which the template's foreground classes
-    follow each other (class planes: a flip would swap them, as MSD Hippocampus' Anterior |
-    Posterior);
+  - ``unet.flip_axes``: every axis, except one whose flip moves a template class nearer another
+    class's place than its own (mirrored centroids, :mod:`semisam_o1.methods.mirror`): classes
+    that follow each other along it (MSD Hippocampus' Anterior | Posterior) or a left / right pair
+    (OpenKBP's parotids);
   - ``encode_axes``: the axes ``encode`` slices along: every axis whose slice plane has pixels
     within twice of square (a thin-slice stack is encoded along its slice axis only);
   - ``largest_component``: the classes whose predictions keep only their largest 26-connected
@@ -63,7 +64,7 @@ from semisam_o1.core.settings import ComputeOptions, check_range, command_line, 
 from semisam_o1.data.dataset import Dataset, load_split
 from semisam_o1.data.images import canonical_shape
 from semisam_o1.methods import components
-from semisam_o1.methods.class_planes import learn
+from semisam_o1.methods.mirror import swapped_classes
 from semisam_o1.methods.metrics import mask_extent
 from semisam_o1.stages import nets
 
@@ -301,16 +302,24 @@ def patch_voxel_budget(budget_seconds: float, max_patch_voxels: int, batch: int 
 
 
 def plan_flip_axes(dataset, template: str) -> tuple[list[int], str]:
-    """Every axis but one along which the template's classes follow each other (class planes)."""
+    """Every axis whose flip keeps each template class nearest its own place
+    (:func:`semisam_o1.methods.mirror.swapped_classes`): not an axis along which classes follow each
+    other (MSD Hippocampus' Anterior | Posterior) nor one that mirrors a left / right pair onto
+    itself (OpenKBP's parotids)."""
 
-    label = dataset.read_label(template).array
-    rule, _ = learn(label, dataset.label_map.num_classes)
+    vol = dataset.read_label(template)
+    label, spacing = vol.array, vol.spacing
+    names = dataset.label_map.names
     every = [a for a in range(3) if label.shape[a] > 1]  # a 2D image has no third axis to flip
-    if rule is None:
-        return every, "no axis orders the template's foreground classes: a flip along any axis keeps them"
-    axes = [a for a in every if a != rule.axis]
-    return axes, (f"the template's classes follow each other along axis {rule.axis}: a flip there would swap "
-                  "them")
+    swaps = {a: swapped_classes(label, a, spacing) for a in every}
+    axes = [a for a in every if not swaps[a]]
+    if len(axes) == len(every):
+        return axes, ("no flip moves a template class nearer another class's place (mirrored centroids): "
+                      "a flip along any axis keeps the classes")
+    said = "; ".join(f"axis {a}: " + ", ".join(f"{names[c]} -> {names[d]}" for c, d in pairs)
+                     for a, pairs in swaps.items() if pairs)
+    return axes, (f"a flip would put a template class nearer another class's place than its own ({said}: "
+                  "mirrored centroids), so those axes are not flipped")
 
 
 def plan_largest_component(fp: dict) -> tuple[list[int], str]:
