@@ -64,8 +64,8 @@ from semisam_o1.core.settings import ComputeOptions, check_range, command_line, 
 from semisam_o1.data.dataset import Dataset, load_split
 from semisam_o1.data.images import canonical_shape
 from semisam_o1.methods import components
-from semisam_o1.methods.mirror import swapped_classes
 from semisam_o1.methods.metrics import mask_extent
+from semisam_o1.methods.mirror import swapped_classes
 from semisam_o1.stages import nets
 
 #: smallest edge of the bottom feature map (nnU-Net's rule of 4 voxels)
