@@ -143,11 +143,12 @@ def test_run_whose_registration_fails_trains_without_the_template_and_says_so(tm
     from semisam_o1.pipeline import run as run_module
 
     def empty_registration(dataset, template, cases, out_dir, threads=1, **_):
-        out_dir.mkdir(parents=True, exist_ok=True)
+        warp_dir = out_dir / "0123456789abcdef"  # as registration_labels: a folder named by its settings
+        warp_dir.mkdir(parents=True, exist_ok=True)
         paths = {}
         for case in cases:
             img = dataset.read_image(case)
-            paths[case] = write_label(out_dir / f"{case}.nii.gz", np.zeros(img.shape, np.uint8), img,
+            paths[case] = write_label(warp_dir / f"{case}.nii.gz", np.zeros(img.shape, np.uint8), img,
                                       dataset.label_map)
         return paths
 

@@ -79,13 +79,16 @@ def reliability(dataset, template: str, cases: Sequence[str], referee: Path, rou
 
 def check_referee(dataset, template: str, cases: Sequence[str], referee: Path, round0: Path,
                   again: bool = False) -> dict:
-    """:func:`reliability`, written to ``referee/reliability.json`` (read back when it is there, unless
-    ``again``: the round-0 labels changed)."""
-    known = None if again else read_reliability(referee)
-    if known is not None:
+    """:func:`reliability`, recorded as ``reliability.json`` in the parent of ``referee`` (``WORK/referee``,
+    where :func:`read_reliability` looks; the warped labels themselves sit in a subfolder named by the
+    registration's settings), with ``labels``: that subfolder's name. The record is read back when it
+    is there and judged the same labels, unless ``again`` (the round-0 labels changed)."""
+    referee = Path(referee)
+    known = None if again else read_reliability(referee.parent)
+    if known is not None and known.get("labels") == referee.name:
         return known
-    out = reliability(dataset, template, cases, referee, round0)
-    write_json(Path(referee) / RELIABILITY_JSON, out)
+    out = reliability(dataset, template, cases, referee, round0) | {"labels": referee.name}
+    write_json(referee.parent / RELIABILITY_JSON, out)
     return out
 
 
