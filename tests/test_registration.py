@@ -169,16 +169,35 @@ def test_position_offset_of_a_known_translation(pair):
     n = np.array(label.shape, float)
     extent = [int(i.max() - i.min() + 1) for i in np.nonzero(label > 0)]
     grid = np.stack(np.meshgrid(*[np.arange(k, dtype=float) for k in label.shape], indexing="ij"), -1)
-    assert R.position_offset(label, grid, label.shape, extent) == 0.0
+    assert R.position_offset(label, grid, label) == 0.0
     t = np.array([2.0, -1.0, 3.0])
     moved = ndimage.shift(label, t, order=0)
-    got = R.position_offset(moved, grid - t, label.shape, extent)
+    got = R.position_offset(moved, grid - t, label)
     assert got == pytest.approx(float(np.max(2 * np.abs(t) / np.array(extent))), rel=1e-9)
     centre = (n - 1) / 2
     true_map = centre + (grid - SHIFT - centre) / SCALE
-    assert R.position_offset(case_label, warp.coords, label.shape, extent) == pytest.approx(
-        R.position_offset(case_label, true_map, label.shape, extent), abs=0.1)
-    assert np.isinf(R.position_offset(np.zeros_like(label), grid, label.shape, extent))
+    assert R.position_offset(case_label, warp.coords, label) == pytest.approx(
+        R.position_offset(case_label, true_map, label), abs=0.1)
+    assert np.isinf(R.position_offset(np.zeros_like(label), grid, label))
+
+
+def test_position_offset_is_measured_per_class():
+    """Three small classes far apart, all translated by t: over their union (extent ~40 voxels) the
+    shift looks small (0.15), but each class (4 voxels across) is off by 2 t / 4 of its half-extent: the
+    offset is the median over classes of max_a 2 |t_a| / extent_c,a (here 2 x 3 / 4 = 1.5 for
+    every class), and a class the warp lost counts as inf."""
+    label = np.zeros((48, 20, 20), np.uint8)
+    for c, x0 in ((1, 2), (2, 20), (3, 38)):
+        label[x0:x0 + 4, 8:12, 8:12] = c
+    grid = np.stack(np.meshgrid(*[np.arange(k, dtype=float) for k in label.shape], indexing="ij"), -1)
+    t = np.array([3.0, 0.0, 0.0])
+    moved = ndimage.shift(label, t, order=0)
+    assert R.position_offset(moved, grid - t, label) == pytest.approx(1.5, rel=1e-9)
+    union = 2 * 3 / 40  # what the former rule, over the union's extent (axis 0: 40 voxels), said
+    assert R.position_offset(moved, grid - t, label) == pytest.approx(10 * union, rel=1e-9)
+    lost = np.where(moved == 3, 0, moved)
+    assert R.position_offset(lost, grid - t, label) == pytest.approx(1.5, rel=1e-9)  # median of 1.5, 1.5, inf
+    assert np.isinf(R.position_offset(np.where(moved == 1, 1, 0), grid - t, label))
 
 
 def _pad_case(root, case, width):
