@@ -178,3 +178,30 @@ def test_run_whose_registration_fails_trains_without_the_template_and_says_so(tm
     pred = read_label(work / "round1" / "template" / f"{cohort.template}.nii.gz", Dataset(cohort.root).label_map)
     assert 0.0 <= dice <= 1.0 and pred.shape == read_image(cohort.root / "imagesTr" /
                                                            f"{cohort.template}.nii.gz").shape
+
+
+def test_a_position_decision_of_an_earlier_rule_is_taken_again(tmp_path, monkeypatch):
+    """run's --position auto reuses WORK/referee/position.json only when it names today's rule
+    (registration.POSITION_RULE); one written by the earlier rule (over the union of the classes,
+    no "rule" key) is decided again from the cached warps, and the new decision replaces it."""
+    from types import SimpleNamespace
+
+    from semisam_o1.pipeline import run as run_module
+
+    calls = []
+
+    def fake_check(dataset, template, cases, out_dir, **kw):
+        calls.append(list(cases))
+        return {"applies": False, "rule": run_module.POSITION_RULE, "reason": "per class: off"}
+
+    monkeypatch.setattr(run_module, "position_check", fake_check)
+    work = tmp_path / "work"
+    (work / "referee").mkdir(parents=True)
+    path = work / "referee" / "position.json"
+    path.write_text(json.dumps({"applies": True, "reason": "over the union: on"}))
+    stages = SimpleNamespace(work=work, times={})
+    s = SimpleNamespace(position="auto", threads=1, quiet=True)
+    cohort = SimpleNamespace(template="t", unlabeled=["a", "b"])
+    assert run_module._position(stages, s, "DATA", cohort) is False
+    assert calls == [["a", "b"]] and json.loads(path.read_text())["reason"] == "per class: off"
+    assert run_module._position(stages, s, "DATA", cohort) is False and len(calls) == 1  # today's rule: reused

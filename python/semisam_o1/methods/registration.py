@@ -364,6 +364,9 @@ def registration_labels(dataset, template: str, cases: Sequence[str], out_dir, t
 #: the limit, and there the position term lifts the round-0 labels (docs/experiments.md, "The
 #: position term"; benchmarks/results/registration.json, key "position_check")
 POSITION_OFFSET_LIMIT = 1.0
+#: names the rule of :func:`position_offset` in position.json, so that a work folder whose decision
+#: was taken by an earlier rule (over the union of the classes) decides again
+POSITION_RULE = "per class: median over the template's classes of each class's median voxel offset"
 
 
 def position_offset(case_label: np.ndarray, coords: np.ndarray, template_label: np.ndarray) -> float:
@@ -413,7 +416,7 @@ def position_check(dataset, template: str, cases: Sequence[str], out_dir, thread
 
     Returns:
         ``{"offsets": {case: offset}, "median_offset": m, "limit": POSITION_OFFSET_LIMIT,
-        "applies": m < limit, "reason": ...}`` (offsets: :func:`position_offset`).
+        "applies": m < limit, "rule": POSITION_RULE, "reason": ...}`` (offsets: :func:`position_offset`).
     """
 
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
@@ -431,4 +434,4 @@ def position_check(dataset, template: str, cases: Sequence[str], out_dir, thread
               f"half-extents from where the normalised box puts them (limit {POSITION_OFFSET_LIMIT:g}): the position "
               + ("term applies" if applies else "term is switched off (the cohort's fields of view differ)"))
     return {"offsets": offsets, "median_offset": round(m, 4), "limit": POSITION_OFFSET_LIMIT, "applies": applies,
-            "reason": reason}
+            "rule": POSITION_RULE, "reason": reason}

@@ -70,7 +70,7 @@ from semisam_o1.data.folder_input import (
 from semisam_o1.data.images import read_label
 from semisam_o1.methods.class_planes import CLASS_PLANES_JSON
 from semisam_o1.methods.metrics import mean_dice
-from semisam_o1.methods.registration import position_check, registration_labels
+from semisam_o1.methods.registration import POSITION_RULE, position_check, registration_labels
 from semisam_o1.pipeline.final import write_final
 from semisam_o1.pipeline.referee import POSITION_JSON, check_referee, summary_line
 from semisam_o1.pipeline.report import write_report
@@ -536,7 +536,9 @@ def _position(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> bool:
 
     path = stages.work / "referee" / POSITION_JSON
     if path.is_file():
-        return bool(json.loads(path.read_text())["applies"])
+        cached = json.loads(path.read_text())
+        if cached.get("rule") == POSITION_RULE:  # else decided by an earlier rule: decide again (warps cached)
+            return bool(cached["applies"])
     t0 = time.perf_counter()
     # registers the template to every pool case into the referee's cache (one ITK thread, as _referee;
     # --threads cases at once)
