@@ -37,12 +37,14 @@ def _atlas(path: Path, name: str, test: list[str]) -> float:
     return float(entry["mean_fg_dice"]["atlas_syn"])
 
 
-def _full_supervision(path: Path, test: list[str]) -> float:
+def _full_supervision(path: Path, test: list[str]) -> tuple[float, dict]:
+    """Mean foreground and per-class test Dice of bench_full_supervision's metrics file."""
     m = json.loads(path.read_text())
     cases = list(m["cases"]) if isinstance(m["cases"], list) else list(m["cases"].keys())
     if sorted(cases) != sorted(test):
         raise SystemExit(f"{path}: full supervision was scored on other test cases than the run's")
-    return float(m["mean_foreground"]["dice"])
+    per_class = {k: round(float(v["dice"]["mean"]), 4) for k, v in m.get("per_class", {}).items()}
+    return float(m["mean_foreground"]["dice"]), per_class
 
 
 def finished_run(work: Path) -> dict:
@@ -57,7 +59,8 @@ def finished_run(work: Path) -> dict:
             "test": list(split["test"])[:report["n_test"]]}
 
 
-def entry(r: dict, command: str, seconds: float, full_supervision: float | None, atlas: float) -> dict:
+def entry(r: dict, command: str, seconds: float, full_supervision: float | None, atlas: float,
+          full_supervision_per_class: dict | None = None) -> dict:
     """The datasets.json entry of a finished run (``r``: :func:`finished_run`)."""
     report, split, work = r["report"], r["split"], r["work"]
     whole_split = (report["n_unlabeled"] == len([c for c in split["unlabeled"] if c != split["template"]])
@@ -78,7 +81,10 @@ def entry(r: dict, command: str, seconds: float, full_supervision: float | None,
         "final_pool_dice": round(final_pool, 4),
         "full_supervision_test_dice": None if full_supervision is None else round(full_supervision, 4),
         "atlas_syn_test_dice": round(atlas, 4),
+        "final_test_dice_per_class": {k: round(float(v), 4) for k, v in report["final_test_metrics"]["dice"].items()},
+        "full_supervision_test_dice_per_class": full_supervision_per_class or None,
         "seconds": round(float(seconds), 1),
+        "plan_estimate": (plan or {}).get("estimate"),
         "plan": plan["decisions"] if plan else None,
         "n_unlabeled": report["n_unlabeled"],
         "n_test": report["n_test"],
@@ -104,9 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "datasets.json")
     args = ap.parse_args(argv)
     r = finished_run(args.work)
-    full = None if args.full_supervision is None else _full_supervision(args.full_supervision, r["test"])
+    full, per_class = (None, None) if args.full_supervision is None else _full_supervision(args.full_supervision,
+                                                                                           r["test"])
     name = r["name"]
-    out = entry(r, args.command, args.seconds, full, _atlas(args.atlas, name, r["test"]))
+    out = entry(r, args.command, args.seconds, full, _atlas(args.atlas, name, r["test"]), per_class)
     write_json_key(args.results, name, out)
     print(json.dumps({name: {k: v for k, v in out.items() if k != "plan"}}, indent=1))
     return 0
