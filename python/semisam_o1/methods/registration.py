@@ -360,9 +360,10 @@ def registration_labels(dataset, template: str, cases: Sequence[str], out_dir, t
 
 #: the position term applies when, by the registration, the voxels of a typical class of a typical
 #: case sit less than the template class's half-extent away from where the normalised box puts
-#: them (the class overlaps its template place). Both datasets' pool cases sit well inside
-#: the limit, and there the position term lifts the round-0 labels (docs/experiments.md, "The
-#: position term"; benchmarks/results/registration.json, key "position_check")
+#: them (the class overlaps its template place). Hippocampus (0.19) and Left Atrium (0.28) sit
+#: well inside the limit, and there the position term lifts the round-0 labels; OpenKBP (2.61)
+#: far outside, and there it lowers them (docs/experiments.md, "The position term";
+#: benchmarks/results/registration.json, keys "position_check" and "position_check_per_class")
 POSITION_OFFSET_LIMIT = 1.0
 #: names the rule of :func:`position_offset` in position.json, so that a work folder whose decision
 #: was taken by an earlier rule (over the union of the classes) decides again
@@ -415,8 +416,9 @@ def position_check(dataset, template: str, cases: Sequence[str], out_dir, thread
     at once: :func:`warp_cases`).
 
     Returns:
-        ``{"offsets": {case: offset}, "median_offset": m, "limit": POSITION_OFFSET_LIMIT,
-        "applies": m < limit, "rule": POSITION_RULE, "reason": ...}`` (offsets: :func:`position_offset`).
+        ``{"offsets": {case: offset, or None where a case's classes were mostly lost (inf)},
+        "median_offset": m, "limit": POSITION_OFFSET_LIMIT, "applies": m < limit, "rule": POSITION_RULE,
+        "reason": ...}`` (offsets: :func:`position_offset`).
     """
 
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
@@ -427,8 +429,9 @@ def position_check(dataset, template: str, cases: Sequence[str], out_dir, thread
     offsets = {}
     for case in [c for c in cases if c != template]:
         warp = cached_warp(Path(out_dir), t_img, t_lab, case, ds.read_image(case), ds.label_map, params, threads)
-        offsets[case] = round(position_offset(warp.label, warp.coords, t_lab.array), 4)
+        offsets[case] = position_offset(warp.label, warp.coords, t_lab.array)
     m = float(np.median(list(offsets.values()))) if offsets else 0.0
+    offsets = {c: round(v, 4) if np.isfinite(v) else None for c, v in offsets.items()}  # JSON: no Infinity
     applies = m < POSITION_OFFSET_LIMIT
     reason = (f"registered to {len(offsets)} cases, each class's voxels sit a median {m:.2f} template-class "
               f"half-extents from where the normalised box puts them (limit {POSITION_OFFSET_LIMIT:g}): the position "
