@@ -150,12 +150,10 @@ def _reliability_summary(work: Path) -> dict | None:
     info = read_reliability(work / "referee")
     if info is None:
         return None
-    path = work / "referee" / POSITION_JSON
-    position = json.loads(path.read_text()) if path.is_file() else {}
+    position = work / "referee" / POSITION_JSON
     return {k: info[k] for k in ("reliable", "reliable_cases", "pool_cases", "rule")} | {
         "file": str(work / "referee" / RELIABILITY_JSON),
-        "position_decided_on_unreliable_registration": not info["reliable"] and bool(position.get("applies")),
-        "position_overruled": position.get("overruled")}
+        "position_decided_on_unreliable_registration": not info["reliable"] and position.is_file()}
 
 
 def write_report(work: Path, dataset: Dataset, *, template: str, unlabeled: list[str], test: list[str],

@@ -410,16 +410,15 @@ def _encode(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, plan: Pa
 
 
 def _propagate(stages: Stages, s: RunSettings, cohort: Cohort, work: Path, feats: Path,
-               position: bool, overwrite: bool = False) -> Path | None:
-    """Round-0 pseudo-labels; returns the class-planes rule file when one was learned. ``overwrite``:
-    the labels made with the position term are replaced (:func:`_position_overruled`)."""
+               position: bool) -> Path | None:
+    """Round-0 pseudo-labels; returns the class-planes rule file when one was learned."""
 
     out = work / "round0" / "pseudo"
     weight = {} if position else {"position_weight": 0.0}
     stages.call("propagate", "propagate", propagate,
                 propagate.SETTINGS(input=s.dataset, features=feats, template=cohort.template, output=out,
                                    cases=tuple(cohort.unlabeled), class_planes=s.class_planes, **weight,
-                                   redo_changed=True, overwrite=overwrite, **_compute(s)), out)
+                                   redo_changed=True, **_compute(s)), out)
     rule = out / CLASS_PLANES_JSON
     return rule if rule.is_file() else None
 
@@ -550,31 +549,6 @@ def _position(stages: Stages, s: RunSettings, dataset, cohort: Cohort) -> bool:
     return bool(check["applies"])
 
 
-def _position_overruled(stages: Stages, s: RunSettings, dataset, cohort: Cohort, referee: Path | None) -> bool:
-    """With ``--position auto``: True when the registrations that switched the position term on are
-    unreliable by the referee's own check on the round-0 labels (:mod:`semisam_o1.pipeline.referee`):
-    then nothing shows that the cohort's structures sit where the template's does in their boxes,
-    so the term is switched off (``position.json``: ``applies`` false, ``overruled`` the reason) and
-    the round-0 labels are made again from the features alone. Measured on HC18 (fetal heads
-    anywhere in the image, the referee unreliable): docs/experiments.md, "The position term"."""
-    if s.position != "auto" or referee is None:
-        return False
-    info = check_referee(dataset, cohort.template, cohort.unlabeled, referee, stages.work / "round0" / "pseudo",
-                         again="propagate" in stages.worked)
-    if info["reliable"]:
-        return False
-    path = stages.work / "referee" / POSITION_JSON
-    check = json.loads(path.read_text())
-    check["applies"] = False
-    check["overruled"] = (f"the registrations it was decided from beat the pasted template on only "
-                          f"{info['reliable_cases']} of {info['pool_cases']} pool cases (referee/reliability.json): "
-                          "no evidence that the structure sits where the template's does, so the round-0 labels "
-                          "are made from the features alone")
-    write_json(path, check)
-    print(f"[run] position term: OFF: {check['overruled']}", flush=True)
-    return True
-
-
 def _template_dice(stages: Stages, s: RunSettings, dataset, cohort: Cohort, r: int, model: Path,
                    rule: Path | None) -> float:
     """Round ``r``'s network (trained without the template's label) scored on the template."""
@@ -596,6 +570,9 @@ def _check_referee(dataset, cohort: Cohort, stages: Stages, referee: Path | None
     info = check_referee(dataset, cohort.template, cohort.unlabeled, referee, work / "round0" / "pseudo",
                          again="propagate" in stages.worked)
     print(f"[run] {summary_line(info)}", flush=True)
+    if not info["reliable"] and (work / "referee" / POSITION_JSON).is_file():
+        print("[run] position term: WARNING: --position auto decided it from these registrations, which the "
+              "round-0 labels show unreliable; compare with --position on / off", flush=True)
     return criterion(work)
 
 
@@ -675,8 +652,6 @@ def run(settings: RunSettings) -> dict:
         position = _position(stages, s, dataset, cohort)
         rule = _propagate(stages, s, cohort, work, feats, position)
         referee = _referee(stages, s, dataset, cohort)
-        if position and _position_overruled(stages, s, dataset, cohort, referee):
-            rule = _propagate(stages, s, cohort, work, feats, position=False, overwrite=True)
         done, selected = _rounds(dataset, stages, s, cohort, feats, rule, plan, referee)
         choice = choose_round(work, done)
         report = _report(dataset, stages, s, cohort, rule, selected, done, choice)
