@@ -25,6 +25,8 @@ import numpy as np
 
 from benchmarks.machine import cpu_model
 from semisam_o1.core.files import write_json_key
+from semisam_o1.data.folder_input import read_pixel_sizes
+from semisam_o1.methods.metrics import dice
 
 
 def _load(root: Path, folder: str, case: str, pixel: float):
@@ -36,20 +38,14 @@ def _load(root: Path, folder: str, case: str, pixel: float):
     return ants.from_numpy(np.ascontiguousarray(arr), spacing=(pixel, pixel))
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0.5, b > 0.5
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
-
-
 def measure(root: Path, n: int, degrees: float) -> list[dict]:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
     import ants
 
     ants.config._random_seed = 1
     split = json.loads((root / "splits.json").read_text())
-    rows_csv = (root / "pixel_size.csv").read_text().split()[1:]
-    px = {r.split(",")[0]: float(r.split(",")[1]) for r in rows_csv}
     t = split["template"]
+    px = read_pixel_sizes(root / "pixel_size.csv", [t, *split["unlabeled"][:n]])
     t_img, t_lab = _load(root, "images", t, px[t]), _load(root, "labels", t, px[t])
     rows = []
     for case in split["unlabeled"][:n]:
@@ -63,7 +59,7 @@ def measure(root: Path, n: int, degrees: float) -> list[dict]:
                                                                   local_search_iterations=10)
             reg = ants.registration(img, t_img, type_of_transform="SyN", **kw)
             warped = ants.apply_transforms(img, t_lab, reg["fwdtransforms"], interpolator="genericLabel").numpy()
-            row[mode] = {"dice": round(_dice(warped, lab.numpy()), 4), "seconds": round(time.perf_counter() - t0, 2)}
+            row[mode] = {"dice": round(dice(warped > 0.5, lab.numpy() > 0.5), 4), "seconds": round(time.perf_counter() - t0, 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
