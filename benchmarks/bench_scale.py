@@ -11,6 +11,13 @@ next one. Writes ``benchmarks/results/scale.json`` (``--write``): per size the s
 peak MiB, seconds per volume, and the ratios that say whether time is linear (seconds per volume
 at the largest size over the smallest) and memory flat (peak at the largest over the smallest).
 
+``--grow-store`` seeds each size's feature store with a copy of the previous size's (the sizes are
+nested: the first N - 1 pool cases), so ``encode`` encodes only the new cases and the encoder's
+seconds per volume are its seconds over the cases it encoded (``encoded``); every other stage runs
+on the whole cohort of its size. The copy is not timed. Encoding is per volume and independent of the
+cohort, so this measures the same per-volume cost at half the total encoding (200 volumes instead of
+375 for the default sizes).
+
     python -m benchmarks.bench_scale --data ../shared/data/hippocampus --sizes 25 50 100 200 \\
         --work /tmp/scale --write benchmarks/results/scale.json
 """
@@ -22,6 +29,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -108,12 +116,40 @@ def run_size(cmd: list[str], log: Path, interval: float) -> dict:
             "stage_peak_mib": {k: round(v, 1) for k, v in meter.peak.items()}}
 
 
+def per_volume(row: dict) -> dict:
+    """Seconds per volume of each stage of one size: ``encode`` over the cases it encoded (``encoded``),
+    every other stage over the size's volumes."""
+    out = {}
+    for stage, sec in row["stage_seconds"].items():
+        n = row.get("encoded", row["volumes"]) if stage == "encode" else row["volumes"]
+        if n:
+            out[stage] = round(sec / n, 3)
+    return out
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Seconds per volume and peak memory of the largest size over the smallest."""
+    """Per stage, seconds per volume and peak memory of the largest size over the smallest."""
     small, big = rows[0], rows[-1]
-    return {"seconds_per_volume_ratio": round(big["seconds_per_volume"] / small["seconds_per_volume"], 3),
+    a, b = small["stage_seconds_per_volume"], big["stage_seconds_per_volume"]
+    time_ratio = {k: round(b[k] / a[k], 3) for k in a if k in b and a[k] > 0}
+    mem_ratio = {k: round(big["stage_peak_mib"][k] / small["stage_peak_mib"][k], 3)
+                 for k in small["stage_peak_mib"] if k in big["stage_peak_mib"] and small["stage_peak_mib"][k] > 0}
+    total = {"small": sum(a.values()), "big": sum(b.values())}
+    return {"seconds_per_volume_ratio": round(total["big"] / total["small"], 3),
+            "stage_seconds_per_volume_ratio": time_ratio,
             "peak_mib_ratio": round(max(big["stage_peak_mib"].values()) / max(small["stage_peak_mib"].values()), 3),
+            "stage_peak_mib_ratio": mem_ratio,
             "sizes": [small["volumes"], big["volumes"]]}
+
+
+def seed_store(previous: Path | None, work: Path) -> int:
+    """Copy the previous size's feature store (its configuration, reduction basis and cases, not its
+    stage record) into ``work/features`` (``--grow-store``); returns the number of cases copied."""
+    src, dst = (previous / "features") if previous else None, work / "features"
+    if src is None or not (src / "cases").is_dir() or dst.exists():
+        return 0
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("stage.json"))
+    return sum(1 for p in (dst / "cases").iterdir() if p.is_dir())
 
 
 def main(argv=None) -> int:
@@ -125,25 +161,34 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
+    ap.add_argument("--grow-store", action="store_true",
+                    help="seed each size's feature store with the previous size's (module docstring)")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args(argv)
     split = json.loads((args.split or args.data / "splits.json").read_text())
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, previous = [], None
     for n in sorted(args.sizes):
         split_file = args.work / f"split_{n}.json"
         write_json(split_file, split_of_size(split, n))
-        run_argv = ["run", "-i", str(args.data), "--split", str(split_file), "-o", str(args.work / f"n{n}"),
-                    "--preset", args.preset, "--rounds", "1", "--quiet"]
+        work = args.work / f"n{n}"
+        work.mkdir(parents=True, exist_ok=True)
+        seeded = seed_store(previous, work) if args.grow_store else 0
+        previous = work
+        run_argv = ["run", "-i", str(args.data), "--split", str(split_file), "-o", str(work),
+                    "--preset", args.preset, "--rounds", "1", "--max-unlabeled", str(n - 1), "--max-test", "0",
+                    "--quiet"]
         if args.threads:
             run_argv += ["--threads", str(args.threads)]
         load = os.getloadavg()[0]
         row = {"volumes": n, "command": "semisam-o1 " + shlex.join(run_argv), "load_1min_before": round(load, 2),
                **run_size([sys.executable, "-m", "semisam_o1", *run_argv], args.work / f"n{n}.log", args.interval)}
-        row["seconds_per_volume"] = round(row["wall_s"] / n, 2)
+        row["encoded"] = n - seeded
+        row["stage_seconds_per_volume"] = per_volume(row)
+        row["seconds_per_volume"] = round(sum(row["stage_seconds_per_volume"].values()), 2)
         rows.append(row)
-        print(json.dumps({k: row[k] for k in ("volumes", "wall_s", "seconds_per_volume", "stage_peak_mib")}),
-              flush=True)
+        print(json.dumps({k: row[k] for k in ("volumes", "encoded", "wall_s", "stage_seconds_per_volume",
+                                              "stage_peak_mib")}), flush=True)
     entry = {"command": "python -m benchmarks.bench_scale " + shlex.join(argv or sys.argv[1:]), "cpu": cpu_model(),
              "cpus": len(os.sched_getaffinity(0)), "rows": rows, "summary": summarise(rows)}
     print(json.dumps(entry["summary"]))

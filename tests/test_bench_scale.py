@@ -36,3 +36,31 @@ def test_split_of_size_keeps_the_template_and_refuses_too_many():
         assert "only 4 cases" in str(e)
     else:
         raise AssertionError("a size beyond the split was accepted")
+
+
+def test_per_volume_divides_encode_by_the_cases_it_encoded():
+    row = {"volumes": 50, "encoded": 25, "stage_seconds": {"encode": 500.0, "propagate": 100.0}}
+    assert bench_scale.per_volume(row) == {"encode": 20.0, "propagate": 2.0}
+    rows = [{"volumes": 25, "stage_seconds_per_volume": {"encode": 20.0, "propagate": 2.0},
+             "stage_peak_mib": {"encode": 1000.0, "propagate": 500.0}},
+            {"volumes": 50, "stage_seconds_per_volume": {"encode": 22.0, "propagate": 4.0},
+             "stage_peak_mib": {"encode": 1100.0, "propagate": 1500.0}}]
+    s = bench_scale.summarise(rows)
+    assert s["stage_seconds_per_volume_ratio"] == {"encode": 1.1, "propagate": 2.0}
+    assert s["seconds_per_volume_ratio"] == round(26.0 / 22.0, 3)
+    assert s["peak_mib_ratio"] == 1.5 and s["stage_peak_mib_ratio"] == {"encode": 1.1, "propagate": 3.0}
+
+
+def test_seed_store_copies_cases_but_not_the_stage_record(tmp_path):
+    prev = tmp_path / "n25"
+    for case in ("t", "a", "b"):
+        (prev / "features" / "cases" / case).mkdir(parents=True)
+        (prev / "features" / "cases" / case / "axis0.npy").write_bytes(b"x")
+    (prev / "features" / "store.json").write_text("{}")
+    (prev / "features" / "stage.json").write_text("{}")
+    work = tmp_path / "n50"
+    work.mkdir()
+    assert bench_scale.seed_store(prev, work) == 3
+    assert (work / "features" / "store.json").is_file() and not (work / "features" / "stage.json").exists()
+    assert (work / "features" / "cases" / "b" / "axis0.npy").read_bytes() == b"x"
+    assert bench_scale.seed_store(None, tmp_path / "n100") == 0
