@@ -189,11 +189,11 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("volumes", "encoded", "wall_s", "stage_seconds_per_volume",
                                               "stage_peak_mib")}), flush=True)
-    entry = {"command": "python -m benchmarks.bench_scale " + shlex.join(argv or sys.argv[1:]), "cpu": cpu_model(),
-             "cpus": len(os.sched_getaffinity(0)), "rows": rows, "summary": summarise(rows)}
+        entry = {"command": "python -m benchmarks.bench_scale " + shlex.join(argv or sys.argv[1:]),
+                 "cpu": cpu_model(), "cpus": len(os.sched_getaffinity(0)), "rows": rows, "summary": summarise(rows)}
+        if args.write:  # after every size: a run stopped before the largest keeps the sizes it finished
+            write_json(args.write, entry)
     print(json.dumps(entry["summary"]))
-    if args.write:
-        write_json(args.write, entry)
     return 0
 
 
