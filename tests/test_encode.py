@@ -601,3 +601,46 @@ def test_sam_vit_b_random_weights_tiny_input(tmp_path, cache_dir, dataset, cases
     assert g.shape[0] == 256 and g.shape[3] == cf.voxel_shape[2] and np.isfinite(np.asarray(g, np.float32)).all()
     with pytest.raises(InputError, match="needs --checkpoint"):
         load_encoder("sam-vit-b", None, cache_dir=cache_dir)
+
+
+def _respace(path: Path, spacing) -> None:
+    """Rewrite an image's affine to a diagonal one of voxel size ``spacing`` (data unchanged)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(data, np.diag([*spacing, 1.0]), img.header), str(path))
+
+
+def test_working_spacing_strides_each_case_by_its_own_spacing(pool_onnx, dataset, tmp_path, cases):
+    """--working-spacing: a case whose slices along an axis are n times closer than the working spacing
+    stores every n-th of them (centred), with step n in its mapping, and the very cells of the full
+    store on those slices; a case at the working spacing is stored whole. The configuration records
+    the spacing, and the auto tile is chosen from the size in working voxels."""
+    from semisam_o1.stages.encode import strided_slices, working_shape, working_strides
+
+    fine, plain = cases[1], cases[2]
+    _respace(dataset / "imagesTr" / f"{fine}.nii.gz", (0.5, 1.0, 0.3))
+    _respace(dataset / "imagesTr" / f"{plain}.nii.gz", (1.0, 1.0, 1.0))
+    full, sub = tmp_path / "full", tmp_path / "sub"
+    _pool(dataset, full, pool_onnx, cases=[fine, plain], channels=0, storage="float16", tile_size=128)
+    _pool(dataset, sub, pool_onnx, cases=[fine, plain], channels=0, storage="float16", tile_size=128,
+          working_spacing=(1.0, 1.0, 1.0))
+    fs, ss = FeatureStore(full), FeatureStore(sub)
+    assert ss.config["working_spacing"] == [1.0, 1.0, 1.0] and "working_spacing" not in fs.config
+    expected = {fine: {0: 2, 1: 1, 2: 3}, plain: {0: 1, 1: 1, 2: 1}}
+    for case in (fine, plain):
+        cf, cs = fs.load(case), ss.load(case)
+        for axis in range(3):
+            k = expected[case][axis]
+            first, m = strided_slices(cf.voxel_shape[axis], k)
+            ref = np.take(np.asarray(cf.grid(axis)), first + k * np.arange(m), axis=1 + axis)
+            np.testing.assert_array_equal(np.asarray(cs.grid(axis)), ref)
+            off, step = cs.cell_to_voxel(axis)
+            assert (off[axis], step[axis]) == (first, float(k))
+    assert working_strides((0.625, 0.625, 2.5), (2.5, 2.5, 2.5), (0, 1, 2)) == {0: 4, 1: 4, 2: 1}
+    assert working_strides((0.6251, 0.625, 1.0), (1.25, 0.9, 0.5), (0, 2), base=2) == {0: 2, 2: 2}
+    assert working_strides((0.5, 0.5, 0.5), None, (1,), base=3) == {1: 3}
+    shape = canonical_shape(dataset / "imagesTr" / f"{fine}.nii.gz")
+    assert working_shape(dataset / "imagesTr" / f"{fine}.nii.gz", (1.0, 1.0, 1.0)) == (
+        -(-shape[0] // 2), shape[1], int(np.ceil(shape[2] * 0.3 - 1e-6)))

@@ -24,6 +24,10 @@ Preprocessing (MedSAM / LiteMedSAM's, per volume then per slice):
    slicing axis the cell is the slice. With ``--slice-stride n`` only every n-th slice is encoded
    (:func:`strided_slices`, centred) and cell ``j`` along the slicing axis is slice ``first + n j``;
    readers interpolate between encoded slices (:func:`semisam_o1.data.store.voxel_features`).
+   ``--working-spacing X Y Z`` (``run`` passes the plan's working spacing when the network trains
+   coarser than the data) sets the stride per case and axis: a case whose slices along an axis are
+   ``n >= 2`` times closer than the working spacing gets every n-th of them (:func:`working_strides`),
+   and the auto tile is chosen from the reduction case's size in working voxels.
 
 Features: the layers given by ``--layers`` (LiteMedSAM default ``stage1,stage2,stage3``: each
 L2-normalised per cell, concatenated, 800 channels on the 64x64 grid), then reduced to ``--channels``
@@ -72,7 +76,7 @@ from semisam_o1.core.settings import (
 )
 from semisam_o1.core.version import __version__
 from semisam_o1.data.dataset import Dataset, load_split
-from semisam_o1.data.images import canonical_shape
+from semisam_o1.data.images import canonical_shape, geometry
 from semisam_o1.data.slicing import SliceLayout, auto_tile, intensity_range, resize_slices, scale_volume
 from semisam_o1.data.store import (
     CASES_DIR,
@@ -111,6 +115,10 @@ class EncodeSettings(CaseOptions, ComputeOptions, EngineOptions):
                                    choices=(0, 1, 2))
     slice_stride: int = option(1, "encode every n-th slice along each axis (centred), the features between "
                                   "encoded slices interpolated linearly (benchmarks/encode.md)")
+    working_spacing: tuple[float, float, float] | None = option(
+        None, "the spacing (mm, canonical axes) the network trains at: along an axis whose slices are n >= 2 "
+              "times closer, every n-th slice is encoded (per case); run passes the plan's working spacing",
+        nargs=3, type=float, metavar=("X", "Y", "Z"))
     storage: str | None = option(None, "dtype of the stored features: int8 (one scale per channel and axis file) or "
                                        "float16 (benchmarks/encode.md); default: int8 for a new store, an existing "
                                        "store's own dtype when adding to it", choices=STORAGE_DTYPES)
@@ -153,6 +161,11 @@ class EncodeSettings(CaseOptions, ComputeOptions, EngineOptions):
         if self.storage is not None and self.storage not in STORAGE_DTYPES:
             raise InputError(f"--storage {self.storage}: choose int8 or float16")
         check_range("slice_stride", self.slice_stride, 1)
+        if self.working_spacing is not None:
+            self.working_spacing = tuple(float(x) for x in self.working_spacing)
+            if len(self.working_spacing) != 3 or min(self.working_spacing) <= 0:
+                raise InputError(f"--working-spacing {' '.join(map(str, self.working_spacing))}: give three "
+                                 "spacings in mm, each above 0")
         check_range("tile_size", self.tile_size, 0)
         check_range("batch_size", self.batch_size, 1)
         check_range("input_size", self.input_size, 1)
@@ -209,6 +222,25 @@ def tile_cells(feats: np.ndarray, t: int, tile: int, cell: int, layout) -> np.nd
 
 
 
+def working_strides(spacing, working, axes: Sequence[int], base: int = 1) -> dict[int, int]:
+    """The slice stride of each encoding axis of one case.
+
+    Args:
+        spacing: the case's voxel size (mm) along the canonical axes.
+        working: the working spacing (mm, canonical axes), or None.
+        axes: the axes slices are taken along.
+        base: ``--slice-stride``, the least stride of every axis.
+
+    Returns:
+        ``{axis: stride}``: ``max(base, floor(working / spacing))`` along each axis (a relative
+        tolerance of 1e-3 keeps 1.2499 / 0.625 at 2), so the encoded slices are never farther apart
+        than the working spacing; ``base`` for every axis without a working spacing.
+    """
+    if working is None:
+        return {a: int(base) for a in axes}
+    return {a: max(int(base), int(np.floor(float(working[a]) / float(spacing[a]) * (1 + 1e-3)))) for a in axes}
+
+
 def strided_slices(n_slices: int, stride: int) -> tuple[int, int]:
     """Which slices ``--slice-stride`` encodes: every ``stride``-th of ``n_slices``, centred.
 
@@ -225,8 +257,10 @@ def strided_slices(n_slices: int, stride: int) -> tuple[int, int]:
 class _Encoding:
     """Encodes volumes with one encoder and one packing (see the module docstring, steps 2-6)."""
 
-    def __init__(self, enc, tile: int, axes: Sequence[int], batch_size: int, window=None, slice_stride: int = 1):
+    def __init__(self, enc, tile: int, axes: Sequence[int], batch_size: int, window=None, slice_stride: int = 1,
+                 working_spacing=None):
         self.enc = enc
+        self.working_spacing = working_spacing
         self.tile = int(tile)
         self.axes = tuple(axes)
         self.batch_size = max(1, int(batch_size))
@@ -239,8 +273,12 @@ class _Encoding:
         #: seconds spent per phase since construction (benchmarks/bench_encode_profile.py reads them)
         self.timings = {"resample": 0.0, "pack": 0.0, "onnx": 0.0, "reduce": 0.0}
 
-    def _tiles(self, array: np.ndarray):
-        """The encoded slices of every axis (every ``slice_stride``-th, :func:`strided_slices`),
+    def strides(self, spacing) -> dict[int, int]:
+        """``{axis: slice stride}`` of a case of voxel size ``spacing`` (:func:`working_strides`)."""
+        return working_strides(spacing, self.working_spacing, self.axes, self.slice_stride)
+
+    def _tiles(self, array: np.ndarray, strides: dict[int, int]):
+        """The encoded slices of every axis (every ``strides[axis]``-th, :func:`strided_slices`),
         scaled and resized: ``(layouts {axis: SliceLayout}, first {axis: first slice}, [(axis, j, (ru, rv))])``
         with ``j`` the slice's index among the encoded ones."""
 
@@ -249,8 +287,9 @@ class _Encoding:
         img = scale_volume(array, lo, hi)
         layouts, firsts, tiles = {}, {}, []
         for axis in self.axes:
-            first, m = strided_slices(array.shape[axis], self.slice_stride)
-            sl = np.moveaxis(img, axis, 0)[first: first + self.slice_stride * (m - 1) + 1: self.slice_stride]
+            k = strides[axis]
+            first, m = strided_slices(array.shape[axis], k)
+            sl = np.moveaxis(img, axis, 0)[first: first + k * (m - 1) + 1: k]
             layout = SliceLayout(int(sl.shape[1]), int(sl.shape[2]), self.tile, self.enc.cell)
             layouts[axis], firsts[axis] = layout, first
             resized = resize_slices(sl, layout)
@@ -258,18 +297,19 @@ class _Encoding:
         self.timings["resample"] += time.perf_counter() - t0
         return layouts, firsts, tiles
 
-    def case_raw(self, array: np.ndarray, sink: Callable) -> tuple[dict, int]:
-        """Run the encoder over every slice of every axis of one volume.
+    def case_raw(self, array: np.ndarray, sink: Callable, strides: dict[int, int] | None = None) -> tuple[dict, int]:
+        """Run the encoder over every encoded slice of every axis of one volume.
 
         Args:
             array: (X, Y, Z) float32 canonical volume, or (X, Y, Z, 3) RGB of a colour 2D image.
             sink: ``sink(axis, j, feats)`` receives the (C, nu, nv) float32 valid cells of the j-th
-                encoded slice of axis (slice ``first + j * slice_stride``).
+                encoded slice of axis (slice ``first + j * strides[axis]``).
+            strides: ``{axis: slice stride}`` (default ``--slice-stride`` on every axis).
 
         Returns:
             ``({axis: SliceLayout}, {axis: first encoded slice}, number of slices encoded)``.
         """
-        plans, firsts, tiles = self._tiles(array)
+        plans, firsts, tiles = self._tiles(array, strides or {a: self.slice_stride for a in self.axes})
         step = self.per_canvas * self.batch_size
         clock = time.perf_counter
         for start in range(0, len(tiles), step):
@@ -286,38 +326,41 @@ class _Encoding:
             self.timings["reduce"] += clock() - t2
         return plans, firsts, len(tiles)
 
-    def encode_case(self, array: np.ndarray, basis: np.ndarray | None):
+    def encode_case(self, array: np.ndarray, basis: np.ndarray | None, spacing=None):
         """Features of one volume.
 
         Args:
             array: (X, Y, Z) float32 canonical volume.
             basis: (C_encoder, C) float32 projection, or None to keep the encoder's channels.
+            spacing: the volume's voxel size in mm (canonical axes); with a working spacing it sets
+                the slice strides (:meth:`strides`); None: ``--slice-stride`` on every axis.
 
         Returns:
             ``(grids, maps, n_slices)``: grids {axis: float16 (C, a, b, c), the encoded slice's index
             at position 1 + axis}; maps {axis: (offset [3], step [3])}, cell index -> canonical voxel
-            (along the slicing axis: offset = first encoded slice, step = ``slice_stride``).
+            (along the slicing axis: offset = first encoded slice, step = the axis's stride).
         """
         out: dict[int, np.ndarray] = {}
         C = basis.shape[1] if basis is not None else self.enc.channels
         basis32 = basis.astype(np.float32) if basis is not None else None
+        strides = self.strides(spacing) if spacing is not None else {a: self.slice_stride for a in self.axes}
 
         def sink(axis, k, f):
             if axis not in out:  # in-plane cell counts are constant per axis: allocate on the first slice
-                n_enc = strided_slices(array.shape[axis], self.slice_stride)[1]
+                n_enc = strided_slices(array.shape[axis], strides[axis])[1]
                 out[axis] = np.empty((C, n_enc) + f.shape[1:], np.float16)
             if basis32 is not None:
                 f = np.tensordot(basis32, f, axes=([0], [0]))
             out[axis][:, k] = f
 
-        plans, firsts, n = self.case_raw(array, sink)
+        plans, firsts, n = self.case_raw(array, sink, strides)
         grids, maps = {}, {}
         for axis in self.axes:
             grids[axis] = np.ascontiguousarray(np.moveaxis(out[axis], 1, 1 + axis))
             (ou, ov), (su, sv) = plans[axis].mapping()
             others = [d for d in range(3) if d != axis]
             offset, stepv = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-            offset[axis], stepv[axis] = float(firsts[axis]), float(self.slice_stride)
+            offset[axis], stepv[axis] = float(firsts[axis]), float(strides[axis])
             offset[others[0]], offset[others[1]] = ou, ov
             stepv[others[0]], stepv[others[1]] = su, sv
             maps[axis] = (offset, stepv)
@@ -378,8 +421,24 @@ def _default_reduction_case(s: EncodeSettings, chosen: list, existing: dict | No
     return chosen[0]
 
 
+def working_shape(path, working=None) -> tuple[int, int, int]:
+    """The canonical shape of an image in voxels of the working spacing (header only): each axis
+    finer than ``working`` shrinks by the ratio (rounded up), the others keep their size; without
+    a working spacing the canonical shape.
+
+    Raises:
+        InputError: as :func:`semisam_o1.data.images.geometry`.
+    """
+    if working is None:
+        return canonical_shape(path)
+    shape, affine = geometry(path)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return tuple(int(np.ceil(n * min(1.0, sp / w) - 1e-6)) for n, sp, w in zip(shape, spacing, working))
+
+
 def _choose_tile(s: EncodeSettings, enc, ds, red_case: str, chosen: list, existing: dict | None) -> int:
-    """The tile side: ``--tile-size``, the store's, or auto from the first readable case's header.
+    """The tile side: ``--tile-size``, the store's, or auto from the first readable case's header
+    (its size in working voxels with ``--working-spacing``, :func:`working_shape`).
 
     Raises:
         InputError: a tile that does not divide the canvas or is not a multiple of the cell.
@@ -393,7 +452,7 @@ def _choose_tile(s: EncodeSettings, enc, ds, red_case: str, chosen: list, existi
         side = None
         for c in ([red_case] if s.channels else []) + list(chosen):
             try:
-                side = max(canonical_shape(ds.image_path(c)))
+                side = max(working_shape(ds.image_path(c), s.working_spacing))
                 break
             except InputError:
                 continue
@@ -431,6 +490,7 @@ def _new_config(s: EncodeSettings, enc, tile: int, red_case: str, storage: str) 
         "reduction": {"method": "uncentred-pca", "channels": channels, "case": red_case} if s.channels else None,
         "axes": list(s.axes),
         **({"slice_stride": int(s.slice_stride)} if s.slice_stride != 1 else {}),  # stores of stride 1 keep their signature
+        **({"working_spacing": list(s.working_spacing)} if s.working_spacing else {}),  # likewise
         "channels": channels,
         "command": command_line("encode", dataclasses.replace(s, storage=storage)),  # the dtype it chose, spelled out
     }
@@ -596,7 +656,7 @@ def _fit_first(setup: _EncodeSetup, job: _Encoding, store: _Store, log) -> tuple
     log(f"fitting the {setup.config['channels']}-channel reduction on {red} (encoded first)")
     t0 = time.perf_counter()
     vol = setup.dataset.read_image(red)
-    raw, maps, n = job.encode_case(vol.encoder_input, None)
+    raw, maps, n = job.encode_case(vol.encoder_input, None, vol.spacing)
     seconds = time.perf_counter() - t0
     basis, kept = fit_reduction(raw, setup.config["channels"])
     store.create(basis, kept)
@@ -622,7 +682,7 @@ def _encode_one(case: str, setup: _EncodeSetup, job: _Encoding, store: _Store, i
         if vol.is_2d != job.flat:
             raise InputError(f"{vol.path}: a {'2D image' if vol.is_2d else 'volume'} of shape {vol.shape} in a cohort "
                              f"of {'2D images' if job.flat else 'volumes'}; one run takes one or the other")
-        grids, maps, n = job.encode_case(vol.encoder_input, store.basis)
+        grids, maps, n = job.encode_case(vol.encoder_input, store.basis, vol.spacing)
     if store.config is None:  # a new store without reduction: created with its first case
         store.create(None, None)
     dt = time.perf_counter() - t0
@@ -695,7 +755,7 @@ def encode(settings: EncodeSettings) -> dict:
         import torch  # the slice resize runs in torch
 
         torch.set_num_threads(int(s.threads))
-    job = _Encoding(setup.enc, setup.tile, s.axes, s.batch_size, s.window, s.slice_stride)
+    job = _Encoding(setup.enc, setup.tile, s.axes, s.batch_size, s.window, s.slice_stride, s.working_spacing)
     job.flat = canonical_shape(setup.dataset.image_path(setup.reduction_case))[2] == 1
     for folder in (setup.root, setup.root / CASES_DIR):  # a killed shard's half-written case folders
         sweep_temporaries(folder)
