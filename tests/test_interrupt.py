@@ -330,3 +330,36 @@ def test_run_resumes_after_a_case_features_were_deleted(inputs, tmp_path):
     assert "[run] encode: done earlier" in log and "[run] propagate: done earlier" in log, log
     assert "redone" not in log and "re-encoded" not in log, log
     assert _mtimes(_label_files(pseudo, v["pool"])) == after
+
+
+# --------------------------------------------------------------------------- a signal inside a finaliser
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_stop_signal_inside_a_finaliser_stops_the_loop_at_its_next_case(sig, capfd):
+    """A signal that arrives while a ``__del__`` runs (e.g. nibabel's, when an image is freed) would
+    raise inside it, where Python prints "Exception ignored" and goes on: the stage then ran to its
+    end. The handler only notes it there, and the next case of the loop stops with it."""
+    from semisam_o1 import cli
+    from semisam_o1.core.errors import Terminated
+    from semisam_o1.core.progress import progress
+
+    class Freed:
+        def __del__(self):
+            os.kill(os.getpid(), sig)  # the handler runs at the next bytecode: still in __del__
+            time.sleep(0.01)
+
+    seen = []
+    expected = KeyboardInterrupt if sig == signal.SIGINT else Terminated
+    before = signal.getsignal(sig)
+    with cli._signals_as_interrupts():
+        with pytest.raises(expected) as info:
+            for quiet in (True, False):
+                for i in progress(range(3), quiet=quiet):
+                    seen.append(i)
+                    if i == 0:
+                        Freed()  # freed at once, its __del__ sends the signal
+    assert seen == [0] and (sig == signal.SIGINT or info.value.signum == sig)
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert signal.getsignal(sig) == before  # the handlers are restored
+    assert list(progress(range(2), quiet=True)) == [0, 1]  # and a loop outside the command runs on

@@ -27,7 +27,15 @@ import sys
 import threading
 from types import ModuleType
 
-from semisam_o1.core.errors import InputError, ReportedError, Terminated
+from semisam_o1.core.errors import (
+    InputError,
+    ReportedError,
+    Terminated,
+    clear_stops,
+    note_stop,
+    raise_if_stopped,
+    stop_exception,
+)
 from semisam_o1.core.files import WRITE_ERRNOS, write_error_message
 from semisam_o1.core.settings import add_options, from_namespace
 from semisam_o1.core.version import __version__
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _signals_as_interrupts():
             module.STAGE(from_namespace(module.SETTINGS, args))
+            raise_if_stopped()  # a signal whose exception a finaliser swallowed after the last check
         return 0
     except InputError as exc:
         print(f"semisam-o1 {args.command}: error: {exc}", file=sys.stderr)
@@ -114,25 +123,46 @@ def _stop_reason(exc: KeyboardInterrupt) -> str:
     return "interrupted"
 
 
-def _raise_terminated(signum, frame) -> None:
-    for sig in STOP_SIGNALS:  # once: a second signal during the cleanup must not cut it short
-        signal.signal(sig, signal.SIG_IGN)
-    raise Terminated(signum)
+def _in_finaliser(frame) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` (an exception raised there is printed as
+    "Exception ignored" and lost)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_stop_signal(signum, frame) -> None:
+    """Ctrl-C, SIGTERM, SIGHUP: raise :func:`~semisam_o1.core.errors.stop_exception` where the
+    main thread is, or, inside a finaliser (which would swallow it), only note it: the stage's next
+    per-case step raises it (:func:`semisam_o1.core.errors.raise_if_stopped`)."""
+    if signum != signal.SIGINT:
+        for sig in STOP_SIGNALS:  # once: a second signal during the cleanup must not cut it short
+            signal.signal(sig, signal.SIG_IGN)
+    note_stop(signum)
+    if not _in_finaliser(frame):
+        raise stop_exception(signum)
 
 
 @contextlib.contextmanager
 def _signals_as_interrupts():
-    """SIGTERM and SIGHUP raise :class:`Terminated` in the main thread while the stage runs; the
-    previous handlers are back afterwards (``main`` may be called in-process, e.g. by tests)."""
+    """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP :class:`Terminated`, in the main thread
+    while the stage runs (:func:`_on_stop_signal`); the previous handlers are back afterwards
+    (``main`` may be called in-process, e.g. by tests)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
+    clear_stops()
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # e.g. a job started with `&`: it stays so
+    previous = {sig: signal.signal(sig, _on_stop_signal)
+                for sig in ((() if ignored else (signal.SIGINT,)) + STOP_SIGNALS)}
     try:
         yield
     finally:
         for sig, handler in previous.items():  # None: a handler set outside Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        clear_stops()  # a stage called in this process later (an API user, a test) starts clean
 
 
 def _close_progress_bars() -> None:

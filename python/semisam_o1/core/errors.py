@@ -34,3 +34,34 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = int(signum)
+
+
+#: stop signals received (their numbers) whose exception has not reached the stage yet
+_PENDING_STOPS: list[int] = []
+
+
+def stop_exception(signum: int) -> KeyboardInterrupt:
+    """The exception a stop signal raises: :class:`KeyboardInterrupt` for SIGINT (Ctrl-C), else
+    :class:`Terminated`."""
+    import signal
+
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def note_stop(signum: int) -> None:
+    """Remember a stop signal, so that :func:`raise_if_stopped` raises it at the next check even when
+    the exception raised in the signal handler was lost (raised inside a finaliser, ``__del__``,
+    Python prints it as "Exception ignored" and goes on)."""
+    _PENDING_STOPS.append(int(signum))
+
+
+def raise_if_stopped() -> None:
+    """Raise :func:`stop_exception` of the first stop signal received, if any (the per-case loops
+    check it through :func:`semisam_o1.core.progress.progress`)."""
+    if _PENDING_STOPS:
+        raise stop_exception(_PENDING_STOPS[0])
+
+
+def clear_stops() -> None:
+    """Forget the stop signals received (a new command in the same process starts clean)."""
+    _PENDING_STOPS.clear()
