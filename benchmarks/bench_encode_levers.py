@@ -96,8 +96,8 @@ class VariantFeatures(CaseFeatures):
                 g, scale = quantise_int8(g)
                 self.bytes += scale.nbytes
             self.bytes += g.nbytes
-            offset, step = super().cell_to_voxel(axis)
-            offset[axis], step[axis] = float(first), float(self.variant["stride"])
+            offset, step = super().cell_to_voxel(axis)  # the store's own map (a strided store steps > 1)
+            offset[axis], step[axis] = offset[axis] + first * step[axis], step[axis] * self.variant["stride"]
             self._maps[axis] = (offset, step)
             self._grids[axis] = (g, scale)
         return self._grids[axis]
@@ -110,6 +110,13 @@ class VariantFeatures(CaseFeatures):
 def canvases(voxel_shape, axes, stride: int, per_canvas: int) -> int:
     """Encoder canvases of one volume: slices over ``axes`` (every ``stride``-th), ``per_canvas`` a canvas."""
     n = sum(strided_slices(int(voxel_shape[a]), stride)[1] for a in axes)
+    return -(-n // per_canvas)
+
+
+def variant_canvases(cf: VariantFeatures, per_canvas: int) -> int:
+    """Encoder canvases the variant's slices take (its grids' slice counts: a store written with a
+    stride or a working spacing holds fewer than the voxel shape)."""
+    n = sum(cf.stored(a)[0].shape[1 + a] for a in cf.axes)
     return -(-n // per_canvas)
 
 
@@ -135,7 +142,7 @@ def run_variant(ds: Dataset, store: FeatureStore, template: str, cases: list, va
         per.append(dice_per_class(lab, refs[c], list(range(1, K))))
         nbytes.append(cf.bytes)
         full = canvases(cf.voxel_shape, store.axes, 1, per_canvas)
-        canv.append((canvases(cf.voxel_shape, cf.axes, variant["stride"], per_canvas), full))
+        canv.append((variant_canvases(cf, per_canvas), full))
     d = np.asarray(per)
     return {"mean_dice": float(d.mean()), "dice_per_class": [float(x) for x in d.mean(0)],
             "per_case": [float(x) for x in d.mean(1)], "propagate_seconds_per_case": float(np.mean(secs)),
