@@ -644,3 +644,28 @@ def test_working_spacing_strides_each_case_by_its_own_spacing(pool_onnx, dataset
     shape = canonical_shape(dataset / "imagesTr" / f"{fine}.nii.gz")
     assert working_shape(dataset / "imagesTr" / f"{fine}.nii.gz", (1.0, 1.0, 1.0)) == (
         -(-shape[0] // 2), shape[1], int(np.ceil(shape[2] * 0.3 - 1e-6)))
+
+
+def test_levers_benchmark_keeps_a_strided_store_map(pool_onnx, dataset, tmp_path, cases):
+    """benchmarks.bench_encode_levers reads a store written with a stride through its own map (a first
+    version replaced it with the variant's step 1, stretching the features), and a variant's stride on
+    top of it multiplies the store's step."""
+    from benchmarks.bench_encode_levers import VariantFeatures, parse_variant, variant_canvases
+
+    out = tmp_path / "sub"
+    _pool(dataset, out, pool_onnx, cases=cases[:2], channels=0, slice_stride=2, storage="float16")
+    store = FeatureStore(out)
+    cf = store.load(cases[1])
+    as_is, again = VariantFeatures(store.load(cases[1]), parse_variant("")), \
+        VariantFeatures(store.load(cases[1]), parse_variant("stride=2"))
+    for axis in range(3):
+        off, step = cf.cell_to_voxel(axis)
+        o1, s1 = as_is.cell_to_voxel(axis)
+        np.testing.assert_array_equal(o1, off)
+        np.testing.assert_array_equal(s1, step)
+        o2, s2 = again.cell_to_voxel(axis)
+        n = cf.grid(axis).shape[1 + axis]
+        first = (n - 1 - 2 * ((n - 1) // 2)) // 2
+        assert (o2[axis], s2[axis]) == (off[axis] + first * step[axis], 2 * step[axis])
+    slices = sum(cf.grid(a).shape[1 + a] for a in range(3))
+    assert variant_canvases(as_is, 4) == -(-slices // 4)
