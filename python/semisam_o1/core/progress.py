@@ -24,9 +24,7 @@ def _bar_class():
 
         class CheckedBar(tqdm):
             def __iter__(self):
-                for item in super().__iter__():
-                    raise_if_stopped()
-                    yield item
+                yield from _checked(super().__iter__())
 
         _BAR = CheckedBar
     return _BAR
