@@ -44,6 +44,12 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 FLOAT_LABEL_TOLERANCE = 1e-3
 
 
+def affine_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each array axis of a 4x4 voxel-to-world ``affine``: the lengths of its
+    first three columns, float64 (3,)."""
+    return np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
 @dataclass
 class Volume:
     """A 3D volume in canonical (RAS+) voxel order, with what is needed to write
@@ -92,7 +98,7 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the canonical axes."""
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        return tuple(float(s) for s in affine_spacing(self.affine))
 
     def to_native(self, array: np.ndarray) -> np.ndarray:
         """Bring an array on the canonical grid (X, Y, Z[, ...]) back to the file's voxel order."""

@@ -33,7 +33,7 @@ import numpy as np
 from semisam_o1.core.files import atomic_path, copy_atomic, write_json
 from semisam_o1.data.cases import find_case_file
 from semisam_o1.data.folder_input import output_name, read_cases, write_label_like
-from semisam_o1.data.images import geometry, read_image, read_label
+from semisam_o1.data.images import affine_spacing, geometry, read_image, read_label
 from semisam_o1.methods.metrics import mean_dice
 from semisam_o1.pipeline.report_html import write_page
 from semisam_o1.stages.bundle import write_bundle
@@ -47,7 +47,7 @@ CSV_COLUMNS = ("rank", "case", "role", "agreement", "foreground_entropy", "image
 def median_spacing(dataset, cases: list[str]) -> list[float]:
     """Median canonical voxel size (mm) of the cases' images, from their headers."""
 
-    spacings = [np.sqrt((geometry(dataset.image_path(c))[1][:3, :3] ** 2).sum(axis=0)) for c in cases]
+    spacings = [affine_spacing(geometry(dataset.image_path(c))[1]) for c in cases]
     return [round(float(s), 6) for s in np.median(np.asarray(spacings), axis=0)]
 
 

@@ -24,10 +24,10 @@ Preprocessing (MedSAM / LiteMedSAM's, per volume then per slice):
    slicing axis the cell is the slice. With ``--slice-stride n`` only every n-th slice is encoded
    (:func:`strided_slices`, centred) and cell ``j`` along the slicing axis is slice ``first + n j``;
    readers interpolate between encoded slices (:func:`semisam_o1.data.store.voxel_features`).
-   ``--working-spacing X Y Z`` (``run`` passes the plan's working spacing when the network trains
-   coarser than the data) sets the stride per case and axis: a case whose slices along an axis are
-   ``n >= 2`` times closer than the working spacing gets every n-th of them (:func:`working_strides`),
-   and the auto tile is chosen from the reduction case's size in working voxels.
+   ``--working-spacing X Y Z`` sets the stride per case and axis: a case whose slices along an axis
+   are ``n >= 2`` times closer than the working spacing gets every n-th of them (:func:`working_strides`),
+   and the auto tile is chosen from the reduction case's size in working voxels. ``run`` does not pass
+   it: at 2 mm on Hippocampus (native 1 mm) it lost 0.0064 round-0 pool Dice (benchmarks/encode.md).
 
 Features: the layers given by ``--layers`` (LiteMedSAM default ``stage1,stage2,stage3``: each
 L2-normalised per cell, concatenated, 800 channels on the 64x64 grid), then reduced to ``--channels``
@@ -76,7 +76,7 @@ from semisam_o1.core.settings import (
 )
 from semisam_o1.core.version import __version__
 from semisam_o1.data.dataset import Dataset, load_split
-from semisam_o1.data.images import canonical_shape, geometry
+from semisam_o1.data.images import affine_spacing, canonical_shape, geometry
 from semisam_o1.data.slicing import SliceLayout, auto_tile, intensity_range, resize_slices, scale_volume
 from semisam_o1.data.store import (
     CASES_DIR,
@@ -117,7 +117,7 @@ class EncodeSettings(CaseOptions, ComputeOptions, EngineOptions):
                                   "encoded slices interpolated linearly (benchmarks/encode.md)")
     working_spacing: tuple[float, float, float] | None = option(
         None, "the spacing (mm, canonical axes) the network trains at: along an axis whose slices are n >= 2 "
-              "times closer, every n-th slice is encoded (per case); run passes the plan's working spacing",
+              "times closer, every n-th slice is encoded (per case); not run's default (benchmarks/encode.md)",
         nargs=3, type=float, metavar=("X", "Y", "Z"))
     storage: str | None = option(None, "dtype of the stored features: int8 (one scale per channel and axis file) or "
                                        "float16 (benchmarks/encode.md); default: int8 for a new store, an existing "
@@ -273,9 +273,11 @@ class _Encoding:
         #: seconds spent per phase since construction (benchmarks/bench_encode_profile.py reads them)
         self.timings = {"resample": 0.0, "pack": 0.0, "onnx": 0.0, "reduce": 0.0}
 
-    def strides(self, spacing) -> dict[int, int]:
-        """``{axis: slice stride}`` of a case of voxel size ``spacing`` (:func:`working_strides`)."""
-        return working_strides(spacing, self.working_spacing, self.axes, self.slice_stride)
+    def strides(self, spacing=None) -> dict[int, int]:
+        """``{axis: slice stride}`` of a case of voxel size ``spacing`` (:func:`working_strides`;
+        ``--slice-stride`` on every axis when the spacing is not given)."""
+        working = self.working_spacing if spacing is not None else None
+        return working_strides(spacing, working, self.axes, self.slice_stride)
 
     def _tiles(self, array: np.ndarray, strides: dict[int, int]):
         """The encoded slices of every axis (every ``strides[axis]``-th, :func:`strided_slices`),
@@ -309,7 +311,7 @@ class _Encoding:
         Returns:
             ``({axis: SliceLayout}, {axis: first encoded slice}, number of slices encoded)``.
         """
-        plans, firsts, tiles = self._tiles(array, strides or {a: self.slice_stride for a in self.axes})
+        plans, firsts, tiles = self._tiles(array, strides or self.strides())
         step = self.per_canvas * self.batch_size
         clock = time.perf_counter
         for start in range(0, len(tiles), step):
@@ -343,7 +345,7 @@ class _Encoding:
         out: dict[int, np.ndarray] = {}
         C = basis.shape[1] if basis is not None else self.enc.channels
         basis32 = basis.astype(np.float32) if basis is not None else None
-        strides = self.strides(spacing) if spacing is not None else {a: self.slice_stride for a in self.axes}
+        strides = self.strides(spacing)
 
         def sink(axis, k, f):
             if axis not in out:  # in-plane cell counts are constant per axis: allocate on the first slice
@@ -432,7 +434,7 @@ def working_shape(path, working=None) -> tuple[int, int, int]:
     if working is None:
         return canonical_shape(path)
     shape, affine = geometry(path)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = affine_spacing(affine)
     return tuple(int(np.ceil(n * min(1.0, sp / w) - 1e-6)) for n, sp, w in zip(shape, spacing, working))
 
 

@@ -58,6 +58,7 @@ from semisam_o1.data.dataset import Dataset
 from semisam_o1.data.folder_input import case_id, list_images, place_file, write_label_like
 from semisam_o1.data.images import (
     ENDINGS,
+    affine_spacing,
     canonical_shape,
     ending,
     geometry,
@@ -440,7 +441,7 @@ def _warn_if_spacing_differs(path: Path, affine: np.ndarray, expected) -> None:
     :data:`SPACING_WARN_RATIO` on any axis."""
     if not expected:
         return
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    spacing = affine_spacing(affine)
     ref = np.asarray(expected, dtype=np.float64)
     if np.all(np.maximum(spacing / ref, ref / spacing) <= SPACING_WARN_RATIO):
         return
