@@ -266,6 +266,21 @@ def test_thin_ring_keeps_its_thickness_floor():
     assert plan.plan_spacing(thin)["spacing"] == [1.2, 1.2, 1.2]
 
 
+def test_thickness_of_a_2d_structure_is_measured_in_its_plane():
+    """A filled disc 41 pixels across in a 2D image (X x Y x 1): its thickness is its diameter in
+    the plane (about 41 px x 0.2 mm), not the one-slice axis's single pixel (the bug gave 2 px for
+    every 2D structure: 0.277 mm for an HC18 head 100 px across)."""
+    from semisam_o1.stages import plan
+
+    x, y = np.meshgrid(np.arange(80.0), np.arange(60.0), indexing="ij")
+    disc = (np.hypot(x - 40, y - 30) <= 20)[:, :, None]
+    t = plan.thickness_mm(disc, [0.2, 0.2, 0.2])
+    assert t == pytest.approx(41 * 0.2, abs=0.5)
+    # the same disc as one slice of a volume 3 slices deep, above and below empty: one slice thick
+    vol = np.concatenate([np.zeros_like(disc), disc, np.zeros_like(disc)], axis=2)
+    assert plan.thickness_mm(vol, [0.2, 0.2, 0.2]) == pytest.approx(0.4, abs=1e-6)
+
+
 def test_cohort_of_mixed_spacings_is_resampled_to_the_median(tmp_path):
     """Volumes at different spacings: the plan resamples every one to the working spacing (nnU-Net's
     target spacing), so the network sees one voxel size."""

@@ -168,16 +168,23 @@ def thickness_mm(mask: np.ndarray, spacing) -> float:
     the nearest voxel outside it, the volume's border counting as outside: the diameter of the
     largest ball inside (a slab t voxels thick gives t + 1 for odd t, t for even t).
 
+    An axis the mask has a single voxel along (a 2D image stored as X x Y x 1) is not measured:
+    the ball is then a disc in the image's plane. Padded like the others, that axis would put every
+    pixel one pixel from the outside and make any 2D structure look one pixel thick.
+
     Returns 0.0 for an empty mask.
     """
     from scipy import ndimage
 
     if not mask.any():
         return 0.0
-    lo = [int(i.min()) for i in np.nonzero(mask)]
-    hi = [int(i.max()) + 1 for i in np.nonzero(mask)]
-    box = np.pad(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], 1)  # the border is outside
-    return float(2.0 * ndimage.distance_transform_edt(box, sampling=[float(x) for x in spacing]).max())
+    axes = [a for a in range(mask.ndim) if mask.shape[a] > 1] or [0]
+    plane = mask.reshape([mask.shape[a] for a in axes])
+    lo = [int(i.min()) for i in np.nonzero(plane)]
+    hi = [int(i.max()) + 1 for i in np.nonzero(plane)]
+    box = np.pad(plane[tuple(slice(a, b) for a, b in zip(lo, hi))], 1)  # the border is outside
+    sampling = [float(spacing[a]) for a in axes]
+    return float(2.0 * ndimage.distance_transform_edt(box, sampling=sampling).max())
 
 
 def template_fingerprint(dataset, template: str) -> dict:
