@@ -500,10 +500,13 @@ def test_training_option_is_recorded_and_checked(setup, data_root, option, bad):
     assert cfg[option] == 0.5
     assert json.loads((model / "config.json").read_text())[option] == 0.5
     assert read_record(model)["signed"]["settings"][option] == 0.5
+    # the training volumes spilled while it trained are gone (from the model folder and its parent)
+    assert not list(model.glob(".semisam-volumes-*")) and not list(model.parent.glob(".semisam-volumes-*"))
     with pytest.raises(InputError, match=option.replace("_", "-")):
         _train(data_root, setup["labels"], setup["template"], setup["root"] / f"model_bad_{option}",
                cases=tuple(setup["others"]), iterations=2, **{option: bad})
     assert not (setup["root"] / f"model_bad_{option}").exists()
+    assert not list(setup["root"].glob(".semisam-volumes-*"))
 
 
 def _is_crop_of(patch: np.ndarray, volume: np.ndarray) -> bool:
@@ -517,7 +520,7 @@ def _is_crop_of(patch: np.ndarray, volume: np.ndarray) -> bool:
     return True
 
 
-def test_spatial_aug_moves_image_and_label_together(data_root, split):
+def test_spatial_aug_moves_image_and_label_together(data_root, split, tmp_path):
     """--spatial-aug: RandAffined before the crop warps image and label by the same transform, and the
     foreground-centred crop finds the warped label's foreground (not the stale pre-computed indices)."""
     case = split["unlabeled"][0]
@@ -525,8 +528,9 @@ def test_spatial_aug_moves_image_and_label_together(data_root, split):
     label = np.asarray(lab.dataobj).astype(np.uint8)[None]
     cfg = nets.preset("quick")
     cfg.update(patch=[9, 9, 9], pos_neg=[1.0, 0.0], flip_axes=[], intensity_prob=0.0)
-    data = [{"case": case, "image": label.astype(np.float32), "label": label.copy()}]
-    T._add_indices(data)
+    entry = {"case": case, "image": label.astype(np.float32), "label": label.copy()}
+    T.add_indices(entry)
+    data = [T.open_volume(T.spill_volume(entry, tmp_path / "volume"))]  # memory maps, as train reads them
     ts = T._transforms(cfg, 1.0)
     ts.set_random_state(seed=0)
     changed, centre_fg, agree = 0, 0, []
@@ -546,3 +550,34 @@ def test_spatial_aug_moves_image_and_label_together(data_root, split):
     assert np.mean(agree) > 0.9
     assert centre_fg >= 36  # crops centred on the warped foreground (a border crop may move the centre)
     assert changed >= 36  # the volumes are warped
+
+
+def test_spilled_volume_gives_the_patches_of_the_volume_in_memory(data_root, split, tmp_path):
+    """A training volume spilled to disk and memory-mapped (how train reads its data) yields exactly the
+    patches the same volume held in memory yields, draw for draw, with the same seeds; the spill keeps
+    no array in the record, and load_training_data empties its folder when a case fails."""
+    from semisam_o1.data.dataset import Dataset
+
+    ds = Dataset(data_root)
+    cases = [split["template"], *split["unlabeled"][:2]]
+    labels = T.label_paths(ds, data_root / "labelsTr", split["template"], cases)
+    cfg = nets.preset("quick")
+    cfg.update(patch=[12, 12, 12], normalisation=dict(nets.NORMALISATION))
+    records = T.load_training_data(ds, labels, cases, dict(cfg["normalisation"]), tmp_path / "spill", cfg["patch"])
+    assert [r["case"] for r in records] == cases
+    assert all(isinstance(f, Path) for r in records for f in r["files"].values())
+    for case, rec in zip(cases, records):
+        entry = T.read_volume(ds, case, labels[case], dict(cfg["normalisation"]))
+        T.pad_to_patch(entry, cfg["patch"])
+        T.add_indices(entry)
+        a, b = T._transforms(cfg), T._transforms(cfg)
+        a.set_random_state(seed=3)
+        b.set_random_state(seed=3)
+        for _ in range(5):
+            pa, pb = a(dict(entry))[0], b(T.open_volume(rec))[0]
+            assert np.array_equal(np.asarray(pa["image"]), np.asarray(pb["image"]))
+            assert np.array_equal(np.asarray(pa["label"]), np.asarray(pb["label"]))
+    bad = dict(labels, **{cases[-1]: tmp_path / "missing.nii.gz"})
+    with pytest.raises(InputError):
+        T.load_training_data(ds, bad, cases, dict(cfg["normalisation"]), tmp_path / "spill", cfg["patch"])
+    assert not (tmp_path / "spill").exists()

@@ -28,7 +28,9 @@ Training
     :func:`semisam_o1.stages.nets.normalise` (0.5/99.5 percentile clip + z-score),
     the same function ``predict`` uses. A cohort of colour 2D images (every image of the dataset
     RGB) trains on the three channels, each normalised on its own (``in_channels`` 3 in
-    config.json; :func:`semisam_o1.stages.nets.cohort_channels`). All volumes are kept in memory.
+    config.json; :func:`semisam_o1.stages.nets.cohort_channels`). The prepared volumes are spilled
+    to disk (:func:`spill_volume`) and memory-mapped one patch at a time, so memory does not grow with
+    the cohort (benchmarks/results/scale.json).
     Each patch comes from a training volume drawn uniformly, or, with
     ``--template-share F``, from the template (the one real label) with
     probability F and uniformly from the pseudo-labelled volumes otherwise.
@@ -95,10 +97,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io as _io
 import math
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -289,19 +294,18 @@ def confidence_weight(entropy: np.ndarray, num_classes: int) -> np.ndarray:
     return np.clip(1.0 - np.asarray(entropy, np.float64) / math.log(num_classes), 0.0, 1.0).astype(np.float32)
 
 
-def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], norm: dict, quiet: bool = True,
-                       working_spacing=None, confidence: dict[str, Path] | None = None, in_channels: int = 1):
-    """Read and check every training image / label, normalise, keep in memory.
+def read_volume(ds: Dataset, case: str, label_file: Path, norm: dict, working_spacing=None,
+                confidence: dict[str, Path] | None = None, in_channels: int = 1) -> dict:
+    """Read, check and normalise one training volume (and its label, and its entropy map's weights).
 
     Args:
         ds: the dataset (images, label map).
-        labels: {case: label file} (:func:`label_paths`).
-        cases: training case ids.
+        case: the case id; label_file: its label (:func:`label_paths`).
         norm: normalisation parameters (:data:`semisam_o1.stages.nets.NORMALISATION`).
-        working_spacing: (3,) mm, or None: the network's grid (a plan's ``spacing``); images are
-            resampled to it after normalisation (:func:`semisam_o1.stages.nets.resample`) and labels
+        working_spacing: (3,) mm, or None: the network's grid (a plan's ``spacing``); the image is
+            resampled to it after normalisation (:func:`semisam_o1.stages.nets.resample`) and the label
             with :func:`semisam_o1.stages.nets.resample_label`.
-        confidence: None, or {case: entropy map} (:func:`confidence_paths`): every volume then also
+        confidence: None, or {case: entropy map} (:func:`confidence_paths`): the volume then also
             gets ``"weight"`` (1, X, Y, Z) float32, :func:`confidence_weight` of its map (resampled
             trilinearly), 1 everywhere for a case without one.
         in_channels: the network's input channels: 1 (the intensities; a colour image's luma) or
@@ -309,60 +313,118 @@ def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], n
             each channel normalised on its own (:func:`semisam_o1.stages.nets.normalise_channels`).
 
     Returns:
-        a list of dicts ``{"case", "image": (C, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}``
-        (C = ``in_channels``; on the working grid), plus ``"weight"`` (1, X, Y, Z) with ``confidence``.
+        ``{"case", "image": (C, X, Y, Z) float32, "label": (1, X, Y, Z) uint8}`` (C = ``in_channels``;
+        on the working grid), plus ``"weight"`` (1, X, Y, Z) float32 with ``confidence``.
 
     Raises:
         InputError: naming the case for a label or an entropy map on another grid or undeclared
             label values, or a greyscale image for a three-channel network.
     """
+    img = ds.read_image(case)
+    lab = read_label(label_file, ds.label_map, reference=img)
+    image = nets.normalise_channels(nets.image_channels(img, in_channels), norm)
+    label = np.ascontiguousarray(lab.array)
+    if working_spacing is not None:
+        shape = nets.working_shape(img.shape, img.spacing, working_spacing)
+        image = nets.resample(image, shape, "trilinear")
+        label = nets.resample_label(label, shape, ds.label_map.num_classes)
+    entry = {"case": case, "image": image, "label": label[None]}
+    if confidence is not None:
+        if case in confidence:
+            ent = read_image(confidence[case])
+            check_same_grid(ent, img, what="image")
+            weight = confidence_weight(ent.array, ds.label_map.num_classes)[None]
+            if working_spacing is not None:
+                weight = np.clip(nets.resample(weight, image.shape[1:], "trilinear"), 0.0, 1.0)
+        else:
+            weight = np.ones((1, *image.shape[1:]), np.float32)
+        entry["weight"] = np.ascontiguousarray(weight, dtype=np.float32)
+    return entry
 
+
+def pad_to_patch(entry: dict, patch) -> None:
+    """Zero-pad (symmetrically; weights with 1) a volume smaller than ``patch`` in place."""
+    shape = entry["image"].shape[1:]
+    pads = [max(0, int(p) - int(s)) for s, p in zip(shape, patch)]
+    if any(pads):
+        width = [(0, 0)] + [(q // 2, q - q // 2) for q in pads]
+        entry["image"] = np.pad(entry["image"], width, mode="constant", constant_values=0.0)
+        entry["label"] = np.pad(entry["label"], width, mode="constant", constant_values=0)
+        if "weight" in entry:
+            entry["weight"] = np.pad(entry["weight"], width, mode="constant", constant_values=1.0)
+
+
+def add_indices(entry: dict) -> None:
+    """Foreground / background voxel indices of a volume (``"fg"``, ``"bg"``; int32 below 2^31 voxels),
+    for MONAI's ``RandCropByPosNegLabeld``; without foreground every centre is background."""
+    flat = entry["label"].reshape(-1)
+    dtype = np.int32 if flat.size < 2**31 else np.int64
+    entry["fg"] = np.flatnonzero(flat > 0).astype(dtype)
+    entry["bg"] = np.flatnonzero(flat == 0).astype(dtype)
+    if entry["fg"].size == 0:
+        entry["fg"] = entry["bg"]
+
+
+#: the arrays of a prepared training volume, each spilled to ``<key>.npy``
+VOLUME_ARRAYS = ("image", "label", "weight", "fg", "bg")
+
+
+def spill_volume(entry: dict, folder: Path) -> dict:
+    """Write a prepared volume's arrays (:data:`VOLUME_ARRAYS`) to ``folder/<key>.npy``.
+
+    Returns:
+        ``{"case", "files": {key: path}}``: what :func:`open_volume` reads back.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key in VOLUME_ARRAYS:
+        if key in entry:
+            files[key] = folder / f"{key}.npy"
+            np.save(files[key], np.ascontiguousarray(entry[key]))
+    return {"case": entry["case"], "files": files}
+
+
+def open_volume(record: dict) -> dict:
+    """A spilled volume's arrays as read-only memory maps: a patch reads only its own pages from
+    disk (or the page cache), and the maps close when the returned dict is dropped."""
+    return {"case": record["case"], **{k: np.load(f, mmap_mode="r") for k, f in record["files"].items()}}
+
+
+def spill_folder(output: Path) -> Path:
+    """Where the training volumes are spilled while a model trains: a hidden folder in the output
+    folder (or, before it exists, in its nearest existing parent), named after the output, removed
+    when training ends, on an error, and by the next run after a kill."""
+    output = Path(output).resolve()
+    base = output if output.is_dir() else next((p for p in output.parents if p.is_dir()), Path("."))
+    return base / f".semisam-volumes-{hashlib.sha1(str(output).encode()).hexdigest()[:10]}"
+
+
+def load_training_data(ds: Dataset, labels: dict[str, Path], cases: list[str], norm: dict, folder: Path,
+                       patch, quiet: bool = True, working_spacing=None, confidence: dict[str, Path] | None = None,
+                       in_channels: int = 1) -> list[dict]:
+    """Read, check and normalise every training volume (:func:`read_volume`), pad it to ``patch``,
+    index its foreground and background (:func:`add_indices`) and spill it to ``folder/<n>/``
+    (:func:`spill_volume`): one volume is in memory at a time. ``folder`` is emptied first and removed
+    when a volume fails.
+
+    Returns:
+        one :func:`spill_volume` record per case, in the order of ``cases`` (:func:`open_volume` reads one).
+
+    Raises:
+        InputError: as :func:`read_volume` (nothing left in ``folder``).
+    """
+    shutil.rmtree(folder, ignore_errors=True)
     data = []
-    for case in progress(cases, desc="load", quiet=quiet):
-        img = ds.read_image(case)
-        lab = read_label(labels[case], ds.label_map, reference=img)
-        image = nets.normalise_channels(nets.image_channels(img, in_channels), norm)
-        label = np.ascontiguousarray(lab.array)
-        if working_spacing is not None:
-            shape = nets.working_shape(img.shape, img.spacing, working_spacing)
-            image = nets.resample(image, shape, "trilinear")
-            label = nets.resample_label(label, shape, ds.label_map.num_classes)
-        entry = {"case": case, "image": image, "label": label[None]}
-        if confidence is not None:
-            if case in confidence:
-                ent = read_image(confidence[case])
-                check_same_grid(ent, img, what="image")
-                weight = confidence_weight(ent.array, ds.label_map.num_classes)[None]
-                if working_spacing is not None:
-                    weight = np.clip(nets.resample(weight, image.shape[1:], "trilinear"), 0.0, 1.0)
-            else:
-                weight = np.ones((1, *image.shape[1:]), np.float32)
-            entry["weight"] = np.ascontiguousarray(weight, dtype=np.float32)
-        data.append(entry)
+    try:
+        for n, case in enumerate(progress(cases, desc="load", quiet=quiet)):
+            entry = read_volume(ds, case, labels[case], norm, working_spacing, confidence, in_channels)
+            pad_to_patch(entry, patch)
+            add_indices(entry)
+            data.append(spill_volume(entry, folder / f"{n:06d}"))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return data
-
-
-def _pad_to(data: list[dict], patch) -> None:
-    """Zero-pad (symmetrically) every volume smaller than ``patch`` in place."""
-    for d in data:
-        shape = d["image"].shape[1:]
-        pads = [max(0, int(p) - int(s)) for s, p in zip(shape, patch)]
-        if any(pads):
-            width = [(0, 0)] + [(q // 2, q - q // 2) for q in pads]
-            d["image"] = np.pad(d["image"], width, mode="constant", constant_values=0.0)
-            d["label"] = np.pad(d["label"], width, mode="constant", constant_values=0)
-            if "weight" in d:
-                d["weight"] = np.pad(d["weight"], width, mode="constant", constant_values=1.0)
-
-
-def _add_indices(data: list[dict]) -> None:
-    """Foreground / background voxel indices per volume, for RandCropByPosNegLabeld."""
-    for d in data:
-        flat = d["label"].reshape(-1)
-        d["fg"] = np.flatnonzero(flat > 0)
-        d["bg"] = np.flatnonzero(flat == 0)
-        if d["fg"].size == 0:  # no foreground: every centre is background
-            d["fg"] = d["bg"]
 
 
 #: ``--spatial-aug``'s random affine: rotation range (radians, each axis) and scale range (each axis)
@@ -440,6 +502,7 @@ class _TrainSetup:
     data: list
     record: StageRecord
     load_seconds: float
+    spill: Path  # where ``data`` lies (:func:`spill_folder`), removed when training ends
 
 
 def model_config(settings: TrainSettings, cfg: dict, ds: Dataset, template: str, cases: list[str]) -> dict:
@@ -525,11 +588,12 @@ def prepare(settings: TrainSettings) -> _TrainSetup | dict:
                   file=sys.stderr)
         return {**(record.summary() or {}), "skipped": True}
     t0 = time.time()
-    data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), quiet=settings.quiet,
-                              working_spacing=cfg.get("spacing"), confidence=confidence,
+    spill = spill_folder(settings.output)
+    data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), spill, cfg["patch"],
+                              quiet=settings.quiet, working_spacing=cfg.get("spacing"), confidence=confidence,
                               in_channels=int(cfg.get("in_channels", 1)))
     return _TrainSetup(cfg=cfg, config=model_config(settings, cfg, ds, template, cases), data=data, record=record,
-                 load_seconds=time.time() - t0)
+                       load_seconds=time.time() - t0, spill=spill)
 
 
 def build_networks(config: dict, settings: TrainSettings, dev):
@@ -660,9 +724,7 @@ def fit(setup: _TrainSetup, settings: TrainSettings, dev) -> tuple:
     from tqdm.auto import tqdm
 
     cfg, data, n_iter = setup.cfg, setup.data, int(setup.cfg["iterations"])
-    _pad_to(data, cfg["patch"])
-    _add_indices(data)
-    weighted = bool(data) and "weight" in data[0]
+    weighted = bool(data) and "weight" in data[0]["files"]
     transforms = _transforms(cfg, settings.spatial_aug, weighted)
     set_track_meta(False)
     net, optim, teacher = build_networks(setup.config, settings, dev)
@@ -683,8 +745,10 @@ def fit(setup: _TrainSetup, settings: TrainSettings, dev) -> tuple:
         lr = cfg["lr"] * (1.0 - it / n_iter) ** 0.9
         for group in optim.param_groups:
             group["lr"] = lr
-        samples = [transforms(dict(data[i]))[0] for i in draw_volumes(rng, len(data), cfg["batch_size"],
-                                                                      settings.template_share)]
+        with warnings.catch_warnings():  # torch wraps the read-only maps without writing to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            samples = [transforms(open_volume(data[i]))[0]
+                       for i in draw_volumes(rng, len(data), cfg["batch_size"], settings.template_share)]
         x = torch.stack([torch.as_tensor(np.asarray(s["image"]), dtype=torch.float32) for s in samples]).to(dev)
         y = torch.stack([torch.as_tensor(np.asarray(s["label"])).long() for s in samples]).to(dev)
         share = ""
@@ -756,7 +820,10 @@ def train(settings: TrainSettings) -> dict:
         for name in (nets.CONFIG_NAME, nets.WEIGHTS_NAME, nets.LOG_NAME, nets.CHECKPOINT_NAME):
             (settings.output / name).unlink(missing_ok=True)
     setup.record.start()
-    net, log_rows, seconds, wall, done, cpu_seconds = fit(setup, settings, dev)
+    try:
+        net, log_rows, seconds, wall, done, cpu_seconds = fit(setup, settings, dev)
+    finally:
+        shutil.rmtree(setup.spill, ignore_errors=True)
     log_every = max(1, int(setup.cfg.get("log_every", 1)))
     last = [r[1] for r in log_rows[-max(1, 50 // log_every):]]
     config = {**setup.config,
