@@ -248,3 +248,25 @@ def test_run_store_geometry_is_the_run_store():
     geo = validate.run_store_geometry()
     assert (geo.input_size, geo.cell, geo.raw_channels, geo.stored_channels, geo.axes) == (256, 4, 800, 64, (0, 1, 2))
     assert geo.tile_for((35, 51, 35)) == 128 and geo.tile_for((320, 320, 88)) == 256
+
+
+def test_training_spill_estimate_covers_what_train_writes(tmp_path, cohort):
+    """validate counts TRAIN_SPILL_BYTES_PER_VOXEL per training voxel for the volumes train spills to
+    disk: the files spill_volume really writes for a cohort case (with a confidence weight) are within
+    that bound and above 80% of it (the .npy headers aside)."""
+    from semisam_o1.data.dataset import Dataset
+    from semisam_o1.stages import nets
+    from semisam_o1.stages import train as T
+
+    ds = Dataset(cohort.root)
+    case = cohort.template
+    entry = T.read_volume(ds, case, ds.label_path(case), dict(nets.NORMALISATION))
+    entry["weight"] = np.ones_like(entry["image"])
+    T.add_indices(entry)
+    rec = T.spill_volume(entry, tmp_path / "v")
+    written = sum(f.stat().st_size for f in rec["files"].values())
+    voxels = int(np.prod(entry["label"].shape))
+    assert 0.8 * validate.TRAIN_SPILL_BYTES_PER_VOXEL * voxels < written
+    assert written <= validate.TRAIN_SPILL_BYTES_PER_VOXEL * voxels + 5 * 256  # five .npy headers
+    base = validate.needed_bytes(0, 1000, 0, 1)
+    assert validate.needed_bytes(0, 1000, 0, 1, template_voxels=100) - base == validate.TRAIN_SPILL_BYTES_PER_VOXEL * 100

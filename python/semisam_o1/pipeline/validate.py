@@ -17,7 +17,7 @@ wastes them. :func:`validate_run` therefore reads, before anything is written:
 * the free disk of the work folder's file system against the bytes the run will write: the
   feature store (:func:`semisam_o1.data.store.estimate_store_bytes`, from the images' shapes and
   ``encode``'s settings: :func:`run_store_geometry`; int8, or the dtype of the store a resumed run
-  adds to) plus a margin (:func:`needed_bytes`).
+  adds to) plus a margin, the rounds' labels and one round's spilled training volumes (:func:`needed_bytes`).
 
 Each problem is one :class:`semisam_o1.core.errors.InputError` naming the file (or folder).
 Measured seconds for 200 Hippocampus volumes: docs/accepted-inputs.md.
@@ -55,6 +55,11 @@ STORE_MARGIN = 0.10
 # prediction and an entropy map.
 POOL_BYTES_PER_VOXEL_ROUND = 1 + 4 + 1
 TEST_BYTES_PER_VOXEL_ROUND = 1 + 4
+# While a round trains, its training volumes (template + pool) lie spilled on disk
+# (:func:`semisam_o1.stages.train.spill_volume`; removed when the training ends, so one round at a
+# time): a float32 image, a uint8 label, int32 crop-centre indices (foreground and background: one per
+# voxel) and a float32 confidence weight. Counted on the native grid: the working spacing may differ.
+TRAIN_SPILL_BYTES_PER_VOXEL = 4 + 1 + 4 + 4
 
 
 def run_store_geometry(existing: dict | None = None) -> StoreGeometry:
@@ -73,11 +78,13 @@ def run_store_geometry(existing: dict | None = None) -> StoreGeometry:
                          storage=config_storage(existing) if existing else defaults["storage"] or DEFAULT_STORAGE)
 
 
-def needed_bytes(store_bytes: int, pool_voxels: int, test_voxels: int, rounds: int) -> int:
+def needed_bytes(store_bytes: int, pool_voxels: int, test_voxels: int, rounds: int, template_voxels: int = 0) -> int:
     """Free bytes a run needs: the store plus :data:`STORE_MARGIN` of it, plus every round's label
-    and entropy files uncompressed (an upper bound: they are written gzip-compressed)."""
+    and entropy files uncompressed (an upper bound: they are written gzip-compressed), plus one
+    round's spilled training volumes (:data:`TRAIN_SPILL_BYTES_PER_VOXEL` of template + pool)."""
     rounds_bytes = rounds * (POOL_BYTES_PER_VOXEL_ROUND * pool_voxels + TEST_BYTES_PER_VOXEL_ROUND * test_voxels)
-    return int(math.ceil(store_bytes * (1.0 + STORE_MARGIN))) + rounds_bytes
+    train_bytes = TRAIN_SPILL_BYTES_PER_VOXEL * (pool_voxels + template_voxels) if rounds else 0
+    return math.ceil(store_bytes * (1.0 + STORE_MARGIN)) + rounds_bytes + train_bytes
 
 
 def _existing_folder(path: Path) -> Path:
@@ -169,7 +176,8 @@ def validate_run(dataset, template: str, unlabeled: Sequence[str], test: Sequenc
     store = estimate_store_bytes({c: shapes[c] for c in missing}, shapes[template], run_store_geometry(existing)) \
         if missing else 0
     voxels = {c: int(math.prod(s)) for c, s in shapes.items()}
-    needed = needed_bytes(store, sum(voxels[c] for c in unlabeled if c in voxels),
-                          sum(voxels[c] for c in test), rounds)
-    free = check_free_disk(work, needed, f"the feature store of {len(missing)} cases and {rounds} round(s) of labels")
+    needed = needed_bytes(store, sum(voxels[c] for c in unlabeled if c in voxels and c != template),
+                          sum(voxels[c] for c in test), rounds, voxels.get(template, 0))
+    free = check_free_disk(work, needed, f"the feature store of {len(missing)} cases, {rounds} round(s) of labels "
+                           "and the training volumes")
     return {"cases": len(shapes), "store_bytes": store, "needed_bytes": needed, "free_bytes": free}
