@@ -397,3 +397,26 @@ def test_a_left_right_pair_is_not_flipped_across_and_a_midline_class_is(tmp_path
     helpers.write_nifti(path, lab, nib.load(str(path)).affine)
     d = _plan(root, tmp_path)["decisions"]["flip_axes"]
     assert d["value"] == [1, 2] and "axis 0" in d["reason"]
+
+
+def test_cohort_spacing_comes_from_the_affine_not_the_header_zooms(tmp_path):
+    """A file whose header zooms (pixdim) disagree with its affine: the plan's cohort spacing is the
+    affine's, the voxel size every stage reads (Volume.spacing), in canonical axis order."""
+    import nibabel as nib
+
+    from semisam_o1.data.dataset import Dataset
+    from semisam_o1.stages import plan
+
+    root = tmp_path / "zooms"
+    helpers.make_cohort(root, n_unlabeled=1, n_test=0, shape=(16, 16, 8), spacing=(1.0, 1.0, 1.0))
+    ds = Dataset(root)
+    case = ds.cases[0]
+    path = ds.image_path(case)
+    img = nib.load(str(path))
+    affine = np.diag([0.8, 1.2, 3.0, 1.0])[[1, 0, 2, 3]]  # array axes 0 / 1 swapped against RAS
+    out = nib.Nifti1Image(np.asarray(img.dataobj), affine)
+    out.header.set_zooms((5.0, 5.0, 5.0))  # pixdim inconsistent with the affine
+    nib.save(out, str(path))
+    geometry = plan.cohort_geometry(ds, [case])
+    assert geometry["spacing_mm"]["median"] == pytest.approx([1.2, 0.8, 3.0])
+    assert geometry["spacing_mm"]["median"] == pytest.approx(list(ds.read_image(case).spacing))

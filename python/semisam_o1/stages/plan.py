@@ -62,7 +62,7 @@ from semisam_o1.core.files import write_json
 from semisam_o1.core.resume import check_output_dir
 from semisam_o1.core.settings import ComputeOptions, check_range, command_line, option
 from semisam_o1.data.dataset import Dataset, load_split
-from semisam_o1.data.images import canonical_shape
+from semisam_o1.data.images import affine_spacing, canonical_shape
 from semisam_o1.methods import components
 from semisam_o1.methods.metrics import mask_extent
 from semisam_o1.methods.mirror import swapped_classes
@@ -147,7 +147,9 @@ def _summary(values: np.ndarray) -> dict:
 
 
 def cohort_geometry(dataset, cases: list[str]) -> dict:
-    """Canonical shapes (voxels) and spacings (mm) of ``cases`` from their headers alone."""
+    """Canonical shapes (voxels) and spacings (mm) of ``cases`` from their headers alone; the spacing
+    from the affine (:func:`semisam_o1.data.images.affine_spacing`, as every stage reads it), not the
+    header's zooms, which a file may hold inconsistent with its affine."""
     import nibabel as nib
 
     shapes, spacings = [], []
@@ -156,7 +158,7 @@ def cohort_geometry(dataset, cases: list[str]) -> dict:
         shapes.append(canonical_shape(path))
         img = nib.load(str(path))
         ornt = nib.orientations.io_orientation(img.affine)
-        zooms = np.asarray(img.header.get_zooms()[:3], np.float64)
+        zooms = affine_spacing(img.affine)
         spacings.append([float(zooms[int(d)]) for d in np.argsort(ornt[:, 0])])
     shapes_a, spacing_a = np.asarray(shapes, np.float64), np.asarray(spacings, np.float64)
     return {"cases": len(cases), "shape": _summary(shapes_a), "spacing_mm": _summary(spacing_a)}
