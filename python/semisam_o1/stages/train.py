@@ -84,7 +84,10 @@ Output (MODEL folder, every file written atomically)
     signature is skipped; one made from other settings or inputs is refused unless
     ``--overwrite``. An interrupted run resumes from ``checkpoint.pt`` (written every
     ``checkpoint_every`` iterations, carrying the record's signature) when the
-    signature matches.
+    signature matches. While it trains, the prepared volumes lie in a hidden
+    ``.semisam-volumes-<hash>`` folder in MODEL (or, when MODEL did not exist yet, in its
+    parent; :func:`spill_folder`), removed when training ends or fails and rebuilt by a
+    resumed run.
 
 Errors (InputError, one line naming the case or file, nothing written): a
 training case without a label in LABELS, a label whose shape or affine differs
