@@ -131,6 +131,19 @@ def baselines(work: Path, split: dict, root: Path) -> dict:
     return {"paste": float(np.mean(paste)), "registration": float(np.mean(reg)), "n_test": len(test)}
 
 
+def predict_seconds_per_image(stage_seconds: dict, n_pool: int, n_test: int) -> dict:
+    """``{"predict": s}``: every round's pool and test predictions over the images they predicted
+    (the stages ``roundN/predict`` and ``roundN/predict_test``); empty when the run predicted nothing."""
+    seconds = images = 0.0
+    for stage, sec in stage_seconds.items():
+        if isinstance(sec, (int, float)) and stage.startswith("round"):
+            if stage.endswith("/predict"):
+                seconds, images = seconds + sec, images + n_pool
+            elif stage.endswith("/predict_test"):
+                seconds, images = seconds + sec, images + n_test
+    return {"predict": round(seconds / images, 2)} if images else {}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", type=Path, required=True, help="images/, labels/, splits.json[, pixel_size.csv]")
@@ -168,7 +181,8 @@ def main(argv=None) -> int:
         "seconds": round(sum(v for v in stage_seconds.values() if isinstance(v, (int, float))), 1),
         "seconds_this_call": round(seconds_now, 1),
         "per_image_seconds": {k: round(stage_seconds[k] / n_images, 2) for k in ("encode",) if k in stage_seconds}
-        | {k: round(stage_seconds[k] / len(pool), 2) for k in ("propagate",) if k in stage_seconds},
+        | {k: round(stage_seconds[k] / len(pool), 2) for k in ("propagate",) if k in stage_seconds}
+        | predict_seconds_per_image(stage_seconds, len(pool), len(split["test"])),
         "plan": read_plan(work / "plan.json")["decisions"] if (work / "plan.json").is_file() else None,
         "n_unlabeled": report["n_unlabeled"],
         "n_test": report["n_test"],
