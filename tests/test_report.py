@@ -122,3 +122,19 @@ def test_label_free_evidence_is_reported_and_drawn_without_real_labels(tmp_path,
     assert report["chosen"]["referee_reliability"]["reliable_cases"] == len(pool) - 1
     assert drawn == [lf]
     assert (work / "report_dice_by_round.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_montage_shows_a_2d_image_as_its_file_shows_it(tmp_path):
+    """A 2D PNG read by the product's reader and drawn by the montage's orientation rule is the
+    file's own pixel array (rows down, columns across; the rule for volumes rotates axial slices)."""
+    from PIL import Image
+
+    from semisam_o1.data.images import read_image
+    from semisam_o1.pipeline.report import displayed
+
+    pixels = (np.arange(30 * 50).reshape(30, 50) % 251).astype(np.uint8)  # 30 rows, 50 columns, no symmetry
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    vol = read_image(tmp_path / "a.png")
+    assert vol.array.shape == (30, 50, 1)
+    np.testing.assert_array_equal(displayed(vol.array[:, :, 0], flat=True), pixels)
+    np.testing.assert_array_equal(displayed(vol.array[:, :, 0], flat=False), np.rot90(vol.array[:, :, 0]))

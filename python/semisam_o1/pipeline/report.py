@@ -278,15 +278,22 @@ def _plot_label_free(ax, entries: list[dict], rounds: list[int]) -> None:
             ax.plot(xs, [v for v in values if v is not None], style, color="0.35", label=what)
 
 
-def _overlay(ax, image: np.ndarray, label: np.ndarray | None, title: str) -> None:
+def displayed(plane: np.ndarray, flat: bool) -> np.ndarray:
+    """A slice as the montage draws it: a 2D image (``flat``) as its file shows it (rows along array
+    axis 0, as the 2D readers put them), an axial slice of a volume rotated by 90 degrees so that
+    anterior is up."""
+    return plane if flat else np.rot90(plane)
+
+
+def _overlay(ax, image: np.ndarray, label: np.ndarray | None, title: str, flat: bool = False) -> None:
     """One panel: a 2-D ``image`` slice (grey, 0.5-99.5 percentile window) with the class
-    indices of ``label`` (same shape) in colour."""
+    indices of ``label`` (same shape) in colour (:func:`displayed` orients both)."""
     from matplotlib.colors import ListedColormap
 
     lo, hi = np.percentile(image, [0.5, 99.5])
-    ax.imshow(np.rot90(image), cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+    ax.imshow(displayed(image, flat), cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
     if label is not None:
-        ax.imshow(np.rot90(label), cmap=ListedColormap(_COLOURS[: max(int(label.max()) + 1, 2)]),
+        ax.imshow(displayed(label, flat), cmap=ListedColormap(_COLOURS[: max(int(label.max()) + 1, 2)]),
                   vmin=0, vmax=max(int(label.max()), 1), interpolation="nearest")
     ax.set_title(title, fontsize=7)
     ax.axis("off")
@@ -308,16 +315,22 @@ def _montage_row(axes, work: Path, dataset: Dataset, case: str, rounds: int) -> 
     real = dataset.read_label(case, reference=img).array if case in dataset.labels else None
     # the slice with the most foreground: of the real label where there is one, else round 0's
     z = _busiest_slice(real if real is not None else labels[0][1], img.shape[2])
-    _overlay(axes[0], img.array[:, :, z], None, case)
+    flat = img.shape[2] == 1
+    _overlay(axes[0], img.array[:, :, z], None, case, flat)
     for ax, (title, lab) in zip(axes[1:], labels):
-        _overlay(ax, img.array[:, :, z], None if lab is None else lab[:, :, z], title)
-    _overlay(axes[-1], img.array[:, :, z], None if real is None else real[:, :, z], "real label")
+        _overlay(ax, img.array[:, :, z], None if lab is None else lab[:, :, z], title, flat)
+    if real is None:  # a pool case of a one-label run: no real label is read
+        axes[-1].axis("off")
+        axes[-1].set_title("real label: not read", fontsize=7)
+    else:
+        _overlay(axes[-1], img.array[:, :, z], real[:, :, z], "real label", flat)
 
 
 def plot_montage(work: Path, dataset: Dataset, template: str, unlabeled: list[str], rounds: int, path: Path,
                  n_cases: int = 3) -> None:
-    """Axial slices as a PNG at ``path``: the template and its label, then for the first
-    ``n_cases`` unlabeled cases one row of :func:`_montage_row`.
+    """Axial slices (2D images: the images as their files show them, :func:`displayed`) as a PNG at
+    ``path``: the template and its label, then for the first ``n_cases`` unlabeled cases one row of
+    :func:`_montage_row`.
 
     Raises:
         ImportError: matplotlib is missing.
@@ -332,12 +345,14 @@ def plot_montage(work: Path, dataset: Dataset, template: str, unlabeled: list[st
     timg = dataset.read_image(template)
     tlab = dataset.read_label(template, reference=timg).array
     z = _busiest_slice(tlab, timg.shape[2])
-    _overlay(axes[0, 0], timg.array[:, :, z], None, f"template {template}")
-    _overlay(axes[0, 1], timg.array[:, :, z], tlab[:, :, z], "template label")
+    flat = timg.shape[2] == 1
+    _overlay(axes[0, 0], timg.array[:, :, z], None, f"template {template}", flat)
+    _overlay(axes[0, 1], timg.array[:, :, z], tlab[:, :, z], "template label", flat)
     for ax in axes[0, 2:]:
         ax.axis("off")
     for row, case in enumerate(cases, start=1):
         _montage_row(axes[row], work, dataset, case, rounds)
-    fig.suptitle("SemiSAM-O1: axial slices (red: " + ", blue: ".join(lm.names[1:3]) + ")", fontsize=8)
+    what = "images" if flat else "axial slices"
+    fig.suptitle(f"SemiSAM-O1: {what} (red: " + ", blue: ".join(lm.names[1:3]) + ")", fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)
