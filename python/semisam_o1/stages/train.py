@@ -100,9 +100,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import io as _io
 import math
+import os
 import shutil
 import sys
 import time
@@ -114,7 +116,7 @@ import numpy as np
 from semisam_o1.core import seeds
 from semisam_o1.core.device import torch_device
 from semisam_o1.core.errors import InputError
-from semisam_o1.core.files import atomic_path, file_sha256, write_json
+from semisam_o1.core.files import WRITE_ERRNOS, atomic_path, file_sha256, write_json
 from semisam_o1.core.progress import progress
 from semisam_o1.core.resume import StageRecord, digest, open_stage
 from semisam_o1.core.settings import CaseOptions, ComputeOptions, check_range, option, redo_changed_option, select_cases
@@ -592,9 +594,16 @@ def prepare(settings: TrainSettings) -> _TrainSetup | dict:
         return {**(record.summary() or {}), "skipped": True}
     t0 = time.time()
     spill = spill_folder(settings.output)
-    data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), spill, cfg["patch"],
-                              quiet=settings.quiet, working_spacing=cfg.get("spacing"), confidence=confidence,
-                              in_channels=int(cfg.get("in_channels", 1)))
+    try:
+        data = load_training_data(ds, labels, cases, dict(cfg["normalisation"]), spill, cfg["patch"],
+                                  quiet=settings.quiet, working_spacing=cfg.get("spacing"), confidence=confidence,
+                                  in_channels=int(cfg.get("in_channels", 1)))
+    except OSError as exc:  # a full disk or a read-only folder: name the user's output, not the hidden folder
+        if exc.errno is not None and exc.errno not in WRITE_ERRNOS:
+            raise
+        code = exc.errno or errno.ENOSPC  # numpy's short write ("N requested and M written") has no errno
+        raise OSError(code, os.strerror(code), f"{settings.output} (the training volumes it keeps while it "
+                      f"trains, in {spill})") from None
     return _TrainSetup(cfg=cfg, config=model_config(settings, cfg, ds, template, cases), data=data, record=record,
                        load_seconds=time.time() - t0, spill=spill)
 
