@@ -6,7 +6,7 @@ to disk and memory-maps one patch at a time (:func:`semisam_o1.stages.train.spil
 benchmark trains the same few iterations on the template + the first N - 1 pseudo-labelled cases of a
 finished run, for every size and every ``--source`` (a checkout's root: its ``python/`` is put first
 on ``PYTHONPATH``), sampling the resident memory of the process tree
-(:func:`benchmarks.bench_scale.tree_rss_mib`).
+(:class:`benchmarks.bench_scale.StageMeter`).
 
     python -m benchmarks.bench_train_memory --data ../shared/data/hippocampus --labels WORK/round0/pseudo \\
         --template hippocampus_001 --sizes 25 200 --source OLD_CHECKOUT --source . --iterations 20 \\
@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.bench_scale import tree_rss_mib
+from benchmarks.bench_scale import StageMeter
 from benchmarks.machine import cpu_model
 from semisam_o1.core.files import write_json_key
 
@@ -39,20 +39,14 @@ def peak_of(cmd: list[str], env: dict, interval: float) -> tuple[float, float]:
     """Run ``cmd``; returns (peak tree MiB, wall seconds). Exits on a failed command."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0.0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss_mib(proc.pid))
-            time.sleep(interval)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
+    meter = StageMeter(proc, interval)  # train announces no stage: everything is the "start" stage
+    sampler = threading.Thread(target=meter.sample, daemon=True)
+    sampler.start()
     out = proc.communicate()[0]
-    t.join()
+    sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{out[-2000:]}")
-    return round(peak[0], 1), round(time.perf_counter() - t0, 1)
+    return round(max(meter.peak.values(), default=0.0), 1), round(time.perf_counter() - t0, 1)
 
 
 def main(argv=None) -> int:

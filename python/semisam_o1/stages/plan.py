@@ -182,8 +182,9 @@ def thickness_mm(mask: np.ndarray, spacing) -> float:
         return 0.0
     axes = [a for a in range(mask.ndim) if mask.shape[a] > 1] or [0]
     plane = mask.reshape([mask.shape[a] for a in axes])
-    lo = [int(i.min()) for i in np.nonzero(plane)]
-    hi = [int(i.max()) + 1 for i in np.nonzero(plane)]
+    nonzero = np.nonzero(plane)
+    lo = [int(i.min()) for i in nonzero]
+    hi = [int(i.max()) + 1 for i in nonzero]
     box = np.pad(plane[tuple(slice(a, b) for a, b in zip(lo, hi))], 1)  # the border is outside
     sampling = [float(spacing[a]) for a in axes]
     return float(2.0 * ndimage.distance_transform_edt(box, sampling=sampling).max())
