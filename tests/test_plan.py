@@ -254,12 +254,13 @@ def test_thin_ring_keeps_its_thickness_floor():
                                  **geometry)
     sp = plan.plan_spacing(thin)
     assert not sp["native"] and sp["spacing"] == [1.0, 1.0, 1.0] and "refined" in sp["reason"]
-    assert "8 voxels thick" in sp["reason"]
-    # the floor of a class 20 mm thick is 2.5 mm: coarser than the median, which is kept
-    thick = _geometry_fingerprint(classes=[[24.0, 24.0, 20.0]], thickness=[20.0], **geometry)
+    n = plan.MIN_CLASS_THICKNESS
+    assert f"{n} voxels thick" in sp["reason"]
+    # a class whose floor is coarser than the median (2.5 mm): the median is kept
+    thick = _geometry_fingerprint(classes=[[60.0, 60.0, 60.0]], thickness=[2.5 * n], **geometry)
     assert plan.plan_spacing(thick)["spacing"] == [2.0, 2.0, 2.0]
-    # a class 12 mm thick: refined only as far as its floor, 1.5 mm
-    mid = _geometry_fingerprint(classes=[[24.0, 24.0, 20.0]], thickness=[12.0], **geometry)
+    # a class whose floor lies between the cohort's finest and the median (1.5 mm): refined only that far
+    mid = _geometry_fingerprint(classes=[[60.0, 60.0, 60.0]], thickness=[1.5 * n], **geometry)
     assert plan.plan_spacing(mid)["spacing"] == [1.5, 1.5, 1.5]
     # never finer than the cohort's 10th percentile when recorded
     thin["cohort"]["spacing_mm"]["p10"] = [1.2, 1.2, 1.2]
