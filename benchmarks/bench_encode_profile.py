@@ -91,9 +91,9 @@ def profile_case(ds, case: str, job, basis, out_dir: Path, storage: str) -> dict
 
 
 def parse_config(text: str) -> tuple[str, dict]:
-    """``"NAME tile=64 stride=2 storage=int8"`` -> (NAME, options); tile 0: the store's."""
+    """``"NAME tile=64 stride=2 storage=int8"`` -> (NAME, options); tile 0 and storage "": the store's."""
     name, *parts = text.split()
-    opts = {"tile": 0, "stride": 1, "storage": "float16"}
+    opts = {"tile": 0, "stride": 1, "storage": ""}
     for part in parts:
         k, _, v = part.partition("=")
         opts[k] = v if k == "storage" else int(v)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     import torch
 
     from semisam_o1.data.dataset import Dataset
-    from semisam_o1.data.store import FeatureStore
+    from semisam_o1.data.store import FeatureStore, config_storage
     from semisam_o1.stages.encode import _Encoding
     from semisam_o1.stages.encoders import load_encoder
 
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
             rows = {cn: [] for cn, _ in configs}
             for c in cases:  # configurations interleaved case by case
                 for cn, opts in configs:
-                    r = profile_case(ds, c, jobs[cn], store.reduction(), Path(tmp) / name / cn, opts["storage"])
+                    r = profile_case(ds, c, jobs[cn], store.reduction(), Path(tmp) / name / cn,
+                                     opts["storage"] or config_storage(store.config))
                     r["onnx_gflops"] = round(r["canvases"] * flops["total"] / r["seconds"]["onnx"] / 1e9, 1)
                     rows[cn].append(r)
                     if cn == configs[0][0]:
