@@ -467,7 +467,7 @@ def plan_spacing(fp: dict) -> dict:
            "never coarsened to pay for training time)")
     floor = (f"the thinnest template class, {thin['name']}, is {thin['thickness_mm']:g} mm thick (2 x its largest "
              f"distance to its boundary): {vox} voxels along each axis; floor {MIN_CLASS_THICKNESS} voxels "
-             "thick (a class that thick keeps >= 0.95 of its Dice through the grid: measured on five datasets)")
+             "thick (a class that thick keeps a Dice ceiling >= 0.95 through the grid: measured on five datasets)")
     if refined:
         why += (f", refined on axes {refined} towards the cohort's 10th-percentile spacing {finest} mm to keep {thin['name']} "
                 f"at least {MIN_CLASS_THICKNESS} voxels thick where the data allows")
