@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks.machine import cpu_model
 from semisam_o1.core.files import write_json_key
+from semisam_o1.methods.metrics import dice_per_class
 from semisam_o1.stages import nets
 from semisam_o1.stages.plan import MIN_CLASS_THICKNESS, thickness_mm
 
@@ -69,11 +70,7 @@ def round_trip(label: np.ndarray, spacing, coarse, classes: list[int]) -> dict[i
     shape = label.shape
     down = nets.resample_label(label, nets.working_shape(shape, spacing, coarse), k)
     back = nets.resample_label(down, shape, k)
-    out = {}
-    for c in classes:
-        a, b = label == c, back == c
-        out[c] = float(2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
-    return out
+    return dict(zip(classes, dice_per_class(label, back, classes)))
 
 
 def measure(name: str, cases: int) -> list[dict]:
@@ -120,6 +117,10 @@ def floor_voxels(records: list[dict], tolerance: float) -> tuple[int, dict]:
     return math.ceil(max(finite) / (1.0 - tolerance) - 1e-9), k
 
 
+def _bin_key(lo: float, hi: float) -> str:
+    return f"{lo}-{hi if hi < 1e8 else 'inf'}"
+
+
 def summarise(records: list[dict], tolerance: float) -> dict:
     """Per dataset: the mean ceiling Dice in each thickness bin (over cases, classes and factors),
     the law's k (:func:`loss_constant`), and the smallest bin edge from which every bin above,
@@ -131,11 +132,11 @@ def summarise(records: list[dict], tolerance: float) -> dict:
         for lo, hi in BINS:
             sel = [r["ceiling_dice"] for r in rows if lo <= r["thickness_vox"] < hi]
             if sel:
-                bins[f"{lo}-{hi if hi < 1e8 else 'inf'}"] = {"records": len(sel), "mean": round(float(np.mean(sel)), 4),
+                bins[_bin_key(lo, hi)] = {"records": len(sel), "mean": round(float(np.mean(sel)), 4),
                                                             "p10": round(float(np.percentile(sel, 10)), 4)}
         floor = None
         for lo, hi in reversed(BINS):
-            key = f"{lo}-{hi if hi < 1e8 else 'inf'}"
+            key = _bin_key(lo, hi)
             if key not in bins:
                 continue
             if bins[key]["mean"] < tolerance:
