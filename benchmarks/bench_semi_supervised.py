@@ -9,8 +9,9 @@ Make the round-0 labels and the plan once (``semisam-o1 run -i DATA --split SPLI
 Per mode: ``semisam-o1 train`` (round 1, the split's template + pool, ``--plan WORK/plan.json``),
 ``predict`` on the pool and the test cases (with round 0's class-planes rule when there is one),
 ``evaluate`` against the real labels; the pool and test mean foreground Dice, the training seconds
-and every command go into the JSON under ``runs`` (appended; a run of the same mode, iterations
-and seed replaces the earlier one). The pool's real labels are read only here, as a diagnostic.
+and every command go into the JSON under ``runs`` (appended; a run of the same dataset (the data
+folder's name), mode, iterations and seed replaces the earlier one). The pool's real labels are
+read only here, as a diagnostic.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def main() -> None:
             dice[subset] = {"mean_foreground": round(m["mean_foreground"]["dice"], 4),
                             "per_class": {k: round(v, 4) for k, v in m["summary"]["dice"].items()}}
         cfg = json.loads((model / "config.json").read_text())
-        run = {"mode": mode, "iterations": a.iterations, "plan_iterations": json.loads(
-                   (a.work / "plan.json").read_text())["decisions"]["iterations"]["value"],
+        planned = json.loads((a.work / "plan.json").read_text())["decisions"]["iterations"]["value"]
+        run = {"dataset": a.data.resolve().name, "mode": mode, "iterations": a.iterations, "plan_iterations": planned,
                "seed": a.seed, "threads": a.threads, "pool_cases": len(pool), "test_cases": len(test),
                "pool_dice": dice["pool"], "test_dice": dice["test"],
                "train_seconds": cfg["train_seconds"], "train_wall_seconds": round(train_wall, 1),
@@ -90,8 +91,8 @@ def main() -> None:
             "what": "round 1 trained on the same round-0 labels and plan, plain (--ssl none) against --ssl w2s; "
                     "pool and test mean foreground Dice (the pool's real labels read only here)",
             "script": "benchmarks/bench_semi_supervised.py", "runs": []}
-        record["runs"] = [r for r in record["runs"] if (r["mode"], r["iterations"], r["seed"]) !=
-                          (mode, a.iterations, a.seed)] + [run]
+        key = ("dataset", "mode", "iterations", "seed")
+        record["runs"] = [r for r in record["runs"] if [r[k] for k in key] != [run[k] for k in key]] + [run]
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(record, indent=1) + "\n")
         print(json.dumps({k: run[k] for k in ("mode", "iterations", "pool_dice", "test_dice", "train_seconds")}))
