@@ -70,7 +70,7 @@ def round_trip(label: np.ndarray, spacing, coarse, classes: list[int]) -> dict[i
     shape = label.shape
     down = nets.resample_label(label, nets.working_shape(shape, spacing, coarse), k)
     back = nets.resample_label(down, shape, k)
-    return dict(zip(classes, dice_per_class(label, back, classes)))
+    return dict(zip(classes, dice_per_class(label, back, classes), strict=True))
 
 
 def measure(name: str, cases: int) -> list[dict]:
@@ -133,7 +133,7 @@ def summarise(records: list[dict], tolerance: float) -> dict:
             sel = [r["ceiling_dice"] for r in rows if lo <= r["thickness_vox"] < hi]
             if sel:
                 bins[_bin_key(lo, hi)] = {"records": len(sel), "mean": round(float(np.mean(sel)), 4),
-                                                            "p10": round(float(np.percentile(sel, 10)), 4)}
+                                          "p10": round(float(np.percentile(sel, 10)), 4)}
         floor = None
         for lo, hi in reversed(BINS):
             key = _bin_key(lo, hi)
